@@ -1,0 +1,1 @@
+//! Stratum engine: MongoDB.

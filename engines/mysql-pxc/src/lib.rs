@@ -1,0 +1,1 @@
+//! Stratum engine: Percona XtraDB Cluster (Galera).

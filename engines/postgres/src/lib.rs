@@ -1,0 +1,3 @@
+//! Stratum engine: PostgreSQL with streaming replication.
+
+pub mod api;

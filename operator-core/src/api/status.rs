@@ -1,0 +1,261 @@
+//! Cluster status shared by every cluster kind: pure data plus the condition
+//! bookkeeping (transition time changes only when a condition flips).
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Observed state of a cluster. The operator writes intent
+/// (`targetPrimary`); instances report fact (`currentPrimary`, positions).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterStatus {
+    /// Coarse state: `Creating`, `Healthy`, `Degraded`, `Failed`,
+    /// `Failover`, `Switchover`, `Upgrading`, `Deleting`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+
+    /// Human readable detail of the phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase_reason: Option<String>,
+
+    /// Standard conditions: `Ready`, `Progressing`, `Degraded`, and
+    /// engine-neutral ones such as `ContinuousArchiving`,
+    /// `LastBackupSucceeded`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+
+    /// The `metadata.generation` this status was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Number of instances the spec asks for.
+    #[serde(default)]
+    pub instances: i32,
+
+    /// Number of instances that are ready to serve.
+    #[serde(default)]
+    pub ready_instances: i32,
+
+    /// `ready/instances`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
+
+    /// The instance that is primary (writer) now, as reported by the
+    /// instances. Empty for engines without a single primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_primary: Option<String>,
+
+    /// The instance the operator wants as primary. Differs from
+    /// `currentPrimary` during a failover or switchover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_primary: Option<String>,
+
+    /// When `currentPrimary` last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_primary_timestamp: Option<DateTime<Utc>>,
+
+    /// Per-instance role and replication position.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub instances_status: Vec<InstanceStatus>,
+
+    /// Service that routes to the primary/writer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_service: Option<String>,
+
+    /// Service that routes to the replicas/readers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_service: Option<String>,
+
+    /// Operations this engine does not support, so that "unsupported" is
+    /// visible rather than silently skipped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unsupported_capabilities: Vec<String>,
+}
+
+/// Coarse state of a cluster.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum Phase {
+    /// Instances are being created.
+    Creating,
+    /// All instances ready.
+    Healthy,
+    /// Serving, but some instances are not ready.
+    Degraded,
+    /// The spec is invalid or the cluster cannot serve.
+    Failed,
+    /// A primary is being replaced after a failure.
+    Failover,
+    /// A planned change of primary.
+    Switchover,
+    /// A rolling update is in progress.
+    Upgrading,
+    /// The cluster is being deleted.
+    Deleting,
+}
+
+impl Phase {
+    /// The name shown in status and `kubectl get`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Creating => "Creating",
+            Self::Healthy => "Healthy",
+            Self::Degraded => "Degraded",
+            Self::Failed => "Failed",
+            Self::Failover => "Failover",
+            Self::Switchover => "Switchover",
+            Self::Upgrading => "Upgrading",
+            Self::Deleting => "Deleting",
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What one instance reports about itself.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceStatus {
+    /// Instance (pod) name.
+    pub name: String,
+    /// `primary`, `replica`, `writer`, `reader`, `secondary`, `arbiter` or
+    /// `unknown`.
+    pub role: String,
+    /// Whether the instance serves traffic.
+    pub ready: bool,
+    /// Engine position, e.g. `tl 2 lsn 0/3000060`, `seqno 1234`, an optime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<String>,
+    /// Why the instance is not ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// A standard Kubernetes condition.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// Condition type, e.g. `Ready`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// PascalCase reason.
+    pub reason: String,
+    /// Human readable detail.
+    #[serde(default)]
+    pub message: String,
+    /// When `status` last changed.
+    pub last_transition_time: DateTime<Utc>,
+    /// Generation the condition was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Well-known condition types.
+pub mod condition_type {
+    /// All instances ready and the write endpoint routed.
+    pub const READY: &str = "Ready";
+    /// The operator is working towards the spec.
+    pub const PROGRESSING: &str = "Progressing";
+    /// Something needs attention: invalid spec, lost instances.
+    pub const DEGRADED: &str = "Degraded";
+    /// WAL/binlog/oplog archiving works.
+    pub const CONTINUOUS_ARCHIVING: &str = "ContinuousArchiving";
+    /// The last backup succeeded.
+    pub const LAST_BACKUP_SUCCEEDED: &str = "LastBackupSucceeded";
+}
+
+/// Set or update a condition in place. `last_transition_time` changes only
+/// when `status` flips; reason, message and generation always follow.
+/// Returns true when the status flipped (or the condition is new).
+pub fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: impl Into<String>,
+    generation: Option<i64>,
+    now: DateTime<Utc>,
+) -> bool {
+    let status = if status { "True" } else { "False" }.to_string();
+    let message = message.into();
+    match conditions.iter_mut().find(|c| c.type_ == type_) {
+        Some(c) => {
+            let flipped = c.status != status;
+            if flipped {
+                c.last_transition_time = now;
+            }
+            c.status = status;
+            c.reason = reason.to_string();
+            c.message = message;
+            c.observed_generation = generation;
+            flipped
+        }
+        None => {
+            conditions.push(Condition {
+                type_: type_.to_string(),
+                status,
+                reason: reason.to_string(),
+                message,
+                last_transition_time: now,
+                observed_generation: generation,
+            });
+            true
+        }
+    }
+}
+
+/// The condition of this type, if set.
+pub fn get_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transition_time_moves_only_on_flip() {
+        let t0 = DateTime::from_timestamp(1_000, 0).unwrap();
+        let t1 = DateTime::from_timestamp(2_000, 0).unwrap();
+        let t2 = DateTime::from_timestamp(3_000, 0).unwrap();
+        let mut cs = Vec::new();
+        assert!(set_condition(
+            &mut cs,
+            "Ready",
+            false,
+            "Creating",
+            "",
+            Some(1),
+            t0
+        ));
+        assert!(!set_condition(
+            &mut cs,
+            "Ready",
+            false,
+            "Waiting",
+            "x",
+            Some(2),
+            t1
+        ));
+        assert_eq!(cs[0].last_transition_time, t0);
+        assert_eq!(cs[0].reason, "Waiting");
+        assert_eq!(cs[0].observed_generation, Some(2));
+        assert!(set_condition(
+            &mut cs,
+            "Ready",
+            true,
+            "AllReady",
+            "",
+            Some(2),
+            t2
+        ));
+        assert_eq!(cs[0].last_transition_time, t2);
+        assert_eq!(cs.len(), 1);
+    }
+}

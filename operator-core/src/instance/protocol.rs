@@ -1,0 +1,232 @@
+//! The instance manager's HTTP API: paths, authentication and the status
+//! document. Pure types shared by the server (instance side) and the client
+//! (operator side).
+//!
+//! Authentication: every `/v1/*` request carries `Authorization: Bearer
+//! <token>`, where the token is the cluster's instance-API token (a key of
+//! the generated credentials Secret on Kubernetes, `secrets/api-token` in the
+//! local state directory). `/healthz`, `/readyz` and `/metrics` are open,
+//! as kubelet probes and Prometheus scrapes need them. Mutating requests are
+//! `POST /v1/actions/<action>`; TLS (mutual) is layered on the same scheme
+//! later without changing the paths.
+
+use serde::{Deserialize, Serialize};
+
+/// Liveness: the manager runs (200 even while the database starts).
+pub const PATH_HEALTHZ: &str = "/healthz";
+/// Readiness: the database serves (200) or not (503).
+pub const PATH_READYZ: &str = "/readyz";
+/// Prometheus metrics.
+pub const PATH_METRICS: &str = "/metrics";
+/// The [`MemberStatus`] document (authenticated).
+pub const PATH_STATUS: &str = "/v1/status";
+/// Prefix of mutating actions (authenticated, POST).
+pub const PATH_ACTIONS: &str = "/v1/actions/";
+/// Header carrying the cluster identity, checked by the manager so that an
+/// operator never drives an instance of another cluster by mistake.
+pub const HEADER_CLUSTER_ID: &str = "x-stratum-cluster-id";
+
+/// Role of a member.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Takes writes (PostgreSQL primary, MongoDB PRIMARY).
+    Primary,
+    /// Follows a primary (PostgreSQL standby, MongoDB SECONDARY).
+    Replica,
+    /// Member of a multi-writer group (Galera, when Synced).
+    Member,
+    /// Votes but holds no data (MongoDB arbiter).
+    Arbiter,
+    /// Deliberately kept from serving.
+    Fenced,
+    /// Not known (down, starting, unreachable).
+    #[default]
+    Unknown,
+}
+
+impl Role {
+    /// Lower-case name, as used in labels and status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Primary => "primary",
+            Self::Replica => "replica",
+            Self::Member => "member",
+            Self::Arbiter => "arbiter",
+            Self::Fenced => "fenced",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// State of the supervised database process.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ProcessState {
+    /// Preparing the data directory (initdb, clone, restore).
+    #[default]
+    Preparing,
+    /// Started, not yet accepting connections.
+    Starting,
+    /// Accepting connections.
+    Running,
+    /// Exited; the manager restarts it.
+    Exited,
+    /// Stopping on request.
+    Stopping,
+    /// Kept down by a fence.
+    Fenced,
+}
+
+/// Replication position, per engine.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum Position {
+    /// Unknown (down, starting).
+    #[default]
+    None,
+    /// PostgreSQL WAL positions (byte offsets).
+    #[serde(rename_all = "camelCase")]
+    Wal {
+        /// Timeline.
+        timeline: u32,
+        /// Primary: current write LSN; replica: last received LSN.
+        received_lsn: Option<u64>,
+        /// Replica: last replayed LSN; primary: same as `received_lsn`.
+        replayed_lsn: Option<u64>,
+    },
+    /// Galera position.
+    #[serde(rename_all = "camelCase")]
+    Galera {
+        /// `wsrep_cluster_state_uuid`.
+        cluster_uuid: String,
+        /// Last committed seqno (-1 unknown).
+        seqno: i64,
+        /// `wsrep_local_state_comment`.
+        state: String,
+    },
+    /// MongoDB oplog position.
+    #[serde(rename_all = "camelCase")]
+    Oplog {
+        /// Election term.
+        term: i64,
+        /// Optime seconds.
+        seconds: u32,
+        /// Optime increment.
+        increment: u32,
+    },
+}
+
+/// Format an LSN as PostgreSQL prints it (`0/3000060`).
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+/// Parse a PostgreSQL LSN (`0/3000060`).
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.trim().split_once('/')?;
+    let hi = u64::from_str_radix(hi, 16).ok()?;
+    let lo = u64::from_str_radix(lo, 16).ok()?;
+    if hi > 0xFFFF_FFFF || lo > 0xFFFF_FFFF {
+        return None;
+    }
+    Some((hi << 32) | lo)
+}
+
+impl Position {
+    /// Short human form for status.
+    pub fn describe(&self) -> Option<String> {
+        match self {
+            Self::None => None,
+            Self::Wal {
+                timeline,
+                received_lsn,
+                replayed_lsn,
+            } => {
+                let f = |l: &Option<u64>| l.map(format_lsn).unwrap_or_else(|| "-".into());
+                Some(format!(
+                    "tl {timeline} received {} replayed {}",
+                    f(received_lsn),
+                    f(replayed_lsn)
+                ))
+            }
+            Self::Galera {
+                cluster_uuid,
+                seqno,
+                state,
+            } => Some(format!("{state} {cluster_uuid}:{seqno}")),
+            Self::Oplog {
+                term,
+                seconds,
+                increment,
+            } => Some(format!("term {term} optime {seconds}:{increment}")),
+        }
+    }
+}
+
+/// What `GET /v1/status` returns.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberStatus {
+    /// Instance name.
+    pub name: String,
+    /// Cluster identity the manager serves.
+    pub cluster_id: String,
+    /// Role.
+    pub role: Role,
+    /// Process state.
+    pub process: ProcessState,
+    /// Whether it serves traffic.
+    pub ready: bool,
+    /// Replication position.
+    pub position: Position,
+    /// Server version string, when up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_version: Option<String>,
+    /// Why it is not ready, or the last error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Engine extras (lag, sync state, WAL receiver, wsrep variables).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub details: serde_json::Value,
+    /// Address clients use for this instance (`host:port`).
+    pub address: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_round_trip() {
+        for (s, v) in [
+            ("0/0", 0u64),
+            ("0/3000060", 0x3000060),
+            ("1A/FF", (0x1A << 32) | 0xFF),
+        ] {
+            assert_eq!(parse_lsn(s), Some(v));
+            assert_eq!(format_lsn(v), s);
+        }
+        assert_eq!(parse_lsn("zz"), None);
+        assert_eq!(parse_lsn("0/1FFFFFFFF"), None);
+    }
+
+    #[test]
+    fn status_document_is_camel_case_and_tagged() {
+        let s = MemberStatus {
+            name: "simple-pg-0".into(),
+            position: Position::Wal {
+                timeline: 1,
+                received_lsn: Some(1),
+                replayed_lsn: None,
+            },
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["position"]["type"], "wal");
+        assert_eq!(v["position"]["receivedLsn"], 1);
+        assert_eq!(v["clusterId"], "");
+        let back: MemberStatus = serde_json::from_value(v).unwrap();
+        assert_eq!(back, s);
+    }
+}

@@ -1,0 +1,11 @@
+//! Engine-neutral core of Stratum: the shared API blocks, the [`engine::Engine`]
+//! trait, the generic reconcile, the instance manager and the local runtime.
+//! Engines depend on this crate and never on each other.
+
+pub mod api;
+pub mod engine;
+pub mod error;
+pub mod instance;
+pub mod plan;
+pub mod registry;
+pub mod validate;
