@@ -1,3 +1,4 @@
 //! Stratum engine: PostgreSQL with streaming replication.
 
 pub mod api;
+pub mod settings;

@@ -22,6 +22,9 @@ pub const PATH_METRICS: &str = "/metrics";
 pub const PATH_STATUS: &str = "/v1/status";
 /// Prefix of mutating actions (authenticated, POST).
 pub const PATH_ACTIONS: &str = "/v1/actions/";
+/// Key of the API bearer token in every engine's credentials Secret (and
+/// file name in the secrets directory).
+pub const SECRET_KEY_API_TOKEN: &str = "api-token";
 /// Header carrying the cluster identity, checked by the manager so that an
 /// operator never drives an instance of another cluster by mistake.
 pub const HEADER_CLUSTER_ID: &str = "x-stratum-cluster-id";
