@@ -1,4 +1,7 @@
 //! Stratum engine: PostgreSQL with streaming replication.
 
 pub mod api;
+pub mod engine;
 pub mod settings;
+
+pub use engine::PostgresEngine;
