@@ -18,9 +18,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print every CustomResourceDefinition (or write one file each with --out).
+    /// Print every CustomResourceDefinition, or regenerate the deploy/
+    /// directory with --out.
     Crds {
-        /// Directory to write `<crd name>.yaml` files into instead of stdout.
+        /// The deploy/ directory: writes `crds/<crd name>.yaml` and the
+        /// `stratum.yaml` bundle (CRDs + operator) instead of printing.
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -37,10 +39,11 @@ fn crds(out: Option<PathBuf>) -> anyhow::Result<()> {
     let crds = stratum::crds();
     match out {
         Some(dir) => {
-            std::fs::create_dir_all(&dir)?;
+            std::fs::create_dir_all(dir.join("crds"))?;
             for (file, yaml) in crds {
-                std::fs::write(dir.join(file), yaml)?;
+                std::fs::write(dir.join("crds").join(file), yaml)?;
             }
+            std::fs::write(dir.join("stratum.yaml"), stratum::bundle())?;
         }
         None => {
             let docs: Vec<String> = crds.into_iter().map(|(_, y)| y).collect();

