@@ -10,7 +10,10 @@ use operator_core::registry::EngineRegistry;
 
 /// Every engine this build serves, with their instance sides.
 pub fn registry() -> EngineRegistry {
-    EngineRegistry::new().with(Arc::new(stratum_postgres::PostgresEngine::new()))
+    EngineRegistry::new()
+        .with(Arc::new(stratum_postgres::PostgresEngine::new()))
+        .with(Arc::new(stratum_mysql_pxc::PxcEngine))
+        .with(Arc::new(stratum_mongodb::MongoEngine))
 }
 
 /// Every CRD of the `stratum.dev` group, as `(file name, YAML)`, in the form
@@ -35,10 +38,19 @@ pub fn crds() -> Vec<(String, String)> {
 
 /// The operator manifests under `deploy/operator/`, in apply order.
 const OPERATOR_MANIFESTS: &[(&str, &str)] = &[
-    ("namespace.yaml", include_str!("../deploy/operator/namespace.yaml")),
-    ("serviceaccount.yaml", include_str!("../deploy/operator/serviceaccount.yaml")),
+    (
+        "namespace.yaml",
+        include_str!("../deploy/operator/namespace.yaml"),
+    ),
+    (
+        "serviceaccount.yaml",
+        include_str!("../deploy/operator/serviceaccount.yaml"),
+    ),
     ("rbac.yaml", include_str!("../deploy/operator/rbac.yaml")),
-    ("deployment.yaml", include_str!("../deploy/operator/deployment.yaml")),
+    (
+        "deployment.yaml",
+        include_str!("../deploy/operator/deployment.yaml"),
+    ),
 ];
 
 /// `deploy/stratum.yaml`: every CRD and the operator, for one `kubectl

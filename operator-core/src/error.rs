@@ -19,4 +19,17 @@ impl SpecError {
             message: message.into(),
         }
     }
+
+    /// One error from several: the first, with the others appended to its
+    /// message (so a user sees every problem at once).
+    pub fn combine(errors: Vec<SpecError>) -> SpecError {
+        let mut iter = errors.into_iter();
+        let Some(mut first) = iter.next() else {
+            return SpecError::new("spec", "failed validation");
+        };
+        for e in iter {
+            first.message.push_str(&format!("; also {e}"));
+        }
+        first
+    }
 }

@@ -376,7 +376,7 @@ impl Engine for PostgresEngine {
     fn validate(&self, object: &serde_json::Value) -> Result<ValidatedCluster, SpecError> {
         let meta = cluster_meta(self.kind(), object)?;
         // The API server has run these already; the local runtime has not.
-        check_against_crd(&self.crd(), object, None).map_err(|mut e| e.remove(0))?;
+        check_against_crd(&self.crd(), object, None).map_err(SpecError::combine)?;
         let spec_json = object
             .get("spec")
             .cloned()
