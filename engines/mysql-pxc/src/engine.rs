@@ -47,7 +47,6 @@ impl PxcEngine {
     }
 }
 
-/// The first CEL violation, with the others appended to its message.
 
 /// Check a PxcCluster spec beyond its CRD schema and CEL rules.
 fn check_spec(name: &str, spec: &PxcClusterSpec) -> Result<(), SpecError> {
