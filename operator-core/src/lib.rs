@@ -3,9 +3,12 @@
 //! Engines depend on this crate and never on each other.
 
 pub mod api;
+pub mod build;
+pub mod controller;
 pub mod engine;
 pub mod error;
 pub mod instance;
 pub mod plan;
 pub mod registry;
+pub mod telemetry;
 pub mod validate;

@@ -1,0 +1,477 @@
+//! Pipeline tests against a fake API server on loopback (an axum app that
+//! records every request and answers like an empty cluster). They check
+//! what the controller sends — paths, verbs, field manager, patch types —
+//! not Kubernetes semantics; a real kube-apiserver test comes later.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::controller::Action;
+use serde_json::{Value, json};
+
+use super::ControllerOptions;
+use super::backoff::Backoff;
+use super::metrics::Metrics;
+use super::reconcile::{self, FINALIZER, KindContext, REQUEUE_WAITING, Shared};
+use super::report::Reporter;
+use crate::build::tests::{FakeEngine, SIMPLE_PG};
+
+#[derive(Clone, Debug)]
+struct Recorded {
+    method: Method,
+    path: String,
+    query: String,
+    content_type: String,
+    body: Value,
+}
+
+#[derive(Default)]
+struct FakeApi {
+    requests: Mutex<Vec<Recorded>>,
+    objects: Mutex<HashMap<String, Value>>,
+    lists: Mutex<HashMap<String, Vec<Value>>>,
+}
+
+const PLURALS: &[&str] = &[
+    "pods",
+    "secrets",
+    "services",
+    "configmaps",
+    "statefulsets",
+    "poddisruptionbudgets",
+    "networkpolicies",
+    "events",
+    "fakeclusters",
+];
+
+fn json_response(code: StatusCode, body: Value) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn handle(
+    State(api): State<Arc<FakeApi>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = uri.path().to_string();
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    api.requests.lock().unwrap().push(Recorded {
+        method: method.clone(),
+        path: path.clone(),
+        query: uri.query().unwrap_or_default().to_string(),
+        content_type: headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string(),
+        body: body.clone(),
+    });
+    let last = path.rsplit('/').next().unwrap_or_default();
+    let object_path = path.trim_end_matches("/status").to_string();
+    let stored = api.objects.lock().unwrap().get(&object_path).cloned();
+    match method {
+        Method::GET if PLURALS.contains(&last) => {
+            let items = api
+                .lists
+                .lock()
+                .unwrap()
+                .get(&path)
+                .cloned()
+                .unwrap_or_default();
+            json_response(
+                StatusCode::OK,
+                json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}),
+            )
+        }
+        Method::GET => match stored {
+            Some(obj) => json_response(StatusCode::OK, obj),
+            None => json_response(
+                StatusCode::NOT_FOUND,
+                json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
+                       "reason": "NotFound", "code": 404, "message": format!("{path} not found")}),
+            ),
+        },
+        Method::POST => json_response(StatusCode::CREATED, body),
+        Method::PATCH if body.get("metadata").is_some() => json_response(StatusCode::OK, body),
+        Method::PATCH => json_response(
+            StatusCode::OK,
+            stored.unwrap_or_else(|| json!({"metadata": {"name": last}})),
+        ),
+        _ => json_response(
+            StatusCode::OK,
+            json!({"apiVersion": "v1", "kind": "Status", "status": "Success"}),
+        ),
+    }
+}
+
+struct Harness {
+    api: Arc<FakeApi>,
+    ctx: Arc<KindContext>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Harness {
+    async fn start() -> Self {
+        let api = Arc::new(FakeApi::default());
+        let app = axum::Router::new().fallback(handle).with_state(api.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+        let client = kube::Client::try_from(config).unwrap();
+        let mut opts = ControllerOptions::new("example.invalid/stratum-operator:test");
+        opts.instance_timeout = Duration::from_millis(200);
+        let shared = Arc::new(Shared {
+            reporter: Reporter::new(client.clone()),
+            client,
+            metrics: Arc::new(Metrics::new()),
+            backoff: Backoff::default(),
+            opts,
+        });
+        let ctx = Arc::new(KindContext {
+            engine: Arc::new(FakeEngine),
+            resource: ApiResource::from_gvk_with_plural(
+                &GroupVersionKind::gvk("stratum.dev", "v1alpha1", "FakeCluster"),
+                "fakeclusters",
+            ),
+            shared,
+        });
+        Self { api, ctx, server }
+    }
+
+    fn requests(&self) -> Vec<Recorded> {
+        self.api.requests.lock().unwrap().clone()
+    }
+
+    fn find(&self, method: Method, path: &str) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.method == method && r.path == path)
+            .collect()
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+fn cluster(yaml: &str, with_finalizer: bool) -> DynamicObject {
+    let mut v: Value = serde_yaml::from_str(yaml).unwrap();
+    if with_finalizer {
+        v["metadata"]["finalizers"] = json!([FINALIZER]);
+    }
+    serde_json::from_value(v).unwrap()
+}
+
+const NS: &str = "/api/v1/namespaces/team-a";
+const APPS: &str = "/apis/apps/v1/namespaces/team-a";
+const CLUSTER_PATH: &str = "/apis/stratum.dev/v1alpha1/namespaces/team-a/fakeclusters/simple-pg";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/team-a/events";
+
+#[tokio::test]
+async fn first_reconcile_applies_everything_and_reports_creating() {
+    let h = Harness::start().await;
+    let action = reconcile::reconcile(Arc::new(cluster(SIMPLE_PG, true)), h.ctx.clone())
+        .await
+        .unwrap();
+    // No pod is ready: waiting, not an error.
+    assert_eq!(action, Action::requeue(REQUEUE_WAITING));
+
+    // Server-side apply, one field manager, forced.
+    for path in [
+        format!("{NS}/configmaps/simple-pg-config"),
+        format!("{NS}/services/simple-pg-headless"),
+        format!("{NS}/services/simple-pg-rw"),
+        format!("{NS}/services/simple-pg-ro"),
+        format!("{NS}/services/simple-pg-r"),
+        format!("{APPS}/statefulsets/simple-pg"),
+        "/apis/policy/v1/namespaces/team-a/poddisruptionbudgets/simple-pg".to_string(),
+    ] {
+        let patches = h.find(Method::PATCH, &path);
+        assert_eq!(patches.len(), 1, "{path}: {:?}", h.requests());
+        let p = &patches[0];
+        assert_eq!(p.content_type, "application/apply-patch+yaml", "{path}");
+        assert!(
+            p.query.contains("fieldManager=stratum-operator"),
+            "{path}: {}",
+            p.query
+        );
+        assert!(p.query.contains("force=true"), "{path}: {}", p.query);
+        assert!(p.body["apiVersion"].is_string() && p.body["kind"].is_string());
+    }
+    // The NetworkPolicy is off without the annotation.
+    assert!(
+        h.requests()
+            .iter()
+            .all(|r| r.method != Method::PATCH || !r.path.contains("networkpolicies"))
+    );
+
+    // The Secret is created, never applied or patched.
+    let secret_path = format!("{NS}/secrets/simple-pg-credentials");
+    // Read once before creating; the token is not read while no pod runs.
+    assert_eq!(h.find(Method::GET, &secret_path).len(), 1);
+    let created = h.find(Method::POST, &format!("{NS}/secrets"));
+    assert_eq!(created.len(), 1);
+    assert!(created[0].body["data"]["api-token"].is_string());
+    assert!(h.find(Method::PATCH, &secret_path).is_empty());
+
+    // Orphans are looked up by cluster label.
+    let pod_lists = h.find(Method::GET, &format!("{NS}/pods"));
+    assert_eq!(pod_lists.len(), 1);
+    let np_lists = h.find(
+        Method::GET,
+        "/apis/networking.k8s.io/v1/namespaces/team-a/networkpolicies",
+    );
+    assert!(
+        np_lists[0]
+            .query
+            .contains("stratum.dev%2Fcluster%3Dsimple-pg"),
+        "{}",
+        np_lists[0].query
+    );
+
+    // Status: a merge patch of the status subresource.
+    let status = h.find(Method::PATCH, &format!("{CLUSTER_PATH}/status"));
+    assert_eq!(status.len(), 1);
+    assert_eq!(status[0].content_type, "application/merge-patch+json");
+    let s = &status[0].body["status"];
+    assert_eq!(s["phase"], "Creating");
+    assert_eq!(s["ready"], "0/3");
+    assert_eq!(s["observedGeneration"], 2);
+    assert_eq!(s["writeService"], "simple-pg-rw");
+    assert_eq!(s["instancesStatus"][0]["message"], "pod does not exist yet");
+    let types: Vec<_> = s["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["type"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(types, ["Ready", "Progressing", "Degraded"]);
+
+    // Events: the new credentials and the first phase.
+    let reasons: Vec<_> = h
+        .find(Method::POST, EVENTS)
+        .iter()
+        .map(|e| e.body["reason"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        reasons.contains(&"CredentialsCreated".to_string()),
+        "{reasons:?}"
+    );
+    assert!(reasons.contains(&"Creating".to_string()), "{reasons:?}");
+    let metrics = h.ctx.shared.metrics.encode();
+    assert!(
+        metrics.contains(r#"stratum_reconciles_total{kind="FakeCluster"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn invalid_spec_is_permanent_failed_and_reported() {
+    let h = Harness::start().await;
+    let yaml = SIMPLE_PG.replace("instances: 3", "instances: 2");
+    let obj = Arc::new(cluster(&yaml, true));
+    let err = reconcile::reconcile(obj.clone(), h.ctx.clone())
+        .await
+        .unwrap_err();
+    assert!(err.is_permanent());
+    assert_eq!(err.category(), "InvalidSpec");
+    assert_eq!(
+        reconcile::error_policy(obj, &err, h.ctx.clone()),
+        Action::await_change()
+    );
+
+    // Nothing was applied.
+    assert!(
+        h.requests()
+            .iter()
+            .all(|r| r.method != Method::PATCH || r.path.starts_with(CLUSTER_PATH)),
+        "{:?}",
+        h.requests()
+    );
+    let status = h.find(Method::PATCH, &format!("{CLUSTER_PATH}/status"));
+    let s = &status[0].body["status"];
+    assert_eq!(s["phase"], "Failed");
+    let degraded = s["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Degraded")
+        .unwrap();
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(degraded["reason"], "InvalidSpec");
+    assert!(
+        degraded["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("spec.instances: must be odd"),
+        "{degraded}"
+    );
+    let events = h.find(Method::POST, EVENTS);
+    assert_eq!(events.len(), 1, "one report per result");
+    assert_eq!(events[0].body["reason"], "InvalidSpec");
+    assert_eq!(events[0].body["type"], "Warning");
+    assert!(
+        events[0].body["note"]
+            .as_str()
+            .unwrap()
+            .contains("spec.instances")
+    );
+}
+
+#[tokio::test]
+async fn finalizer_is_added_first() {
+    let h = Harness::start().await;
+    let action = reconcile::reconcile(Arc::new(cluster(SIMPLE_PG, false)), h.ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(action, Action::await_change());
+    let patches = h.find(Method::PATCH, CLUSTER_PATH);
+    assert_eq!(patches.len(), 1);
+    assert_eq!(patches[0].content_type, "application/json-patch+json");
+    assert!(patches[0].body.to_string().contains(FINALIZER));
+    assert_eq!(
+        h.requests().len(),
+        1,
+        "nothing else before the finalizer is in place"
+    );
+}
+
+#[tokio::test]
+async fn transient_errors_back_off_per_object() {
+    let h = Harness::start().await;
+    let obj = Arc::new(cluster(SIMPLE_PG, true));
+    let err: super::error::ReconcileError =
+        super::error::FinalizerError::Invalid("object has no name".into()).into();
+    let first = reconcile::error_policy(obj.clone(), &err, h.ctx.clone());
+    let second = reconcile::error_policy(obj, &err, h.ctx.clone());
+    assert_eq!(first, Action::requeue(Duration::from_secs(5)));
+    assert_eq!(second, Action::requeue(Duration::from_secs(10)));
+}
+
+#[tokio::test]
+async fn network_policy_annotation_and_existing_secret() {
+    let h = Harness::start().await;
+    // An existing Secret with every key: left alone.
+    h.api.objects.lock().unwrap().insert(
+        format!("{NS}/secrets/simple-pg-credentials"),
+        json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "simple-pg-credentials", "namespace": "team-a"},
+            "data": {"api-token": "dG9rZW4=", "superuser-password": "cHc=", "replication-password": "cHc="}
+        }),
+    );
+    let mut obj = cluster(SIMPLE_PG, true);
+    obj.metadata.annotations =
+        Some([("stratum.dev/network-policy".to_string(), "true".to_string())].into());
+    reconcile::reconcile(Arc::new(obj), h.ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        h.find(
+            Method::PATCH,
+            "/apis/networking.k8s.io/v1/namespaces/team-a/networkpolicies/simple-pg"
+        )
+        .len(),
+        1
+    );
+    assert!(h.find(Method::POST, &format!("{NS}/secrets")).is_empty());
+    assert!(
+        h.find(
+            Method::PATCH,
+            &format!("{NS}/secrets/simple-pg-credentials")
+        )
+        .is_empty()
+    );
+}
+
+fn running_pod(name: &str, labels: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "team-a", "labels": labels},
+        "status": {
+            "phase": "Running",
+            "podIP": "192.0.2.10",
+            "conditions": [{"type": "Ready", "status": "True"}]
+        }
+    })
+}
+
+#[tokio::test]
+async fn ready_pods_without_managers_fall_back_to_ordinal_zero() {
+    let h = Harness::start().await;
+    let selector = json!({"stratum.dev/cluster": "simple-pg", "stratum.dev/kind": "FakeCluster"});
+    let mut already_rw = selector.clone();
+    already_rw["stratum.dev/route"] = json!("rw");
+    h.api.lists.lock().unwrap().insert(
+        format!("{NS}/pods"),
+        vec![
+            running_pod("simple-pg-0", selector.clone()),
+            // Stale: labelled rw but not the writer any more.
+            running_pod("simple-pg-1", already_rw),
+            running_pod("simple-pg-2", selector),
+        ],
+    );
+    h.api.objects.lock().unwrap().insert(
+        format!("{NS}/secrets/simple-pg-credentials"),
+        json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "simple-pg-credentials", "namespace": "team-a"},
+            "data": {"api-token": "dG9rZW4=", "superuser-password": "cHc=", "replication-password": "cHc="}
+        }),
+    );
+    let action = reconcile::reconcile(Arc::new(cluster(SIMPLE_PG, true)), h.ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(action, Action::requeue(super::REQUEUE_HEALTHY));
+
+    let label_patch = |pod: &str| {
+        let patches = h.find(Method::PATCH, &format!("{NS}/pods/{pod}"));
+        assert_eq!(patches.len(), 1, "{pod}");
+        assert_eq!(patches[0].content_type, "application/merge-patch+json");
+        patches[0].body["metadata"]["labels"].clone()
+    };
+    assert_eq!(
+        label_patch("simple-pg-0"),
+        json!({"stratum.dev/route": "rw", "stratum.dev/role": "unknown"})
+    );
+    assert_eq!(
+        label_patch("simple-pg-1"),
+        json!({"stratum.dev/route": "ro", "stratum.dev/role": "unknown"})
+    );
+
+    let status = h.find(Method::PATCH, &format!("{CLUSTER_PATH}/status"));
+    let s = &status[0].body["status"];
+    assert_eq!(s["phase"], "Healthy");
+    assert_eq!(s["ready"], "3/3");
+    assert_eq!(s["currentPrimary"], "simple-pg-0");
+    // The managers were tried (token read) and are unreachable here.
+    assert!(s["instancesStatus"][0]["message"].is_string(), "{s}");
+    let reasons: Vec<_> = h
+        .find(Method::POST, EVENTS)
+        .iter()
+        .map(|e| e.body["reason"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(reasons.contains(&"Healthy".to_string()), "{reasons:?}");
+    assert!(
+        reasons.contains(&"PrimaryChanged".to_string()),
+        "{reasons:?}"
+    );
+}

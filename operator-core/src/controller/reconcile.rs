@@ -1,0 +1,333 @@
+//! The reconcile pipeline of one cluster object: finalizer → validate →
+//! build → apply → observe → decide → status, and the error policy. IO:
+//! Kubernetes API and instance managers, through the step modules.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::{Resource, ResourceExt};
+use tracing::Instrument;
+
+use super::ControllerOptions;
+use super::apply::{self, FIELD_MANAGER};
+use super::backoff::Backoff;
+use super::decide;
+use super::error::{DecideError, ReconcileError, StatusError, ValidateError, error_chain};
+use super::metrics::Metrics;
+use super::observe;
+use super::report::Reporter;
+use super::status::{self, StatusInput};
+use crate::api::status::{ClusterStatus, Phase};
+use crate::build::{self, BuildContext, SecretAction, network_policy_enabled};
+use crate::engine::Engine;
+
+/// The finalizer the controller puts on every cluster object.
+pub const FINALIZER: &str = "stratum.dev/finalizer";
+/// Requeue while instances are not all ready (waiting is not an error).
+pub const REQUEUE_WAITING: Duration = Duration::from_secs(5);
+/// Requeue of a healthy cluster: roles change without Kubernetes events
+/// (a native MongoDB election), so look again regularly.
+pub const REQUEUE_HEALTHY: Duration = Duration::from_secs(30);
+
+/// State shared by the controllers of every kind.
+pub(crate) struct Shared {
+    pub client: kube::Client,
+    pub reporter: Reporter,
+    pub metrics: Arc<Metrics>,
+    pub backoff: Backoff,
+    pub opts: ControllerOptions,
+}
+
+/// Context of one kind's controller.
+pub(crate) struct KindContext {
+    pub engine: Arc<dyn Engine>,
+    pub resource: ApiResource,
+    pub shared: Arc<Shared>,
+}
+
+fn object_key(kind: &str, ns: &str, name: &str) -> String {
+    format!("{kind}/{ns}/{name}")
+}
+
+fn patch_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    }
+}
+
+/// Reconcile one cluster object. Idempotent; does not care why it was
+/// called.
+pub(crate) async fn reconcile(
+    obj: Arc<DynamicObject>,
+    ctx: Arc<KindContext>,
+) -> Result<Action, ReconcileError> {
+    let kind = ctx.engine.kind();
+    let name = obj.name_any();
+    let ns = obj.namespace().unwrap_or_default();
+    let generation = obj.metadata.generation.unwrap_or_default();
+    let span = tracing::info_span!("reconcile", kind, namespace = %ns, name = %name, generation);
+    async move {
+        let started = Instant::now();
+        let object_ref = obj.object_ref(&ctx.resource);
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(ctx.shared.client.clone(), &ns, &ctx.resource);
+        let result = finalizer(&api, FINALIZER, obj, |event| {
+            let ctx = ctx.clone();
+            async move {
+                match event {
+                    FinalizerEvent::Apply(o) => apply_event(&o, &ctx).await,
+                    FinalizerEvent::Cleanup(o) => cleanup_event(&o, &ctx).await,
+                }
+            }
+        })
+        .await
+        .map_err(ReconcileError::from_finalizer);
+        let shared = &ctx.shared;
+        shared.metrics.record(
+            kind,
+            started.elapsed(),
+            result.as_ref().err().map(ReconcileError::category),
+        );
+        match &result {
+            Ok(action) => {
+                shared.backoff.reset(&object_key(kind, &ns, &name));
+                tracing::debug!(?action, "reconciled");
+            }
+            Err(err) => shared.reporter.error(&object_ref, err).await,
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+/// Permanent errors wait for a change of the object; transient ones retry
+/// with per-object exponential backoff.
+pub(crate) fn error_policy(
+    obj: Arc<DynamicObject>,
+    err: &ReconcileError,
+    ctx: Arc<KindContext>,
+) -> Action {
+    if err.is_permanent() {
+        return Action::await_change();
+    }
+    let key = object_key(
+        ctx.engine.kind(),
+        &obj.namespace().unwrap_or_default(),
+        &obj.name_any(),
+    );
+    Action::requeue(ctx.shared.backoff.next(&key))
+}
+
+fn previous_status(obj: &DynamicObject) -> Option<ClusterStatus> {
+    obj.data
+        .get("status")
+        .and_then(|s| serde_json::from_value(s.clone()).ok())
+}
+
+async fn write_status(
+    ctx: &KindContext,
+    obj: &DynamicObject,
+    new: &ClusterStatus,
+) -> Result<(), StatusError> {
+    let name = obj.name_any();
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        ctx.shared.client.clone(),
+        &obj.namespace().unwrap_or_default(),
+        &ctx.resource,
+    );
+    let patch = status::status_patch(new, obj.data.get("status"));
+    api.patch_status(&name, &patch_params(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
+        .map_err(|source| StatusError::Patch {
+            kind: ctx.engine.kind().to_string(),
+            name,
+            source,
+        })
+}
+
+/// Record a rejected spec in status (`Failed`, `Degraded=True` naming the
+/// field). The caller returns the permanent error, which the reporter turns
+/// into the `InvalidSpec` Event.
+async fn reject(ctx: &KindContext, obj: &DynamicObject, message: &str) -> Result<(), StatusError> {
+    let previous = previous_status(obj);
+    let new = status::failed_status(
+        previous.as_ref(),
+        message,
+        obj.metadata.generation,
+        unsupported(&*ctx.engine),
+        Utc::now(),
+    );
+    if previous.as_ref() != Some(&new) {
+        write_status(ctx, obj, &new).await?;
+    }
+    Ok(())
+}
+
+fn unsupported(engine: &dyn Engine) -> Vec<String> {
+    engine
+        .unsupported_capabilities()
+        .into_iter()
+        .map(str::to_string)
+        .collect()
+}
+
+async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, ReconcileError> {
+    let engine = &*ctx.engine;
+    let shared = &ctx.shared;
+    let client = &shared.client;
+    let kind = engine.kind();
+    let object_ref: ObjectReference = obj.object_ref(&ctx.resource);
+    let previous = previous_status(obj);
+
+    // validate: the API server already ran the schema and CEL rules.
+    let mut object = serde_json::to_value(obj).unwrap_or_default();
+    if let Some(map) = object.as_object_mut() {
+        map.insert("apiVersion".into(), ctx.resource.api_version.clone().into());
+        map.insert("kind".into(), ctx.resource.kind.clone().into());
+    }
+    let cluster = match engine.validate(&object) {
+        Ok(c) => c,
+        Err(spec) => {
+            reject(ctx, obj, &spec.to_string()).await?;
+            return Err(ValidateError::Spec(spec).into());
+        }
+    };
+
+    // build: pure.
+    let build_ctx = BuildContext {
+        operator_image: shared.opts.operator_image.clone(),
+        network_policy: network_policy_enabled(obj.annotations()),
+    };
+    let objects = match build::build(&cluster, engine, &build_ctx) {
+        Ok(o) => o,
+        Err(e) => {
+            if e.is_permanent() {
+                reject(ctx, obj, &error_chain(&e)).await?;
+            }
+            return Err(e.into());
+        }
+    };
+    let db_port = build::client_port(&engine.manifest(&cluster)).unwrap_or_default();
+
+    // apply: server-side apply, create-if-absent Secret, prune orphans.
+    let ns = cluster.meta.namespace.clone();
+    let name = cluster.meta.name.clone();
+    let uid = cluster.meta.uid.clone().unwrap_or_default();
+    let outcome = apply::apply_all(client, &ns, &name, &uid, objects).await?;
+    let reporter = &shared.reporter;
+    if !outcome.immutable_changes.is_empty() {
+        let note = format!(
+            "not applied: StatefulSet {} cannot change in place; the previous value stays in effect",
+            outcome.immutable_changes.join(", ")
+        );
+        reporter
+            .note(&object_ref, true, "ImmutableFieldChange", note)
+            .await;
+    }
+    if let Some(action) = &outcome.secret {
+        let note = match action {
+            SecretAction::AddMissing(keys) => format!(
+                "added missing credentials: {}",
+                keys.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+            _ => "created the credentials Secret".to_string(),
+        };
+        reporter
+            .note(&object_ref, false, "CredentialsCreated", note)
+            .await;
+    }
+    for (child_kind, child) in &outcome.deleted {
+        let note = format!("deleted {} {child}: no longer desired", child_kind.as_str());
+        reporter
+            .note(&object_ref, false, "OrphanDeleted", note)
+            .await;
+    }
+
+    // observe.
+    let seen = observe::observe(
+        client,
+        &cluster,
+        kind,
+        db_port,
+        shared.opts.instance_timeout,
+    )
+    .await?;
+
+    // decide: routing and pod labels.
+    let previous_primary = previous.as_ref().and_then(|s| s.current_primary.clone());
+    let routing = decide::decide_routing(
+        &name,
+        engine.route(&seen.members),
+        &seen.members,
+        &seen.pods,
+        previous_primary.as_deref(),
+    );
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    for (pod, patch) in decide::label_patches(&seen.pods, &routing, &seen.members) {
+        match pods
+            .patch(&pod, &patch_params(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.is_not_found() => {}
+            Err(source) => return Err(DecideError::PatchPodLabels { pod, source }.into()),
+        }
+    }
+
+    // status.
+    let instance_names = cluster.instance_names();
+    let new = status::compute_status(
+        previous.as_ref(),
+        &StatusInput {
+            cluster: &name,
+            generation: cluster.meta.generation,
+            instance_names: &instance_names,
+            pods: &seen.pods,
+            members: &seen.members,
+            routing: &routing,
+            unsupported: unsupported(engine),
+            now: Utc::now(),
+        },
+    );
+    if previous.as_ref() != Some(&new) {
+        write_status(ctx, obj, &new).await?;
+    }
+    for change in status::state_changes(previous.as_ref(), &new) {
+        reporter.state_change(&object_ref, &change).await;
+    }
+    Ok(if new.phase == Some(Phase::Healthy) {
+        Action::requeue(REQUEUE_HEALTHY)
+    } else {
+        Action::requeue(REQUEUE_WAITING)
+    })
+}
+
+/// Deletion: owned children go with the cluster through garbage
+/// collection (PVCs stay: retention policy Retain); record the phase.
+async fn cleanup_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, ReconcileError> {
+    let previous = previous_status(obj);
+    let new = status::deleting_status(previous.as_ref(), Utc::now());
+    if previous.as_ref() != Some(&new) {
+        match write_status(ctx, obj, &new).await {
+            Ok(()) => {}
+            Err(StatusError::Patch {
+                source: kube::Error::Api(s),
+                ..
+            }) if s.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let object_ref = obj.object_ref(&ctx.resource);
+    for change in status::state_changes(previous.as_ref(), &new) {
+        ctx.shared.reporter.state_change(&object_ref, &change).await;
+    }
+    Ok(Action::await_change())
+}
