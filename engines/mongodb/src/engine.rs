@@ -43,7 +43,6 @@ pub fn arbiter_names(cluster: &ValidatedCluster, arbiters: i32) -> Vec<String> {
         .collect()
 }
 
-
 /// Check a MongoCluster spec beyond its CRD schema and CEL rules.
 fn check_spec(spec: &MongoClusterSpec) -> Result<(), SpecError> {
     let v = &spec.version;

@@ -47,7 +47,6 @@ impl PxcEngine {
     }
 }
 
-
 /// Check a PxcCluster spec beyond its CRD schema and CEL rules.
 fn check_spec(name: &str, spec: &PxcClusterSpec) -> Result<(), SpecError> {
     let sst = spec.effective_sst_method();

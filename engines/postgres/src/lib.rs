@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod engine;
+pub mod instance;
 pub mod settings;
 
 pub use engine::PostgresEngine;

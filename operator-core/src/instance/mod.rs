@@ -3,4 +3,7 @@
 
 pub mod client;
 pub mod config;
+pub mod manager;
+pub mod process;
 pub mod protocol;
+pub mod server;

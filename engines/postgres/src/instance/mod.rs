@@ -1,0 +1,331 @@
+//! The PostgreSQL instance driver: what `stratum instance` does for a
+//! PostgreSQL member. Filesystem IO (data and run directories), process IO
+//! (initdb, pg_basebackup, postgres) and SQL to the local server.
+//!
+//! Layout: PGDATA is `<dataDir>/pgdata`, next to `stratum-cluster.json`
+//! (which cluster the directory belongs to). Every configuration file the
+//! server reads (`postgresql.conf`, `pg_hba.conf`, `pg_ident.conf`) and the
+//! replication password file live in the run directory, so PGDATA's own
+//! `postgresql.conf` / `postgresql.auto.conf` stay untouched (pg_rewind and
+//! pg_basebackup copy them around). The server runs as
+//! `postgres -D <PGDATA> -c config_file=<runDir>/postgresql.conf`.
+
+pub mod binaries;
+mod bootstrap;
+pub mod conf;
+pub mod layout;
+pub mod status;
+
+use std::path::Path;
+
+use async_trait::async_trait;
+use operator_core::engine::{
+    InstanceContext, InstanceDriver, InstanceError, Progress, ServerCommand, instance_name,
+};
+use operator_core::instance::config::{InstanceConfig, PeerEndpoint};
+use operator_core::instance::process::{self, RunAs};
+use operator_core::instance::protocol::{MemberStatus, Role};
+use serde_json::json;
+
+use self::binaries::BinDir;
+use self::conf::{ConfInputs, Upstream};
+use self::layout::Layout;
+use crate::settings::{PostgresInstanceSettings, secret_keys};
+
+/// Name of the action that runs `CHECKPOINT`.
+pub const ACTION_CHECKPOINT: &str = "checkpoint";
+
+/// The PostgreSQL [`InstanceDriver`]. Stateless: everything is read from the
+/// [`InstanceContext`] on each call, so one driver may serve several
+/// instances (tests, the local runtime).
+#[derive(Clone, Debug, Default)]
+pub struct PostgresDriver;
+
+impl PostgresDriver {
+    /// A driver. Binaries are found from the instance config's `binDir`,
+    /// then `$STRATUM_POSTGRES_BIN_DIR`, then `postgres` on `PATH`, then the
+    /// highest `/usr/lib/postgresql/<N>/bin`.
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+/// The engine block of the instance configuration.
+pub fn settings(config: &InstanceConfig) -> Result<PostgresInstanceSettings, InstanceError> {
+    serde_json::from_value(config.engine.clone())
+        .map_err(|e| InstanceError::Settings(format!("engine block of the instance config: {e}")))
+}
+
+fn bin_dir(config: &InstanceConfig) -> Result<BinDir, InstanceError> {
+    binaries::resolve(
+        config.bin_dir.as_deref(),
+        std::env::var_os(binaries::ENV_BIN_DIR).as_deref(),
+        std::env::var_os("PATH").as_deref(),
+        Path::new(binaries::DEBIAN_ROOT),
+    )
+}
+
+fn me(config: &InstanceConfig) -> Result<&PeerEndpoint, InstanceError> {
+    config.me().ok_or_else(|| {
+        InstanceError::Settings(format!(
+            "instance {:?} is not among the members of cluster {}",
+            config.instance, config.cluster
+        ))
+    })
+}
+
+/// The member a replica clones from and streams from: ordinal 0 until
+/// failover tracks the current primary.
+fn upstream_member(config: &InstanceConfig) -> Option<&PeerEndpoint> {
+    let first = instance_name(&config.cluster, 0);
+    config
+        .members
+        .iter()
+        .find(|m| m.name == first && m.name != config.instance)
+}
+
+fn upstream_of(member: &PeerEndpoint) -> Upstream {
+    Upstream {
+        host: member.host.clone(),
+        port: member.db_port,
+    }
+}
+
+/// Render and write the run directory's configuration files.
+fn write_config(
+    ctx: &InstanceContext,
+    settings: &PostgresInstanceSettings,
+    layout: &Layout,
+    run_as: Option<&RunAs>,
+    upstream: Option<&Upstream>,
+) -> Result<(), InstanceError> {
+    let config = &ctx.config;
+    let port = me(config)?.db_port;
+    let conf = conf::render_postgresql_conf(&ConfInputs {
+        settings,
+        cluster: &config.cluster,
+        instance: &config.instance,
+        listen_address: &config.listen_address,
+        port,
+        run_dir: &layout.run_dir,
+        upstream,
+    });
+    process::write_file(&layout.conf_file(), conf.as_bytes(), 0o600, run_as)?;
+    let hba = conf::render_pg_hba(&settings.pg_hba);
+    process::write_file(&layout.hba_file(), hba.as_bytes(), 0o600, run_as)?;
+    process::write_file(
+        &layout.ident_file(),
+        conf::render_pg_ident().as_bytes(),
+        0o600,
+        run_as,
+    )?;
+    let replication_password = config
+        .read_secret(secret_keys::REPLICATION_PASSWORD)
+        .map_err(InstanceError::io(
+            "read secret",
+            config.secrets_dir.join(secret_keys::REPLICATION_PASSWORD),
+        ))?;
+    let pgpass = conf::render_pgpass(&replication_password);
+    process::write_file(&layout.passfile(), pgpass.as_bytes(), 0o600, run_as)
+}
+
+/// Give PGDATA (and the WAL directory) to the database user when another
+/// user owns them (a volume from another image, a changed `runAsUser`):
+/// PostgreSQL refuses a data directory it does not own.
+fn hand_over(layout: &Layout, user: &RunAs) -> Result<(), InstanceError> {
+    use std::os::unix::fs::MetadataExt;
+    for dir in [Some(&layout.pgdata), layout.wal_dir.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        if let Ok(meta) = std::fs::symlink_metadata(dir)
+            && meta.uid() != user.uid.as_raw()
+        {
+            tracing::warn!(dir = %dir.display(), user = %user.name, "data owned by uid {}; changing the owner", meta.uid());
+            process::chown_tree(dir, user)?;
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl InstanceDriver for PostgresDriver {
+    fn check_binaries(&self, ctx: &InstanceContext) -> Result<(), InstanceError> {
+        let settings = settings(&ctx.config)?;
+        let bin = bin_dir(&ctx.config)?;
+        let found = binaries::major_version(&bin)?;
+        binaries::check_version(&bin, found, settings.version)?;
+        tracing::info!(dir = %bin.dir.display(), source = %bin.source, version = found, "PostgreSQL binaries");
+        Ok(())
+    }
+
+    async fn prepare(&self, ctx: &InstanceContext) -> Result<Progress, InstanceError> {
+        let config = &ctx.config;
+        let settings = settings(config)?;
+        if process::running_as_root() && config.run_as_user.is_none() {
+            return Err(InstanceError::Settings(
+                "PostgreSQL refuses to run as root: set runAsUser (e.g. postgres) in the instance configuration".into(),
+            ));
+        }
+        let run_as = RunAs::for_config(config)?;
+        let bin = bin_dir(config)?;
+        let port = me(config)?.db_port;
+        let layout = Layout::new(ctx, &settings);
+        layout::check_socket_path(&layout, port)?;
+        layout::claim_data_dir(&layout, config, run_as.as_ref())?;
+
+        if !layout.is_initialised() {
+            let ordinal = config.ordinal().ok_or_else(|| {
+                InstanceError::Settings(format!(
+                    "instance name {:?} does not end in -<ordinal>",
+                    config.instance
+                ))
+            })?;
+            let boot = bootstrap::Bootstrap {
+                ctx,
+                settings: &settings,
+                layout: &layout,
+                bin: &bin,
+                run_as: run_as.as_ref(),
+                port,
+            };
+            if ordinal == 0 {
+                write_config(ctx, &settings, &layout, run_as.as_ref(), None)?;
+                boot.init_primary().await?;
+            } else {
+                let source = upstream_member(config).ok_or_else(|| {
+                    InstanceError::Settings(format!(
+                        "no member {} to clone from",
+                        instance_name(&config.cluster, 0)
+                    ))
+                })?;
+                let upstream = upstream_of(source);
+                write_config(ctx, &settings, &layout, run_as.as_ref(), Some(&upstream))?;
+                if let waiting @ Progress::Waiting { .. } = boot.clone_from(source).await? {
+                    return Ok(waiting);
+                }
+            }
+        }
+
+        if let Some(user) = &run_as {
+            hand_over(&layout, user)?;
+        }
+        match layout.data_version()? {
+            Some(v) if v == settings.version => {}
+            found => {
+                return Err(InstanceError::DataDirectory {
+                    path: layout.pgdata.clone(),
+                    reason: format!(
+                        "it was created by PostgreSQL {}, this cluster runs version {} (major upgrades are not supported yet)",
+                        found.map(|v| v.to_string()).unwrap_or_else(|| "?".into()),
+                        settings.version
+                    ),
+                });
+            }
+        }
+        let upstream = layout
+            .standby_signal()
+            .exists()
+            .then(|| upstream_member(config).map(upstream_of))
+            .flatten();
+        write_config(ctx, &settings, &layout, run_as.as_ref(), upstream.as_ref())?;
+        Ok(Progress::Done)
+    }
+
+    fn server_command(&self, ctx: &InstanceContext) -> Result<ServerCommand, InstanceError> {
+        let settings = settings(&ctx.config)?;
+        let bin = bin_dir(&ctx.config)?;
+        let layout = Layout::new(ctx, &settings);
+        Ok(ServerCommand {
+            program: bin.bin("postgres"),
+            args: vec![
+                "-D".into(),
+                layout.pgdata.display().to_string(),
+                "-c".into(),
+                format!("config_file={}", layout.conf_file().display()),
+            ],
+            env: Default::default(),
+            stop_signal: nix::sys::signal::Signal::SIGINT as i32,
+        })
+    }
+
+    async fn status(&self, ctx: &InstanceContext, running: bool) -> MemberStatus {
+        let config = &ctx.config;
+        let mut status = MemberStatus {
+            name: config.instance.clone(),
+            cluster_id: config.cluster_id.clone(),
+            address: config
+                .me()
+                .map(|m| format!("{}:{}", m.host, m.db_port))
+                .unwrap_or_default(),
+            ..Default::default()
+        };
+        if !running {
+            status.message = Some("server not running".into());
+            return status;
+        }
+        let result = async {
+            let settings = settings(config).map_err(|e| e.to_string())?;
+            let layout = Layout::new(ctx, &settings);
+            let port = me(config).map_err(|e| e.to_string())?.db_port;
+            let password = config
+                .read_secret(secret_keys::SUPERUSER_PASSWORD)
+                .map_err(|e| format!("cannot read the superuser password: {e}"))?;
+            let client = status::connect_local(&layout, port, &password, "postgres")
+                .await
+                .map_err(|e| {
+                    format!(
+                        "cannot connect to PostgreSQL: {}",
+                        status::describe_error(&e)
+                    )
+                })?;
+            status::query(&client, layout.standby_signal().exists())
+                .await
+                .map_err(|e| format!("status query failed: {}", status::describe_error(&e)))
+        }
+        .await;
+        match result {
+            Ok(found) => MemberStatus {
+                name: status.name,
+                cluster_id: status.cluster_id,
+                address: status.address,
+                ..found
+            },
+            Err(message) => {
+                status.role = Role::Unknown;
+                status.message = Some(message);
+                status
+            }
+        }
+    }
+
+    async fn action(
+        &self,
+        ctx: &InstanceContext,
+        action: &str,
+        _body: serde_json::Value,
+    ) -> Result<Option<serde_json::Value>, InstanceError> {
+        if action != ACTION_CHECKPOINT {
+            return Ok(None);
+        }
+        let config = &ctx.config;
+        let settings = settings(config)?;
+        let layout = Layout::new(ctx, &settings);
+        let port = me(config)?.db_port;
+        let password = config
+            .read_secret(secret_keys::SUPERUSER_PASSWORD)
+            .map_err(InstanceError::io(
+                "read secret",
+                config.secrets_dir.join(secret_keys::SUPERUSER_PASSWORD),
+            ))?;
+        let failed = |e: tokio_postgres::Error| InstanceError::Command {
+            command: "CHECKPOINT".into(),
+            message: status::describe_error(&e),
+        };
+        let client = status::connect_local(&layout, port, &password, "postgres")
+            .await
+            .map_err(failed)?;
+        client.batch_execute("CHECKPOINT").await.map_err(failed)?;
+        Ok(Some(json!({ "action": ACTION_CHECKPOINT, "done": true })))
+    }
+}

@@ -1,0 +1,664 @@
+//! Engine tests of the instance manager with the PostgreSQL driver against
+//! real PostgreSQL 15 binaries (`/usr/lib/postgresql/15/bin`): bootstrap,
+//! the HTTP API, restarts, data directory identity, cloning a replica.
+//! Each test owns a temporary directory and loopback ports; the database
+//! runs as an unprivileged user when the tests run as root. Missing
+//! binaries fail the tests, they never skip.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use operator_core::engine::InstanceError;
+use operator_core::instance::config::{InstanceConfig, PeerEndpoint};
+use operator_core::instance::manager;
+use operator_core::instance::protocol::{MemberStatus, Position, ProcessState, Role};
+use stratum_postgres::instance::PostgresDriver;
+use stratum_postgres::settings::secret_keys;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const PG15_BIN: &str = "/usr/lib/postgresql/15/bin";
+const CLUSTER: &str = "simple-pg";
+const APP_PASSWORD: &str = "app-pw-'quoted'";
+const TOKEN: &str = "test-token-0123456789";
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+/// The PostgreSQL 15 binary directory; fails the test when missing.
+fn pg15_bin_dir() -> PathBuf {
+    let dir = PathBuf::from(PG15_BIN);
+    assert!(
+        dir.join("postgres").is_file() && dir.join("initdb").is_file(),
+        "PostgreSQL 15 binaries not found in {PG15_BIN}: install postgresql-15 (Debian: apt-get install postgresql-15)"
+    );
+    dir
+}
+
+/// The unprivileged user to run PostgreSQL as when the tests run as root:
+/// the distribution's `postgres` user, else `stratum` (created).
+fn run_as_user() -> Option<String> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return None;
+    }
+    for name in ["postgres", "stratum"] {
+        if nix::unistd::User::from_name(name).ok().flatten().is_some() {
+            return Some(name.into());
+        }
+    }
+    let status = std::process::Command::new("useradd")
+        .args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            "stratum",
+        ])
+        .status()
+        .expect("run useradd");
+    assert!(
+        status.success()
+            || nix::unistd::User::from_name("stratum")
+                .ok()
+                .flatten()
+                .is_some(),
+        "useradd stratum failed: {status}"
+    );
+    Some("stratum".into())
+}
+
+fn free_ports(n: usize) -> Vec<u16> {
+    // Hold every listener until all ports are chosen so none repeats.
+    let listeners: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// A temporary cluster: directory, secrets, members on loopback ports.
+struct Fixture {
+    dir: tempfile::TempDir,
+    cluster_id: String,
+    members: Vec<PeerEndpoint>,
+    run_as: Option<String>,
+    bin_dir: PathBuf,
+}
+
+impl Fixture {
+    fn new(instances: u32) -> Self {
+        init_tracing();
+        let bin_dir = pg15_bin_dir();
+        let dir = tempfile::Builder::new()
+            .prefix("stratum-pg-")
+            .tempdir()
+            .unwrap();
+        // The database user must be able to traverse to its directories.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let secrets = dir.path().join("secrets");
+        std::fs::create_dir(&secrets).unwrap();
+        for (key, value) in [
+            (secret_keys::SUPERUSER_PASSWORD, "super-pw"),
+            (secret_keys::REPLICATION_PASSWORD, "repl:pw\\x"),
+            (secret_keys::APP_PASSWORD, APP_PASSWORD),
+            (secret_keys::API_TOKEN, TOKEN),
+        ] {
+            std::fs::write(secrets.join(key), format!("{value}\n")).unwrap();
+        }
+        let ports = free_ports(2 * instances as usize);
+        let members = (0..instances)
+            .map(|i| PeerEndpoint {
+                name: format!("{CLUSTER}-{i}"),
+                host: "127.0.0.1".into(),
+                db_port: ports[2 * i as usize],
+                api_port: ports[2 * i as usize + 1],
+            })
+            .collect();
+        let cluster_id = format!("uid-{}", dir.path().file_name().unwrap().to_string_lossy());
+        Self {
+            dir,
+            cluster_id,
+            members,
+            run_as: run_as_user(),
+            bin_dir,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn config(&self, ordinal: usize) -> InstanceConfig {
+        let name = self.members[ordinal].name.clone();
+        let base = self.path().join(&name);
+        InstanceConfig {
+            kind: "PostgresCluster".into(),
+            cluster: CLUSTER.into(),
+            namespace: "default".into(),
+            cluster_id: self.cluster_id.clone(),
+            instance: name,
+            data_dir: base.join("data"),
+            run_dir: base.join("run"),
+            listen_address: "127.0.0.1".into(),
+            members: self.members.clone(),
+            token_file: self.path().join("secrets").join(secret_keys::API_TOKEN),
+            secrets_dir: self.path().join("secrets"),
+            run_as_user: self.run_as.clone(),
+            bin_dir: Some(self.bin_dir.clone()),
+            engine: serde_json::json!({
+                "version": 15,
+                "parameters": { "shared_buffers": "16MB", "max_connections": "30" },
+                "initdb": {
+                    "database": "app",
+                    "owner": "app",
+                    "dataChecksums": true,
+                    "encoding": "UTF8"
+                }
+            }),
+        }
+    }
+
+    async fn app_client(&self, ordinal: usize) -> tokio_postgres::Client {
+        let m = &self.members[ordinal];
+        let (client, conn) = tokio_postgres::Config::new()
+            .host("127.0.0.1")
+            .port(m.db_port)
+            .user("app")
+            .password(APP_PASSWORD)
+            .dbname("app")
+            .connect_timeout(Duration::from_secs(5))
+            .connect(tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("connect as app to {}: {e}", m.name));
+        tokio::spawn(conn);
+        client
+    }
+}
+
+/// A manager running in this process. Dropping it aborts the manager task,
+/// which kills the server's process group.
+struct Running {
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+    stop: Option<oneshot::Sender<()>>,
+    api: String,
+    http: reqwest::Client,
+}
+
+impl Running {
+    fn start(config: InstanceConfig) -> Self {
+        let api = format!("http://127.0.0.1:{}", config.me().unwrap().api_port);
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(manager::run_until(
+            config,
+            Arc::new(PostgresDriver::new()),
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        Self {
+            handle: Some(handle),
+            stop: Some(stop_tx),
+            api,
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if self.handle.as_ref().unwrap().is_finished() {
+                let result = self.handle.take().unwrap().await.unwrap();
+                panic!("manager exited before ready: {result:?}");
+            }
+            if let Ok(resp) = self.http.get(format!("{}/readyz", self.api)).send().await
+                && resp.status() == 200
+            {
+                return;
+            }
+            if Instant::now() > deadline {
+                let status = self.status().await;
+                panic!("not ready within {READY_TIMEOUT:?}: {status:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http.get(format!("{}{path}", self.api))
+    }
+
+    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http.post(format!("{}{path}", self.api))
+    }
+
+    async fn status(&self) -> MemberStatus {
+        let resp = self
+            .get("/v1/status")
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.json().await.unwrap()
+    }
+
+    /// The SIGTERM path: ask the manager to stop and wait for it.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        let _ = self.stop.take().unwrap().send(());
+        let handle = self.handle.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(60), handle)
+            .await
+            .expect("manager stops within 60s")
+            .unwrap()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
+        }
+    }
+}
+
+/// Run a manager that must fail before serving; return its error.
+async fn expect_failure(config: InstanceConfig) -> anyhow::Error {
+    let run = manager::run_until(
+        config,
+        Arc::new(PostgresDriver::new()),
+        std::future::pending(),
+    );
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the manager fails fast")
+        .expect_err("the manager must refuse this configuration")
+}
+
+fn wal(status: &MemberStatus) -> (u32, Option<u64>, Option<u64>) {
+    match &status.position {
+        Position::Wal {
+            timeline,
+            received_lsn,
+            replayed_lsn,
+        } => (*timeline, *received_lsn, *replayed_lsn),
+        other => panic!("expected a WAL position, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_bootstraps_serves_the_api_and_keeps_rows_across_restarts() {
+    let fx = Fixture::new(1);
+    let config = fx.config(0);
+    let pgdata = config.data_dir.join("pgdata");
+
+    let mut m = Running::start(config.clone());
+    m.wait_ready().await;
+
+    assert_eq!(m.get("/healthz").send().await.unwrap().status(), 200);
+    // Authentication of /v1/*.
+    let resp = m.get("/v1/status").send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = m
+        .get("/v1/status")
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    let resp = m
+        .get("/v1/status")
+        .bearer_auth(TOKEN)
+        .header("x-stratum-cluster-id", "uid-of-another-cluster")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 409);
+    let resp = m
+        .post("/v1/actions/checkpoint")
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+
+    let status = m.status().await;
+    assert_eq!(status.name, "simple-pg-0");
+    assert_eq!(status.cluster_id, fx.cluster_id);
+    assert_eq!(status.role, Role::Primary);
+    assert!(status.ready);
+    assert_eq!(status.process, ProcessState::Running);
+    assert_eq!(
+        status.address,
+        format!("127.0.0.1:{}", fx.members[0].db_port)
+    );
+    assert!(
+        status
+            .server_version
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("15"),
+        "{status:?}"
+    );
+    let (timeline, received, replayed) = wal(&status);
+    assert_eq!(timeline, 1);
+    assert!(received.is_some_and(|l| l > 0), "{status:?}");
+    assert_eq!(received, replayed);
+    assert_eq!(status.details["connectedReplicas"], 0);
+
+    // Actions: the driver's checkpoint, unknown ones are 404.
+    let resp = m
+        .post("/v1/actions/checkpoint")
+        .bearer_auth(TOKEN)
+        .header("x-stratum-cluster-id", &fx.cluster_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = m
+        .post("/v1/actions/no-such-action")
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+
+    let metrics = m
+        .get("/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "stratum_instance_up 1",
+        "stratum_instance_ready 1",
+        "stratum_instance_role{role=\"primary\"} 1",
+        "stratum_instance_timeline 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing {line} in\n{metrics}"
+        );
+    }
+
+    // Configuration lives outside PGDATA; PGDATA's own file is untouched.
+    let conf = std::fs::read_to_string(config.run_dir.join("postgresql.conf")).unwrap();
+    assert!(
+        conf.contains(&format!("port = '{}'", fx.members[0].db_port)),
+        "{conf}"
+    );
+    assert!(
+        std::fs::read_to_string(pgdata.join("postgresql.conf"))
+            .unwrap()
+            .contains("initdb")
+    );
+
+    let client = fx.app_client(0).await;
+    client
+        .batch_execute("CREATE TABLE notes (id int PRIMARY KEY, body text); INSERT INTO notes VALUES (1, 'before restart')")
+        .await
+        .unwrap();
+    drop(client);
+
+    m.stop().await.expect("clean stop");
+    assert!(
+        !pgdata.join("postmaster.pid").exists(),
+        "postgres was not shut down cleanly"
+    );
+
+    // Same directory again: no initdb, the row is there.
+    let mut m = Running::start(config.clone());
+    m.wait_ready().await;
+    let client = fx.app_client(0).await;
+    let row = client
+        .query_one("SELECT body FROM notes WHERE id = 1", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "before restart");
+    drop(client);
+
+    // The built-in restart action.
+    let resp = m
+        .post("/v1/actions/restart")
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    m.wait_ready().await;
+    let client = fx.app_client(0).await;
+    client
+        .batch_execute("INSERT INTO notes VALUES (2, 'after restart')")
+        .await
+        .unwrap();
+    drop(client);
+    m.stop().await.expect("clean stop");
+
+    // Another cluster's instance on this data directory is refused.
+    let other = InstanceConfig {
+        cluster: "other-pg".into(),
+        cluster_id: "uid-other".into(),
+        ..config
+    };
+    let err = expect_failure(other).await;
+    let msg = format!("{err:#}");
+    assert!(
+        matches!(
+            err.downcast_ref::<InstanceError>(),
+            Some(InstanceError::DataDirectory { .. })
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!(
+            "belongs to cluster simple-pg (id {})",
+            fx.cluster_id
+        )) && msg.contains("this instance is cluster other-pg (id uid-other)"),
+        "{msg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_waits_for_the_primary_then_clones_and_streams() {
+    let fx = Fixture::new(2);
+    let replica_config = fx.config(1);
+
+    // The replica starts first: it waits for simple-pg-0 and says so.
+    let mut replica = Running::start(replica_config.clone());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(resp) = replica.get("/v1/status").bearer_auth(TOKEN).send().await
+            && resp.status() == 200
+        {
+            let status: MemberStatus = resp.json().await.unwrap();
+            if status
+                .message
+                .as_deref()
+                .is_some_and(|m| m.contains("waiting for simple-pg-0 to accept connections"))
+            {
+                assert_eq!(status.process, ProcessState::Preparing);
+                assert!(!status.ready);
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica never reported waiting for simple-pg-0"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(replica.get("/readyz").send().await.unwrap().status(), 503);
+
+    let mut primary = Running::start(fx.config(0));
+    primary.wait_ready().await;
+    let writer = fx.app_client(0).await;
+    writer
+        .batch_execute(
+            "CREATE TABLE notes (id int PRIMARY KEY, body text); INSERT INTO notes VALUES (1, 'first')",
+        )
+        .await
+        .unwrap();
+
+    replica.wait_ready().await;
+    assert!(
+        replica_config
+            .data_dir
+            .join("pgdata/standby.signal")
+            .exists()
+    );
+    let reader = fx.app_client(1).await;
+    let wait_for_row = |id: i32| {
+        let reader = &reader;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                // Before the table itself has arrived the query fails.
+                if let Ok(Some(row)) = reader
+                    .query_opt("SELECT body FROM notes WHERE id = $1", &[&id])
+                    .await
+                {
+                    return row.get::<_, String>(0);
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "row {id} not on the replica within 20s"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(wait_for_row(1).await, "first");
+    // Streaming: a row written now shows up on the replica.
+    writer
+        .batch_execute("INSERT INTO notes VALUES (2, 'streamed')")
+        .await
+        .unwrap();
+    assert_eq!(wait_for_row(2).await, "streamed");
+    // A replica takes no writes.
+    let err = reader
+        .batch_execute("INSERT INTO notes VALUES (3, 'nope')")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION),
+        "{err:?}"
+    );
+
+    let status = replica.status().await;
+    assert_eq!(status.role, Role::Replica, "{status:?}");
+    assert!(status.ready);
+    assert_eq!(status.process, ProcessState::Running);
+    let (timeline, received, replayed) = wal(&status);
+    assert_eq!(timeline, 1);
+    assert!(received.is_some_and(|l| l > 0), "{status:?}");
+    assert!(replayed.is_some(), "{status:?}");
+    assert_eq!(status.details["walReceiver"]["running"], true, "{status:?}");
+    assert_eq!(
+        status.details["walReceiver"]["status"], "streaming",
+        "{status:?}"
+    );
+
+    let primary_status = primary.status().await;
+    assert_eq!(primary_status.role, Role::Primary);
+    assert_eq!(
+        primary_status.details["connectedReplicas"], 1,
+        "{primary_status:?}"
+    );
+    assert_eq!(primary_status.details["replicas"][0]["name"], "simple-pg-1");
+    assert_eq!(primary_status.details["replicas"][0]["syncState"], "async");
+
+    drop((reader, writer));
+    replica.stop().await.expect("replica stops cleanly");
+    primary.stop().await.expect("primary stops cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_done_initdb_is_wiped_and_redone() {
+    let fx = Fixture::new(1);
+    let config = fx.config(0);
+    // What a crash in the middle of initdb leaves: our identity file, the
+    // incompleteness marker, and a PGDATA with PG_VERSION but no roles.
+    let pgdata = config.data_dir.join("pgdata");
+    std::fs::create_dir_all(&pgdata).unwrap();
+    std::fs::write(pgdata.join("PG_VERSION"), "15\n").unwrap();
+    std::fs::write(pgdata.join("leftover"), "from the crashed attempt").unwrap();
+    std::fs::write(config.data_dir.join("stratum-init.incomplete"), "initdb").unwrap();
+    std::fs::write(
+        config.data_dir.join("stratum-cluster.json"),
+        serde_json::json!({
+            "clusterId": fx.cluster_id,
+            "cluster": CLUSTER,
+            "instance": "simple-pg-0"
+        })
+        .to_string(),
+    )
+    .unwrap();
+
+    let mut m = Running::start(config.clone());
+    m.wait_ready().await;
+    assert!(!pgdata.join("leftover").exists());
+    assert!(!config.data_dir.join("stratum-init.incomplete").exists());
+    // The redone bootstrap created the application owner.
+    let client = fx.app_client(0).await;
+    client.batch_execute("SELECT 1").await.unwrap();
+    drop(client);
+    m.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_bin_dir_is_reported_with_the_install_hint() {
+    let fx = Fixture::new(1);
+    let mut config = fx.config(0);
+    config.bin_dir = Some(fx.path().join("no-such-bin"));
+    let err = expect_failure(config).await;
+    let msg = format!("{err:#}");
+    assert!(
+        matches!(
+            err.downcast_ref::<InstanceError>(),
+            Some(InstanceError::MissingBinary { binary, .. }) if binary == "postgres"
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("install PostgreSQL (Debian: apt-get install postgresql) or set STRATUM_POSTGRES_BIN_DIR"),
+        "{msg}"
+    );
+    assert!(msg.contains("no-such-bin"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binaries_of_another_major_version_are_refused() {
+    let fx = Fixture::new(1);
+    let mut config = fx.config(0);
+    config.engine["version"] = 17.into();
+    let err = expect_failure(config).await;
+    let msg = format!("{err:#}");
+    assert!(
+        matches!(
+            err.downcast_ref::<InstanceError>(),
+            Some(InstanceError::MissingBinary { .. })
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(PG15_BIN) && msg.contains("PostgreSQL 15") && msg.contains("version 17"),
+        "{msg}"
+    );
+}

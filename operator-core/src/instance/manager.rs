@@ -1,0 +1,839 @@
+//! The instance manager (`stratum instance`): supervises one database server
+//! process through an engine's [`InstanceDriver`]. Does process IO (spawns,
+//! signals and restarts the server), filesystem IO (data and run
+//! directories, the server log) and serves the HTTP API ([`super::server`]).
+//!
+//! Life cycle: build the context (directories, ownership) → check binaries
+//! → serve HTTP → `prepare` until done → run the server, restarting it with
+//! a backoff when it exits → on SIGTERM/SIGINT stop it with the engine's
+//! stop signal (SIGKILL after [`STOP_TIMEOUT`]) and return.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::config::InstanceConfig;
+use super::process::{self, RunAs};
+use super::protocol::{MemberStatus, ProcessState, Role};
+use crate::engine::{InstanceContext, InstanceDriver, InstanceError, Progress, ServerCommand};
+
+/// How long a stopping server may take before it is killed.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Name of the server log in the run directory.
+pub const SERVER_LOG: &str = "server.log";
+/// The server log is rotated (to `server.log.1`) at start when larger.
+const SERVER_LOG_MAX_BYTES: u64 = 16 * 1024 * 1024;
+/// Lines of server output kept for status messages.
+const RECENT_OUTPUT_LINES: usize = 5;
+/// Shortest wait between two `prepare` attempts.
+const MIN_PREPARE_RETRY: Duration = Duration::from_millis(200);
+
+/// Run the instance manager for `config` until SIGTERM or SIGINT, then stop
+/// the server and return `Ok(())`. Errors that need a human (missing
+/// binaries, a foreign data directory, bad settings) are returned at once;
+/// the caller prints the chain and exits non-zero.
+pub async fn run(config: InstanceConfig, driver: Arc<dyn InstanceDriver>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Installed before anything starts so that an early SIGTERM is not lost
+    // (as PID 1 the default action would be to ignore it).
+    let mut term = signal(SignalKind::terminate()).context("failed to install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("failed to install SIGINT handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received, stopping"),
+            _ = int.recv() => tracing::info!("SIGINT received, stopping"),
+        }
+    };
+    run_until(config, driver, shutdown).await
+}
+
+/// [`run`] with the stop request given as a future (tests, embedding): when
+/// `shutdown` completes the server is stopped as on SIGTERM.
+pub async fn run_until<F>(
+    config: InstanceConfig,
+    driver: Arc<dyn InstanceDriver>,
+    shutdown: F,
+) -> anyhow::Result<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let me = config.me().cloned().with_context(|| {
+        format!(
+            "instance {:?} is not among the members of cluster {} ({}); set --instance to one of them",
+            config.instance,
+            config.cluster,
+            config
+                .members
+                .iter()
+                .map(|m| m.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })?;
+    let ctx = build_context(config)?;
+    driver.check_binaries(&ctx)?;
+    let token = ctx.config.read_token().with_context(|| {
+        format!(
+            "failed to read the API token from {}",
+            ctx.config.token_file.display()
+        )
+    })?;
+    anyhow::ensure!(
+        !token.is_empty(),
+        "the API token file {} is empty",
+        ctx.config.token_file.display()
+    );
+
+    let (restart_tx, restart_rx) = mpsc::channel(4);
+    let shared = Arc::new(Shared {
+        ctx,
+        driver,
+        state: Mutex::new(SupervisorState::default()),
+        restart_tx,
+    });
+
+    let listener =
+        tokio::net::TcpListener::bind((shared.ctx.config.listen_address.as_str(), me.api_port))
+            .await
+            .with_context(|| {
+                format!(
+                    "failed to listen on {}:{} for the instance API",
+                    shared.ctx.config.listen_address, me.api_port
+                )
+            })?;
+    tracing::info!(
+        instance = %me.name,
+        address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        "instance API listening"
+    );
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shutdown_task = tokio::spawn(async move {
+        shutdown.await;
+        let _ = shutdown_tx.send(true);
+    });
+    let app = super::server::router(shared.clone());
+    let (http_done_tx, http_done_rx) = watch::channel(false);
+    let mut http = tokio::spawn(async move {
+        let stop = async move {
+            // Serve until the supervisor has stopped the server, so status
+            // stays observable while the database shuts down.
+            let mut done = http_done_rx;
+            let _ = done.wait_for(|d| *d).await;
+        };
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+    });
+
+    let result = supervise(&shared, shutdown_rx, restart_rx).await;
+    shutdown_task.abort();
+    let _ = http_done_tx.send(true);
+    match tokio::time::timeout(Duration::from_secs(5), &mut http).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "instance API server failed"),
+        Err(_) => {
+            tracing::warn!("instance API connections did not close within 5s; dropping them");
+            http.abort();
+        }
+        _ => {}
+    }
+    result
+}
+
+/// Build the [`InstanceContext`]: create the data and run directories when
+/// missing (mode 0700) and, when running as root with `run_as_user`, hand
+/// both to that user with mode 0700 (PostgreSQL demands 0700/0750 on its
+/// data directory and the user must write sockets into the run directory).
+pub fn build_context(config: InstanceConfig) -> Result<InstanceContext, InstanceError> {
+    let run_as = RunAs::for_config(&config)?;
+    for dir in [&config.data_dir, &config.run_dir] {
+        if !dir.exists() {
+            process::create_dir_with_mode(dir, 0o700)?;
+        }
+        if let Some(user) = &run_as {
+            process::chown_one(dir, user)?;
+            process::create_dir_with_mode(dir, 0o700)?;
+        }
+    }
+    Ok(InstanceContext {
+        run_dir: config.run_dir.clone(),
+        config,
+    })
+}
+
+/// Restart delays of a crashing server: doubling from `initial` up to `max`,
+/// back to `initial` after a run that lasted `healthy_after`. Pure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// First delay.
+    pub initial: Duration,
+    /// Largest delay.
+    pub max: Duration,
+    /// A run at least this long counts as healthy and resets the delay.
+    pub healthy_after: Duration,
+    failures: u32,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new(
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+            Duration::from_secs(60),
+        )
+    }
+}
+
+impl Backoff {
+    /// A backoff with no failures yet.
+    pub fn new(initial: Duration, max: Duration, healthy_after: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            healthy_after,
+            failures: 0,
+        }
+    }
+
+    /// The delay before starting again after a run that lasted `ran_for`.
+    pub fn next_delay(&mut self, ran_for: Duration) -> Duration {
+        if ran_for >= self.healthy_after {
+            self.failures = 0;
+        }
+        let factor = 1u32 << self.failures.min(16);
+        self.failures = self.failures.saturating_add(1);
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+
+    /// Forget past failures (after a requested restart).
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// State shared by the supervisor and the HTTP handlers.
+pub(crate) struct Shared {
+    pub(crate) ctx: InstanceContext,
+    pub(crate) driver: Arc<dyn InstanceDriver>,
+    pub(crate) state: Mutex<SupervisorState>,
+    /// Restart requests; the sender is answered once the new server
+    /// process is started (or could not be).
+    pub(crate) restart_tx: mpsc::Sender<oneshot::Sender<Result<(), String>>>,
+}
+
+/// What the supervisor knows about the server process.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct SupervisorState {
+    pub(crate) process: ProcessState,
+    /// A server process exists (it may not accept connections yet).
+    pub(crate) running: bool,
+    /// Why the server is not running (waiting reason, exit status).
+    pub(crate) message: Option<String>,
+    /// Unexpected exits so far.
+    pub(crate) restarts: u64,
+    /// Last lines of server output.
+    pub(crate) recent_output: VecDeque<String>,
+}
+
+impl Shared {
+    fn update(&self, f: impl FnOnce(&mut SupervisorState)) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut state);
+    }
+
+    pub(crate) fn snapshot(&self) -> SupervisorState {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The status document: the driver's report on the server, completed
+    /// with what the manager knows (identity, process state, why it is
+    /// down). The driver is not asked while the data directory is being
+    /// prepared.
+    pub(crate) async fn status(&self) -> (MemberStatus, SupervisorState) {
+        let snap = self.snapshot();
+        let mut status = if snap.process == ProcessState::Preparing {
+            MemberStatus {
+                role: Role::Unknown,
+                ..Default::default()
+            }
+        } else {
+            self.driver.status(&self.ctx, snap.running).await
+        };
+        let config = &self.ctx.config;
+        if status.name.is_empty() {
+            status.name = config.instance.clone();
+        }
+        status.cluster_id = config.cluster_id.clone();
+        if status.address.is_empty()
+            && let Some(me) = config.me()
+        {
+            status.address = format!("{}:{}", me.host, me.db_port);
+        }
+        status.process = match snap.process {
+            ProcessState::Starting | ProcessState::Running if snap.running => {
+                if status.ready || status.role != Role::Unknown {
+                    ProcessState::Running
+                } else {
+                    ProcessState::Starting
+                }
+            }
+            other => other,
+        };
+        if !snap.running {
+            status.ready = false;
+            if snap.message.is_some() {
+                status.message = snap.message.clone();
+            }
+        }
+        (status, snap)
+    }
+}
+
+async fn wait_shutdown(rx: &mut watch::Receiver<bool>) {
+    // An error means the sender is gone, which only happens after it sent.
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Prepare, run, restart; returns when asked to stop (after stopping the
+/// server) or on an error a human must fix.
+async fn supervise(
+    shared: &Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+    mut restarts: mpsc::Receiver<oneshot::Sender<Result<(), String>>>,
+) -> anyhow::Result<()> {
+    let name = shared.ctx.config.instance.clone();
+    let mut backoff = Backoff::default();
+    let mut pending_ack: Option<oneshot::Sender<Result<(), String>>> = None;
+    loop {
+        // Prepare before every start: it is idempotent and re-renders the
+        // configuration, so a restart picks up changes.
+        let started: anyhow::Result<_> = async {
+            if !prepare(shared, &mut shutdown).await? {
+                return Ok(None);
+            }
+            let command = shared.driver.server_command(&shared.ctx)?;
+            let server = spawn_server(shared, &command).await?;
+            Ok(Some((command, server)))
+        }
+        .await;
+        let (command, mut server) = match started {
+            Ok(Some(started)) => started,
+            // Asked to stop; a pending restart request is answered by the
+            // dropped sender ("the manager is stopping").
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                if let Some(ack) = pending_ack.take() {
+                    let _ = ack.send(Err(format!("{e:#}")));
+                }
+                return Err(e);
+            }
+        };
+        if let Some(ack) = pending_ack.take() {
+            let _ = ack.send(Ok(()));
+        }
+        let started = Instant::now();
+        tokio::select! {
+            exit = server.child.wait() => {
+                let exit = exit.context("failed to wait for the server process")?;
+                server.reaped = true;
+                server.drain_output().await;
+                let delay = backoff.next_delay(started.elapsed());
+                let output = shared.snapshot().recent_output.into_iter().collect::<Vec<_>>().join(" | ");
+                let message = format!(
+                    "server exited unexpectedly ({}); restarting in {}s{}",
+                    describe_exit(exit),
+                    delay.as_secs_f32(),
+                    if output.is_empty() { String::new() } else { format!("; last output: {output}") }
+                );
+                tracing::warn!(instance = %name, "{message}");
+                shared.update(|s| {
+                    s.process = ProcessState::Exited;
+                    s.running = false;
+                    s.restarts += 1;
+                    s.message = Some(message);
+                });
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = wait_shutdown(&mut shutdown) => return Ok(()),
+                    Some(ack) = restarts.recv() => {
+                        // A requested restart skips the remaining delay.
+                        backoff.reset();
+                        pending_ack = Some(ack);
+                    }
+                }
+            }
+            _ = wait_shutdown(&mut shutdown) => {
+                stop_server(shared, server, command.stop_signal).await;
+                return Ok(());
+            }
+            Some(ack) = restarts.recv() => {
+                tracing::info!(instance = %name, "restarting the server on request");
+                stop_server(shared, server, command.stop_signal).await;
+                backoff.reset();
+                pending_ack = Some(ack);
+            }
+        }
+    }
+}
+
+/// Call `driver.prepare` until done. `Ok(false)` when asked to stop meanwhile.
+async fn prepare(shared: &Shared, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<bool> {
+    shared.update(|s| {
+        s.process = ProcessState::Preparing;
+        s.running = false;
+        s.message = Some("preparing the data directory".into());
+    });
+    loop {
+        let progress = tokio::select! {
+            p = shared.driver.prepare(&shared.ctx) => p?,
+            _ = wait_shutdown(shutdown) => return Ok(false),
+        };
+        match progress {
+            Progress::Done => return Ok(true),
+            Progress::Waiting {
+                reason,
+                retry_after,
+            } => {
+                tracing::info!(instance = %shared.ctx.config.instance, "prepare: {reason}");
+                shared.update(|s| s.message = Some(reason));
+                tokio::select! {
+                    _ = tokio::time::sleep(retry_after.max(MIN_PREPARE_RETRY)) => {}
+                    _ = wait_shutdown(shutdown) => return Ok(false),
+                }
+            }
+        }
+    }
+}
+
+/// A running server process. Dropping it (a cancelled manager, a panicking
+/// test) kills the whole process group, so no database outlives us.
+struct ServerProcess {
+    child: tokio::process::Child,
+    pid: i32,
+    reaped: bool,
+    /// The tasks copying stdout and stderr.
+    forwarders: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ServerProcess {
+    /// Let the output forwarders drain what the exited server wrote (its
+    /// last words explain the exit), bounded: a surviving grandchild may
+    /// hold the pipes open.
+    async fn drain_output(&mut self) {
+        let all = futures::future::join_all(self.forwarders.drain(..));
+        let _ = tokio::time::timeout(Duration::from_secs(1), all).await;
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if !self.reaped && matches!(self.child.try_wait(), Ok(None)) {
+            let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
+        }
+    }
+}
+
+async fn spawn_server(
+    shared: &Arc<Shared>,
+    command: &ServerCommand,
+) -> anyhow::Result<ServerProcess> {
+    let config = &shared.ctx.config;
+    let run_as = RunAs::for_config(config)?;
+    let log = open_server_log(&shared.ctx.run_dir).await?;
+    let mut cmd = process::command(&command.program, run_as.as_ref());
+    cmd.args(&command.args)
+        .envs(&command.env)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("failed to start {}", command.program.display()))?;
+    let pid = child
+        .id()
+        .context("the server exited before its pid was read")? as i32;
+    tracing::info!(instance = %config.instance, pid, program = %command.program.display(), "server started");
+    let log = Arc::new(tokio::sync::Mutex::new(log));
+    let mut forwarders = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        forwarders.push(tokio::spawn(forward_output(
+            out,
+            log.clone(),
+            shared.clone(),
+        )));
+    }
+    if let Some(err) = child.stderr.take() {
+        forwarders.push(tokio::spawn(forward_output(err, log, shared.clone())));
+    }
+    shared.update(|s| {
+        s.process = ProcessState::Starting;
+        s.running = true;
+        s.message = None;
+        s.recent_output.clear();
+    });
+    Ok(ServerProcess {
+        child,
+        pid,
+        reaped: false,
+        forwarders,
+    })
+}
+
+/// Copy server output to the log file, to our log (tracing) and into the
+/// recent-output buffer used in exit messages.
+async fn forward_output(
+    stream: impl AsyncRead + Unpin,
+    log: Arc<tokio::sync::Mutex<tokio::fs::File>>,
+    shared: Arc<Shared>,
+) {
+    let mut reader = BufReader::new(stream);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                {
+                    let mut file = log.lock().await;
+                    let _ = file.write_all(&buf).await;
+                }
+                let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+                if !line.is_empty() {
+                    tracing::info!(
+                        target: "stratum::server",
+                        instance = %shared.ctx.config.instance,
+                        "{line}"
+                    );
+                    shared.update(|s| {
+                        if s.recent_output.len() == RECENT_OUTPUT_LINES {
+                            s.recent_output.pop_front();
+                        }
+                        s.recent_output.push_back(line);
+                    });
+                }
+            }
+        }
+    }
+}
+
+async fn open_server_log(run_dir: &Path) -> anyhow::Result<tokio::fs::File> {
+    let path = run_dir.join(SERVER_LOG);
+    if let Ok(meta) = tokio::fs::metadata(&path).await
+        && meta.len() > SERVER_LOG_MAX_BYTES
+    {
+        let _ = tokio::fs::rename(&path, run_dir.join(format!("{SERVER_LOG}.1"))).await;
+    }
+    tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .await
+        .with_context(|| format!("failed to open the server log {}", path.display()))
+}
+
+/// Send `signal` to the server, wait up to [`STOP_TIMEOUT`], then kill its
+/// process group.
+async fn stop_server(shared: &Shared, mut server: ServerProcess, signal: i32) {
+    let name = &shared.ctx.config.instance;
+    shared.update(|s| {
+        s.process = ProcessState::Stopping;
+        s.message = Some("stopping the server".into());
+    });
+    let signal = Signal::try_from(signal).unwrap_or(Signal::SIGTERM);
+    if let Err(e) = kill(Pid::from_raw(server.pid), signal) {
+        tracing::warn!(instance = %name, error = %e, "failed to signal the server");
+    }
+    match tokio::time::timeout(STOP_TIMEOUT, server.child.wait()).await {
+        Ok(Ok(exit)) => {
+            server.reaped = true;
+            tracing::info!(instance = %name, "server stopped ({})", describe_exit(exit));
+        }
+        Ok(Err(e)) => tracing::warn!(instance = %name, error = %e, "failed to wait for the server"),
+        Err(_) => {
+            tracing::warn!(
+                instance = %name,
+                "server did not stop within {}s after {signal}; killing it",
+                STOP_TIMEOUT.as_secs()
+            );
+            let _ = killpg(Pid::from_raw(server.pid), Signal::SIGKILL);
+            if server.child.wait().await.is_ok() {
+                server.reaped = true;
+            }
+        }
+    }
+    shared.update(|s| {
+        s.running = false;
+        s.message = Some("server stopped".into());
+    });
+}
+
+fn describe_exit(exit: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (exit.code(), exit.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(sig)) => match Signal::try_from(sig) {
+            Ok(s) => format!("killed by {s}"),
+            Err(_) => format!("killed by signal {sig}"),
+        },
+        _ => exit.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::instance::config::PeerEndpoint;
+    use crate::instance::protocol::Position;
+    use async_trait::async_trait;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A driver whose "server" is a shell script.
+    struct FakeDriver {
+        script: &'static str,
+        prepare_calls: AtomicU32,
+    }
+
+    #[async_trait]
+    impl InstanceDriver for FakeDriver {
+        fn check_binaries(&self, _: &InstanceContext) -> Result<(), InstanceError> {
+            Ok(())
+        }
+
+        async fn prepare(&self, _: &InstanceContext) -> Result<Progress, InstanceError> {
+            // Wait once, to exercise the waiting path.
+            if self.prepare_calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Ok(Progress::waiting(
+                    "waiting for fake-0",
+                    Duration::from_millis(10),
+                ));
+            }
+            Ok(Progress::Done)
+        }
+
+        fn server_command(&self, _: &InstanceContext) -> Result<ServerCommand, InstanceError> {
+            Ok(ServerCommand {
+                program: "sh".into(),
+                args: vec!["-c".into(), self.script.into()],
+                env: Default::default(),
+                stop_signal: Signal::SIGTERM as i32,
+            })
+        }
+
+        async fn status(&self, _: &InstanceContext, running: bool) -> MemberStatus {
+            MemberStatus {
+                role: if running {
+                    Role::Primary
+                } else {
+                    Role::Unknown
+                },
+                ready: running,
+                position: Position::None,
+                ..Default::default()
+            }
+        }
+    }
+
+    struct Harness {
+        _dir: tempfile::TempDir,
+        api: String,
+        run_dir: std::path::PathBuf,
+        stop: Option<oneshot::Sender<()>>,
+        handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+        http: reqwest::Client,
+    }
+
+    fn start(script: &'static str) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        std::fs::write(dir.path().join("token"), "tok\n").unwrap();
+        let config = InstanceConfig {
+            kind: "FakeCluster".into(),
+            cluster: "fake".into(),
+            cluster_id: "uid-fake".into(),
+            instance: "fake-0".into(),
+            data_dir: dir.path().join("data"),
+            run_dir: dir.path().join("run"),
+            listen_address: "127.0.0.1".into(),
+            members: vec![PeerEndpoint {
+                name: "fake-0".into(),
+                host: "127.0.0.1".into(),
+                db_port: 1,
+                api_port: port,
+            }],
+            token_file: dir.path().join("token"),
+            secrets_dir: dir.path().into(),
+            ..Default::default()
+        };
+        let driver = Arc::new(FakeDriver {
+            script,
+            prepare_calls: AtomicU32::new(0),
+        });
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(run_until(config, driver, async move {
+            let _ = rx.await;
+        }));
+        Harness {
+            api: format!("http://127.0.0.1:{port}"),
+            run_dir: dir.path().join("run"),
+            _dir: dir,
+            stop: Some(tx),
+            handle,
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+        }
+    }
+
+    impl Harness {
+        async fn status_until(
+            &self,
+            what: &str,
+            f: impl Fn(&MemberStatus) -> bool,
+        ) -> MemberStatus {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(resp) = self
+                    .http
+                    .get(format!("{}/v1/status", self.api))
+                    .bearer_auth("tok")
+                    .send()
+                    .await
+                    && let Ok(status) = resp.json::<MemberStatus>().await
+                    && f(&status)
+                {
+                    return status;
+                }
+                assert!(Instant::now() < deadline, "timed out waiting for {what}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    impl Harness {
+        /// Wait until the server log holds `n` greetings.
+        async fn wait_greetings(&self, n: usize) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let log =
+                    std::fs::read_to_string(self.run_dir.join(SERVER_LOG)).unwrap_or_default();
+                if log.matches("hello from the server").count() == n {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "expected {n} greetings in\n{log}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn supervises_restarts_on_request_and_stops_on_shutdown() {
+        let mut h = start("echo hello from the server; exec sleep 600");
+        let status = h.status_until("ready", |s| s.ready).await;
+        assert_eq!(status.process, ProcessState::Running);
+        assert_eq!(status.name, "fake-0");
+        assert_eq!(status.cluster_id, "uid-fake");
+        assert_eq!(status.address, "127.0.0.1:1");
+        let resp = h
+            .http
+            .get(format!("{}/readyz", h.api))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        h.wait_greetings(1).await;
+
+        let resp = h
+            .http
+            .post(format!("{}/v1/actions/restart", h.api))
+            .bearer_auth("tok")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let resp = h
+            .http
+            .post(format!("{}/v1/actions/unknown", h.api))
+            .bearer_auth("tok")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 404);
+        h.status_until("ready again", |s| s.ready).await;
+        // The restarted process wrote its greeting too.
+        h.wait_greetings(2).await;
+
+        let _ = h.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(10), &mut h.handle)
+            .await
+            .expect("stops in time")
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_crashing_server_is_reported_and_restarted() {
+        let mut h = start("echo boom >&2; exit 3");
+        let status = h
+            .status_until("an exit report", |s| {
+                s.message
+                    .as_deref()
+                    .is_some_and(|m| m.contains("exit code 3"))
+            })
+            .await;
+        assert!(!status.ready);
+        assert_eq!(status.process, ProcessState::Exited);
+        assert!(status.message.unwrap().contains("boom"));
+        let metrics = h
+            .http
+            .get(format!("{}/metrics", h.api))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(metrics.contains("stratum_instance_up 0"), "{metrics}");
+        let _ = h.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(10), &mut h.handle)
+            .await
+            .expect("stops in time")
+            .unwrap()
+            .unwrap();
+    }
+
+    #[test]
+    fn backoff_doubles_caps_and_resets_after_a_healthy_run() {
+        let mut b = Backoff::new(
+            Duration::from_secs(1),
+            Duration::from_secs(8),
+            Duration::from_secs(60),
+        );
+        let short = Duration::from_secs(2);
+        let delays: Vec<u64> = (0..6).map(|_| b.next_delay(short).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 8, 8]);
+        assert_eq!(b.next_delay(Duration::from_secs(61)).as_secs(), 1);
+        assert_eq!(b.next_delay(short).as_secs(), 2);
+        b.reset();
+        assert_eq!(b.next_delay(short).as_secs(), 1);
+    }
+
+    #[test]
+    fn backoff_survives_many_failures() {
+        let mut b = Backoff::default();
+        for _ in 0..100 {
+            assert!(b.next_delay(Duration::ZERO) <= Duration::from_secs(30));
+        }
+    }
+}
