@@ -11,7 +11,9 @@ use operator_core::registry::EngineRegistry;
 /// Every engine this build serves, with their instance sides.
 pub fn registry() -> EngineRegistry {
     EngineRegistry::new()
-        .with(Arc::new(stratum_postgres::PostgresEngine::new()))
+        .with(Arc::new(stratum_postgres::PostgresEngine::with_driver(
+            Arc::new(stratum_postgres::instance::PostgresDriver::new()),
+        )))
         .with(Arc::new(stratum_mysql_pxc::PxcEngine))
         .with(Arc::new(stratum_mongodb::MongoEngine))
 }

@@ -1,9 +1,13 @@
 //! `stratum`: one binary for the controller, the instance manager and the
 //! local runtime. This file only parses arguments and wires crates together.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use operator_core::instance::config::InstanceConfig;
 
 #[derive(Parser)]
 #[command(
@@ -18,6 +22,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the operator: one controller per cluster kind, on Kubernetes.
+    Controller(ControllerArgs),
+    /// Run the instance manager of one database instance (PID 1 in a
+    /// database pod, or a child process of `stratum local up`).
+    Instance(InstanceArgs),
+    /// Run clusters on this machine with real database processes, without
+    /// Kubernetes.
+    Local {
+        #[command(subcommand)]
+        command: LocalCommand,
+    },
     /// Print every CustomResourceDefinition, or regenerate the deploy/
     /// directory with --out.
     Crds {
@@ -26,12 +41,124 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Copy this binary to DEST (the init container of database pods).
+    InstallBinary {
+        /// Destination path, e.g. /stratum/bin/stratum.
+        dest: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct ControllerArgs {
+    /// Address of the /metrics and /healthz server.
+    #[arg(long, default_value = "0.0.0.0:9090", env = "STRATUM_METRICS_ADDR")]
+    metrics_addr: SocketAddr,
+    /// Watch only this namespace (all namespaces when unset).
+    #[arg(long, env = "STRATUM_WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Image whose `stratum` binary database pods run (normally the
+    /// operator's own image).
+    #[arg(long, env = "STRATUM_OPERATOR_IMAGE")]
+    operator_image: String,
+    /// Timeout of each request to an instance manager, in milliseconds.
+    #[arg(long, default_value_t = 3000)]
+    instance_timeout_ms: u64,
+    /// Log as JSON lines.
+    #[arg(long, env = "STRATUM_LOG_JSON")]
+    log_json: bool,
+}
+
+#[derive(Args)]
+struct InstanceArgs {
+    /// The instance configuration (JSON), written by the local runtime or
+    /// mounted from the cluster's ConfigMap.
+    #[arg(long)]
+    config: PathBuf,
+    /// This instance's name when the configuration leaves it empty (on
+    /// Kubernetes: the pod name).
+    #[arg(long, env = "STRATUM_INSTANCE")]
+    instance: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum LocalCommand {
+    /// Start (or restart) a cluster from a CR file, in the foreground.
+    Up(operator_core::local::UpArgs),
+    /// Show a local cluster's phase, primary, endpoints and instances.
+    Status(operator_core::local::StatusArgs),
+    /// Stop a running `local up`; --purge also deletes its data.
+    Down(operator_core::local::DownArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Crds { out } => crds(out),
+        Command::InstallBinary { dest } => install_binary(&dest),
+        Command::Controller(args) => runtime()?.block_on(controller(args)),
+        Command::Instance(args) => runtime()?.block_on(instance(args)),
+        Command::Local { command } => runtime()?.block_on(local(command)),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the tokio runtime")
+}
+
+async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
+    let _telemetry = operator_core::telemetry::init("stratum-operator", args.log_json)?;
+    let client = kube::Client::try_default()
+        .await
+        .context("failed to create a Kubernetes client (in-cluster config or KUBECONFIG)")?;
+    let opts = operator_core::controller::ControllerOptions {
+        operator_image: args.operator_image,
+        metrics_addr: args.metrics_addr,
+        namespace: args.namespace,
+        instance_timeout: Duration::from_millis(args.instance_timeout_ms),
+    };
+    operator_core::controller::run(client, stratum::registry(), opts).await
+}
+
+async fn instance(args: InstanceArgs) -> anyhow::Result<()> {
+    let _telemetry = operator_core::telemetry::init("stratum-instance", false)?;
+    let text = std::fs::read_to_string(&args.config)
+        .with_context(|| format!("failed to read {}", args.config.display()))?;
+    let mut config: InstanceConfig = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a valid instance configuration",
+            args.config.display()
+        )
+    })?;
+    if config.instance.is_empty() {
+        config.instance = args.instance.context(
+            "the configuration names no instance: pass --instance or set STRATUM_INSTANCE",
+        )?;
+    }
+    let registry = stratum::registry();
+    let engine = registry.get(&config.kind).with_context(|| {
+        format!(
+            "no engine serves kind {:?}; this build serves {:?}",
+            config.kind,
+            registry.kinds()
+        )
+    })?;
+    let driver = engine
+        .instance_driver()
+        .with_context(|| format!("the {} engine cannot run instances yet", config.kind))?;
+    operator_core::instance::manager::run(config, driver).await
+}
+
+async fn local(command: LocalCommand) -> anyhow::Result<()> {
+    match command {
+        LocalCommand::Up(args) => {
+            let _telemetry = operator_core::telemetry::init("stratum-local", false)?;
+            operator_core::local::up(&stratum::registry(), args).await
+        }
+        LocalCommand::Status(args) => operator_core::local::status(args).await,
+        LocalCommand::Down(args) => operator_core::local::down(args).await,
     }
 }
 
@@ -50,5 +177,23 @@ fn crds(out: Option<PathBuf>) -> anyhow::Result<()> {
             print!("{}", docs.join("---\n"));
         }
     }
+    Ok(())
+}
+
+/// Copy ourselves to `dest`, executable, atomically (write then rename), so
+/// that a database pod can run the instance manager from a shared volume.
+fn install_binary(dest: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let me = std::env::current_exe().context("failed to locate the running binary")?;
+    let dir = dest
+        .parent()
+        .with_context(|| format!("{} has no parent directory", dest.display()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    let tmp = dir.join(".stratum.tmp");
+    std::fs::copy(&me, &tmp)
+        .with_context(|| format!("failed to copy {} to {}", me.display(), tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::rename(&tmp, dest).with_context(|| format!("failed to install {}", dest.display()))?;
+    println!("installed {}", dest.display());
     Ok(())
 }

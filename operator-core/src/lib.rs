@@ -8,6 +8,7 @@ pub mod controller;
 pub mod engine;
 pub mod error;
 pub mod instance;
+pub mod local;
 pub mod plan;
 pub mod registry;
 pub mod telemetry;

@@ -1,0 +1,537 @@
+//! `stratum local up`: validate, prepare the state directory, start the
+//! instance managers and the endpoints, then run the decision loop until a
+//! signal. Filesystem, process and network IO.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::host::{self, DbUser};
+use super::input::{self, Accepted};
+use super::ports::{self, PlannedPort, PortAllocator};
+use super::proxy::{self, Proxy};
+use super::state::{self, LocalState, Owner, StateDir, UpLock};
+use super::status::{self, Phase, SnapshotInput};
+use super::supervisor::{ManagerSpec, Supervisor};
+use super::{TICK_ENV, UpArgs};
+use crate::engine::{Election, InstanceContext, InstanceDriver, Routing};
+use crate::instance::client::InstanceClient;
+use crate::instance::config::{InstanceConfig, PeerEndpoint};
+use crate::plan::{PlanInput, instance_config};
+use crate::registry::EngineRegistry;
+
+/// Default decision-loop period.
+const DEFAULT_TICK: Duration = Duration::from_millis(500);
+
+/// Everything decided before the state directory is touched.
+struct Prepared {
+    dir: StateDir,
+    accepted: Accepted,
+    names: Vec<String>,
+    state: LocalState,
+    configs: Vec<InstanceConfig>,
+    db_user: Option<DbUser>,
+    rw: TcpListener,
+    ro: TcpListener,
+}
+
+/// `stratum local up`: see [`super::up`]. Validates and prepares without
+/// writing, lays out the state directory under the `up.pid` lock, then
+/// serves until a signal.
+pub async fn run(registry: &EngineRegistry, args: UpArgs) -> anyhow::Result<()> {
+    let prepared = prepare(registry, &args).await?;
+    let lock = write_state_dir(&prepared)?;
+    let result = serve(prepared).await;
+    drop(lock);
+    result
+}
+
+/// Step 1: read and check everything; change nothing in the state
+/// directory.
+async fn prepare(registry: &EngineRegistry, args: &UpArgs) -> anyhow::Result<Prepared> {
+    let dir = StateDir::new(&args.state_dir)
+        .with_context(|| format!("invalid --state-dir {}", args.state_dir.display()))?;
+    let file_label = args.file.display().to_string();
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("failed to read {file_label}"))?;
+
+    let saved = read_saved(&dir)?;
+    if let Some(saved) = &saved {
+        // Another cluster's state is a different problem from a bad file:
+        // say so before validating against the wrong old object.
+        // (An unknown kind is reported as such by `accept`.)
+        if let Ok(new) = input::parse_yaml(&file_label, &text)
+            && let Some(kind) = new.get("kind").and_then(|k| k.as_str())
+            && registry.get(kind).is_some()
+        {
+            input::check_same_cluster(dir.root(), saved, &new)?;
+        }
+    }
+    let accepted = input::accept(registry, &file_label, &text, saved.as_ref())?;
+
+    if let Some(pid) = state::running_pid(&dir) {
+        return Err(state::LockError::Held {
+            pid,
+            dir: dir.root().display().to_string(),
+        }
+        .into());
+    }
+
+    let engine = accepted.engine.clone();
+    let driver = engine.instance_driver().ok_or_else(|| {
+        anyhow::anyhow!("engine {} cannot run instances locally yet", engine.kind())
+    })?;
+
+    let previous = state::read_state(&dir)?;
+    if let Some(prev) = &previous {
+        // `cluster.yaml` is written after `state.json`; an `up` killed in
+        // between leaves only the latter to say whose directory this is.
+        let meta = &accepted.cluster.meta;
+        if !prev.cluster.is_empty() && (prev.kind != meta.kind || prev.cluster != meta.name) {
+            anyhow::bail!(
+                "{} holds {} {:?}, not {} {:?}; use another --state-dir, or delete that cluster with `stratum local down --purge --state-dir {}`",
+                dir.root().display(),
+                prev.kind,
+                prev.cluster,
+                meta.kind,
+                meta.name,
+                dir.root().display()
+            );
+        }
+    }
+    let names = accepted.cluster.instance_names();
+    let listen = args.listen;
+    let (plan, reused) = {
+        let mut alloc = PortAllocator::new(listen);
+        ports::plan_ports(previous.as_ref().map(|s| &s.ports), &names, || alloc.next())
+            .with_context(|| format!("failed to allocate ports on {listen}"))?
+    };
+    ports::check_free(listen, &reused)?;
+    let rw = bind(listen, plan.rw, "rw endpoint").await?;
+    let ro = bind(listen, plan.ro, "ro endpoint").await?;
+
+    let db_user = if host::is_root() {
+        let user = host::ensure_user(&args.user)?;
+        host::check_traversable(dir.root(), &user)?;
+        Some(user)
+    } else {
+        None
+    };
+
+    let cluster_id = previous
+        .as_ref()
+        .map(|s| s.cluster_id.clone())
+        .filter(|id| !id.is_empty())
+        .unwrap_or_else(state::random_cluster_id);
+    let state = LocalState {
+        kind: accepted.cluster.meta.kind.clone(),
+        cluster: accepted.cluster.meta.name.clone(),
+        cluster_id,
+        listen: listen.to_string(),
+        ports: plan,
+        up_pid: Some(std::process::id()),
+        managers: Default::default(),
+        status: None,
+    };
+    let configs = instance_configs(&dir, &accepted, &state, &names, args, db_user.as_ref())?;
+    check_binaries(driver.as_ref(), &configs[0])?;
+
+    Ok(Prepared {
+        dir,
+        accepted,
+        names,
+        state,
+        configs,
+        db_user,
+        rw,
+        ro,
+    })
+}
+
+fn read_saved(dir: &StateDir) -> anyhow::Result<Option<serde_json::Value>> {
+    let path = dir.cluster_file();
+    match std::fs::read_to_string(&path) {
+        Ok(text) => input::parse_yaml(&path.display().to_string(), &text)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("the saved cluster is unreadable:\n{e}")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("failed to read {}", path.display())),
+    }
+}
+
+async fn bind(ip: IpAddr, port: u16, purpose: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(SocketAddr::new(ip, port))
+        .await
+        .map_err(|e| {
+            ports::in_use_error(
+                ip,
+                &PlannedPort {
+                    port,
+                    purpose: purpose.to_string(),
+                },
+                e,
+            )
+        })
+}
+
+fn members(state: &LocalState, names: &[String]) -> Vec<PeerEndpoint> {
+    names
+        .iter()
+        .map(|name| {
+            let p = state.ports.instances[name];
+            PeerEndpoint {
+                name: name.clone(),
+                host: state.listen.clone(),
+                db_port: p.db,
+                api_port: p.api,
+            }
+        })
+        .collect()
+}
+
+fn instance_configs(
+    dir: &StateDir,
+    accepted: &Accepted,
+    state: &LocalState,
+    names: &[String],
+    args: &UpArgs,
+    db_user: Option<&DbUser>,
+) -> anyhow::Result<Vec<InstanceConfig>> {
+    let input = PlanInput {
+        cluster: &accepted.cluster,
+        engine: accepted.engine.as_ref(),
+        cluster_id: state.cluster_id.clone(),
+        members: members(state, names),
+        listen_address: state.listen.clone(),
+        run_as_user: db_user.map(|u| u.name.clone()),
+        bin_dir: args.bin_dir.clone(),
+    };
+    names
+        .iter()
+        .map(|name| {
+            instance_config(&input, name, dir.instance_paths(name)).map_err(|e| {
+                input::InvalidCluster {
+                    file: args.file.display().to_string(),
+                    errors: vec![e],
+                }
+                .into()
+            })
+        })
+        .collect()
+}
+
+fn check_binaries(driver: &dyn InstanceDriver, config: &InstanceConfig) -> anyhow::Result<()> {
+    let ctx = InstanceContext {
+        config: config.clone(),
+        run_dir: config.run_dir.clone(),
+    };
+    driver
+        .check_binaries(&ctx)
+        .map_err(|e| anyhow::anyhow!("cannot run {} locally: {e}", config.kind))
+}
+
+/// Step 2: lay out the state directory. Returns the `up.pid` lock, held
+/// until `up` exits.
+fn write_state_dir(p: &Prepared) -> anyhow::Result<UpLock> {
+    let owner: Option<Owner> = p.db_user.as_ref().map(|u| u.owner);
+    state::create_dir(p.dir.root(), 0o755)?;
+    if owner.is_some() {
+        state::allow_traverse(p.dir.root())?;
+    }
+    let lock = UpLock::acquire(&p.dir)?;
+
+    state::write_state(&p.dir, &p.state)?;
+    let keys = state::secret_keys(
+        &p.accepted
+            .engine
+            .manifest(&p.accepted.cluster)
+            .generated_secrets,
+    );
+    let created = state::ensure_secrets(&p.dir, &keys, owner)?;
+    if !created.is_empty() {
+        tracing::info!(keys = ?created, dir = %p.dir.secrets_dir().display(), "generated credentials");
+    }
+    state::write_atomic(&p.dir.cluster_file(), p.accepted.text.as_bytes(), 0o644)?;
+
+    state::create_dir(&p.dir.instances_dir(), 0o755)?;
+    for config in &p.configs {
+        let name = &config.instance;
+        state::create_dir(&p.dir.instance_dir(name), 0o755)?;
+        for sub in [&config.data_dir, &config.run_dir] {
+            state::create_dir(sub, 0o700)?;
+            state::chown(sub, owner)?;
+        }
+        let mut json = serde_json::to_vec_pretty(config)?;
+        json.push(b'\n');
+        state::write_atomic(&p.dir.instance_config_file(name), &json, 0o644)?;
+    }
+    Ok(lock)
+}
+
+/// Steps 3 and 4: managers, endpoints, the decision loop; until a signal.
+async fn serve(p: Prepared) -> anyhow::Result<()> {
+    let Prepared {
+        dir,
+        accepted,
+        names,
+        mut state,
+        configs: _,
+        db_user: _,
+        rw,
+        ro,
+    } = p;
+    let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
+
+    let token = std::fs::read_to_string(dir.token_file())
+        .with_context(|| format!("failed to read {}", dir.token_file().display()))?
+        .trim()
+        .to_string();
+    let exe = std::env::current_exe().context("failed to find the stratum binary")?;
+    let specs = names
+        .iter()
+        .map(|name| ManagerSpec {
+            name: name.clone(),
+            exe: exe.clone(),
+            config: dir.instance_config_file(name),
+            log: dir.manager_log(name),
+        })
+        .collect();
+
+    let proxy = Proxy::start(rw, ro);
+    let supervisor = Supervisor::start(specs);
+    let client = InstanceClient::new(
+        token,
+        state.cluster_id.clone(),
+        members(&state, &names),
+        Duration::from_secs(1),
+    );
+    tracing::info!(
+        cluster = %state.cluster,
+        kind = %state.kind,
+        rw = %status::address(&state.listen, state.ports.rw),
+        ro = %status::address(&state.listen, state.ports.ro),
+        state_dir = %dir.root().display(),
+        "local cluster starting"
+    );
+
+    // The user-facing lines of a foreground command; logs go to tracing.
+    eprintln!(
+        "{} {}: rw {}, ro {}; credentials in {}; Ctrl-C or `stratum local down --state-dir {}` stops it",
+        state.kind,
+        state.cluster,
+        status::address(&state.listen, state.ports.rw),
+        status::address(&state.listen, state.ports.ro),
+        dir.secrets_dir().display(),
+        dir.root().display()
+    );
+    let mut decider = Decider::new();
+    state.status = Some(decider.snapshot(&state, &names, &[], None));
+    persist(&dir, &state);
+
+    let mut ticker = tokio::time::interval(tick());
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let signal_name = loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                let members = client.observe_all().await;
+                let routing = accepted.engine.route(&members);
+                proxy.set(proxy::targets(&routing, |n| decider.addr(&state, n)));
+                decider.note_routing(&routing, &state);
+                let election = accepted.engine.elect(&accepted.cluster, &members);
+                decider.note_election(&election);
+                decider.phase = status::compute_phase(&members, decider.seen_all_ready);
+                if decider.phase == Phase::Healthy && !decider.seen_all_ready {
+                    decider.seen_all_ready = true;
+                    tracing::info!(cluster = %state.cluster, "every instance is ready");
+                    eprintln!("{} {}: every instance is ready", state.kind, state.cluster);
+                }
+                decider.routing = routing;
+                state.managers = supervisor.pids();
+                state.status = Some(decider.snapshot(&state, &names, &members, Some(&election)));
+                persist(&dir, &state);
+            }
+            _ = sigint.recv() => break "SIGINT",
+            _ = sigterm.recv() => break "SIGTERM",
+        }
+    };
+
+    tracing::info!(signal = signal_name, "stopping the local cluster");
+    proxy.stop().await;
+    supervisor.stop().await;
+    state.up_pid = None;
+    state.managers.clear();
+    state.status = state.status.take().map(status::stopped);
+    persist(&dir, &state);
+    tracing::info!(state_dir = %dir.root().display(), "local cluster stopped; data kept");
+    eprintln!(
+        "{} {}: stopped; data kept in {}",
+        state.kind,
+        state.cluster,
+        dir.root().display()
+    );
+    Ok(())
+}
+
+fn persist(dir: &StateDir, state: &LocalState) {
+    if let Err(e) = state::write_state(dir, state) {
+        tracing::warn!(
+            error = format!("{e:#}"),
+            "failed to write the status snapshot"
+        );
+    }
+}
+
+fn tick() -> Duration {
+    std::env::var(TICK_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis)
+        .unwrap_or(DEFAULT_TICK)
+}
+
+/// What the decision loop remembers between ticks.
+struct Decider {
+    phase: Phase,
+    seen_all_ready: bool,
+    routing: Routing,
+    last_election: Option<Election>,
+    pid: u32,
+}
+
+impl Decider {
+    fn new() -> Self {
+        Self {
+            phase: Phase::Creating,
+            seen_all_ready: false,
+            routing: Routing::default(),
+            last_election: None,
+            pid: std::process::id(),
+        }
+    }
+
+    fn addr(&self, state: &LocalState, name: &str) -> Option<SocketAddr> {
+        let ip: IpAddr = state.listen.parse().ok()?;
+        Some(SocketAddr::new(ip, state.ports.instances.get(name)?.db))
+    }
+
+    fn note_routing(&self, routing: &Routing, state: &LocalState) {
+        if routing.rw != self.routing.rw {
+            let to = routing.rw.as_deref().unwrap_or("nobody");
+            let addr = routing
+                .rw
+                .as_deref()
+                .and_then(|n| self.addr(state, n))
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            tracing::info!(from = ?self.routing.rw, to, %addr, "rw endpoint target changed");
+        }
+        if routing.ro != self.routing.ro {
+            tracing::info!(ro = ?routing.ro, "ro endpoint targets changed");
+        }
+    }
+
+    /// Logged when it changes; acting on it (failover) is not done locally
+    /// yet.
+    fn note_election(&mut self, election: &Election) {
+        if self.last_election.as_ref() != Some(election) {
+            tracing::info!(decision = %status::describe_election(election), "election (not acted on locally)");
+            self.last_election = Some(election.clone());
+        }
+    }
+
+    fn snapshot(
+        &self,
+        state: &LocalState,
+        names: &[String],
+        members: &[crate::engine::ObservedMember],
+        election: Option<&Election>,
+    ) -> status::StatusSnapshot {
+        status::snapshot(SnapshotInput {
+            kind: &state.kind,
+            cluster: &state.cluster,
+            listen: &state.listen,
+            ports: &state.ports,
+            instances: names,
+            members,
+            routing: &self.routing,
+            phase: self.phase,
+            election,
+            pid: Some(self.pid),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::local::input::tests::{manifest, registry};
+
+    fn args(dir: &std::path::Path, file: &std::path::Path) -> UpArgs {
+        UpArgs {
+            file: file.to_path_buf(),
+            state_dir: dir.to_path_buf(),
+            user: "stratum-test".into(),
+            bin_dir: None,
+            listen: "127.0.0.1".parse().unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn nothing_is_written_when_up_cannot_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state");
+        let file = tmp.path().join("c.yaml");
+
+        std::fs::write(&file, manifest("0", "1Gi")).unwrap();
+        let err = run(&registry(), args(&state, &file)).await.unwrap_err();
+        let inv = err
+            .downcast_ref::<input::InvalidCluster>()
+            .expect("InvalidCluster");
+        assert_eq!(inv.errors[0].field, "spec.instances");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{}: spec.instances: ", file.display()))
+        );
+        assert!(!state.exists());
+
+        // Valid, but the fake engine has no instance side.
+        std::fs::write(&file, manifest("1", "1Gi")).unwrap();
+        let err = run(&registry(), args(&state, &file)).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "engine FakeCluster cannot run instances locally yet"
+        );
+        assert!(!state.exists());
+
+        let missing = tmp.path().join("missing.yaml");
+        let err = run(&registry(), args(&state, &missing)).await.unwrap_err();
+        assert!(err.to_string().contains("missing.yaml"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_state_dir_of_another_cluster_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        std::fs::write(
+            state.join("cluster.yaml"),
+            manifest("1", "1Gi").replace("simple-fake", "other-fake"),
+        )
+        .unwrap();
+        let file = tmp.path().join("c.yaml");
+        std::fs::write(&file, manifest("1", "1Gi")).unwrap();
+        let err = run(&registry(), args(&state, &file))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("FakeCluster \"other-fake\", not FakeCluster \"simple-fake\""),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,476 @@
+//! End to end: `stratum local up|status|down` with real PostgreSQL 15
+//! processes (Debian's, at /usr/lib/postgresql/15/bin). Runs the built
+//! binary, owns a temporary state directory, and never skips: a missing
+//! PostgreSQL fails with what to install.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+const HEALTHY_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn require_postgres() {
+    let postgres = Path::new(PG_BIN).join("postgres");
+    assert!(
+        postgres.exists(),
+        "PostgreSQL 15 is required at {PG_BIN} (missing {}): install it with `apt-get install postgresql-15`",
+        postgres.display()
+    );
+}
+
+fn fixture(name: &str, kind: &str, instances: &str, size: &str) -> String {
+    format!(
+        "apiVersion: stratum.dev/v1alpha1
+kind: {kind}
+metadata:
+  name: {name}
+spec:
+  instances: {instances}
+  version: 15
+  storage:
+    size: {size}
+"
+    )
+}
+
+fn simple_pg(size: &str) -> String {
+    fixture("simple-pg", "PostgresCluster", "1", size)
+}
+
+fn stratum() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_stratum"));
+    c.env("STRATUM_LOCAL_TICK_MS", "200")
+        .env("RUST_LOG", "info")
+        .env_remove("STRATUM_STATE_DIR");
+    c
+}
+
+/// Every file and directory under `dir` with its mode and bytes.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u32, Vec<u8>)> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, (u32, Vec<u8>)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            let path = entry.path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let rel = path.strip_prefix(root).unwrap().to_path_buf();
+            let mode = meta.permissions().mode();
+            if meta.is_dir() {
+                out.insert(rel, (mode, Vec::new()));
+                walk(root, &path, out);
+            } else if meta.is_file() {
+                out.insert(rel, (mode, std::fs::read(&path).unwrap()));
+            } else {
+                out.insert(rel, (mode, Vec::new()));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    let meta = std::fs::metadata(dir).unwrap();
+    out.insert(PathBuf::new(), (meta.permissions().mode(), Vec::new()));
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// A temporary workspace with one state directory; a running `up` is
+/// stopped (and killed if need be) when it is dropped.
+struct Local {
+    tmp: tempfile::TempDir,
+    state: PathBuf,
+    up: Option<Child>,
+    ups: usize,
+}
+
+impl Local {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        // The database user must reach the state directory below it.
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let state = tmp.path().join("state");
+        Self {
+            tmp,
+            state,
+            up: None,
+            ups: 0,
+        }
+    }
+
+    fn file(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.tmp.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn up_log(&self, n: usize) -> PathBuf {
+        self.tmp.path().join(format!("up-{n}.log"))
+    }
+
+    /// Start `stratum local up` in the background.
+    fn start(&mut self, file: &Path) {
+        assert!(self.up.is_none());
+        self.ups += 1;
+        let log = std::fs::File::create(self.up_log(self.ups)).unwrap();
+        let child = stratum()
+            .args(["local", "up", "-f"])
+            .arg(file)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(["--bin-dir", PG_BIN])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.up = Some(child);
+    }
+
+    /// Run `stratum local up` expecting it to fail fast.
+    fn up_fails(&self, file: &Path) -> String {
+        let mut child = stratum()
+            .args(["local", "up", "-f"])
+            .arg(file)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(["--bin-dir", PG_BIN])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                self.cleanup_quietly();
+                panic!(
+                    "`local up -f {}` was expected to fail but is running",
+                    file.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !out.status.success(),
+            "`local up -f {}` succeeded; stderr: {stderr}",
+            file.display()
+        );
+        stderr
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        stratum()
+            .arg("local")
+            .args(args)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .output()
+            .unwrap()
+    }
+
+    fn status(&self) -> Option<Value> {
+        let out = self.run(&["status", "-o", "json"]);
+        if !out.status.success() {
+            return None;
+        }
+        Some(serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "status -o json printed something else than one JSON object ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        }))
+    }
+
+    /// Everything worth reading when something went wrong.
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for n in 1..=self.ups {
+            out += &format!(
+                "==== up-{n}.log\n{}\n",
+                std::fs::read_to_string(self.up_log(n)).unwrap_or_default()
+            );
+        }
+        if let Ok(dirs) = std::fs::read_dir(self.state.join("instances")) {
+            for d in dirs.flatten() {
+                let log = d.path().join("manager.log");
+                out += &format!(
+                    "==== {}\n{}\n",
+                    log.display(),
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        }
+        out
+    }
+
+    fn wait_healthy(&mut self) -> Value {
+        let started = Instant::now();
+        let mut last = None;
+        while started.elapsed() < HEALTHY_TIMEOUT {
+            if let Some(child) = self.up.as_mut()
+                && let Some(exit) = child.try_wait().unwrap()
+            {
+                self.up = None;
+                panic!("`local up` exited ({exit}) before Healthy\n{}", self.logs());
+            }
+            if let Some(s) = self.status() {
+                if s["phase"] == "Healthy" {
+                    eprintln!("Healthy after {:.1}s", started.elapsed().as_secs_f64());
+                    return s;
+                }
+                last = Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        panic!(
+            "not Healthy within {}s; last status: {}\n{}",
+            HEALTHY_TIMEOUT.as_secs(),
+            last.map(|s| s.to_string()).unwrap_or_default(),
+            self.logs()
+        );
+    }
+
+    /// `stratum local down [--purge]`, then reap the background `up`.
+    fn down(&mut self, purge: bool) {
+        let mut args = vec!["down"];
+        if purge {
+            args.push("--purge");
+        }
+        let started = Instant::now();
+        let out = self.run(&args);
+        assert!(
+            out.status.success(),
+            "down failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        eprintln!("down took {:.1}s", started.elapsed().as_secs_f64());
+        if let Some(mut child) = self.up.take() {
+            let status = child.wait().unwrap();
+            assert!(
+                status.success(),
+                "`local up` exited with {status}\n{}",
+                self.logs()
+            );
+        }
+    }
+
+    fn cleanup_quietly(&self) {
+        if self.state.exists() {
+            let _ = self.run(&["down"]);
+        }
+    }
+
+    fn password(&self) -> String {
+        std::fs::read_to_string(self.state.join("secrets/app-password")).unwrap()
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        if self.state.exists() {
+            let _ = self.run(&["down"]);
+        }
+        if let Some(mut child) = self.up.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+async fn connect(endpoint: &str, password: &str) -> tokio_postgres::Client {
+    let (host, port) = endpoint.rsplit_once(':').unwrap();
+    let conn = format!("host={host} port={port} user=app password={password} dbname=app");
+    let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {endpoint} as app: {e}"));
+    tokio::spawn(connection);
+    client
+}
+
+fn assert_rejected(stderr: &str, file: &Path, needles: &[&str]) {
+    let file = file.display().to_string();
+    assert!(
+        stderr.contains(&file),
+        "error does not name {file}: {stderr}"
+    );
+    for n in needles {
+        assert!(stderr.contains(n), "error does not mention {n:?}: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn local_postgres_up_write_down_up_read_purge() {
+    require_postgres();
+    let t0 = Instant::now();
+    let mut local = Local::new();
+    let file = local.file("simple-pg.yaml", &simple_pg("1Gi"));
+
+    local.start(&file);
+    let status = local.wait_healthy();
+    assert_eq!(status["primary"], "simple-pg-0", "{status}");
+    assert_eq!(status["instances"][0]["name"], "simple-pg-0");
+    assert_eq!(status["instances"][0]["role"], "primary");
+    assert_eq!(status["instances"][0]["ready"], true);
+    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
+    let ro = status["endpoints"]["ro"].as_str().unwrap().to_string();
+    assert!(rw.starts_with("127.0.0.1:"), "{rw}");
+
+    let text = local.run(&["status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("Healthy") && text.contains("simple-pg-0"),
+        "{text}"
+    );
+
+    // A second `up` on the same state directory is refused.
+    let stderr = local.up_fails(&file);
+    assert!(stderr.contains("is running"), "{stderr}");
+
+    let password = local.password();
+    assert_eq!(password.len(), 32);
+    let client = connect(&rw, &password).await;
+    client
+        .batch_execute(
+            "CREATE TABLE simple_rows (id int PRIMARY KEY, note text);
+             INSERT INTO simple_rows SELECT g, 'row ' || g FROM generate_series(1, 100) g;",
+        )
+        .await
+        .unwrap();
+    drop(client);
+    // A single instance serves reads on `ro` too.
+    let reader = connect(&ro, &password).await;
+    let n: i64 = reader
+        .query_one("SELECT count(*) FROM simple_rows", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 100);
+    drop(reader);
+
+    local.down(false);
+    let stopped = local.status().expect("status of a stopped cluster");
+    assert_eq!(stopped["phase"], "Stopped", "{stopped}");
+    assert!(!local.state.join("up.pid").exists());
+    // Down again is a no-op.
+    local.down(false);
+
+    // Bad input leaves the stopped state directory exactly as it is.
+    let before = snapshot(&local.state);
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        (
+            "invalid-yaml.yaml",
+            "apiVersion: stratum.dev/v1alpha1\nkind: PostgresCluster\nmetadata:\n  name: [simple-pg\nspec: {}\n".into(),
+            vec!["line", "column"],
+        ),
+        (
+            "unknown-kind.yaml",
+            fixture("simple-pg", "PostgresClusters", "1", "1Gi"),
+            vec!["kind", "PostgresCluster"],
+        ),
+        (
+            "zero-instances.yaml",
+            fixture("simple-pg", "PostgresCluster", "0", "1Gi"),
+            vec!["spec.instances"],
+        ),
+        (
+            "shrink.yaml",
+            simple_pg("512Mi"),
+            vec!["spec.storage", "cannot be decreased"],
+        ),
+        (
+            "wrong-type.yaml",
+            fixture("simple-pg", "PostgresCluster", "\"three\"", "1Gi"),
+            vec!["spec.instances"],
+        ),
+        (
+            "other-cluster.yaml",
+            fixture("other-pg", "PostgresCluster", "1", "1Gi"),
+            vec!["simple-pg", "other-pg"],
+        ),
+    ];
+    for (name, text, needles) in &cases {
+        let f = local.file(name, text);
+        let stderr = local.up_fails(&f);
+        if *name == "other-cluster.yaml" {
+            for n in needles {
+                assert!(stderr.contains(n), "{name}: {stderr}");
+            }
+        } else {
+            assert_rejected(&stderr, &f, needles);
+        }
+        assert!(
+            snapshot(&local.state) == before,
+            "{name} changed the state directory"
+        );
+        eprintln!("{name}: rejected: {}", stderr.trim());
+    }
+
+    // Data survives a restart.
+    local.start(&file);
+    let status = local.wait_healthy();
+    assert_eq!(status["endpoints"]["rw"], rw.as_str(), "ports are kept");
+    let client = connect(&rw, &local.password()).await;
+    let rows = client
+        .query("SELECT id, note FROM simple_rows ORDER BY id", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 100);
+    assert_eq!(rows[41].get::<_, String>(1), "row 42");
+    drop(client);
+
+    local.down(true);
+    assert!(!local.state.exists(), "down --purge removes the state dir");
+    eprintln!("total {:.1}s", t0.elapsed().as_secs_f64());
+}
+
+#[test]
+fn local_up_rejects_bad_input_before_creating_state() {
+    let local = Local::new();
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        (
+            "invalid-yaml.yaml",
+            "kind: PostgresCluster\nspec: [\n".into(),
+            vec!["line", "column"],
+        ),
+        (
+            "unknown-kind.yaml",
+            fixture("simple-pg", "MySqlCluster", "1", "1Gi"),
+            vec!["kind: unknown kind \"MySqlCluster\"", "PostgresCluster"],
+        ),
+        (
+            "zero-instances.yaml",
+            fixture("simple-pg", "PostgresCluster", "0", "1Gi"),
+            vec!["spec.instances"],
+        ),
+        (
+            "wrong-type.yaml",
+            fixture("simple-pg", "PostgresCluster", "1", "1Gi")
+                .replace("version: 15", "version: fifteen"),
+            vec!["spec.version"],
+        ),
+    ];
+    for (name, text, needles) in &cases {
+        let f = local.file(name, text);
+        let stderr = local.up_fails(&f);
+        assert_rejected(&stderr, &f, needles);
+        assert!(!local.state.exists(), "{name} created the state directory");
+    }
+}
+
+#[test]
+fn local_status_and_down_without_cluster_fail_clearly() {
+    let local = Local::new();
+    let out = local.run(&["status"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no Stratum cluster in"), "{stderr}");
+    let out = local.run(&["down", "--purge"]);
+    assert!(!out.status.success());
+}
