@@ -109,8 +109,13 @@ impl Local {
         self.tmp.path().join(format!("up-{n}.log"))
     }
 
-    /// Start `stratum local up` in the background.
+    /// Start `stratum local up` in the background with PostgreSQL 15.
     fn start(&mut self, file: &Path) {
+        self.start_with(file, &["--bin-dir", PG_BIN]);
+    }
+
+    /// Start `stratum local up` in the background with extra arguments.
+    fn start_with(&mut self, file: &Path, extra: &[&str]) {
         assert!(self.up.is_none());
         self.ups += 1;
         let log = std::fs::File::create(self.up_log(self.ups)).unwrap();
@@ -119,7 +124,7 @@ impl Local {
             .arg(file)
             .arg("--state-dir")
             .arg(&self.state)
-            .args(["--bin-dir", PG_BIN])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -473,4 +478,123 @@ fn local_status_and_down_without_cluster_fail_clearly() {
     assert!(stderr.contains("no Stratum cluster in"), "{stderr}");
     let out = local.run(&["down", "--purge"]);
     assert!(!out.status.success());
+}
+
+/// The shipped example that `scripts/run-local.sh` runs: three instances of
+/// PostgreSQL 17 (found by version in the cache that `scripts/setup.sh`
+/// fills), quorum-synchronous replication. Rows written through `rw` are on
+/// both replicas and readable through `ro`; the primary reports both
+/// replicas as quorum standbys.
+#[tokio::test(flavor = "multi_thread")]
+async fn shipped_ha_example_replicates_synchronously() {
+    let cache = std::env::var("STRATUM_CACHE").unwrap_or_else(|_| "/var/cache/stratum".into());
+    let pg17 = Path::new(&cache).join("postgresql/17/bin/postgres");
+    assert!(
+        pg17.exists(),
+        "PostgreSQL 17 is required at {} for deploy/examples/postgres-ha.yaml: run scripts/setup.sh",
+        pg17.display()
+    );
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples/postgres-ha.yaml");
+    let mut local = Local::new();
+    local.start_with(&example, &[]);
+    let status = local.wait_healthy();
+    let instances = status["instances"].as_array().unwrap();
+    assert_eq!(instances.len(), 3, "{status}");
+    let roles: Vec<&str> = instances
+        .iter()
+        .map(|i| i["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        roles.iter().filter(|r| **r == "primary").count(),
+        1,
+        "{status}"
+    );
+    assert_eq!(
+        roles.iter().filter(|r| **r == "replica").count(),
+        2,
+        "{status}"
+    );
+
+    let password = local.password();
+    let rw = connect(status["endpoints"]["rw"].as_str().unwrap(), &password).await;
+    let version: String = rw
+        .query_one("SHOW server_version", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(version.starts_with("17."), "server_version {version}");
+    rw.batch_execute("CREATE TABLE ha_rows (n int PRIMARY KEY); INSERT INTO ha_rows SELECT generate_series(1, 50)")
+        .await
+        .unwrap();
+
+    let superuser =
+        std::fs::read_to_string(local.state.join("secrets/superuser-password")).unwrap();
+    let (host, port) = status["endpoints"]["rw"]
+        .as_str()
+        .unwrap()
+        .rsplit_once(':')
+        .unwrap();
+    let (admin, conn) = tokio_postgres::connect(
+        &format!("host={host} port={port} user=postgres password={superuser} dbname=app"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let standbys = admin
+        .query(
+            "SELECT application_name, sync_state FROM pg_stat_replication ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let standbys: Vec<(String, String)> = standbys.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        standbys,
+        [
+            ("pg-ha-1".to_string(), "quorum".to_string()),
+            ("pg-ha-2".to_string(), "quorum".to_string())
+        ],
+        "synchronous standbys as the primary sees them"
+    );
+
+    // Each replica has the rows (synchronous commit: at least one had them
+    // at commit; both catch up right after).
+    for instance in instances.iter().filter(|i| i["role"] == "replica") {
+        let replica = connect(instance["address"].as_str().unwrap(), &password).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n: i64 = match replica.query_one("SELECT count(*) FROM ha_rows", &[]).await {
+                Ok(row) => row.get(0),
+                Err(_) => 0,
+            };
+            if n == 50 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} has {n} of 50 rows",
+                instance["name"]
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let ro = connect(status["endpoints"]["ro"].as_str().unwrap(), &password).await;
+    let in_recovery: bool = ro
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(in_recovery, "ro must route to a replica");
+
+    // walStorage: each instance's pg_wal is on its own volume directory
+    // inside the state dir, never on a shared host path.
+    for name in ["pg-ha-0", "pg-ha-1", "pg-ha-2"] {
+        let instance = local.state.join("instances").join(name);
+        let link = std::fs::read_link(instance.join("data/pgdata/pg_wal")).unwrap_or_else(|e| {
+            panic!("{name}: pgdata/pg_wal is not a symlink to the WAL volume: {e}")
+        });
+        assert_eq!(link, instance.join("volumes/wal/pg_wal"), "{name}");
+    }
+    local.down(true);
 }

@@ -15,6 +15,8 @@ pub const POD_API_PORT: u16 = 8000;
 pub struct InstancePaths {
     /// Data volume mount (the engine keeps its data directory beneath it).
     pub data_dir: PathBuf,
+    /// Extra volumes by name.
+    pub volumes: std::collections::BTreeMap<String, PathBuf>,
     /// Configuration, sockets and logs, outside the data directory.
     pub run_dir: PathBuf,
     /// Directory of credential files.
@@ -57,6 +59,7 @@ pub fn instance_config(
         cluster_id: input.cluster_id.clone(),
         instance: instance.to_string(),
         data_dir: paths.data_dir,
+        volumes: paths.volumes,
         run_dir: paths.run_dir,
         listen_address: input.listen_address.clone(),
         members: input.members.clone(),

@@ -23,6 +23,8 @@ pub const POSTGRES_PORT: u16 = 5432;
 pub const DATA_MOUNT: &str = "/var/lib/postgresql/data";
 /// Where the WAL volume is mounted when `walStorage` is set.
 pub const WAL_MOUNT: &str = "/var/lib/postgresql/wal";
+/// Name of the WAL volume (claim template and `InstanceConfig::volumes`).
+pub const WAL_VOLUME: &str = "wal";
 /// UID of the `postgres` user in the official image.
 pub const IMAGE_UID: i64 = 999;
 
@@ -421,7 +423,7 @@ impl Engine for PostgresEngine {
         let extra_volumes = spec
             .and_then(|s| s.wal_storage)
             .map(|storage| ExtraVolume {
-                name: "wal".into(),
+                name: WAL_VOLUME.into(),
                 mount_path: WAL_MOUNT.into(),
                 storage,
             })
@@ -478,7 +480,7 @@ impl Engine for PostgresEngine {
                 encoding: initdb.encoding,
             },
             synchronous_standby_names: synchronous_standby_names(&spec, &cluster.instance_names()),
-            wal_dir: spec.wal_storage.as_ref().map(|_| WAL_MOUNT.into()),
+            wal_volume: spec.wal_storage.as_ref().map(|_| WAL_VOLUME.into()),
         };
         serde_json::to_value(settings).map_err(|e| SpecError::new("spec", e.to_string()))
     }

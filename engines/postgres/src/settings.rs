@@ -40,9 +40,10 @@ pub struct PostgresInstanceSettings {
     /// `synchronous_standby_names` for the primary; empty for asynchronous.
     #[serde(default)]
     pub synchronous_standby_names: String,
-    /// Keep `pg_wal` on a separate volume mounted here.
+    /// Keep `pg_wal` on the separate volume of this name
+    /// (`InstanceConfig::volumes`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub wal_dir: Option<std::path::PathBuf>,
+    pub wal_volume: Option<String>,
 }
 
 /// initdb settings.

@@ -43,6 +43,11 @@ pub(super) fn config_map(
         "",
         InstancePaths {
             data_dir: PathBuf::from(&manifest.data_mount_path),
+            volumes: manifest
+                .extra_volumes
+                .iter()
+                .map(|v| (v.name.clone(), PathBuf::from(&v.mount_path)))
+                .collect(),
             run_dir: PathBuf::from(RUN_DIR),
             token_file: secrets_dir.join(SECRET_KEY_API_TOKEN),
             secrets_dir,

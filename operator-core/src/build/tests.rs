@@ -745,6 +745,13 @@ fn config_map_parses_back_to_instance_config() {
     assert_eq!(config.instance, "");
     assert_eq!(config.listen_address, "0.0.0.0");
     assert_eq!(config.data_dir.to_str(), Some("/var/lib/fake"));
+    // Extra volumes are named in the config, at their mount paths.
+    let volumes: Vec<(&str, &str)> = config
+        .volumes
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.to_str().unwrap()))
+        .collect();
+    assert_eq!(volumes, [("wal", "/var/lib/fake-wal")]);
     assert_eq!(config.run_dir.to_str(), Some("/var/run/stratum"));
     assert_eq!(config.secrets_dir.to_str(), Some("/etc/stratum/secrets"));
     assert_eq!(

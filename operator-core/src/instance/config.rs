@@ -3,6 +3,7 @@
 //! controller into the cluster ConfigMap (with the instance name from the
 //! pod's name). Pure data.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -43,6 +44,12 @@ pub struct InstanceConfig {
     /// Where the data volume is mounted; the engine keeps its data
     /// directory beneath it.
     pub data_dir: PathBuf,
+    /// Extra persistent volumes by name (`EngineManifest::extra_volumes`),
+    /// e.g. `wal` → `/var/lib/postgresql/wal` in a pod or
+    /// `instances/<name>/wal` locally. Engines refer to volumes by name so
+    /// that their settings stay runtime-neutral.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub volumes: BTreeMap<String, PathBuf>,
     /// Where configuration, sockets and logs are kept (outside the data
     /// directory, so pg_rewind and restores do not touch them).
     pub run_dir: PathBuf,

@@ -148,13 +148,16 @@ where
     result
 }
 
-/// Build the [`InstanceContext`]: create the data and run directories when
-/// missing (mode 0700) and, when running as root with `run_as_user`, hand
+/// Build the [`InstanceContext`]: create the data and run directories and
+/// the extra volumes' directories when missing (mode 0700) and, when running as root with `run_as_user`, hand
 /// both to that user with mode 0700 (PostgreSQL demands 0700/0750 on its
 /// data directory and the user must write sockets into the run directory).
 pub fn build_context(config: InstanceConfig) -> Result<InstanceContext, InstanceError> {
     let run_as = RunAs::for_config(&config)?;
-    for dir in [&config.data_dir, &config.run_dir] {
+    for dir in [&config.data_dir, &config.run_dir]
+        .into_iter()
+        .chain(config.volumes.values())
+    {
         if !dir.exists() {
             process::create_dir_with_mode(dir, 0o700)?;
         }

@@ -109,11 +109,16 @@ impl StateDir {
         self.instance_dir(name).join("manager.log")
     }
 
-    /// Where instance `name` keeps its data, runtime files and credentials.
-    pub fn instance_paths(&self, name: &str) -> InstancePaths {
+    /// Where instance `name` keeps its data, extra volumes
+    /// (`instances/<name>/volumes/<volume>`), runtime files and credentials.
+    pub fn instance_paths(&self, name: &str, volumes: &[String]) -> InstancePaths {
         let dir = self.instance_dir(name);
         InstancePaths {
             data_dir: dir.join("data"),
+            volumes: volumes
+                .iter()
+                .map(|v| (v.clone(), dir.join("volumes").join(v)))
+                .collect(),
             run_dir: dir.join("run"),
             secrets_dir: self.secrets_dir(),
             token_file: self.token_file(),

@@ -209,10 +209,17 @@ fn instance_configs(
         run_as_user: db_user.map(|u| u.name.clone()),
         bin_dir: args.bin_dir.clone(),
     };
+    let volumes: Vec<String> = accepted
+        .engine
+        .manifest(&accepted.cluster)
+        .extra_volumes
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
     names
         .iter()
         .map(|name| {
-            instance_config(&input, name, dir.instance_paths(name)).map_err(|e| {
+            instance_config(&input, name, dir.instance_paths(name, &volumes)).map_err(|e| {
                 input::InvalidCluster {
                     file: args.file.display().to_string(),
                     errors: vec![e],

@@ -74,7 +74,10 @@ pub fn resolve(
     roots: &[PathBuf],
     path_var: Option<&OsStr>,
 ) -> Result<BinDir, InstanceError> {
-    let debian_root = roots.first().map(PathBuf::as_path).unwrap_or(Path::new(DEBIAN_ROOT));
+    let debian_root = roots
+        .first()
+        .map(PathBuf::as_path)
+        .unwrap_or(Path::new(DEBIAN_ROOT));
     let versioned = roots.iter().find_map(|root| {
         let dir = root.join(version.to_string()).join("bin");
         is_executable(&dir.join("postgres")).then(|| BinDir {
@@ -249,8 +252,14 @@ mod tests {
         let got = resolve(None, None, 99, &roots, None).unwrap();
         assert_eq!(got.dir, root.join("16/bin"));
         // The cluster's version, from Debian's root or the cache.
-        assert_eq!(resolve(None, None, 13, &roots, None).unwrap().dir, root.join("13/bin"));
-        assert_eq!(resolve(None, None, 18, &roots, None).unwrap().dir, cache.join("18/bin"));
+        assert_eq!(
+            resolve(None, None, 13, &roots, None).unwrap().dir,
+            root.join("13/bin")
+        );
+        assert_eq!(
+            resolve(None, None, 18, &roots, None).unwrap().dir,
+            cache.join("18/bin")
+        );
         let path_var = std::env::join_paths([tmp.path().join("nothing"), on_path.clone()]).unwrap();
         let got = resolve(None, None, 99, &roots, Some(&path_var)).unwrap();
         assert_eq!(got.dir, std::fs::canonicalize(&on_path).unwrap());
@@ -279,9 +288,14 @@ mod tests {
             matches!(&err, InstanceError::MissingBinary { binary, .. } if binary == "postgres")
         );
         assert!(err.to_string().contains(INSTALL_HINT), "{err}");
-        let err =
-            resolve(Some(&tmp.path().join("nope")), None, 15, &[tmp.path().to_path_buf()], None)
-                .unwrap_err();
+        let err = resolve(
+            Some(&tmp.path().join("nope")),
+            None,
+            15,
+            &[tmp.path().to_path_buf()],
+            None,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
         assert!(err.to_string().contains(INSTALL_HINT), "{err}");
     }

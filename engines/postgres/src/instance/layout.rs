@@ -38,7 +38,11 @@ impl Layout {
         Self {
             data_dir: ctx.config.data_dir.clone(),
             pgdata: ctx.config.data_dir.join(PGDATA),
-            wal_dir: settings.wal_dir.as_ref().map(|d| d.join("pg_wal")),
+            wal_dir: settings
+                .wal_volume
+                .as_ref()
+                .and_then(|v| ctx.config.volumes.get(v))
+                .map(|d| d.join("pg_wal")),
             run_dir: ctx.run_dir.clone(),
         }
     }

@@ -16,7 +16,6 @@ pub mod conf;
 pub mod layout;
 pub mod status;
 
-
 use async_trait::async_trait;
 use operator_core::engine::{
     InstanceContext, InstanceDriver, InstanceError, Progress, ServerCommand, instance_name,
@@ -166,6 +165,14 @@ impl InstanceDriver for PostgresDriver {
             return Err(InstanceError::Settings(
                 "PostgreSQL refuses to run as root: set runAsUser (e.g. postgres) in the instance configuration".into(),
             ));
+        }
+        if let Some(volume) = &settings.wal_volume
+            && !config.volumes.contains_key(volume)
+        {
+            return Err(InstanceError::Settings(format!(
+                "the WAL volume {volume:?} is not among the instance's volumes {:?}",
+                config.volumes.keys().collect::<Vec<_>>()
+            )));
         }
         let run_as = RunAs::for_config(config)?;
         let bin = bin_dir(config, settings.version)?;
