@@ -149,6 +149,7 @@ impl Fixture {
             cluster_id: self.cluster_id.clone(),
             instance: name,
             data_dir: base.join("data"),
+            volumes: Default::default(),
             run_dir: base.join("run"),
             listen_address: "127.0.0.1".into(),
             members: self.members.clone(),
