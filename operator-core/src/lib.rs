@@ -12,4 +12,5 @@ pub mod local;
 pub mod plan;
 pub mod registry;
 pub mod telemetry;
+pub mod topology;
 pub mod validate;

@@ -5,12 +5,7 @@
 use operator_core::engine::{ObservedMember, Routing};
 use operator_core::instance::protocol::{Position, Role};
 
-/// Ordinal from a `<cluster>-<ordinal>` name; names without one sort last.
-pub fn ordinal(name: &str) -> u32 {
-    name.rsplit_once('-')
-        .and_then(|(_, o)| o.parse().ok())
-        .unwrap_or(u32::MAX)
-}
+pub use operator_core::topology::{ordinal, update_order};
 
 fn term(m: &ObservedMember) -> i64 {
     match m.status.as_ref().map(|s| &s.position) {
@@ -43,21 +38,6 @@ pub fn route(members: &[ObservedMember]) -> Routing {
         rw,
         ro: ro.into_iter().map(|m| m.name.clone()).collect(),
     }
-}
-
-/// Rolling-update order: secondaries from the highest ordinal down, the
-/// current primary last.
-pub fn update_order(names: &[String], primary: Option<&str>) -> Vec<String> {
-    let mut order: Vec<String> = names
-        .iter()
-        .filter(|n| Some(n.as_str()) != primary)
-        .cloned()
-        .collect();
-    order.sort_by_key(|n| std::cmp::Reverse((ordinal(n), n.clone())));
-    if let Some(p) = primary.filter(|p| names.iter().any(|n| n == p)) {
-        order.push(p.to_string());
-    }
-    order
 }
 
 #[cfg(test)]

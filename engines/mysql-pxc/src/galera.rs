@@ -43,12 +43,7 @@ pub fn classify_state(state: &str) -> StateClass {
     }
 }
 
-/// Ordinal from a `<cluster>-<ordinal>` name; names without one sort last.
-pub fn ordinal(name: &str) -> u32 {
-    name.rsplit_once('-')
-        .and_then(|(_, o)| o.parse().ok())
-        .unwrap_or(u32::MAX)
-}
+pub use operator_core::topology::{ordinal, update_order};
 
 fn by_ordinal(mut names: Vec<&str>) -> Vec<&str> {
     names.sort_by_key(|n| (ordinal(n), *n));
@@ -268,21 +263,6 @@ pub fn route(members: &[ObservedMember]) -> Routing {
             .map(|m| m.name.clone())
             .collect(),
     }
-}
-
-/// Rolling-update order: non-writers from the highest ordinal down, the
-/// current writer last.
-pub fn update_order(names: &[String], writer: Option<&str>) -> Vec<String> {
-    let mut order: Vec<String> = names
-        .iter()
-        .filter(|n| Some(n.as_str()) != writer)
-        .cloned()
-        .collect();
-    order.sort_by_key(|n| std::cmp::Reverse((ordinal(n), n.clone())));
-    if let Some(w) = writer.filter(|w| names.iter().any(|n| n == w)) {
-        order.push(w.to_string());
-    }
-    order
 }
 
 #[cfg(test)]
