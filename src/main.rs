@@ -41,6 +41,9 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Print the Kubernetes objects the operator would create for a cluster
+    /// CR (after the same validation), like `helm template`.
+    Render(RenderArgs),
     /// Copy this binary to DEST (the init container of database pods).
     InstallBinary {
         /// Destination path, e.g. /stratum/bin/stratum.
@@ -80,6 +83,23 @@ struct InstanceArgs {
     instance: Option<String>,
 }
 
+#[derive(Args)]
+struct RenderArgs {
+    /// The cluster CR (YAML).
+    #[arg(short, long)]
+    file: PathBuf,
+    /// Operator image for the init container.
+    #[arg(
+        long,
+        env = "STRATUM_OPERATOR_IMAGE",
+        default_value = "stratum/operator:0.1.0"
+    )]
+    operator_image: String,
+    /// Include the NetworkPolicy.
+    #[arg(long)]
+    network_policy: bool,
+}
+
 #[derive(Subcommand)]
 enum LocalCommand {
     /// Start (or restart) a cluster from a CR file, in the foreground.
@@ -95,6 +115,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Crds { out } => crds(out),
         Command::InstallBinary { dest } => install_binary(&dest),
+        Command::Render(args) => render(args),
         Command::Controller(args) => runtime()?.block_on(controller(args)),
         Command::Instance(args) => runtime()?.block_on(instance(args)),
         Command::Local { command } => runtime()?.block_on(local(command)),
@@ -177,6 +198,57 @@ fn crds(out: Option<PathBuf>) -> anyhow::Result<()> {
             print!("{}", docs.join("---\n"));
         }
     }
+    Ok(())
+}
+
+/// Validate the cluster CRs in a file and print the objects the controller
+/// would apply for each. Documents of other kinds (a Secret next to the CR)
+/// are skipped. A CR without `metadata.uid` (never stored by an API server)
+/// gets a placeholder so that owner references can be shown.
+fn render(args: RenderArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("failed to read {}", args.file.display()))?;
+    let registry = stratum::registry();
+    let mut docs = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let mut object: serde_json::Value = serde::Deserialize::deserialize(document)
+            .with_context(|| format!("{} is not valid YAML", args.file.display()))?;
+        let kind = object["kind"].as_str().unwrap_or_default().to_string();
+        let Some(engine) = registry.get(&kind) else {
+            continue;
+        };
+        if object.pointer("/metadata/uid").is_none()
+            && let Some(meta) = object.get_mut("metadata").and_then(|m| m.as_object_mut())
+        {
+            meta.insert("uid".into(), "00000000-0000-0000-0000-000000000000".into());
+        }
+        let cluster = engine
+            .validate(&object)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
+        let mut ctx = operator_core::build::BuildContext::new(args.operator_image.clone());
+        ctx.network_policy = args.network_policy;
+        let objects = operator_core::build::build(&cluster, engine.as_ref(), &ctx)?;
+        docs.push(serde_yaml::to_string(&objects.stateful_set)?);
+        docs.push(serde_yaml::to_string(&objects.config_map)?);
+        for service in &objects.services {
+            docs.push(serde_yaml::to_string(service)?);
+        }
+        docs.push(serde_yaml::to_string(&objects.pod_disruption_budget)?);
+        if let Some(policy) = &objects.network_policy {
+            docs.push(serde_yaml::to_string(policy)?);
+        }
+        docs.push(format!(
+            "# Created once if absent, never overwritten; the values are examples.\n{}",
+            serde_yaml::to_string(&objects.secret_if_absent)?
+        ));
+    }
+    anyhow::ensure!(
+        !docs.is_empty(),
+        "{} holds no cluster of a kind this build serves ({:?})",
+        args.file.display(),
+        registry.kinds()
+    );
+    print!("{}", docs.join("---\n"));
     Ok(())
 }
 

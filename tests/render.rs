@@ -1,0 +1,67 @@
+//! `stratum render` prints, for every cluster example, the objects the
+//! controller would apply, and refuses files without a cluster.
+
+use std::process::Command;
+
+fn render(file: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_stratum"))
+        .args(["render", "-f"])
+        .arg(format!(
+            "{}/deploy/examples/{file}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn every_cluster_example_renders() {
+    for (file, container) in [
+        ("postgres-ha.yaml", "postgres"),
+        ("pxc.yaml", "pxc"),
+        ("mongo.yaml", "mongod"),
+    ] {
+        let out = render(file);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let kinds: Vec<String> = serde_yaml::Deserializer::from_str(&stdout)
+            .map(|d| {
+                let v: serde_json::Value = serde::Deserialize::deserialize(d).unwrap();
+                v["kind"].as_str().unwrap().to_string()
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "StatefulSet",
+                "ConfigMap",
+                "Service",
+                "Service",
+                "Service",
+                "Service",
+                "PodDisruptionBudget",
+                "Secret"
+            ],
+            "{file}"
+        );
+        assert!(
+            stdout.contains(&format!("name: {container}")),
+            "{file}: no container {container}"
+        );
+    }
+}
+
+#[test]
+fn a_file_without_a_cluster_is_refused() {
+    let out = render("backup.yaml");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("holds no cluster"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
