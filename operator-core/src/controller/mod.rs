@@ -201,6 +201,11 @@ async fn run_kind(shared: Arc<reconcile::Shared>, engine: Arc<dyn Engine>, resou
                 Err(kube::runtime::controller::Error::ReconcilerFailed(_, object)) => {
                     tracing::trace!(%object, "reconcile failed")
                 }
+                // A child changed after its cluster was deleted (garbage
+                // collection of the children does that every time): normal.
+                Err(kube::runtime::controller::Error::ObjectNotFound(object)) => {
+                    tracing::debug!(%object, "cluster already deleted")
+                }
                 Err(e) => tracing::warn!(kind, error = %e, "controller error"),
             }
         })

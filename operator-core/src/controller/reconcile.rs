@@ -86,8 +86,8 @@ pub(crate) async fn reconcile(
                 }
             }
         })
-        .await
-        .map_err(ReconcileError::from_finalizer);
+        .await;
+        let result = finalizer_outcome(result);
         let shared = &ctx.shared;
         shared.metrics.record(
             kind,
@@ -105,6 +105,30 @@ pub(crate) async fn reconcile(
     }
     .instrument(span)
     .await
+}
+
+/// The result of the finalizer helper as a reconcile result. Two races
+/// with the watch cache are not failures (both seen on a real API server):
+/// - adding the finalizer is a JSON patch that tests the finalizer list
+///   first; when the cached object is older than the stored one (our own
+///   earlier add has not been seen yet), the test fails with 422: look
+///   again shortly;
+/// - removing the finalizer of an object that is already gone: a second
+///   cleanup runs when a late event (a child deleted by garbage
+///   collection) arrives after the first cleanup let the object go.
+pub(crate) fn finalizer_outcome(
+    result: Result<Action, kube::runtime::finalizer::Error<ReconcileError>>,
+) -> Result<Action, ReconcileError> {
+    use kube::runtime::finalizer::Error as F;
+    match result {
+        Err(F::AddFinalizer(kube::Error::Api(s))) if s.code == 422 => {
+            Ok(Action::requeue(Duration::from_secs(1)))
+        }
+        Err(F::RemoveFinalizer(kube::Error::Api(s))) if s.is_not_found() => {
+            Ok(Action::await_change())
+        }
+        other => other.map_err(ReconcileError::from_finalizer),
+    }
 }
 
 /// Permanent errors wait for a change of the object; transient ones retry
@@ -330,4 +354,38 @@ async fn cleanup_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action,
         ctx.shared.reporter.state_change(&object_ref, &change).await;
     }
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::finalizer::Error as F;
+
+    #[test]
+    fn removing_the_finalizer_of_a_deleted_object_succeeds() {
+        let gone = kube::core::Status::failure("not found", "NotFound").with_code(404);
+        let outcome = finalizer_outcome(Err(F::RemoveFinalizer(kube::Error::Api(gone.boxed()))));
+        assert_eq!(outcome.unwrap(), Action::await_change());
+
+        let conflict = kube::core::Status::failure("conflict", "Conflict").with_code(409);
+        let outcome =
+            finalizer_outcome(Err(F::RemoveFinalizer(kube::Error::Api(conflict.boxed()))));
+        assert_eq!(outcome.unwrap_err().category(), "FinalizerFailed");
+    }
+
+    #[test]
+    fn a_stale_finalizer_list_is_retried_quietly() {
+        let test_failed = kube::core::Status::failure(
+            "the server rejected our request due to an error in our request",
+            "Invalid",
+        )
+        .with_code(422);
+        let outcome =
+            finalizer_outcome(Err(F::AddFinalizer(kube::Error::Api(test_failed.boxed()))));
+        assert_eq!(outcome.unwrap(), Action::requeue(Duration::from_secs(1)));
+
+        let forbidden = kube::core::Status::failure("forbidden", "Forbidden").with_code(403);
+        let outcome = finalizer_outcome(Err(F::AddFinalizer(kube::Error::Api(forbidden.boxed()))));
+        assert_eq!(outcome.unwrap_err().category(), "FinalizerFailed");
+    }
 }

@@ -1,0 +1,729 @@
+//! The operator on a real control plane (kube-apiserver, controller
+//! manager, scheduler, fake Nodes in three zones), running in-process with
+//! a client authenticated as its own ServiceAccount from deploy/ (never as
+//! admin): it reconciles the examples into StatefulSets, Services, PDBs,
+//! ConfigMaps and Secrets that the StatefulSet controller and the scheduler
+//! act on; status follows pod readiness (the tests play the kubelet);
+//! deletion runs the finalizer and garbage collection; spec changes update
+//! the StatefulSet in place; orphans are pruned; the RBAC table of
+//! operator-core/src/controller/mod.rs is what deploy/ grants.
+//!
+//! Needs the control plane of scripts/test.sh (`STRATUM_TEST_KUBECONFIG`);
+//! fails without it.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::ClusterRole;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::{Value, json};
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn example(file: &str, kind: &str) -> Value {
+    yaml_docs(&repo_path(&format!("deploy/examples/{file}")))
+        .into_iter()
+        .find(|d| d["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} in {file}"))
+}
+
+/// Apply every document of an example into `ns` as admin (a user), and
+/// return the cluster object's API and the document.
+async fn create_example(
+    client: &Client,
+    ns: &str,
+    file: &str,
+    kind: &str,
+) -> (Api<DynamicObject>, Value) {
+    for doc in yaml_docs(&repo_path(&format!("deploy/examples/{file}"))) {
+        apply(client, &doc, ns)
+            .await
+            .unwrap_or_else(|e| panic!("{file}: {}", api_message(&e)));
+    }
+    let doc = example(file, kind);
+    (
+        Api::namespaced_with(client.clone(), ns, &stratum_resource(kind)),
+        doc,
+    )
+}
+
+async fn get<K>(client: &Client, ns: &str, name: &str) -> Result<K, String>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    Api::<K>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .map_err(|e| format!("{} {name}: {}", K::kind(&()), api_message(&e)))
+}
+
+async fn wait_get<K>(client: &Client, ns: &str, name: &str) -> K
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    eventually(&format!("{} {ns}/{name}", K::kind(&())), WAIT, || {
+        get::<K>(client, ns, name)
+    })
+    .await
+}
+
+async fn wait_gone<K>(client: &Client, ns: &str, name: &str)
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    eventually(
+        &format!("{} {ns}/{name} to be deleted", K::kind(&())),
+        WAIT,
+        || async {
+            match Api::<K>::namespaced(client.clone(), ns).get_opt(name).await {
+                Ok(None) => Ok(()),
+                Ok(Some(o)) => Err(format!("still there: {:?}", o.meta().deletion_timestamp)),
+                Err(e) => Err(e.to_string()),
+            }
+        },
+    )
+    .await
+}
+
+/// The child is owned by the cluster (controller, blockOwnerDeletion).
+fn assert_owned(meta: &ObjectMeta, cluster: &DynamicObject, what: &str) {
+    let refs = meta.owner_references.clone().unwrap_or_default();
+    assert!(
+        refs.iter()
+            .any(|r| Some(&r.uid) == cluster.metadata.uid.as_ref()
+                && r.controller == Some(true)
+                && r.block_owner_deletion == Some(true)
+                && Some(r.kind.as_str()) == cluster.types.as_ref().map(|t| t.kind.as_str())),
+        "{what} is not owned by the cluster: {refs:?}"
+    );
+}
+
+/// Every child of a cluster: StatefulSet, headless/-rw/-ro/-r Services,
+/// PDB, ConfigMap, Secret, all owned by it; returns the StatefulSet.
+async fn assert_children(client: &Client, ns: &str, cluster: &DynamicObject) -> StatefulSet {
+    let name = cluster.name_any();
+    let sts: StatefulSet = wait_get(client, ns, &name).await;
+    assert_owned(&sts.metadata, cluster, "StatefulSet");
+    let managers: Vec<_> = sts
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| m.operation.as_deref() == Some("Apply"))
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert!(
+        managers.iter().any(|m| m == "stratum-operator"),
+        "StatefulSet not server-side applied by stratum-operator: {managers:?}"
+    );
+    let headless: Service = wait_get(client, ns, &format!("{name}-headless")).await;
+    assert_eq!(
+        headless.spec.as_ref().unwrap().cluster_ip.as_deref(),
+        Some("None")
+    );
+    assert_owned(&headless.metadata, cluster, "headless Service");
+    for suffix in ["rw", "ro", "r"] {
+        let svc: Service = wait_get(client, ns, &format!("{name}-{suffix}")).await;
+        assert_owned(&svc.metadata, cluster, &format!("Service -{suffix}"));
+    }
+    let pdb: PodDisruptionBudget = wait_get(client, ns, &name).await;
+    assert_owned(&pdb.metadata, cluster, "PodDisruptionBudget");
+    let cm: ConfigMap = wait_get(client, ns, &format!("{name}-config")).await;
+    assert_owned(&cm.metadata, cluster, "ConfigMap");
+    let secret: Secret = wait_get(client, ns, &format!("{name}-credentials")).await;
+    assert_owned(&secret.metadata, cluster, "Secret");
+    sts
+}
+
+/// Play the kubelet: mark every scheduled pod of the cluster Running and
+/// Ready as it appears (OrderedReady creates the next pod only then),
+/// until `replicas` pods are ready; returns them.
+async fn run_pods(client: &Client, ns: &str, cluster: &str, replicas: usize) -> Vec<Pod> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    eventually(
+        &format!("{replicas} ready pods of {ns}/{cluster}"),
+        Duration::from_secs(120),
+        || async {
+            let list = pods
+                .list(&ListParams::default().labels(&format!("stratum.dev/cluster={cluster}")))
+                .await
+                .map_err(|e| e.to_string())?
+                .items;
+            let mut ready = Vec::new();
+            let mut waiting = Vec::new();
+            for pod in list {
+                let scheduled = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+                let is_ready = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+                match (scheduled, is_ready) {
+                    (Some(_), true) => ready.push(pod),
+                    (Some(_), false) => {
+                        set_pod_ready(client, ns, &pod.name_any(), true).await;
+                        waiting.push(format!("{}: marked ready", pod.name_any()));
+                    }
+                    (None, _) => waiting.push(format!(
+                        "{}: not scheduled: {:?}",
+                        pod.name_any(),
+                        pod.status.and_then(|s| s.conditions)
+                    )),
+                }
+            }
+            if ready.len() == replicas {
+                Ok(ready)
+            } else {
+                Err(format!("{} ready; {waiting:?}", ready.len()))
+            }
+        },
+    )
+    .await
+}
+
+/// Wait until the cluster's status satisfies `check`; returns it.
+async fn wait_status(
+    api: &Api<DynamicObject>,
+    name: &str,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
+    eventually(what, WAIT, || async {
+        let obj = api.get(name).await.map_err(|e| e.to_string())?;
+        let status = obj.data.get("status").cloned().unwrap_or(Value::Null);
+        if check(&status) {
+            Ok(status)
+        } else {
+            Err(status.to_string())
+        }
+    })
+    .await
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> Option<&'a Value> {
+    status["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
+fn secret_data(secret: &Secret) -> BTreeMap<String, Vec<u8>> {
+    secret
+        .data
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.0))
+        .collect()
+}
+
+#[tokio::test]
+async fn postgres_ha_lifecycle_under_the_operator_service_account() {
+    let client = admin().await;
+    start_operator();
+    let namespace = TestNamespace::create(&client, "pg-ha").await;
+    let ns = namespace.name.clone();
+    let (api, _) = create_example(&client, &ns, "postgres-ha.yaml", "PostgresCluster").await;
+
+    // The finalizer goes on first; then every child, owned by the cluster.
+    let cluster = eventually("the finalizer", WAIT, || async {
+        let c = api.get("pg-ha").await.map_err(|e| e.to_string())?;
+        if c.finalizers().iter().any(|f| f == "stratum.dev/finalizer") {
+            Ok(c)
+        } else {
+            Err(format!("{:?}", c.finalizers()))
+        }
+    })
+    .await;
+    let sts = assert_children(&client, &ns, &cluster).await;
+    assert_eq!(sts.spec.as_ref().unwrap().replicas, Some(3));
+    let status = wait_status(&api, "pg-ha", "phase Creating", |s| {
+        s["phase"] == "Creating"
+    })
+    .await;
+    assert_eq!(
+        condition(&status, "Ready").unwrap()["status"],
+        "False",
+        "{status}"
+    );
+
+    // The credentials Secret is created once.
+    let secret: Secret = get(&client, &ns, "pg-ha-credentials").await.unwrap();
+    let values = secret_data(&secret);
+    assert!(!values.is_empty());
+
+    // The StatefulSet controller creates pods and claims; the scheduler
+    // places them (volumes pre-bound, no kubelet: the test marks them
+    // ready) and spreads them over the zones.
+    provide_volumes(&client, &sts).await;
+    let pods = run_pods(&client, &ns, "pg-ha", 3).await;
+    let zones = node_zones(&client).await;
+    let used: BTreeSet<_> = pods
+        .iter()
+        .map(|p| zones[p.spec.as_ref().unwrap().node_name.as_ref().unwrap()].clone())
+        .collect();
+    assert_eq!(
+        used.len(),
+        3,
+        "pods not spread over the zones: {:?}",
+        pods.iter()
+            .map(|p| (p.name_any(), p.spec.as_ref().unwrap().node_name.clone()))
+            .collect::<Vec<_>>()
+    );
+    let claims: Vec<String> = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|c| c.name_any())
+        .collect();
+    for n in 0..3 {
+        for template in ["data", "wal"] {
+            let claim = format!("{template}-pg-ha-{n}");
+            assert!(claims.contains(&claim), "no claim {claim}: {claims:?}");
+        }
+    }
+
+    // Status follows readiness: Healthy, 3/3, pg-ha-0 routed as writer.
+    let status = wait_status(&api, "pg-ha", "phase Healthy", |s| s["phase"] == "Healthy").await;
+    assert_eq!(status["ready"], "3/3", "{status}");
+    assert_eq!(status["currentPrimary"], "pg-ha-0", "{status}");
+    assert_eq!(condition(&status, "Ready").unwrap()["status"], "True");
+    let rw: Pod = get(&client, &ns, "pg-ha-0").await.unwrap();
+    assert_eq!(
+        rw.labels().get("stratum.dev/route").map(String::as_str),
+        Some("rw")
+    );
+    let out = kubectl(&["get", "postgresclusters", "-n", &ns]);
+    let row: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(&row[..4], ["pg-ha", "3/3", "pg-ha-0", "Healthy"], "{out}");
+
+    // A lost instance degrades the cluster.
+    set_pod_ready(&client, &ns, "pg-ha-2", false).await;
+    let status = wait_status(&api, "pg-ha", "phase Degraded", |s| {
+        s["phase"] == "Degraded"
+    })
+    .await;
+    assert_eq!(condition(&status, "Degraded").unwrap()["status"], "True");
+    assert_eq!(status["ready"], "2/3");
+    set_pod_ready(&client, &ns, "pg-ha-2", true).await;
+    wait_status(&api, "pg-ha", "phase Healthy again", |s| {
+        s["phase"] == "Healthy"
+    })
+    .await;
+
+    // Another reconcile (a spec change) leaves the Secret's values alone.
+    let patch = json!({"spec": {"postgresql": {"parameters": {"max_connections": "150"}}}});
+    let changed = api
+        .patch("pg-ha", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let generation = changed.metadata.generation.unwrap();
+    wait_status(&api, "pg-ha", "the new generation observed", |s| {
+        s["observedGeneration"] == generation
+    })
+    .await;
+    let cm: ConfigMap = get(&client, &ns, "pg-ha-config").await.unwrap();
+    assert!(
+        format!("{:?}", cm.data).contains("150"),
+        "the parameter did not reach the ConfigMap: {:?}",
+        cm.data
+    );
+    let again: Secret = get(&client, &ns, "pg-ha-credentials").await.unwrap();
+    assert_eq!(secret_data(&again), values, "the Secret was overwritten");
+
+    // Events of the state changes.
+    eventually("the Events of the state changes", WAIT, || async {
+        let reasons: BTreeSet<_> = events_about(&client, &ns, "pg-ha")
+            .await
+            .into_iter()
+            .filter_map(|e| e.reason)
+            .collect();
+        let wanted = [
+            "CredentialsCreated",
+            "Healthy",
+            "Degraded",
+            "PrimaryChanged",
+        ];
+        if wanted.iter().all(|r| reasons.contains(*r)) {
+            Ok(())
+        } else {
+            Err(format!("{reasons:?}"))
+        }
+    })
+    .await;
+    assert_no_failures(&client, &ns).await;
+
+    // Deletion: the finalizer runs, garbage collection takes the children;
+    // the claims stay (retention policy Retain).
+    api.delete("pg-ha", &DeleteParams::default()).await.unwrap();
+    eventually("the cluster to be gone", WAIT, || async {
+        match api.get_opt("pg-ha").await {
+            Ok(None) => Ok(()),
+            Ok(Some(c)) => Err(format!("finalizers {:?}", c.finalizers())),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await;
+    wait_gone::<StatefulSet>(&client, &ns, "pg-ha").await;
+    for svc in ["pg-ha-headless", "pg-ha-rw", "pg-ha-ro", "pg-ha-r"] {
+        wait_gone::<Service>(&client, &ns, svc).await;
+    }
+    wait_gone::<PodDisruptionBudget>(&client, &ns, "pg-ha").await;
+    wait_gone::<ConfigMap>(&client, &ns, "pg-ha-config").await;
+    wait_gone::<Secret>(&client, &ns, "pg-ha-credentials").await;
+    get::<PersistentVolumeClaim>(&client, &ns, "data-pg-ha-0")
+        .await
+        .expect("claims are retained");
+    // Late watch events of the deleted cluster (its children going) were
+    // no failures either.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_no_failures(&client, &ns).await;
+}
+
+/// Reconcile one example up to Healthy; returns the pods.
+async fn example_reaches_healthy(
+    client: &Client,
+    file: &str,
+    kind: &str,
+    prefix: &str,
+) -> (TestNamespace, Vec<Pod>) {
+    let ns = TestNamespace::create(client, prefix).await;
+    let (api, doc) = create_example(client, &ns.name, file, kind).await;
+    let name = doc["metadata"]["name"].as_str().unwrap().to_string();
+    let instances = doc["spec"]["instances"].as_u64().unwrap() as usize;
+    let cluster = eventually("the cluster's uid", WAIT, || async {
+        api.get(&name).await.map_err(|e| e.to_string())
+    })
+    .await;
+    let sts = assert_children(client, &ns.name, &cluster).await;
+    assert_eq!(
+        sts.spec.as_ref().unwrap().replicas,
+        Some(instances as i32),
+        "{file}"
+    );
+    provide_volumes(client, &sts).await;
+    let pods = run_pods(client, &ns.name, &name, instances).await;
+    let status = wait_status(&api, &name, &format!("{file}: Healthy"), |s| {
+        s["phase"] == "Healthy"
+    })
+    .await;
+    assert_eq!(
+        status["ready"],
+        format!("{instances}/{instances}"),
+        "{status}"
+    );
+    assert_no_failures(client, &ns.name).await;
+    (ns, pods)
+}
+
+#[tokio::test]
+async fn every_example_cluster_is_reconciled() {
+    let client = admin().await;
+    start_operator();
+    let (single, pxc, mongo) = tokio::join!(
+        example_reaches_healthy(
+            &client,
+            "postgres-single.yaml",
+            "PostgresCluster",
+            "pg-single"
+        ),
+        example_reaches_healthy(&client, "pxc.yaml", "PxcCluster", "pxc"),
+        example_reaches_healthy(&client, "mongo.yaml", "MongoCluster", "mongo"),
+    );
+    assert_eq!(single.1.len(), 1);
+    assert_eq!(mongo.1.len(), 3);
+    // PxcCluster asks for required anti-affinity: three distinct nodes.
+    let nodes: BTreeSet<_> = pxc
+        .1
+        .iter()
+        .map(|p| p.spec.as_ref().unwrap().node_name.clone())
+        .collect();
+    assert_eq!(nodes.len(), 3, "{nodes:?}");
+}
+
+#[tokio::test]
+async fn spec_change_updates_the_statefulset_in_place() {
+    let client = admin().await;
+    start_operator();
+    let ns = TestNamespace::create(&client, "pg-change").await;
+    let (api, _) =
+        create_example(&client, &ns.name, "postgres-single.yaml", "PostgresCluster").await;
+    let sts: StatefulSet = wait_get(&client, &ns.name, "pg-single").await;
+    let uid = sts.metadata.uid.clone();
+
+    // Someone else owns some fields of the StatefulSet.
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
+    let theirs = json!({
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {"name": "pg-single", "annotations": {"example.com/owner": "team-a"}},
+        "spec": {"template": {"metadata": {"annotations": {"example.com/injected": "yes"}}}},
+    });
+    sts_api
+        .patch(
+            "pg-single",
+            &PatchParams::apply("other-controller"),
+            &Patch::Apply(&theirs),
+        )
+        .await
+        .unwrap();
+
+    let patch = json!({"spec": {
+        "instances": 3,
+        "resources": {"requests": {"cpu": "300m", "memory": "300Mi"}, "limits": {"memory": "600Mi"}},
+    }});
+    api.patch("pg-single", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let sts = eventually("3 replicas and the new resources", WAIT, || async {
+        let sts = sts_api.get("pg-single").await.map_err(|e| e.to_string())?;
+        let spec = sts.spec.clone().unwrap();
+        let resources = spec.template.spec.as_ref().unwrap().containers[0]
+            .resources
+            .clone()
+            .unwrap_or_default();
+        let cpu = resources
+            .requests
+            .as_ref()
+            .and_then(|r| r.get("cpu"))
+            .map(|q| q.0.clone());
+        if spec.replicas == Some(3) && cpu.as_deref() == Some("300m") {
+            Ok(sts)
+        } else {
+            Err(format!(
+                "replicas {:?}, resources {resources:?}",
+                spec.replicas
+            ))
+        }
+    })
+    .await;
+    assert_eq!(sts.metadata.uid, uid, "the StatefulSet was replaced");
+    assert_eq!(
+        sts.annotations()
+            .get("example.com/owner")
+            .map(String::as_str),
+        Some("team-a"),
+        "another manager's annotation was removed"
+    );
+    let template_annotations = sts
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.clone())
+        .unwrap_or_default();
+    assert_eq!(
+        template_annotations
+            .get("example.com/injected")
+            .map(String::as_str),
+        Some("yes"),
+        "another manager's template annotation was removed"
+    );
+    let managers: BTreeSet<_> = sts
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert!(
+        managers.contains("stratum-operator") && managers.contains("other-controller"),
+        "{managers:?}"
+    );
+    // The new pods come up too.
+    provide_volumes(&client, &sts).await;
+    run_pods(&client, &ns.name, "pg-single", 3).await;
+    assert_no_failures(&client, &ns.name).await;
+}
+
+#[tokio::test]
+async fn orphaned_network_policy_is_deleted() {
+    let client = admin().await;
+    start_operator();
+    let ns = TestNamespace::create(&client, "pg-netpol").await;
+    let mut doc = example("postgres-single.yaml", "PostgresCluster");
+    doc["metadata"]["annotations"] = json!({"stratum.dev/network-policy": "true"});
+    apply(&client, &doc, &ns.name).await.unwrap();
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &ns.name,
+        &stratum_resource("PostgresCluster"),
+    );
+    let np: NetworkPolicy = wait_get(&client, &ns.name, "pg-single").await;
+    let cluster = api.get("pg-single").await.unwrap();
+    assert_owned(&np.metadata, &cluster, "NetworkPolicy");
+
+    doc["metadata"]["annotations"] = json!({});
+    apply(&client, &doc, &ns.name).await.unwrap();
+    wait_gone::<NetworkPolicy>(&client, &ns.name, "pg-single").await;
+    // The Event follows the deletion.
+    eventually("the OrphanDeleted Event", WAIT, || async {
+        let reasons: Vec<_> = events_about(&client, &ns.name, "pg-single")
+            .await
+            .into_iter()
+            .filter_map(|e| e.reason)
+            .collect();
+        if reasons.iter().any(|r| r == "OrphanDeleted") {
+            Ok(())
+        } else {
+            Err(format!("{reasons:?}"))
+        }
+    })
+    .await;
+    // The rest stays.
+    get::<StatefulSet>(&client, &ns.name, "pg-single")
+        .await
+        .unwrap();
+    assert_no_failures(&client, &ns.name).await;
+}
+
+/// The RBAC table at the top of operator-core/src/controller/mod.rs:
+/// (apiGroup, resource, verb), `<plural>` expanded to every engine's.
+fn rbac_table() -> BTreeSet<(String, String, String)> {
+    let source = std::fs::read_to_string(repo_path("operator-core/src/controller/mod.rs")).unwrap();
+    let plurals: Vec<String> = stratum::registry()
+        .all()
+        .iter()
+        .map(|e| e.crd().spec.names.plural)
+        .collect();
+    let mut rows = BTreeSet::new();
+    for line in source.lines() {
+        if !line.starts_with("//! | `") {
+            continue;
+        }
+        let cells: Vec<String> = line
+            .trim_start_matches("//!")
+            .trim()
+            .trim_matches('|')
+            .split('|')
+            .map(|c| c.trim().trim_matches('`').to_string())
+            .collect();
+        let group = cells[0].trim_matches('"');
+        let resources: Vec<String> = if cells[1].contains("<plural>") {
+            plurals
+                .iter()
+                .map(|p| cells[1].replace("<plural>", p))
+                .collect()
+        } else {
+            vec![cells[1].to_string()]
+        };
+        for resource in resources {
+            for verb in cells[2].split(',') {
+                rows.insert((group.to_string(), resource.clone(), verb.trim().to_string()));
+            }
+        }
+    }
+    assert!(rows.len() > 10, "RBAC table not found: {rows:?}");
+    rows
+}
+
+#[tokio::test]
+async fn rbac_of_deploy_is_the_table_in_the_controller() {
+    let client = admin().await;
+    install_deploy(&client).await;
+    let table = rbac_table();
+
+    // What the ClusterRole grants is exactly the table.
+    let role = Api::<ClusterRole>::all(client.clone())
+        .get("stratum-operator")
+        .await
+        .unwrap();
+    let mut granted = BTreeSet::new();
+    for rule in role.rules.unwrap_or_default() {
+        for group in rule.api_groups.unwrap_or_default() {
+            for resource in rule.resources.clone().unwrap_or_default() {
+                for verb in &rule.verbs {
+                    granted.insert((group.clone(), resource.clone(), verb.clone()));
+                }
+            }
+        }
+    }
+    let missing: Vec<_> = table.difference(&granted).collect();
+    let extra: Vec<_> = granted.difference(&table).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "deploy/operator/rbac.yaml and the table in controller/mod.rs differ:\nnot granted: {missing:?}\nnot in the table: {extra:?}"
+    );
+
+    // The authorizer agrees for the ServiceAccount, in any namespace, and
+    // denies what is not listed.
+    let reviews: Api<SubjectAccessReview> = Api::all(client.clone());
+    let user = format!("system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SERVICE_ACCOUNT}");
+    let allowed = |group: &str, resource: &str, verb: &str| {
+        let (resource, subresource) = resource.split_once('/').unwrap_or((resource, ""));
+        let review = SubjectAccessReview {
+            metadata: Default::default(),
+            spec: SubjectAccessReviewSpec {
+                user: Some(user.clone()),
+                groups: Some(vec![
+                    "system:serviceaccounts".into(),
+                    format!("system:serviceaccounts:{OPERATOR_NAMESPACE}"),
+                    "system:authenticated".into(),
+                ]),
+                resource_attributes: Some(ResourceAttributes {
+                    group: Some(group.into()),
+                    resource: Some(resource.into()),
+                    subresource: (!subresource.is_empty()).then(|| subresource.to_string()),
+                    verb: Some(verb.into()),
+                    namespace: Some("some-team".into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            status: None,
+        };
+        let reviews = reviews.clone();
+        async move {
+            reviews
+                .create(&PostParams::default(), &review)
+                .await
+                .unwrap()
+                .status
+                .unwrap()
+                .allowed
+        }
+    };
+    for (group, resource, verb) in &table {
+        assert!(
+            allowed(group, resource, verb).await,
+            "{user} may not {verb} {group}/{resource}"
+        );
+    }
+    for (group, resource, verb) in [
+        ("", "secrets", "delete"),
+        ("", "pods", "delete"),
+        ("", "persistentvolumeclaims", "delete"),
+        ("stratum.dev", "postgresclusters", "delete"),
+        ("rbac.authorization.k8s.io", "clusterroles", "create"),
+    ] {
+        assert!(
+            !allowed(group, resource, verb).await,
+            "{user} may {verb} {group}/{resource}, which the operator never does"
+        );
+    }
+}
