@@ -108,6 +108,8 @@ enum LocalCommand {
     Status(operator_core::local::StatusArgs),
     /// Stop a running `local up`; --purge also deletes its data.
     Down(operator_core::local::DownArgs),
+    /// Switch the primary over to a replica (planned, clean).
+    Promote(operator_core::local::PromoteArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -180,6 +182,7 @@ async fn local(command: LocalCommand) -> anyhow::Result<()> {
         }
         LocalCommand::Status(args) => operator_core::local::status(args).await,
         LocalCommand::Down(args) => operator_core::local::down(args).await,
+        LocalCommand::Promote(args) => operator_core::local::promote(args).await,
     }
 }
 

@@ -511,14 +511,60 @@ pub trait InstanceDriver: Send + Sync {
     /// cannot be read is reported in the status.
     async fn status(&self, ctx: &InstanceContext, running: bool) -> MemberStatus;
 
-    /// Engine-specific actions (`promote`, `demote`, …) posted to the
-    /// manager. Unknown actions return `Ok(None)` (404).
+    /// Engine-specific actions (`promote`, `follow`, …) posted to the
+    /// manager. Unknown actions return `Ok(None)` (404). Every action is
+    /// idempotent. The manager handles `fence`, `unfence`, `lease` and
+    /// `restart` itself and never passes them here.
     async fn action(
         &self,
         _ctx: &InstanceContext,
         _action: &str,
         _body: serde_json::Value,
-    ) -> Result<Option<serde_json::Value>, InstanceError> {
+    ) -> Result<Option<ActionReply>, InstanceError> {
         Ok(None)
     }
+
+    /// Whether the server, started now from the data directory as it is,
+    /// would accept writes (a PostgreSQL data directory without
+    /// `standby.signal`). Once this instance has been granted a write lease,
+    /// the manager starts such a server only while the lease is valid, and
+    /// stops it when the lease expires (see `docs/failover.md`). Engines
+    /// with native elections keep the default, `false`.
+    fn needs_write_lease(&self, _ctx: &InstanceContext) -> bool {
+        false
+    }
+}
+
+/// What an [`InstanceDriver::action`] answers, and what the manager must do
+/// with the server afterwards.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ActionReply {
+    /// The JSON answer.
+    pub body: serde_json::Value,
+    /// Follow-up by the manager before it answers.
+    pub then: AfterAction,
+}
+
+impl ActionReply {
+    /// An answer that needs nothing more.
+    pub fn done(body: serde_json::Value) -> Self {
+        Self {
+            body,
+            then: AfterAction::Nothing,
+        }
+    }
+}
+
+/// Follow-up of an action, done by the manager.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AfterAction {
+    /// Nothing.
+    #[default]
+    Nothing,
+    /// Stop the server, `prepare` again (which applies what the action
+    /// recorded, e.g. a rewind) and start it.
+    Restart,
+    /// As `Restart`, and lift a fence first: the action made the instance
+    /// safe to run (it now follows a primary).
+    UnfenceAndRestart,
 }

@@ -267,8 +267,8 @@ fn wal_position(m: &ObservedMember) -> Option<(u32, u64, u64)> {
 /// - two or more primaries: refuse to pick (the caller fences; routing
 ///   sends writes nowhere meanwhile);
 /// - a primary that reports itself but is not ready yet: wait;
-/// - no primary: promote the replica with the highest received LSN, then
-///   replayed LSN, then the lowest ordinal; replicas that did not report are
+/// - no primary: promote the replica on the newest timeline with the
+///   highest received LSN, then replayed LSN, then the lowest ordinal; replicas that did not report are
 ///   not candidates. On a new cluster (nobody has data yet) wait.
 pub fn elect(members: &[ObservedMember]) -> Election {
     let primaries: Vec<&ObservedMember> = members
@@ -331,8 +331,11 @@ pub fn elect(members: &[ObservedMember]) -> Election {
             }
         };
     }
+    // The newest timeline first: a stale member (an old primary started
+    // as a standby) may show a higher LSN on a timeline that was abandoned.
     candidates.sort_by(|(a, pa), (b, pb)| {
-        pb.1.cmp(&pa.1)
+        pb.0.cmp(&pa.0)
+            .then(pb.1.cmp(&pa.1))
             .then(pb.2.cmp(&pa.2))
             .then(ordinal(&a.name).cmp(&ordinal(&b.name)))
     });
@@ -344,6 +347,42 @@ pub fn elect(members: &[ObservedMember]) -> Election {
             operator_core::instance::protocol::format_lsn(received),
             operator_core::instance::protocol::format_lsn(replayed)
         ),
+    }
+}
+
+/// In synchronous mode (`number` = n of the other members), every
+/// acknowledged commit is on at least n replicas, so a promotion is safe
+/// only when the candidates compared include at least `replicas - n + 1`
+/// of them; otherwise the unreachable ones may hold commits the candidate
+/// lacks, and the election waits. Pure.
+pub fn guard_synchronous(election: Election, members: &[ObservedMember], number: i32) -> Election {
+    let Election::Promote { .. } = &election else {
+        return election;
+    };
+    let standbys = members.len().saturating_sub(1);
+    let need = standbys
+        .saturating_sub(number.max(0) as usize)
+        .saturating_add(1)
+        .max(1);
+    let reported = members
+        .iter()
+        .filter(|m| {
+            m.role() == Role::Replica
+                && m.status
+                    .as_ref()
+                    .is_some_and(|s| s.process == ProcessState::Running)
+                && wal_position(m).is_some()
+        })
+        .count();
+    if reported >= need {
+        election
+    } else {
+        Election::Wait {
+            reason: format!(
+                "synchronous replication: {reported} of {standbys} replicas reported their position, {need} needed so that the promoted one holds every acknowledged commit"
+            ),
+            retry_after: std::time::Duration::from_millis(500),
+        }
     }
 }
 
@@ -485,8 +524,17 @@ impl Engine for PostgresEngine {
         serde_json::to_value(settings).map_err(|e| SpecError::new("spec", e.to_string()))
     }
 
-    fn elect(&self, _cluster: &ValidatedCluster, members: &[ObservedMember]) -> Election {
-        elect(members)
+    fn elect(&self, cluster: &ValidatedCluster, members: &[ObservedMember]) -> Election {
+        let election = elect(members);
+        let sync = cluster
+            .engine_spec::<PostgresClusterSpec>()
+            .ok()
+            .and_then(|s| s.postgresql)
+            .and_then(|p| p.synchronous);
+        match sync {
+            Some(sync) => guard_synchronous(election, members, sync.number),
+            None => election,
+        }
     }
 
     fn route(&self, members: &[ObservedMember]) -> Routing {
@@ -673,6 +721,31 @@ spec:
                 Box::new(promote("c-2")),
             ),
             (
+                "newest timeline wins over a higher LSN on an abandoned one",
+                vec![
+                    down("c-0"),
+                    {
+                        let mut stale = member("c-1", Replica, true, 90, 90);
+                        if let Some(Position::Wal { timeline, .. }) =
+                            stale.status.as_mut().map(|s| &mut s.position)
+                        {
+                            *timeline = 1;
+                        }
+                        stale
+                    },
+                    {
+                        let mut fresh = member("c-2", Replica, true, 50, 50);
+                        if let Some(Position::Wal { timeline, .. }) =
+                            fresh.status.as_mut().map(|s| &mut s.position)
+                        {
+                            *timeline = 2;
+                        }
+                        fresh
+                    },
+                ],
+                Box::new(promote("c-2")),
+            ),
+            (
                 "two primaries: no candidate",
                 vec![
                     member("c-0", Primary, true, 10, 10),
@@ -698,6 +771,30 @@ spec:
             let e = elect(&members);
             assert!(check(&e), "{name}: got {e:?}");
         }
+    }
+
+    #[test]
+    fn synchronous_promotion_needs_enough_reports() {
+        use Role::Replica;
+        let promote = Election::Promote {
+            candidate: "c-1".into(),
+            reason: String::new(),
+        };
+        // 1 of 2 standbys synchronous: one report is not enough (the other
+        // may hold the only copy of a commit), two are.
+        let one = [down("c-0"), member("c-1", Replica, true, 5, 5), down("c-2")];
+        assert!(matches!(
+            guard_synchronous(promote.clone(), &one, 1),
+            Election::Wait { .. }
+        ));
+        let both = [
+            down("c-0"),
+            member("c-1", Replica, true, 5, 5),
+            member("c-2", Replica, true, 4, 4),
+        ];
+        assert_eq!(guard_synchronous(promote.clone(), &both, 1), promote);
+        // 2 of 2: every standby has every commit; one report suffices.
+        assert_eq!(guard_synchronous(promote.clone(), &one, 2), promote);
     }
 
     #[test]

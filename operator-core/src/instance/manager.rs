@@ -93,12 +93,14 @@ where
         ctx.config.token_file.display()
     );
 
-    let (restart_tx, restart_rx) = mpsc::channel(4);
+    let (control_tx, control_rx) = mpsc::channel(8);
+    let lease = load_lease(&ctx.run_dir);
     let shared = Arc::new(Shared {
         ctx,
         driver,
         state: Mutex::new(SupervisorState::default()),
-        restart_tx,
+        control_tx,
+        lease: Mutex::new(lease),
     });
 
     let listener =
@@ -134,7 +136,7 @@ where
             .await
     });
 
-    let result = supervise(&shared, shutdown_rx, restart_rx).await;
+    let result = supervise(&shared, shutdown_rx, control_rx).await;
     shutdown_task.abort();
     let _ = http_done_tx.send(true);
     match tokio::time::timeout(Duration::from_secs(5), &mut http).await {
@@ -227,9 +229,101 @@ pub(crate) struct Shared {
     pub(crate) ctx: InstanceContext,
     pub(crate) driver: Arc<dyn InstanceDriver>,
     pub(crate) state: Mutex<SupervisorState>,
-    /// Restart requests; the sender is answered once the new server
-    /// process is started (or could not be).
-    pub(crate) restart_tx: mpsc::Sender<oneshot::Sender<Result<(), String>>>,
+    /// Requests to the supervisor loop (restart, stop, wake up).
+    pub(crate) control_tx: mpsc::Sender<Control>,
+    /// The write lease (see [`LeaseState`]).
+    pub(crate) lease: Mutex<LeaseState>,
+}
+
+/// An answer channel for a supervisor request.
+pub(crate) type Ack = oneshot::Sender<Result<(), String>>;
+
+/// A request to the supervisor loop.
+pub(crate) enum Control {
+    /// Stop the server, prepare, start it again; answered once the new
+    /// process is started (or could not be, or is held down).
+    Restart(Ack),
+    /// Stop the server (the fence marker keeps it down); answered once it
+    /// is stopped.
+    Stop(Ack),
+    /// Look at the hold-down conditions again now (after `unfence`, a new
+    /// lease).
+    Wake,
+}
+
+/// Name of the fence marker in the run directory.
+pub const FENCE_MARKER: &str = "fenced";
+/// Name of the persisted write lease in the run directory.
+pub const LEASE_FILE: &str = "lease.json";
+/// How often the hold-down conditions and the lease are checked.
+const WATCHDOG_PERIOD: Duration = Duration::from_millis(100);
+
+/// The write lease as the manager knows it.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct LeaseState {
+    /// A lease was ever granted to this instance (persisted): from then on
+    /// a writer starts and keeps running only under a valid lease.
+    pub(crate) known: bool,
+    /// Highest term seen.
+    pub(crate) term: u64,
+    /// When the lease ends; `None` when expired or never granted.
+    pub(crate) expires: Option<Instant>,
+}
+
+impl LeaseState {
+    fn valid(&self) -> bool {
+        self.expires.is_some_and(|e| Instant::now() < e)
+    }
+
+    fn remaining_ms(&self) -> Option<i64> {
+        self.known.then(|| match self.expires {
+            Some(e) => {
+                let now = Instant::now();
+                if e > now {
+                    (e - now).as_millis() as i64
+                } else {
+                    -((now - e).as_millis() as i64)
+                }
+            }
+            None => -1,
+        })
+    }
+}
+
+/// `lease.json`: the lease's end as wall-clock milliseconds, so that a
+/// restarted manager knows whether it still holds one.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LeaseFile {
+    holder: String,
+    term: u64,
+    expires_at_unix_ms: i64,
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn load_lease(run_dir: &Path) -> LeaseState {
+    let Ok(text) = std::fs::read_to_string(run_dir.join(LEASE_FILE)) else {
+        return LeaseState::default();
+    };
+    let Ok(file) = serde_json::from_str::<LeaseFile>(&text) else {
+        // Unreadable: a lease existed; treat it as expired.
+        return LeaseState {
+            known: true,
+            ..Default::default()
+        };
+    };
+    let left = file.expires_at_unix_ms - unix_ms();
+    LeaseState {
+        known: true,
+        term: file.term,
+        expires: (left > 0).then(|| Instant::now() + Duration::from_millis(left as u64)),
+    }
 }
 
 /// What the supervisor knows about the server process.
@@ -254,6 +348,101 @@ impl Shared {
 
     pub(crate) fn snapshot(&self) -> SupervisorState {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn lease_snapshot(&self) -> LeaseState {
+        self.lease.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn fence_marker(&self) -> std::path::PathBuf {
+        self.ctx.run_dir.join(FENCE_MARKER)
+    }
+
+    /// Whether the operator fenced this instance (persisted marker).
+    pub(crate) fn fenced(&self) -> bool {
+        self.fence_marker().exists()
+    }
+
+    /// Persist the fence marker.
+    pub(crate) fn set_fence(&self) -> std::io::Result<()> {
+        std::fs::write(self.fence_marker(), format!("fenced at {}\n", unix_ms()))
+    }
+
+    /// Remove the fence marker.
+    pub(crate) fn clear_fence(&self) -> std::io::Result<()> {
+        match std::fs::remove_file(self.fence_marker()) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Why the server must stay down now, if it must: a fence, or a writer
+    /// without a valid lease.
+    fn hold_reason(&self) -> Option<String> {
+        if self.fenced() {
+            return Some("fenced by the operator".into());
+        }
+        let lease = self.lease_snapshot();
+        if lease.known && !lease.valid() && self.driver.needs_write_lease(&self.ctx) {
+            return Some(
+                "waiting for a write lease (this data directory would start as a writer)".into(),
+            );
+        }
+        None
+    }
+
+    /// Grant or renew the write lease. Refused for another holder or an
+    /// older term. Returns the milliseconds granted.
+    pub(crate) fn grant_lease(&self, grant: &super::protocol::LeaseGrant) -> Result<u64, String> {
+        let me = &self.ctx.config.instance;
+        if &grant.holder != me {
+            return Err(format!("the lease is for {}, this is {me}", grant.holder));
+        }
+        let mut lease = self.lease.lock().unwrap_or_else(|e| e.into_inner());
+        if grant.term < lease.term {
+            return Err(format!(
+                "lease term {} is older than term {} already seen",
+                grant.term, lease.term
+            ));
+        }
+        let ttl = Duration::from_millis(grant.ttl_ms);
+        let file = LeaseFile {
+            holder: grant.holder.clone(),
+            term: grant.term,
+            expires_at_unix_ms: unix_ms() + grant.ttl_ms as i64,
+        };
+        let path = self.ctx.run_dir.join(LEASE_FILE);
+        let tmp = self.ctx.run_dir.join(format!(".{LEASE_FILE}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec(&file).unwrap_or_default())
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .map_err(|e| format!("failed to persist the lease in {}: {e}", path.display()))?;
+        let was_valid = lease.valid();
+        lease.known = true;
+        lease.term = grant.term;
+        lease.expires = Some(Instant::now() + ttl);
+        drop(lease);
+        if !was_valid {
+            let _ = self.control_tx.try_send(Control::Wake);
+        }
+        Ok(grant.ttl_ms)
+    }
+
+    /// Send a request to the supervisor and wait for its answer.
+    pub(crate) async fn request(
+        &self,
+        make: impl FnOnce(Ack) -> Control,
+        wait: Duration,
+    ) -> Result<bool, String> {
+        let (ack_tx, ack_rx) = oneshot::channel();
+        if self.control_tx.send(make(ack_tx)).await.is_err() {
+            return Err("the manager is stopping".into());
+        }
+        match tokio::time::timeout(wait, ack_rx).await {
+            Ok(Ok(Ok(()))) => Ok(true),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err("the manager is stopping".into()),
+            Err(_) => Ok(false),
+        }
     }
 
     /// The status document: the driver's report on the server, completed
@@ -296,6 +485,14 @@ impl Shared {
                 status.message = snap.message.clone();
             }
         }
+        let lease = self.lease_snapshot();
+        status.fenced = self.fenced();
+        status.awaiting_lease = !status.fenced
+            && !snap.running
+            && lease.known
+            && !lease.valid()
+            && self.driver.needs_write_lease(&self.ctx);
+        status.lease_remaining_ms = lease.remaining_ms();
         (status, snap)
     }
 }
@@ -305,30 +502,70 @@ async fn wait_shutdown(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
-/// Prepare, run, restart; returns when asked to stop (after stopping the
-/// server) or on an error a human must fix.
+/// How a running server's watch ended.
+enum RunEnd {
+    /// It exited by itself.
+    Exited(ExitStatus, Box<ServerProcess>),
+    /// The manager is stopping (server stopped).
+    Shutdown,
+    /// Stopped on request or by the lease watchdog; start again (the
+    /// hold-down gate decides whether it may).
+    Stopped,
+}
+
+/// Hold down, prepare, run, restart; returns when asked to stop (after
+/// stopping the server) or on an error a human must fix.
 async fn supervise(
     shared: &Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
-    mut restarts: mpsc::Receiver<oneshot::Sender<Result<(), String>>>,
+    mut control: mpsc::Receiver<Control>,
 ) -> anyhow::Result<()> {
     let name = shared.ctx.config.instance.clone();
     let mut backoff = Backoff::default();
-    let mut pending_ack: Option<oneshot::Sender<Result<(), String>>> = None;
+    let mut pending_ack: Option<Ack> = None;
     loop {
+        // The gate: a fenced instance, or a writer without a lease, stays
+        // down until that changes.
+        if let Some(reason) = shared.hold_reason() {
+            if shared.snapshot().message.as_deref() != Some(reason.as_str()) {
+                tracing::info!(instance = %name, "server held down: {reason}");
+            }
+            shared.update(|s| {
+                s.process = ProcessState::Fenced;
+                s.running = false;
+                s.message = Some(reason.clone());
+            });
+            if let Some(ack) = pending_ack.take() {
+                let _ = ack.send(Ok(()));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(WATCHDOG_PERIOD * 2) => {}
+                _ = wait_shutdown(&mut shutdown) => return Ok(()),
+                Some(c) = control.recv() => match c {
+                    Control::Restart(ack) | Control::Stop(ack) => { let _ = ack.send(Ok(())); }
+                    Control::Wake => {}
+                },
+            }
+            continue;
+        }
         // Prepare before every start: it is idempotent and re-renders the
         // configuration, so a restart picks up changes.
         let started: anyhow::Result<_> = async {
             if !prepare(shared, &mut shutdown).await? {
                 return Ok(None);
             }
+            if shared.hold_reason().is_some() {
+                return Ok(Some(None));
+            }
             let command = shared.driver.server_command(&shared.ctx)?;
             let server = spawn_server(shared, &command).await?;
-            Ok(Some((command, server)))
+            Ok(Some(Some((command, server))))
         }
         .await;
         let (command, mut server) = match started {
-            Ok(Some(started)) => started,
+            Ok(Some(Some(started))) => started,
+            // Held down meanwhile (a fence arrived during prepare).
+            Ok(Some(None)) => continue,
             // Asked to stop; a pending restart request is answered by the
             // dropped sender ("the manager is stopping").
             Ok(None) => return Ok(()),
@@ -343,45 +580,99 @@ async fn supervise(
             let _ = ack.send(Ok(()));
         }
         let started = Instant::now();
-        tokio::select! {
-            exit = server.child.wait() => {
-                let exit = exit.context("failed to wait for the server process")?;
-                server.reaped = true;
-                server.drain_output().await;
-                let delay = backoff.next_delay(started.elapsed());
-                let output = shared.snapshot().recent_output.into_iter().collect::<Vec<_>>().join(" | ");
-                let message = format!(
-                    "server exited unexpectedly ({}); restarting in {}s{}",
-                    describe_exit(exit),
-                    delay.as_secs_f32(),
-                    if output.is_empty() { String::new() } else { format!("; last output: {output}") }
-                );
-                tracing::warn!(instance = %name, "{message}");
-                shared.update(|s| {
-                    s.process = ProcessState::Exited;
-                    s.running = false;
-                    s.restarts += 1;
-                    s.message = Some(message);
-                });
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = wait_shutdown(&mut shutdown) => return Ok(()),
-                    Some(ack) = restarts.recv() => {
-                        // A requested restart skips the remaining delay.
+        let mut watchdog = tokio::time::interval(WATCHDOG_PERIOD);
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let end = loop {
+            tokio::select! {
+                exit = server.child.wait() => {
+                    let exit = exit.context("failed to wait for the server process")?;
+                    server.reaped = true;
+                    break RunEnd::Exited(exit, Box::new(server));
+                }
+                _ = wait_shutdown(&mut shutdown) => {
+                    stop_server(shared, server, command.stop_signal).await;
+                    break RunEnd::Shutdown;
+                }
+                Some(c) = control.recv() => match c {
+                    Control::Restart(ack) => {
+                        tracing::info!(instance = %name, "restarting the server on request");
+                        stop_server(shared, server, command.stop_signal).await;
                         backoff.reset();
                         pending_ack = Some(ack);
+                        break RunEnd::Stopped;
+                    }
+                    Control::Stop(ack) => {
+                        tracing::info!(instance = %name, "stopping the server on request (fence)");
+                        stop_server(shared, server, command.stop_signal).await;
+                        let _ = ack.send(Ok(()));
+                        break RunEnd::Stopped;
+                    }
+                    Control::Wake => {}
+                },
+                _ = watchdog.tick() => {
+                    if let Some(reason) = shared.hold_reason() {
+                        tracing::warn!(instance = %name, "stopping the server: {reason}");
+                        stop_server(shared, server, command.stop_signal).await;
+                        break RunEnd::Stopped;
                     }
                 }
             }
-            _ = wait_shutdown(&mut shutdown) => {
-                stop_server(shared, server, command.stop_signal).await;
-                return Ok(());
+        };
+        let (exit, mut server) = match end {
+            RunEnd::Shutdown => return Ok(()),
+            RunEnd::Stopped => continue,
+            RunEnd::Exited(exit, server) => (exit, server),
+        };
+        server.drain_output().await;
+        let delay = backoff.next_delay(started.elapsed());
+        let output = shared
+            .snapshot()
+            .recent_output
+            .into_iter()
+            .collect::<Vec<_>>()
+            .join(" | ");
+        let message = format!(
+            "server exited unexpectedly ({}); restarting in {}s{}",
+            describe_exit(exit),
+            delay.as_secs_f32(),
+            if output.is_empty() {
+                String::new()
+            } else {
+                format!("; last output: {output}")
             }
-            Some(ack) = restarts.recv() => {
-                tracing::info!(instance = %name, "restarting the server on request");
-                stop_server(shared, server, command.stop_signal).await;
-                backoff.reset();
-                pending_ack = Some(ack);
+        );
+        tracing::warn!(instance = %name, "{message}");
+        shared.update(|s| {
+            s.process = ProcessState::Exited;
+            s.running = false;
+            s.restarts += 1;
+            s.message = Some(message);
+        });
+        let deadline = tokio::time::Instant::now() + delay;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = wait_shutdown(&mut shutdown) => return Ok(()),
+                _ = tokio::time::sleep(WATCHDOG_PERIOD) => {
+                    // A fence or an expired lease ends the wait: the gate
+                    // reports it at once.
+                    if shared.hold_reason().is_some() {
+                        break;
+                    }
+                }
+                Some(c) = control.recv() => match c {
+                    Control::Restart(ack) => {
+                        // A requested restart skips the remaining delay.
+                        backoff.reset();
+                        pending_ack = Some(ack);
+                        break;
+                    }
+                    Control::Stop(ack) => {
+                        let _ = ack.send(Ok(()));
+                        break;
+                    }
+                    Control::Wake => {}
+                },
             }
         }
     }
@@ -601,6 +892,8 @@ mod tests {
     struct FakeDriver {
         script: &'static str,
         prepare_calls: AtomicU32,
+        /// Its server would accept writes (needs a lease once granted).
+        writer: bool,
     }
 
     #[async_trait]
@@ -629,6 +922,10 @@ mod tests {
             })
         }
 
+        fn needs_write_lease(&self, _: &InstanceContext) -> bool {
+            self.writer
+        }
+
         async fn status(&self, _: &InstanceContext, running: bool) -> MemberStatus {
             MemberStatus {
                 role: if running {
@@ -653,6 +950,10 @@ mod tests {
     }
 
     fn start(script: &'static str) -> Harness {
+        start_with(script, false)
+    }
+
+    fn start_with(script: &'static str, writer: bool) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -681,6 +982,7 @@ mod tests {
         let driver = Arc::new(FakeDriver {
             script,
             prepare_calls: AtomicU32::new(0),
+            writer,
         });
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(run_until(config, driver, async move {
@@ -808,6 +1110,65 @@ mod tests {
             .await
             .unwrap();
         assert!(metrics.contains("stratum_instance_up 0"), "{metrics}");
+        let _ = h.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(10), &mut h.handle)
+            .await
+            .expect("stops in time")
+            .unwrap()
+            .unwrap();
+    }
+
+    impl Harness {
+        async fn act(&self, name: &str, body: serde_json::Value) -> reqwest::StatusCode {
+            self.http
+                .post(format!("{}/v1/actions/{name}", self.api))
+                .bearer_auth("tok")
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fence_persists_and_an_expired_lease_stops_a_writer() {
+        let mut h = start_with("exec sleep 600", true);
+        h.status_until("ready", |s| s.ready).await;
+
+        // Fence: stopped, reported, marker persisted; unfence starts it.
+        assert_eq!(h.act("fence", serde_json::json!({})).await, 200);
+        let s = h.status_until("fenced", |s| s.fenced && !s.ready).await;
+        assert_eq!(s.process, ProcessState::Fenced);
+        assert!(h.run_dir.join(FENCE_MARKER).exists());
+        assert_eq!(
+            h.act("fence", serde_json::json!({})).await,
+            200,
+            "idempotent"
+        );
+        assert_eq!(h.act("unfence", serde_json::json!({})).await, 200);
+        h.status_until("running after unfence", |s| s.ready && !s.fenced)
+            .await;
+
+        // A lease for another instance or without a body is refused.
+        let other = serde_json::json!({"lease": {"holder": "fake-1", "term": 1, "ttlMs": 400}});
+        assert_eq!(h.act("lease", other).await, 409);
+        assert_eq!(h.act("lease", serde_json::json!({})).await, 400);
+        // Granted, then not renewed: the writer is stopped and held down.
+        let lease = serde_json::json!({"lease": {"holder": "fake-0", "term": 2, "ttlMs": 400}});
+        assert_eq!(h.act("lease", lease.clone()).await, 200);
+        let s = h
+            .status_until("held down for want of a lease", |s| {
+                s.awaiting_lease && !s.ready
+            })
+            .await;
+        assert!(s.lease_remaining_ms.unwrap() < 0);
+        let old = serde_json::json!({"lease": {"holder": "fake-0", "term": 1, "ttlMs": 60000}});
+        assert_eq!(h.act("lease", old).await, 409, "an older term");
+        let renewed = serde_json::json!({"lease": {"holder": "fake-0", "term": 2, "ttlMs": 60000}});
+        assert_eq!(h.act("lease", renewed).await, 200);
+        h.status_until("running under a lease", |s| s.ready).await;
+
         let _ = h.stop.take().unwrap().send(());
         tokio::time::timeout(Duration::from_secs(10), &mut h.handle)
             .await

@@ -194,6 +194,54 @@ pub struct MemberStatus {
     pub details: serde_json::Value,
     /// Address clients use for this instance (`host:port`).
     pub address: String,
+    /// Fenced by the operator: the server is kept down until `unfence`
+    /// (or an action that makes it safe, such as `follow`).
+    #[serde(default)]
+    pub fenced: bool,
+    /// The server would accept writes and the manager holds no valid write
+    /// lease, so it keeps the server down until the operator grants one.
+    #[serde(default)]
+    pub awaiting_lease: bool,
+    /// Milliseconds left on the write lease (negative: expired), when this
+    /// instance ever held one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_remaining_ms: Option<i64>,
+}
+
+/// Built-in action: stop the server and keep it down (persisted) until
+/// `unfence`.
+pub const ACTION_FENCE: &str = "fence";
+/// Built-in action: lift a fence.
+pub const ACTION_UNFENCE: &str = "unfence";
+/// Built-in action: grant or renew the write lease ([`LeaseGrant`]).
+pub const ACTION_LEASE: &str = "lease";
+/// Engine action: become the primary (body may carry `lease`).
+pub const ACTION_PROMOTE: &str = "promote";
+/// Engine action: run as a replica of `{"primary": NAME}`.
+pub const ACTION_FOLLOW: &str = "follow";
+/// Engine action: the same as `follow`, sent to a primary.
+pub const ACTION_DEMOTE: &str = "demote";
+/// Engine action: the replication slots a primary keeps
+/// (`{"replicas": [NAME, …]}`).
+pub const ACTION_SLOTS: &str = "slots";
+/// Key of a [`LeaseGrant`] in any action body: the manager applies it
+/// before the action (a promotion is granted its lease atomically).
+pub const BODY_LEASE: &str = "lease";
+
+/// A write lease: while it is valid the instance may run as a writer; when
+/// it expires the manager stops the server. Granted and renewed by the
+/// operator on the current primary only.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseGrant {
+    /// The instance the lease is for; a manager refuses a lease for
+    /// another instance.
+    pub holder: String,
+    /// The operator's term (incremented at each promotion); a lease of an
+    /// older term than one already seen is refused.
+    pub term: u64,
+    /// Validity from the moment the manager receives it.
+    pub ttl_ms: u64,
 }
 
 #[cfg(test)]

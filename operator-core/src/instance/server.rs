@@ -9,6 +9,13 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::manager::{Control, Shared};
+use super::protocol::{
+    ACTION_FENCE, ACTION_LEASE, ACTION_UNFENCE, BODY_LEASE, HEADER_CLUSTER_ID, LeaseGrant,
+    MemberStatus, PATH_ACTIONS, PATH_HEALTHZ, PATH_METRICS, PATH_READYZ, PATH_STATUS, Position,
+    ProcessState, Role,
+};
+use crate::engine::{AfterAction, InstanceError};
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
@@ -18,14 +25,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use tokio::sync::oneshot;
-
-use super::manager::Shared;
-use super::protocol::{
-    HEADER_CLUSTER_ID, MemberStatus, PATH_ACTIONS, PATH_HEALTHZ, PATH_METRICS, PATH_READYZ,
-    PATH_STATUS, Position, ProcessState, Role,
-};
-use crate::engine::InstanceError;
 
 /// Name of the built-in action that restarts the database server.
 pub const ACTION_RESTART: &str = "restart";
@@ -293,16 +292,88 @@ async fn action(
             }
         }
     };
-    if name == ACTION_RESTART {
-        return restart(&shared).await;
+    // A lease in any body is applied first, so that a promotion holds its
+    // lease from the moment it accepts writes.
+    if let Some(grant) = body.get(BODY_LEASE).filter(|v| !v.is_null()) {
+        let grant: LeaseGrant = match serde_json::from_value(grant.clone()) {
+            Ok(g) => g,
+            Err(e) => {
+                return error_response(StatusCode::BAD_REQUEST, format!("invalid lease: {e}"));
+            }
+        };
+        if let Err(e) = shared.grant_lease(&grant) {
+            return error_response(StatusCode::CONFLICT, e);
+        }
+    }
+    match name.as_str() {
+        ACTION_RESTART => return restart(&shared).await,
+        ACTION_FENCE => return fence(&shared).await,
+        ACTION_UNFENCE => {
+            if let Err(e) = shared.clear_fence() {
+                return error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+            }
+            let _ = shared.control_tx.try_send(Control::Wake);
+            return Json(json!({ "fenced": false })).into_response();
+        }
+        ACTION_LEASE => {
+            return match body.get(BODY_LEASE) {
+                Some(_) => Json(json!({ "lease": true })).into_response(),
+                None => error_response(
+                    StatusCode::BAD_REQUEST,
+                    "a lease action needs {\"lease\": {\"holder\", \"term\", \"ttlMs\"}}",
+                ),
+            };
+        }
+        _ => {}
     }
     match shared.driver.action(&shared.ctx, &name, body).await {
-        Ok(Some(result)) => Json(result).into_response(),
+        Ok(Some(reply)) => {
+            let mut body = reply.body;
+            match reply.then {
+                AfterAction::Nothing => {}
+                AfterAction::Restart | AfterAction::UnfenceAndRestart => {
+                    if reply.then == AfterAction::UnfenceAndRestart
+                        && let Err(e) = shared.clear_fence()
+                    {
+                        return error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+                    }
+                    match shared.request(Control::Restart, RESTART_WAIT).await {
+                        Ok(done) => {
+                            if let Some(obj) = body.as_object_mut() {
+                                obj.insert("restarted".into(), json!(done));
+                            }
+                        }
+                        Err(e) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, e),
+                    }
+                }
+            }
+            Json(body).into_response()
+        }
         Ok(None) => error_response(StatusCode::NOT_FOUND, format!("unknown action {name:?}")),
         Err(e @ InstanceError::Settings(_)) => {
             error_response(StatusCode::BAD_REQUEST, e.to_string())
         }
         Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `fence`: persist the marker first (a crash after it still keeps the
+/// server down), then stop the server and answer once it is stopped.
+async fn fence(shared: &Shared) -> Response {
+    if let Err(e) = shared.set_fence() {
+        return error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("failed to write the fence marker: {e}"),
+        );
+    }
+    match shared.request(Control::Stop, RESTART_WAIT).await {
+        Ok(true) => Json(json!({ "fenced": true, "stopped": true })).into_response(),
+        Ok(false) => (
+            StatusCode::ACCEPTED,
+            Json(json!({ "fenced": true, "stopped": false })),
+        )
+            .into_response(),
+        Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, e),
     }
 }
 
@@ -323,19 +394,15 @@ async fn restart(shared: &Shared) -> Response {
             ),
         );
     }
-    let (ack_tx, ack_rx) = oneshot::channel();
-    if shared.restart_tx.send(ack_tx).await.is_err() {
-        return error_response(StatusCode::SERVICE_UNAVAILABLE, "the manager is stopping");
-    }
-    match tokio::time::timeout(RESTART_WAIT, ack_rx).await {
-        Ok(Ok(Ok(()))) => Json(json!({ "restarted": true })).into_response(),
-        Ok(Ok(Err(e))) => error_response(StatusCode::INTERNAL_SERVER_ERROR, e),
-        Ok(Err(_)) => error_response(StatusCode::SERVICE_UNAVAILABLE, "the manager is stopping"),
-        Err(_) => (
+    match shared.request(Control::Restart, RESTART_WAIT).await {
+        Ok(true) => Json(json!({ "restarted": true })).into_response(),
+        Ok(false) => (
             StatusCode::ACCEPTED,
             Json(json!({ "restarted": false, "message": "restart requested, still in progress" })),
         )
             .into_response(),
+        Err(e) if e.contains("stopping") => error_response(StatusCode::SERVICE_UNAVAILABLE, e),
+        Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 

@@ -32,16 +32,8 @@ pub async fn run(args: DownArgs) -> anyhow::Result<()> {
         Some(pid) => stop_up(&dir, pid).await?,
         None => tracing::info!(state_dir = %dir.root().display(), "not running"),
     }
-    // Managers orphaned by an `up` that was killed outright would hold the
-    // ports and the data directories; they are recognised by their config
-    // path inside this state directory.
     if let Some(state) = state::read_state(&dir)? {
-        for (name, pid) in &state.managers {
-            if is_our_manager(*pid, &dir.instance_config_file(name)) {
-                tracing::warn!(instance = %name, pid, "stopping an orphaned instance manager");
-                stop_pid(*pid, STOP_TIMEOUT).await;
-            }
-        }
+        stop_orphaned_managers(&dir, &state).await;
     }
 
     if args.purge {
@@ -51,6 +43,22 @@ pub async fn run(args: DownArgs) -> anyhow::Result<()> {
         eprintln!("deleted {}", dir.root().display());
     }
     Ok(())
+}
+
+/// Stop the managers an `up` that was killed outright left running (they
+/// hold the ports and the data directories); they are recognised by their
+/// config path inside this state directory. SIGTERM stops their databases
+/// cleanly.
+pub(super) async fn stop_orphaned_managers(dir: &StateDir, state: &state::LocalState) {
+    let stops = state
+        .managers
+        .iter()
+        .filter(|(name, pid)| is_our_manager(**pid, &dir.instance_config_file(name)))
+        .map(|(name, pid)| {
+            tracing::warn!(instance = %name, pid, "stopping an orphaned instance manager");
+            stop_pid(*pid, STOP_TIMEOUT)
+        });
+    futures::future::join_all(stops).await;
 }
 
 async fn stop_up(dir: &StateDir, pid: u32) -> anyhow::Result<()> {

@@ -20,7 +20,9 @@
 //!   state.json              cluster id (random hex, generated once), listen
 //!                           address, ports, pid of `up`, manager pids, and
 //!                           the status snapshot rewritten every tick
-//!                           (temp file + rename)
+//!                           (temp file + rename), and `ha`: the failover
+//!                           intent (current/target primary, term, step,
+//!                           events), written before each action
 //!   secrets/                generated credentials: one file per key of
 //!     api-token             `EngineManifest::generated_secrets` (plus
 //!     <key>...              `api-token`), 32 URL-safe random characters,
@@ -31,6 +33,8 @@
 //!     instance.json         the instance manager's `InstanceConfig`
 //!     manager.log           stdout and stderr of the manager (appended)
 //!   up.pid                  pid of the running `up`, flock-ed while it runs
+//!   switchover.json         a pending `stratum local promote` request,
+//!                           consumed by the running `up`
 //! ```
 //!
 //! Ports (database and manager API of each instance, the `rw` and `ro`
@@ -44,20 +48,22 @@
 //!
 //! # Endpoints
 //!
-//! `rw` forwards to the member `Engine::route` names for writes; when that
-//! changes to another member, open `rw` connections to the old one are
-//! closed so that no client keeps writing to a demoted node. A member that
-//! merely stops answering keeps its connections until another member is
-//! routed (the instance manager fences its own database). `ro` spreads new
+//! `rw` forwards to the primary the decision loop recognises; when that
+//! changes, or when a failover or switchover stops writes, open `rw`
+//! connections are closed so that no client keeps writing to a demoted
+//! node. A primary that merely stops answering for a moment keeps its
+//! connections until the loop declares it failed. `ro` spreads new
 //! connections round-robin over the read members and falls back to the `rw`
 //! member when there are none (a one-instance cluster still serves reads on
 //! `ro`). New connections wait up to a few seconds for a target, then are
 //! closed.
 
 mod down;
+mod ha;
 mod host;
 mod input;
 mod ports;
+mod promote;
 mod proxy;
 mod state;
 mod status;
@@ -69,6 +75,7 @@ use std::path::PathBuf;
 
 use crate::registry::EngineRegistry;
 
+pub use ha::{HaState, Step};
 pub use input::InvalidCluster;
 pub use status::{Phase, StatusSnapshot};
 
@@ -140,6 +147,30 @@ pub struct DownArgs {
     pub purge: bool,
 }
 
+/// `stratum local promote`: a planned switchover to a replica.
+#[derive(Clone, Debug, clap::Args)]
+pub struct PromoteArgs {
+    /// Directory holding the cluster's data, credentials and state.
+    #[arg(long, value_name = "DIR", env = "STRATUM_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+
+    /// The replica to promote, e.g. `simple-pg-1`.
+    #[arg(value_name = "INSTANCE")]
+    pub instance: String,
+
+    /// How long to wait for the switchover, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+}
+
+/// Switch the primary of the running cluster in `args.state_dir` over to
+/// `args.instance`: the old primary stops cleanly, the target catches up
+/// and is promoted, the others follow it. A missing instance, or one that
+/// is not a ready replica, is refused before anything changes.
+pub async fn promote(args: PromoteArgs) -> anyhow::Result<()> {
+    promote::run(args).await
+}
+
 /// Run the cluster described by `args.file` until SIGINT or SIGTERM.
 ///
 /// Nothing in the state directory is created or changed unless the file
@@ -180,6 +211,7 @@ mod tests {
         Up(UpArgs),
         Status(StatusArgs),
         Down(DownArgs),
+        Promote(PromoteArgs),
     }
 
     #[test]
@@ -199,5 +231,10 @@ mod tests {
         let Cmd::Down(d) = cli.cmd else { panic!() };
         assert!(d.purge);
         assert!(Cli::try_parse_from(["x", "up", "--state-dir", "/s"]).is_err());
+        let cli =
+            Cli::try_parse_from(["x", "promote", "--state-dir", "/s", "simple-pg-1"]).unwrap();
+        let Cmd::Promote(p) = cli.cmd else { panic!() };
+        assert_eq!(p.instance, "simple-pg-1");
+        assert_eq!(p.timeout, 60);
     }
 }

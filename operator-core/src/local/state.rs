@@ -32,12 +32,13 @@ pub const PID_FILE: &str = "up.pid";
 
 /// Entries a state directory may contain; `--purge` refuses a directory
 /// with anything else.
-const KNOWN_ENTRIES: [&str; 5] = [
+const KNOWN_ENTRIES: [&str; 6] = [
     CLUSTER_FILE,
     STATE_FILE,
     SECRETS_DIR,
     INSTANCES_DIR,
     PID_FILE,
+    super::ha::SWITCHOVER_FILE,
 ];
 
 /// Prefix of temporary files written before a rename.
@@ -150,6 +151,10 @@ pub struct LocalState {
     /// The last status snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<StatusSnapshot>,
+    /// Failover intent and facts (current/target primary, term, step,
+    /// events), written before each action.
+    #[serde(default)]
+    pub ha: super::ha::HaState,
 }
 
 /// Read `state.json`; `None` when there is none yet.

@@ -19,7 +19,7 @@ pub enum Phase {
     /// restart, or instances being added).
     #[default]
     Creating,
-    /// Every instance is ready.
+    /// Every instance is ready and `rw` routes to the writer.
     Healthy,
     /// Every instance was ready during this `up`, and some no longer is.
     Degraded,
@@ -27,10 +27,15 @@ pub enum Phase {
     Stopped,
 }
 
-/// The phase from the observed members. `seen_all_ready` says whether this
-/// `up` has already seen every instance ready at once.
-pub fn compute_phase(members: &[ObservedMember], seen_all_ready: bool) -> Phase {
-    if !members.is_empty() && members.iter().all(ObservedMember::ready) {
+/// The phase from the observed members: Healthy needs every instance ready
+/// and the `rw` endpoint routed to a writer. `seen_all_ready` says whether
+/// this `up` has already been Healthy once.
+pub fn compute_phase(
+    members: &[ObservedMember],
+    writer_routed: bool,
+    seen_all_ready: bool,
+) -> Phase {
+    if writer_routed && !members.is_empty() && members.iter().all(ObservedMember::ready) {
         Phase::Healthy
     } else if seen_all_ready {
         Phase::Degraded
@@ -91,6 +96,25 @@ pub struct StatusSnapshot {
     /// Pid of the running `up`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    /// The primary the operator recognises.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_primary: Option<String>,
+    /// The primary the operator is making (equal to `currentPrimary` when
+    /// no failover or switchover is in progress).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_primary: Option<String>,
+    /// The primary's timeline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<u32>,
+    /// The failover term (one per promotion).
+    #[serde(default)]
+    pub term: u64,
+    /// The operation in progress: `idle`, `failover`, `switchover`.
+    #[serde(default)]
+    pub step: String,
+    /// The last failover/switchover events, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<String>,
     /// When this snapshot was taken (RFC 3339).
     #[serde(default)]
     pub observed_at: String,
@@ -126,6 +150,8 @@ pub struct SnapshotInput<'a> {
     pub election: Option<&'a Election>,
     /// Pid of `up`.
     pub pid: Option<u32>,
+    /// Failover state.
+    pub ha: Option<&'a super::ha::HaState>,
 }
 
 /// Build a snapshot. Pure.
@@ -165,6 +191,24 @@ pub fn snapshot(input: SnapshotInput<'_>) -> StatusSnapshot {
         instances,
         election: input.election.map(describe_election),
         pid: input.pid,
+        current_primary: input.ha.and_then(|h| h.current_primary.clone()),
+        target_primary: input.ha.and_then(|h| h.target_primary.clone()),
+        timeline: input.ha.and_then(|h| h.timeline),
+        term: input.ha.map(|h| h.term).unwrap_or_default(),
+        step: input
+            .ha
+            .map(|h| match &h.step {
+                super::ha::Step::Idle => "idle".to_string(),
+                super::ha::Step::Failover { from } => format!("failover from {from}"),
+                super::ha::Step::Switchover { from, to } => {
+                    format!("switchover from {from} to {to}")
+                }
+            })
+            .unwrap_or_default(),
+        events: input
+            .ha
+            .map(|h| h.events.iter().rev().take(20).rev().cloned().collect())
+            .unwrap_or_default(),
         observed_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     }
 }
@@ -211,6 +255,7 @@ pub fn current(state: &LocalState, running: Option<u32>) -> StatusSnapshot {
             phase: Phase::Creating,
             election: None,
             pid: running,
+            ha: Some(&state.ha),
         })
     });
     match running {
@@ -230,6 +275,21 @@ pub fn render_text(s: &StatusSnapshot) -> String {
         s.endpoints.rw,
         s.endpoints.ro
     );
+    if s.current_primary.is_some() || !s.step.is_empty() {
+        out.push_str(&format!(
+            "current primary {}, target {}, timeline {}, term {}, {}\n",
+            s.current_primary.as_deref().unwrap_or("-"),
+            s.target_primary.as_deref().unwrap_or("-"),
+            s.timeline
+                .map(|t| t.to_string())
+                .unwrap_or_else(|| "-".into()),
+            s.term,
+            if s.step.is_empty() { "idle" } else { &s.step }
+        ));
+    }
+    if let Some(last) = s.events.last() {
+        out.push_str(&format!("last event: {last}\n"));
+    }
     let rows: Vec<[String; 5]> = s
         .instances
         .iter()
@@ -330,7 +390,21 @@ mod tests {
             (&half[..], true, Phase::Degraded),
             (&[][..], false, Phase::Creating),
         ] {
-            assert_eq!(compute_phase(members, seen), want, "{members:?} {seen}");
+            assert_eq!(
+                compute_phase(members, true, seen),
+                want,
+                "{members:?} {seen}"
+            );
+            // Every instance ready but no writer routed (a failover in
+            // progress, a primary waiting for its lease): not Healthy.
+            if want == Phase::Healthy {
+                let without_writer = if seen {
+                    Phase::Degraded
+                } else {
+                    Phase::Creating
+                };
+                assert_eq!(compute_phase(members, false, seen), without_writer);
+            }
         }
     }
 
@@ -382,6 +456,7 @@ mod tests {
                 primary: "simple-pg-0".into(),
             }),
             pid: Some(7),
+            ha: None,
         });
         let v = serde_json::to_value(&snap).unwrap();
         assert_eq!(v["phase"], "Creating");

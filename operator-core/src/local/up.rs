@@ -9,6 +9,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
+use super::ha::{self, Orchestrator, SwitchoverRequest};
 use super::host::{self, DbUser};
 use super::input::{self, Accepted};
 use super::ports::{self, PlannedPort, PortAllocator};
@@ -102,6 +103,12 @@ async fn prepare(registry: &EngineRegistry, args: &UpArgs) -> anyhow::Result<Pre
             );
         }
     }
+    if let Some(prev) = &previous {
+        // An `up` killed outright leaves its managers running; stop them so
+        // that this one starts from a known state (the failover intent in
+        // state.json survives).
+        super::down::stop_orphaned_managers(&dir, prev).await;
+    }
     let names = accepted.cluster.instance_names();
     let listen = args.listen;
     let (plan, reused) = {
@@ -135,6 +142,7 @@ async fn prepare(registry: &EngineRegistry, args: &UpArgs) -> anyhow::Result<Pre
         up_pid: Some(std::process::id()),
         managers: Default::default(),
         status: None,
+        ha: previous.as_ref().map(|p| p.ha.clone()).unwrap_or_default(),
     };
     let configs = instance_configs(&dir, &accepted, &state, &names, args, db_user.as_ref())?;
     check_binaries(driver.as_ref(), &configs[0])?;
@@ -311,11 +319,23 @@ async fn serve(p: Prepared) -> anyhow::Result<()> {
     let proxy = Proxy::start(rw, ro);
     let supervisor = Supervisor::start(specs);
     let client = InstanceClient::new(
-        token,
+        token.clone(),
         state.cluster_id.clone(),
         members(&state, &names),
-        Duration::from_secs(1),
+        Duration::from_secs(2),
     );
+    let mut orchestrator = Orchestrator::new(
+        accepted.engine.clone(),
+        accepted.cluster.clone(),
+        dir.clone(),
+        members(&state, &names),
+        token,
+        state.cluster_id.clone(),
+        state.ha.clone(),
+    );
+    if !matches!(orchestrator.ha.step, ha::Step::Idle) {
+        tracing::info!(step = ?orchestrator.ha.step, "resuming the operation in progress");
+    }
     tracing::info!(
         cluster = %state.cluster,
         kind = %state.kind,
@@ -345,12 +365,19 @@ async fn serve(p: Prepared) -> anyhow::Result<()> {
         tokio::select! {
             _ = ticker.tick() => {
                 let members = client.observe_all().await;
-                let routing = accepted.engine.route(&members);
+                let request = take_switchover_request(&dir);
+                let rw_member = orchestrator.tick(&members, request).await;
+                let mut routing = accepted.engine.route(&members);
+                // The orchestrator decides where writes go: the primary it
+                // recognises, or nowhere during a failover or switchover.
+                routing.rw = rw_member;
+                routing.ro.retain(|n| Some(n) != routing.rw.as_ref());
                 proxy.set(proxy::targets(&routing, |n| decider.addr(&state, n)));
                 decider.note_routing(&routing, &state);
                 let election = accepted.engine.elect(&accepted.cluster, &members);
                 decider.note_election(&election);
-                decider.phase = status::compute_phase(&members, decider.seen_all_ready);
+                decider.phase =
+                    status::compute_phase(&members, routing.rw.is_some(), decider.seen_all_ready);
                 if decider.phase == Phase::Healthy && !decider.seen_all_ready {
                     decider.seen_all_ready = true;
                     tracing::info!(cluster = %state.cluster, "every instance is ready");
@@ -358,6 +385,7 @@ async fn serve(p: Prepared) -> anyhow::Result<()> {
                 }
                 decider.routing = routing;
                 state.managers = supervisor.pids();
+                state.ha = orchestrator.ha.clone();
                 state.status = Some(decider.snapshot(&state, &names, &members, Some(&election)));
                 persist(&dir, &state);
             }
@@ -381,6 +409,20 @@ async fn serve(p: Prepared) -> anyhow::Result<()> {
         dir.root().display()
     );
     Ok(())
+}
+
+/// Read and remove a switchover request left by `stratum local promote`.
+fn take_switchover_request(dir: &StateDir) -> Option<SwitchoverRequest> {
+    let path = dir.root().join(ha::SWITCHOVER_FILE);
+    let text = std::fs::read_to_string(&path).ok()?;
+    let _ = std::fs::remove_file(&path);
+    match serde_json::from_str(&text) {
+        Ok(req) => Some(req),
+        Err(e) => {
+            tracing::warn!(error = %e, path = %path.display(), "ignoring an unreadable switchover request");
+            None
+        }
+    }
 }
 
 fn persist(dir: &StateDir, state: &LocalState) {
@@ -442,11 +484,10 @@ impl Decider {
         }
     }
 
-    /// Logged when it changes; acting on it (failover) is not done locally
-    /// yet.
+    /// Logged when it changes; the orchestrator acts on it.
     fn note_election(&mut self, election: &Election) {
         if self.last_election.as_ref() != Some(election) {
-            tracing::info!(decision = %status::describe_election(election), "election (not acted on locally)");
+            tracing::info!(decision = %status::describe_election(election), "election");
             self.last_election = Some(election.clone());
         }
     }
@@ -469,6 +510,7 @@ impl Decider {
             phase: self.phase,
             election,
             pid: Some(self.pid),
+            ha: Some(&state.ha),
         })
     }
 }

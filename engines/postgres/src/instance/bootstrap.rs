@@ -225,6 +225,16 @@ impl Bootstrap<'_> {
                 .await
                 .map_err(|e| sql_failed("CREATE DATABASE", e))?;
         }
+        // The replicas' slots exist before any replica clones, so the first
+        // replicas stream through them without waiting for the operator.
+        let config = &self.ctx.config;
+        let others: Vec<String> = config
+            .members
+            .iter()
+            .filter(|m| m.name != config.instance)
+            .map(|m| m.name.clone())
+            .collect();
+        super::ha::ensure_slots(client, &others).await?;
         Ok(())
     }
 

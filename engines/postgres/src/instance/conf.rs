@@ -40,6 +40,12 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("max_wal_senders", "10"),
     ("max_replication_slots", "10"),
     ("password_encryption", "scram-sha-256"),
+    // A replica repointed at a new primary retries streaming this often
+    // (default 5s): it bounds how long sync commits wait after a failover.
+    ("wal_retrieve_retry_interval", "1s"),
+    // WAL kept for a former primary that rejoins through pg_rewind (it needs
+    // the new primary's WAL from the fork point, older than its slot).
+    ("wal_keep_size", "512MB"),
     ("log_line_prefix", "%m [%p] %q%u@%d "),
 ];
 
@@ -66,7 +72,7 @@ pub fn render_postgresql_conf(inputs: &ConfInputs<'_>) -> String {
         _ => "replica",
     };
     let run_dir = inputs.run_dir.display().to_string();
-    let owned: [(&str, String); 13] = [
+    let owned: [(&str, String); 14] = [
         ("listen_addresses", inputs.listen_address.to_string()),
         ("port", inputs.port.to_string()),
         ("unix_socket_directories", run_dir.clone()),
@@ -91,6 +97,13 @@ pub fn render_postgresql_conf(inputs: &ConfInputs<'_>) -> String {
                 .map(|u| primary_conninfo(u, &inputs.run_dir.join("pgpass"), inputs.instance))
                 .unwrap_or_default(),
         ),
+        (
+            "primary_slot_name",
+            inputs
+                .upstream
+                .map(|_| slot_name(inputs.instance))
+                .unwrap_or_default(),
+        ),
     ];
     for (k, v) in owned {
         params.insert(k.to_string(), v);
@@ -103,6 +116,20 @@ pub fn render_postgresql_conf(inputs: &ConfInputs<'_>) -> String {
     for (k, v) in &params {
         out.push_str(&format!("{k} = {}\n", conf_quote(v)));
     }
+    out
+}
+
+/// The physical replication slot a replica streams through, on whichever
+/// member is primary: `stratum_<instance>` with `-` as `_`. Pure.
+pub fn slot_name(instance: &str) -> String {
+    let mut out = String::from("stratum_");
+    out.extend(instance.chars().map(|c| {
+        if c.is_ascii_alphanumeric() {
+            c.to_ascii_lowercase()
+        } else {
+            '_'
+        }
+    }));
     out
 }
 
@@ -240,6 +267,7 @@ mod tests {
             has("wal_log_hints = 'on'") && has("hot_standby = 'on'"),
             "{conf}"
         );
+        assert!(has("primary_slot_name = 'stratum_simple_pg_1'"), "{conf}");
         assert!(
             has(
                 "primary_conninfo = 'host=''10.0.0.1'' port=''5433'' user=''streaming_replica'' passfile=''/run/it\\\\''s/pgpass'' application_name=''simple-pg-1'' sslmode=''prefer'' connect_timeout=''5'''"
@@ -262,6 +290,7 @@ mod tests {
             upstream: None,
         });
         assert!(conf.contains("\nprimary_conninfo = ''\n"), "{conf}");
+        assert!(conf.contains("\nprimary_slot_name = ''\n"), "{conf}");
         assert!(conf.contains("\nwal_level = 'logical'\n"), "{conf}");
     }
 

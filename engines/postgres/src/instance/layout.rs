@@ -83,6 +83,18 @@ impl Layout {
         self.run_dir.join("pg_ident.conf")
     }
 
+    /// `<run_dir>/upstream.json`: the member this instance follows, as the
+    /// operator last said (`follow`); ordinal 0 until then.
+    pub fn upstream_file(&self) -> PathBuf {
+        self.run_dir.join("upstream.json")
+    }
+
+    /// `<run_dir>/follow.pending`: the next start must first make the data
+    /// directory a replica of the upstream (pg_rewind, else a re-clone).
+    pub fn follow_pending(&self) -> PathBuf {
+        self.run_dir.join("follow.pending")
+    }
+
     /// The libpq password file holding the replication password.
     pub fn passfile(&self) -> PathBuf {
         self.run_dir.join("pgpass")

@@ -13,16 +13,20 @@
 pub mod binaries;
 mod bootstrap;
 pub mod conf;
+mod ha;
 pub mod layout;
 pub mod status;
 
 use async_trait::async_trait;
 use operator_core::engine::{
-    InstanceContext, InstanceDriver, InstanceError, Progress, ServerCommand, instance_name,
+    ActionReply, InstanceContext, InstanceDriver, InstanceError, Progress, ServerCommand,
+    instance_name,
 };
 use operator_core::instance::config::{InstanceConfig, PeerEndpoint};
 use operator_core::instance::process::{self, RunAs};
-use operator_core::instance::protocol::{MemberStatus, Role};
+use operator_core::instance::protocol::{
+    ACTION_DEMOTE, ACTION_FOLLOW, ACTION_PROMOTE, ACTION_SLOTS, MemberStatus, Role,
+};
 use serde_json::json;
 
 use self::binaries::BinDir;
@@ -73,14 +77,14 @@ fn me(config: &InstanceConfig) -> Result<&PeerEndpoint, InstanceError> {
     })
 }
 
-/// The member a replica clones from and streams from: ordinal 0 until
-/// failover tracks the current primary.
-fn upstream_member(config: &InstanceConfig) -> Option<&PeerEndpoint> {
-    let first = instance_name(&config.cluster, 0);
+/// The member a replica clones from and streams from: the one the operator
+/// last said to follow (`upstream.json`), ordinal 0 before any failover.
+fn upstream_member<'a>(config: &'a InstanceConfig, layout: &Layout) -> Option<&'a PeerEndpoint> {
+    let name = ha::read_upstream(layout).unwrap_or_else(|| instance_name(&config.cluster, 0));
     config
         .members
         .iter()
-        .find(|m| m.name == first && m.name != config.instance)
+        .find(|m| m.name == name && m.name != config.instance)
 }
 
 fn upstream_of(member: &PeerEndpoint) -> Upstream {
@@ -91,7 +95,7 @@ fn upstream_of(member: &PeerEndpoint) -> Upstream {
 }
 
 /// Render and write the run directory's configuration files.
-fn write_config(
+pub(crate) fn write_config(
     ctx: &InstanceContext,
     settings: &PostgresInstanceSettings,
     layout: &Layout,
@@ -196,11 +200,13 @@ impl InstanceDriver for PostgresDriver {
                 run_as: run_as.as_ref(),
                 port,
             };
-            if ordinal == 0 {
+            // Ordinal 0 creates the cluster, unless it was told to follow
+            // another member (its data was lost after a failover).
+            if ordinal == 0 && !layout.upstream_file().exists() {
                 write_config(ctx, &settings, &layout, run_as.as_ref(), None)?;
                 boot.init_primary().await?;
             } else {
-                let source = upstream_member(config).ok_or_else(|| {
+                let source = upstream_member(config, &layout).ok_or_else(|| {
                     InstanceError::Settings(format!(
                         "no member {} to clone from",
                         instance_name(&config.cluster, 0)
@@ -230,10 +236,35 @@ impl InstanceDriver for PostgresDriver {
                 });
             }
         }
+        if layout.follow_pending().exists() {
+            let source = upstream_member(config, &layout).ok_or_else(|| {
+                InstanceError::Settings("follow is pending but names no other member".into())
+            })?;
+            let upstream = upstream_of(source);
+            write_config(ctx, &settings, &layout, run_as.as_ref(), Some(&upstream))?;
+            let boot = bootstrap::Bootstrap {
+                ctx,
+                settings: &settings,
+                layout: &layout,
+                bin: &bin,
+                run_as: run_as.as_ref(),
+                port,
+            };
+            let progress = ha::rewind(ctx, &layout, &bin, run_as.as_ref(), source, async || {
+                boot.clone_from(source).await
+            })
+            .await?;
+            if let waiting @ Progress::Waiting { .. } = progress {
+                return Ok(waiting);
+            }
+            if let Some(user) = &run_as {
+                hand_over(&layout, user)?;
+            }
+        }
         let upstream = layout
             .standby_signal()
             .exists()
-            .then(|| upstream_member(config).map(upstream_of))
+            .then(|| upstream_member(config, &layout).map(upstream_of))
             .flatten();
         write_config(ctx, &settings, &layout, run_as.as_ref(), upstream.as_ref())?;
         Ok(Progress::Done)
@@ -310,29 +341,64 @@ impl InstanceDriver for PostgresDriver {
         &self,
         ctx: &InstanceContext,
         action: &str,
-        _body: serde_json::Value,
-    ) -> Result<Option<serde_json::Value>, InstanceError> {
-        if action != ACTION_CHECKPOINT {
-            return Ok(None);
-        }
+        body: serde_json::Value,
+    ) -> Result<Option<ActionReply>, InstanceError> {
         let config = &ctx.config;
         let settings = settings(config)?;
         let layout = Layout::new(ctx, &settings);
         let port = me(config)?.db_port;
-        let password = config
-            .read_secret(secret_keys::SUPERUSER_PASSWORD)
-            .map_err(InstanceError::io(
-                "read secret",
-                config.secrets_dir.join(secret_keys::SUPERUSER_PASSWORD),
-            ))?;
-        let failed = |e: tokio_postgres::Error| InstanceError::Command {
-            command: "CHECKPOINT".into(),
-            message: status::describe_error(&e),
+        match action {
+            ACTION_CHECKPOINT => {
+                let client = ha::local_client(ctx, &layout, port).await?;
+                client
+                    .batch_execute("CHECKPOINT")
+                    .await
+                    .map_err(|e| InstanceError::Command {
+                        command: "CHECKPOINT".into(),
+                        message: status::describe_error(&e),
+                    })?;
+                Ok(Some(ActionReply::done(
+                    json!({ "action": ACTION_CHECKPOINT, "done": true }),
+                )))
+            }
+            ACTION_PROMOTE => ha::promote(ctx, &layout, port).await.map(Some),
+            ACTION_FOLLOW | ACTION_DEMOTE => {
+                let run_as = RunAs::for_config(config)?;
+                ha::follow(ctx, &layout, port, body, |upstream| {
+                    write_config(ctx, &settings, &layout, run_as.as_ref(), upstream)
+                })
+                .await
+                .map(Some)
+            }
+            ACTION_SLOTS => {
+                let replicas: Vec<String> = match body.get("replicas") {
+                    Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
+                        InstanceError::Settings(format!(
+                            "slots needs {{\"replicas\": [NAME]}}: {e}"
+                        ))
+                    })?,
+                    None => config
+                        .members
+                        .iter()
+                        .filter(|m| m.name != config.instance)
+                        .map(|m| m.name.clone())
+                        .collect(),
+                };
+                let client = ha::local_client(ctx, &layout, port).await?;
+                let slots = ha::ensure_slots(&client, &replicas).await?;
+                Ok(Some(ActionReply::done(json!({ "slots": slots }))))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn needs_write_lease(&self, ctx: &InstanceContext) -> bool {
+        let Ok(settings) = settings(&ctx.config) else {
+            return false;
         };
-        let client = status::connect_local(&layout, port, &password, "postgres")
-            .await
-            .map_err(failed)?;
-        client.batch_execute("CHECKPOINT").await.map_err(failed)?;
-        Ok(Some(json!({ "action": ACTION_CHECKPOINT, "done": true })))
+        let layout = Layout::new(ctx, &settings);
+        layout.is_initialised()
+            && !layout.standby_signal().exists()
+            && !layout.follow_pending().exists()
     }
 }

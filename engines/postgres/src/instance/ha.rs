@@ -1,0 +1,438 @@
+//! High availability on the instance side: promotion, following another
+//! primary (reload, or pg_rewind and a restart, else a re-clone) and the
+//! replication slots a primary keeps for its replicas. Filesystem IO (the
+//! run directory's `upstream.json` and `follow.pending`), process IO
+//! (pg_rewind) and SQL to the local server.
+
+use std::time::{Duration, Instant};
+
+use operator_core::engine::{
+    ActionReply, AfterAction, InstanceContext, InstanceError, InstanceOps, Progress,
+};
+use operator_core::instance::client::InstanceClient;
+use operator_core::instance::config::PeerEndpoint;
+use operator_core::instance::process::{self, RunAs};
+use operator_core::instance::protocol::Role;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio_postgres::Client;
+
+use super::binaries::BinDir;
+use super::conf::{Upstream, conninfo_quote, slot_name};
+use super::layout::Layout;
+use super::status::{connect_local, describe_error};
+use crate::settings::{SUPERUSER, secret_keys};
+
+/// How long a pending rewind waits for an unreachable new primary before
+/// starting the server as a standby without rewinding.
+const DEFER_AFTER: Duration = Duration::from_secs(15);
+/// How long a promotion may take to leave recovery.
+const PROMOTE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `upstream.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamFile {
+    /// The member followed.
+    pub primary: String,
+}
+
+/// The member this instance was told to follow, if any.
+pub fn read_upstream(layout: &Layout) -> Option<String> {
+    let text = std::fs::read_to_string(layout.upstream_file()).ok()?;
+    serde_json::from_str::<UpstreamFile>(&text)
+        .ok()
+        .map(|u| u.primary)
+}
+
+fn write_upstream(layout: &Layout, primary: &str) -> Result<(), InstanceError> {
+    let body = serde_json::to_vec(&UpstreamFile {
+        primary: primary.to_string(),
+    })
+    .unwrap_or_default();
+    process::write_file(&layout.upstream_file(), &body, 0o600, None)
+}
+
+fn sql_failed(what: &str) -> impl Fn(tokio_postgres::Error) -> InstanceError + '_ {
+    move |e| InstanceError::Command {
+        command: what.to_string(),
+        message: describe_error(&e),
+    }
+}
+
+/// A superuser connection to the local server.
+pub(crate) async fn local_client(
+    ctx: &InstanceContext,
+    layout: &Layout,
+    port: u16,
+) -> Result<Client, InstanceError> {
+    let config = &ctx.config;
+    let password = config
+        .read_secret(secret_keys::SUPERUSER_PASSWORD)
+        .map_err(InstanceError::io(
+            "read secret",
+            config.secrets_dir.join(secret_keys::SUPERUSER_PASSWORD),
+        ))?;
+    connect_local(layout, port, &password, "postgres")
+        .await
+        .map_err(sql_failed("connect to the local server"))
+}
+
+async fn in_recovery(client: &Client) -> Result<bool, InstanceError> {
+    Ok(client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .map_err(sql_failed("pg_is_in_recovery()"))?
+        .get(0))
+}
+
+/// Create the slots of `replicas` that are missing; drop the other
+/// Stratum slots that no replica uses (instances removed from the spec),
+/// so WAL does not pile up for them. Returns the slots kept.
+pub(crate) async fn ensure_slots(
+    client: &Client,
+    replicas: &[String],
+) -> Result<Vec<String>, InstanceError> {
+    let wanted: Vec<String> = replicas.iter().map(|r| slot_name(r)).collect();
+    for slot in &wanted {
+        client
+            .execute(
+                "SELECT pg_create_physical_replication_slot($1, true) \
+                 WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+                &[slot],
+            )
+            .await
+            .map_err(sql_failed("pg_create_physical_replication_slot"))?;
+    }
+    client
+        .execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE slot_name LIKE 'stratum\\_%' AND NOT active AND slot_name <> ALL($1)",
+            &[&wanted],
+        )
+        .await
+        .map_err(sql_failed("pg_drop_replication_slot"))?;
+    Ok(wanted)
+}
+
+fn other_members(ctx: &InstanceContext) -> Vec<String> {
+    ctx.config
+        .members
+        .iter()
+        .filter(|m| m.name != ctx.config.instance)
+        .map(|m| m.name.clone())
+        .collect()
+}
+
+/// `promote`: leave recovery (`pg_promote`, waiting until the server is out
+/// of recovery), forget the upstream, create the replicas' slots.
+/// Idempotent: a primary answers at once.
+pub(crate) async fn promote(
+    ctx: &InstanceContext,
+    layout: &Layout,
+    port: u16,
+) -> Result<ActionReply, InstanceError> {
+    let client = local_client(ctx, layout, port).await?;
+    let started = Instant::now();
+    let was_replica = in_recovery(&client).await?;
+    if was_replica {
+        tracing::info!(instance = %ctx.config.instance, "promoting (pg_promote)");
+        let ok: bool = client
+            .query_one("SELECT pg_promote(true, 60)", &[])
+            .await
+            .map_err(sql_failed("pg_promote"))?
+            .get(0);
+        while in_recovery(&client).await? {
+            if !ok || started.elapsed() > PROMOTE_TIMEOUT {
+                return Err(InstanceError::Command {
+                    command: "pg_promote".into(),
+                    message: format!("still in recovery after {}s", started.elapsed().as_secs()),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    process::remove_file_if_exists(&layout.upstream_file())?;
+    process::remove_file_if_exists(&layout.follow_pending())?;
+    let slots = ensure_slots(&client, &other_members(ctx)).await?;
+    let timeline: Option<i32> = client
+        .query_one(
+            "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int",
+            &[],
+        )
+        .await
+        .ok()
+        .map(|r| r.get(0));
+    Ok(ActionReply::done(json!({
+        "promoted": was_replica,
+        "role": Role::Primary.as_str(),
+        "timeline": timeline,
+        "slots": slots,
+        "tookMs": started.elapsed().as_millis() as u64,
+    })))
+}
+
+/// The body of `follow` / `demote`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FollowRequest {
+    /// The member to stream from; `null` detaches the replica (it stays in
+    /// recovery, streaming from nobody) so that a primary the operator
+    /// cannot reach loses its synchronous standbys before a failover.
+    primary: Option<String>,
+    /// Restart through pg_rewind even if the server runs as a replica
+    /// (its timeline diverged from the new primary's).
+    #[serde(default)]
+    rewind: bool,
+}
+
+/// `follow {primary}` / `demote {primary}`: stream from `primary`. A
+/// running replica is repointed with a reload (primary_conninfo and
+/// primary_slot_name are reloadable); anything else (a primary, a stopped
+/// or fenced server, `rewind: true`) is marked `follow.pending` and
+/// restarted: the next `prepare` rewinds it against `primary` (a re-clone
+/// when rewind is impossible) and it starts as a standby. Lifts a fence:
+/// a standby cannot accept writes.
+pub(crate) async fn follow(
+    ctx: &InstanceContext,
+    layout: &Layout,
+    port: u16,
+    body: serde_json::Value,
+    rewrite_config: impl FnOnce(Option<&Upstream>) -> Result<(), InstanceError>,
+) -> Result<ActionReply, InstanceError> {
+    let req: FollowRequest = serde_json::from_value(body)
+        .map_err(|e| InstanceError::Settings(format!("follow needs {{\"primary\": NAME}}: {e}")))?;
+    let config = &ctx.config;
+    let Some(primary) = req.primary else {
+        write_upstream(layout, "")?;
+        if let Ok(client) = local_client(ctx, layout, port).await
+            && in_recovery(&client).await.unwrap_or(false)
+        {
+            rewrite_config(None)?;
+            client
+                .batch_execute("SELECT pg_reload_conf()")
+                .await
+                .map_err(sql_failed("pg_reload_conf"))?;
+        }
+        tracing::info!(instance = %config.instance, "detached from the primary");
+        return Ok(ActionReply::done(json!({ "following": null })));
+    };
+    let req = FollowRequest {
+        primary: Some(primary.clone()),
+        rewind: req.rewind,
+    };
+    let primary_name = primary;
+    if primary_name == config.instance {
+        return Err(InstanceError::Settings(format!(
+            "{primary_name} cannot follow itself"
+        )));
+    }
+    let Some(member) = config.members.iter().find(|m| m.name == primary_name) else {
+        return Err(InstanceError::Settings(format!(
+            "{primary_name} is not a member of cluster {}",
+            config.cluster
+        )));
+    };
+    let upstream = Upstream {
+        host: member.host.clone(),
+        port: member.db_port,
+    };
+    write_upstream(layout, &primary_name)?;
+    if !req.rewind && layout.standby_signal().exists() {
+        // Already a standby: primary_conninfo and primary_slot_name are
+        // reloadable, so a SIGHUP to the postmaster repoints it (no
+        // connection needed, so a busy server is no reason to restart).
+        rewrite_config(Some(&upstream))?;
+        if let Some(pid) = postmaster_pid(layout) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGHUP,
+            );
+            tracing::info!(instance = %config.instance, primary = %primary_name, "following a new primary (reload)");
+            return Ok(ActionReply::done(json!({
+                "following": primary_name,
+                "restarted": false,
+            })));
+        }
+        // Not running (fenced, crashed): start it as a standby of the new
+        // primary.
+        tracing::info!(instance = %config.instance, primary = %primary_name, "following a new primary (start)");
+        return Ok(ActionReply {
+            body: json!({ "following": primary_name }),
+            then: AfterAction::UnfenceAndRestart,
+        });
+    }
+    if layout.is_initialised() {
+        process::write_file(
+            &layout.follow_pending(),
+            primary_name.as_bytes(),
+            0o600,
+            None,
+        )?;
+    }
+    tracing::info!(instance = %config.instance, primary = %primary_name, "following a new primary (restart through pg_rewind)");
+    Ok(ActionReply {
+        body: json!({ "following": primary_name }),
+        then: AfterAction::UnfenceAndRestart,
+    })
+}
+
+/// The pid of the running postmaster, from `postmaster.pid`, when alive.
+fn postmaster_pid(layout: &Layout) -> Option<i32> {
+    let text = std::fs::read_to_string(layout.pgdata.join("postmaster.pid")).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+        .is_ok()
+        .then_some(pid)
+}
+
+/// Whether a pg_rewind failure means rewinding cannot work (the WAL it
+/// needs is gone, no common history) rather than a passing condition (the
+/// source busy, a killed postmaster still exiting). Pure.
+pub fn rewind_impossible(stderr: &str) -> bool {
+    [
+        "could not find previous WAL record",
+        "could not find common ancestor",
+        "could not open file",
+        "from different systems",
+        "is not compatible",
+        "could not read WAL record",
+    ]
+    .iter()
+    .any(|needle| stderr.contains(needle))
+}
+
+/// What `prepare` does for a pending `follow`: rewind the data directory
+/// against `source` (a ready primary) and make it a standby; when rewind is
+/// impossible, wipe and clone again.
+pub(crate) async fn rewind(
+    ctx: &InstanceContext,
+    layout: &Layout,
+    bin: &BinDir,
+    run_as: Option<&RunAs>,
+    source: &PeerEndpoint,
+    reclone: impl AsyncFnOnce() -> Result<Progress, InstanceError>,
+) -> Result<Progress, InstanceError> {
+    let config = &ctx.config;
+    let token = config
+        .read_token()
+        .map_err(InstanceError::io("read the API token", &config.token_file))?;
+    let peers = InstanceClient::new(
+        token,
+        config.cluster_id.clone(),
+        config.members.clone(),
+        Duration::from_secs(3),
+    );
+    let not_ready = match peers.status(&source.name).await {
+        Ok(s) if s.ready && s.role == Role::Primary => None,
+        Ok(s) if s.role == Role::Primary => {
+            return Ok(Progress::waiting(
+                format!("waiting for the new primary {} to be ready", source.name),
+                Duration::from_millis(200),
+            ));
+        }
+        Ok(s) => Some(s.message.unwrap_or_else(|| s.role.as_str().to_string())),
+        // Unreachable for a moment is common right after a promotion on a
+        // busy machine: wait, and give up on it only after a while.
+        Err(e) => {
+            let pending_for = std::fs::metadata(layout.follow_pending())
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .unwrap_or_default();
+            if pending_for < DEFER_AFTER {
+                return Ok(Progress::waiting(
+                    format!("waiting for {} before rewinding: {e}", source.name),
+                    Duration::from_millis(300),
+                ));
+            }
+            Some(e.to_string())
+        }
+    };
+    if let Some(why) = not_ready {
+        // The new primary failed too. Start as a standby without rewinding
+        // (read-only, so safe): this instance then reports its position and
+        // takes part in the next election; the rewind stays pending for the
+        // next `follow`.
+        tracing::warn!(
+            instance = %config.instance,
+            source = %source.name,
+            "{} is not a ready primary ({why}); starting as a standby, rewind deferred",
+            source.name
+        );
+        process::write_file(&layout.standby_signal(), b"", 0o600, run_as)?;
+        return Ok(Progress::Done);
+    }
+    let password = config
+        .read_secret(secret_keys::SUPERUSER_PASSWORD)
+        .map_err(InstanceError::io(
+            "read secret",
+            config.secrets_dir.join(secret_keys::SUPERUSER_PASSWORD),
+        ))?;
+    let source_server = [
+        ("host", source.host.clone()),
+        ("port", source.db_port.to_string()),
+        ("user", SUPERUSER.to_string()),
+        ("dbname", "postgres".to_string()),
+        ("connect_timeout", "5".to_string()),
+    ]
+    .iter()
+    .map(|(k, v)| format!("{k}={}", conninfo_quote(v)))
+    .collect::<Vec<_>>()
+    .join(" ");
+    let started = Instant::now();
+    // pg_rewind finishes an interrupted server's crash recovery in
+    // single-user mode, which refuses standby mode: rewind it as a plain
+    // data directory and make it a standby again afterwards.
+    process::remove_file_if_exists(&layout.standby_signal())?;
+    let mut cmd = process::command(bin.bin("pg_rewind"), run_as);
+    cmd.arg("--target-pgdata")
+        .arg(&layout.pgdata)
+        .arg(format!("--source-server={source_server}"))
+        .env("PGPASSWORD", password)
+        .envs(bin.library_env());
+    match process::run_captured(cmd, "pg_rewind").await {
+        Ok(out) => {
+            tracing::info!(
+                instance = %config.instance,
+                source = %source.name,
+                took_ms = started.elapsed().as_millis() as u64,
+                "pg_rewind done: {}",
+                process::tail_lines(&out, 2).replace('\n', " | ")
+            );
+            process::write_file(&layout.standby_signal(), b"", 0o600, run_as)?;
+        }
+        Err(e) if rewind_impossible(&e.to_string()) => {
+            tracing::warn!(instance = %config.instance, source = %source.name, error = %e, "pg_rewind cannot work; cloning the data directory again");
+            if let waiting @ Progress::Waiting { .. } = reclone().await? {
+                return Ok(waiting);
+            }
+        }
+        Err(e) => {
+            process::write_file(&layout.standby_signal(), b"", 0o600, run_as)?;
+            return Ok(Progress::waiting(
+                format!("pg_rewind failed, retrying: {e}"),
+                Duration::from_secs(1),
+            ));
+        }
+    }
+    process::remove_file_if_exists(&layout.follow_pending())?;
+    Ok(Progress::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewind_failures_that_need_a_clone() {
+        assert!(rewind_impossible(
+            "pg_rewind: error: could not find previous WAL record at 0/60088E0"
+        ));
+        assert!(!rewind_impossible(
+            "FATAL:  lock file \"postmaster.pid\" already exists\nHINT:  Is another postmaster (PID 982) running"
+        ));
+        assert!(!rewind_impossible(
+            "connection to server failed: Connection refused"
+        ));
+    }
+}

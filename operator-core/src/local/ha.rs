@@ -1,0 +1,996 @@
+//! Failover, switchover and the write lease on the local runtime: the
+//! decision loop's actions on `Engine::elect`. Network IO (instance
+//! manager API) and the state directory (intent persisted in `state.json`
+//! before each action). The rule that prevents two writers is described
+//! in `docs/failover.md`.
+//!
+//! - The operator names the primary (`currentPrimary`) and renews its write
+//!   lease every [`lease_ttl`]/4. A manager stops a writer whose lease
+//!   expired and will not start one without a valid lease.
+//! - Failover: the primary is down → stop routing writes to it → fence it
+//!   (manager reachable) or wait until its lease has certainly expired
+//!   (last renewal + TTL + [`LEASE_MARGIN`]) → persist `targetPrimary` →
+//!   promote the engine's candidate, granting it a lease in the same call →
+//!   `currentPrimary` → the others follow it (the old primary through
+//!   pg_rewind when it is back).
+//! - Switchover: stop routing writes → fence the primary (clean stop) →
+//!   wait until the target received everything → promote → repoint.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::watch;
+
+use super::state::{self, StateDir};
+use crate::engine::{Election, Engine, InstanceOps, ObservedMember, ValidatedCluster};
+use crate::instance::client::InstanceClient;
+use crate::instance::config::PeerEndpoint;
+use crate::instance::protocol::{
+    ACTION_FENCE, ACTION_FOLLOW, ACTION_LEASE, ACTION_PROMOTE, ACTION_SLOTS, BODY_LEASE,
+    LeaseGrant, Position, ProcessState, Role,
+};
+
+/// Environment variable overriding the lease TTL in milliseconds (tests).
+pub const LEASE_ENV: &str = "STRATUM_LOCAL_LEASE_MS";
+/// Default write-lease TTL.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
+/// Added to the TTL before a lease of an unreachable primary is taken as
+/// expired (clock rate differences, the manager's watchdog period, the
+/// time to stop the server).
+pub const LEASE_MARGIN: Duration = Duration::from_secs(1);
+/// Events kept in `state.json`.
+const MAX_EVENTS: usize = 50;
+/// How long a primary that is restarting (waiting for its lease) may take
+/// before it counts as failed.
+const AWAITING_LEASE_GRACE: Duration = Duration::from_secs(10);
+/// How long a primary may be up but not ready before it counts as failed.
+const NOT_READY_GRACE: Duration = Duration::from_secs(3);
+/// How long a primary's manager may not answer before the primary counts
+/// as failed (a loaded machine answers late; a dead one is fenced or waits
+/// for its lease anyway).
+const UNREACHABLE_GRACE: Duration = Duration::from_secs(5);
+/// A replica not streaming from the primary this long is told to follow.
+const NOT_STREAMING_GRACE: Duration = Duration::from_secs(2);
+/// … and this long (or failing to start this long), to follow through
+/// pg_rewind.
+const REWIND_AFTER: Duration = Duration::from_secs(5);
+/// Least time between two `follow` requests to one instance.
+const FOLLOW_EVERY: Duration = Duration::from_secs(3);
+/// How long a switchover waits for the target to receive the old primary's
+/// last WAL.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The write-lease TTL (default 5 s, `STRATUM_LOCAL_LEASE_MS`).
+pub fn lease_ttl() -> Duration {
+    std::env::var(LEASE_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|ms| *ms >= 200)
+        .map(Duration::from_millis)
+        .unwrap_or(DEFAULT_LEASE_TTL)
+}
+
+/// What the operator intends and knows, persisted in `state.json` before
+/// every action so that a restarted `up` resumes instead of deciding
+/// again.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HaState {
+    /// The primary the operator recognises (fact once promoted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_primary: Option<String>,
+    /// The primary the operator is making (intent; equal to
+    /// `currentPrimary` when nothing is in progress).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_primary: Option<String>,
+    /// Incremented at each promotion; leases carry it.
+    #[serde(default)]
+    pub term: u64,
+    /// Timeline of the current primary, as last reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<u32>,
+    /// The operation in progress.
+    #[serde(default)]
+    pub step: Step,
+    /// Members the current primary reported as synchronous standbys
+    /// (`details.replicas[].syncState` `sync` or `quorum`) at any time
+    /// since it became primary: only they can hold acknowledged commits,
+    /// so only they are compared in the next failover.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sync_standbys: Vec<String>,
+    /// The last events, oldest first (`<RFC 3339> <Reason>: <message>`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<String>,
+}
+
+/// An operation in progress.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum Step {
+    /// Nothing: keep the primary, converge the replicas.
+    #[default]
+    Idle,
+    /// Replacing a failed primary.
+    Failover {
+        /// The failed primary.
+        from: String,
+    },
+    /// A planned move of the primary.
+    Switchover {
+        /// The primary being demoted.
+        from: String,
+        /// The replica being promoted.
+        to: String,
+    },
+}
+
+impl HaState {
+    /// Record an event (also logged).
+    pub fn event(&mut self, reason: &str, message: impl Into<String>) {
+        let message = message.into();
+        tracing::info!(reason, "{message}");
+        let stamp = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        self.events.push(format!("{stamp} {reason}: {message}"));
+        if self.events.len() > MAX_EVENTS {
+            let extra = self.events.len() - MAX_EVENTS;
+            self.events.drain(..extra);
+        }
+    }
+}
+
+/// `switchover.json` in the state directory: a request of `stratum local
+/// promote`, consumed by the running `up`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SwitchoverRequest {
+    /// The replica to promote.
+    pub target: String,
+}
+
+/// Name of the switchover request file.
+pub const SWITCHOVER_FILE: &str = "switchover.json";
+
+/// Why a switchover to `target` is refused, given the observed members
+/// and the current primary; `None` when it may proceed. Pure.
+pub fn switchover_refusal(
+    target: &str,
+    instances: &[String],
+    current_primary: Option<&str>,
+    members: &[ObservedMember],
+) -> Option<String> {
+    if !instances.iter().any(|i| i == target) {
+        return Some(format!(
+            "there is no instance {target:?}; instances are {}",
+            instances.join(", ")
+        ));
+    }
+    if current_primary == Some(target) {
+        return Some(format!("{target} is already the primary"));
+    }
+    let Some(primary) = current_primary else {
+        return Some("the cluster has no primary yet".into());
+    };
+    let member = members.iter().find(|m| m.name == target);
+    if !member.is_some_and(|m| m.role() == Role::Replica && m.ready()) {
+        return Some(format!(
+            "{target} is not a ready replica (role {}); only a streaming replica can be promoted",
+            member.map(|m| m.role().as_str()).unwrap_or("unknown")
+        ));
+    }
+    let p = members.iter().find(|m| m.name == primary);
+    if !p.is_some_and(|m| m.role() == Role::Primary && m.ready()) {
+        return Some(format!(
+            "the primary {primary} is not ready; a failover, not a switchover, replaces it"
+        ));
+    }
+    None
+}
+
+/// Renews the write lease of one holder in the background, so that slow
+/// actions in the decision loop never let the primary's lease lapse.
+struct LeaseKeeper {
+    holder: watch::Sender<Option<(String, u64)>>,
+    /// When each instance last confirmed a renewal (response time).
+    renewed: Arc<Mutex<BTreeMap<String, Instant>>>,
+    started: Instant,
+    ttl: Duration,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LeaseKeeper {
+    fn start(client: InstanceClient, ttl: Duration) -> Self {
+        let (holder, mut rx) = watch::channel::<Option<(String, u64)>>(None);
+        let renewed: Arc<Mutex<BTreeMap<String, Instant>>> = Arc::default();
+        let seen = renewed.clone();
+        let period = ttl / 4;
+        let task = tokio::spawn(async move {
+            loop {
+                let current = rx.borrow_and_update().clone();
+                if let Some((name, term)) = current {
+                    let body = json!({ BODY_LEASE: LeaseGrant {
+                        holder: name.clone(),
+                        term,
+                        ttl_ms: ttl.as_millis() as u64,
+                    }});
+                    match client.action(&name, ACTION_LEASE, body).await {
+                        Ok(_) => {
+                            if let Ok(mut r) = seen.lock() {
+                                r.insert(name, Instant::now());
+                            }
+                        }
+                        Err(e) => tracing::debug!(error = %e, "lease renewal failed"),
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(period) => {}
+                    changed = rx.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+        Self {
+            holder,
+            renewed,
+            started: Instant::now(),
+            ttl,
+            task,
+        }
+    }
+
+    fn set(&self, holder: Option<(String, u64)>) {
+        self.holder.send_if_modified(|cur| {
+            if *cur == holder {
+                false
+            } else {
+                *cur = holder;
+                true
+            }
+        });
+    }
+
+    fn note_renewed(&self, name: &str) {
+        if let Ok(mut r) = self.renewed.lock() {
+            r.insert(name.to_string(), Instant::now());
+        }
+    }
+
+    /// Whether `name`'s lease has certainly expired: its last renewal (or,
+    /// never renewed by this process, the start of this `up`, since a
+    /// previous `up` renewed at the latest before it) plus TTL and margin
+    /// is past.
+    fn expired(&self, name: &str) -> bool {
+        let last = self
+            .renewed
+            .lock()
+            .ok()
+            .and_then(|r| r.get(name).copied())
+            .unwrap_or(self.started)
+            .max(self.started);
+        Instant::now() > last + self.ttl + LEASE_MARGIN
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The decision loop's memory and its hands on the instance managers.
+pub struct Orchestrator {
+    engine: Arc<dyn Engine>,
+    cluster: ValidatedCluster,
+    dir: StateDir,
+    /// Every member's endpoints.
+    endpoints: Vec<PeerEndpoint>,
+    /// Short timeouts: observation.
+    observe: InstanceClient,
+    /// Long timeouts: promote, clean stops, follow.
+    act: InstanceClient,
+    /// A few seconds: fencing a failed primary (a frozen manager must not
+    /// hold the failover up).
+    quick: InstanceClient,
+    lease: LeaseKeeper,
+    /// The persisted intent and facts.
+    pub ha: HaState,
+    failover_delay: Duration,
+    primary_down_since: Option<Instant>,
+    slots_done_for: Option<String>,
+    not_streaming_since: BTreeMap<String, Instant>,
+    last_follow: BTreeMap<String, Instant>,
+    following: Arc<Mutex<BTreeSet<String>>>,
+    last_wait: Option<String>,
+}
+
+impl Orchestrator {
+    /// An orchestrator resuming from `ha` (as read from `state.json`).
+    pub fn new(
+        engine: Arc<dyn Engine>,
+        cluster: ValidatedCluster,
+        dir: StateDir,
+        endpoints: Vec<PeerEndpoint>,
+        token: String,
+        cluster_id: String,
+        ha: HaState,
+    ) -> Self {
+        let ttl = lease_ttl();
+        let client = |timeout| {
+            InstanceClient::new(
+                token.clone(),
+                cluster_id.clone(),
+                endpoints.clone(),
+                timeout,
+            )
+        };
+        let failover_delay = cluster
+            .spec
+            .get("failoverDelay")
+            .and_then(|v| v.as_u64())
+            .map(Duration::from_secs)
+            .unwrap_or_default();
+        let observe = client(Duration::from_secs(1));
+        let act = client(Duration::from_secs(90));
+        let quick = client(Duration::from_secs(3));
+        let lease = LeaseKeeper::start(client(ttl / 4), ttl);
+        Self {
+            engine,
+            cluster,
+            dir,
+            endpoints,
+            observe,
+            act,
+            quick,
+            lease,
+            ha,
+            failover_delay,
+            primary_down_since: None,
+            slots_done_for: None,
+            not_streaming_since: BTreeMap::new(),
+            last_follow: BTreeMap::new(),
+            following: Arc::default(),
+            last_wait: None,
+        }
+    }
+
+    /// Persist the intent now (before acting on it).
+    fn save(&self) {
+        let result = state::read_state(&self.dir).and_then(|s| {
+            let mut s = s.unwrap_or_default();
+            s.ha = self.ha.clone();
+            state::write_state(&self.dir, &s)
+        });
+        if let Err(e) = result {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "failed to persist the failover intent"
+            );
+        }
+    }
+
+    fn db_port(&self, name: &str) -> Option<u16> {
+        self.endpoints
+            .iter()
+            .find(|e| e.name == name)
+            .map(|e| e.db_port)
+    }
+
+    /// One tick: act on the observation and return the member `rw` routes
+    /// to (`None`: writes go nowhere, open `rw` connections are closed).
+    pub async fn tick(
+        &mut self,
+        members: &[ObservedMember],
+        request: Option<SwitchoverRequest>,
+    ) -> Option<String> {
+        match self.ha.step.clone() {
+            Step::Idle => self.idle(members, request).await,
+            Step::Failover { from } => self.failover(&from).await,
+            Step::Switchover { from, to } => self.switchover(&from, &to, members).await,
+        }
+    }
+
+    async fn idle(
+        &mut self,
+        members: &[ObservedMember],
+        request: Option<SwitchoverRequest>,
+    ) -> Option<String> {
+        let primary = match self.ha.current_primary.clone() {
+            Some(p) => p,
+            None => {
+                // First start (or a state file from before failover
+                // existed): adopt the one ready primary, else the member
+                // waiting for its lease (it was the primary).
+                let adopt = match self.engine.elect(&self.cluster, members) {
+                    Election::Keep { primary } => Some(primary),
+                    _ => members
+                        .iter()
+                        .find(|m| m.status.as_ref().is_some_and(|s| s.awaiting_lease))
+                        .map(|m| m.name.clone()),
+                };
+                let p = adopt?;
+                self.ha.current_primary = Some(p.clone());
+                self.ha.target_primary = Some(p.clone());
+                self.ha
+                    .event("PrimaryAdopted", format!("{p} is the primary"));
+                self.save();
+                p
+            }
+        };
+        self.lease.set(Some((primary.clone(), self.ha.term)));
+        let pm = members.iter().find(|m| m.name == primary);
+        let status = pm.and_then(|m| m.status.as_ref());
+
+        // Split-brain guard: nobody else may run as a writer.
+        for m in members {
+            if m.name != primary && m.role() == Role::Primary {
+                self.ha.event(
+                    "Fencing",
+                    format!(
+                        "{} reports itself primary while {primary} is; fencing it",
+                        m.name
+                    ),
+                );
+                if let Err(e) = self.act.action(&m.name, ACTION_FENCE, json!({})).await {
+                    tracing::warn!(instance = %m.name, error = %e, "fence failed");
+                }
+            }
+        }
+
+        let healthy = status.is_some_and(|s| s.role == Role::Primary && s.ready);
+        if healthy {
+            self.primary_down_since = None;
+            if let Some(s) = status {
+                for name in sync_standbys(s) {
+                    if !self.ha.sync_standbys.contains(&name) {
+                        self.ha.sync_standbys.push(name);
+                        self.ha.sync_standbys.sort();
+                    }
+                }
+            }
+            if let Some(Position::Wal { timeline, .. }) = status.map(|s| &s.position)
+                && self.ha.timeline != Some(*timeline)
+            {
+                self.ha.timeline = Some(*timeline);
+            }
+            if self.slots_done_for.as_deref() != Some(primary.as_str()) {
+                let replicas: Vec<String> = self
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.name != primary)
+                    .map(|e| e.name.clone())
+                    .collect();
+                match self
+                    .act
+                    .action(&primary, ACTION_SLOTS, json!({ "replicas": replicas }))
+                    .await
+                {
+                    Ok(_) => self.slots_done_for = Some(primary.clone()),
+                    Err(e) => tracing::warn!(error = %e, "replication slots not ensured yet"),
+                }
+            }
+            if let Some(req) = request {
+                match switchover_refusal(
+                    &req.target,
+                    &self.cluster.instance_names(),
+                    Some(&primary),
+                    members,
+                ) {
+                    Some(why) => self.ha.event(
+                        "SwitchoverRefused",
+                        format!("switchover to {}: {why}", req.target),
+                    ),
+                    None => {
+                        self.ha.step = Step::Switchover {
+                            from: primary.clone(),
+                            to: req.target.clone(),
+                        };
+                        self.ha.target_primary = Some(req.target.clone());
+                        self.ha.event(
+                            "SwitchoverStarted",
+                            format!("switchover from {primary} to {}", req.target),
+                        );
+                        self.save();
+                        return self.switchover(&primary, &req.target, members).await;
+                    }
+                }
+            }
+            self.converge(&primary, members);
+            return Some(primary);
+        }
+        if let Some(req) = request {
+            self.ha.event(
+                "SwitchoverRefused",
+                format!(
+                    "switchover to {}: the primary {primary} is not ready",
+                    req.target
+                ),
+            );
+        }
+
+        let since = *self.primary_down_since.get_or_insert_with(Instant::now);
+        // A server that exited (or was fenced) is down for sure; a manager
+        // that missed one observation may only be slow.
+        let grace = match status {
+            None => UNREACHABLE_GRACE,
+            Some(s)
+                if matches!(s.process, ProcessState::Exited | ProcessState::Stopping)
+                    || (s.fenced && !s.awaiting_lease) =>
+            {
+                Duration::ZERO
+            }
+            Some(s) if s.awaiting_lease => AWAITING_LEASE_GRACE,
+            Some(_) => NOT_READY_GRACE,
+        };
+        if since.elapsed() >= self.failover_delay + grace && members.len() > 1 {
+            let why = match (pm, status) {
+                (Some(m), None) => format!(
+                    "instance manager unreachable ({})",
+                    m.error.clone().unwrap_or_default()
+                ),
+                (_, Some(s)) => s
+                    .message
+                    .as_deref()
+                    .map(|m| m.split("; last output").next().unwrap_or(m).to_string())
+                    .unwrap_or_else(|| format!("{:?}", s.process)),
+                _ => "not observed".into(),
+            };
+            self.lease.set(None);
+            self.ha.step = Step::Failover {
+                from: primary.clone(),
+            };
+            self.ha.target_primary = None;
+            self.ha.event(
+                "FailoverStarted",
+                format!(
+                    "primary {primary} failed after {}ms: {why}; writes stopped",
+                    since.elapsed().as_millis()
+                ),
+            );
+            self.save();
+            return self.failover(&primary).await;
+        }
+        Some(primary)
+    }
+
+    /// Make sure `from` cannot accept writes: fenced through its manager,
+    /// or its lease certainly expired. Returns how, or `None` (wait).
+    async fn neutralise(&mut self, from: &str) -> Option<String> {
+        match self.quick.action(from, ACTION_FENCE, json!({})).await {
+            Ok(_) => Some(format!("{from} fenced (server stopped)")),
+            Err(e) => {
+                if self.lease.expired(from) {
+                    Some(format!(
+                        "{from} unreachable ({e}); its write lease has expired"
+                    ))
+                } else {
+                    self.wait_note(format!(
+                        "waiting for the write lease of unreachable {from} to expire"
+                    ));
+                    None
+                }
+            }
+        }
+    }
+
+    fn wait_note(&mut self, why: String) {
+        if self.last_wait.as_deref() != Some(why.as_str()) {
+            self.ha.event("Waiting", why.clone());
+            self.last_wait = Some(why);
+        }
+    }
+
+    async fn failover(&mut self, from: &str) -> Option<String> {
+        self.lease.set(None);
+        let started = Instant::now();
+        let fenced = self.neutralise(from).await?;
+        if self.ha.target_primary.is_none() && fenced.contains("unreachable") {
+            // The old primary may still run: cut its replicas off first, so
+            // that it cannot have a commit acknowledged (synchronous mode)
+            // and nothing more reaches them before their positions are
+            // compared.
+            let others: Vec<String> = self
+                .endpoints
+                .iter()
+                .map(|e| e.name.clone())
+                .filter(|n| n != from)
+                .collect();
+            let detach = others.iter().map(|name| {
+                self.quick
+                    .action(name, ACTION_FOLLOW, json!({ "primary": null }))
+            });
+            let results = futures::future::join_all(detach).await;
+            let detached = others
+                .iter()
+                .zip(&results)
+                .filter(|(_, r)| r.is_ok())
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            self.ha.event(
+                "ReplicasDetached",
+                format!("replicas detached from {from}: {detached}"),
+            );
+        }
+        let mut members = self.observe.observe_all().await;
+        if !self.ha.sync_standbys.is_empty() {
+            // Only the synchronous standbys of the failed primary can hold
+            // its acknowledged commits; the others (a member still
+            // rewinding, one that never streamed from it) neither block
+            // nor win the election, and follow the winner afterwards.
+            members.retain(|m| m.name == from || self.ha.sync_standbys.contains(&m.name));
+        }
+        let candidate = match self.ha.target_primary.clone() {
+            Some(t) => t,
+            None => match self.engine.elect(&self.cluster, &members) {
+                Election::Promote { candidate, reason } => {
+                    self.ha.target_primary = Some(candidate.clone());
+                    self.ha.event(
+                        "FailoverCandidate",
+                        format!("{fenced}; promoting {candidate} ({reason})"),
+                    );
+                    self.save();
+                    candidate
+                }
+                Election::Keep { primary } if primary != from => {
+                    // Promoted before a restart of `up`: adopt it.
+                    self.ha.target_primary = Some(primary.clone());
+                    primary
+                }
+                other => {
+                    self.wait_note(format!(
+                        "failover from {from}: {}",
+                        super::status::describe_election(&other)
+                    ));
+                    return None;
+                }
+            },
+        };
+        self.promote(&candidate, from, started).await
+    }
+
+    /// Promote `candidate` with a fresh lease of a new term; on success it
+    /// is the current primary and the others are told to follow it.
+    async fn promote(&mut self, candidate: &str, from: &str, started: Instant) -> Option<String> {
+        let term = self.ha.term + 1;
+        self.ha.term = term;
+        self.save();
+        let body = json!({ BODY_LEASE: LeaseGrant {
+            holder: candidate.to_string(),
+            term,
+            ttl_ms: self.lease.ttl.as_millis() as u64,
+        }});
+        match self.act.action(candidate, ACTION_PROMOTE, body).await {
+            Ok(reply) => {
+                self.lease.note_renewed(candidate);
+                self.lease.set(Some((candidate.to_string(), term)));
+                let timeline = reply
+                    .get("timeline")
+                    .and_then(|t| t.as_u64())
+                    .map(|t| t as u32);
+                self.ha.timeline = timeline.or(self.ha.timeline);
+                self.ha.current_primary = Some(candidate.to_string());
+                self.ha.target_primary = Some(candidate.to_string());
+                self.ha.step = Step::Idle;
+                self.ha.sync_standbys.clear();
+                self.ha.event(
+                    "Promoted",
+                    format!(
+                        "{candidate} promoted (timeline {}, term {term}) in {}ms; rw moved to it",
+                        timeline
+                            .map(|t| t.to_string())
+                            .unwrap_or_else(|| "?".into()),
+                        started.elapsed().as_millis()
+                    ),
+                );
+                self.save();
+                self.primary_down_since = None;
+                self.slots_done_for = Some(candidate.to_string());
+                self.last_wait = None;
+                let others: Vec<String> = self
+                    .endpoints
+                    .iter()
+                    .map(|e| e.name.clone())
+                    .filter(|n| n != candidate)
+                    .collect();
+                for name in others {
+                    self.follow(&name, candidate, false);
+                }
+                let _ = from;
+                Some(candidate.to_string())
+            }
+            Err(e) => {
+                self.ha
+                    .event("PromoteFailed", format!("promote {candidate}: {e}"));
+                self.save();
+                None
+            }
+        }
+    }
+
+    async fn switchover(
+        &mut self,
+        from: &str,
+        to: &str,
+        members: &[ObservedMember],
+    ) -> Option<String> {
+        let started = Instant::now();
+        self.lease.set(None);
+        let last_lsn = wal_lsn(members.iter().find(|m| m.name == from));
+        if let Err(e) = self.act.action(from, ACTION_FENCE, json!({})).await {
+            // The primary is gone: this is a failover now.
+            self.ha.event(
+                "SwitchoverAborted",
+                format!("could not stop {from} ({e}); failing over instead"),
+            );
+            self.ha.step = Step::Failover {
+                from: from.to_string(),
+            };
+            self.ha.target_primary = None;
+            self.save();
+            return None;
+        }
+        self.ha.event(
+            "Demoted",
+            format!("{from} stopped cleanly for the switchover"),
+        );
+        // The target must hold everything the old primary wrote: past its
+        // last observed position (its shutdown checkpoint is later), and at
+        // least as far as any other replica got (a clean shutdown waits
+        // until connected standbys flushed everything it sent).
+        let others = self.observe.observe_all().await;
+        let goal = others
+            .iter()
+            .filter(|m| m.name != to && m.name != from)
+            .filter_map(|m| wal_lsn(Some(m)))
+            .chain(last_lsn.map(|l| l + 1))
+            .max();
+        let deadline = Instant::now() + CATCH_UP_TIMEOUT;
+        loop {
+            let received = self
+                .observe
+                .status(to)
+                .await
+                .ok()
+                .and_then(|s| match s.position {
+                    Position::Wal { received_lsn, .. } => received_lsn,
+                    _ => None,
+                });
+            if received.is_some_and(|r| goal.is_none_or(|g| r >= g)) {
+                break;
+            }
+            if Instant::now() > deadline {
+                self.ha.event(
+                    "SwitchoverCatchUpTimeout",
+                    format!(
+                        "{to} did not confirm the last WAL of {from} in time; promoting anyway"
+                    ),
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.promote(to, from, started).await
+    }
+
+    /// Replicas follow the primary: fenced or lease-waiting members, and
+    /// replicas not streaming from it for a while, are told to.
+    fn converge(&mut self, primary: &str, members: &[ObservedMember]) {
+        let primary_port = self.db_port(primary);
+        for m in members {
+            let Some(s) = m.status.as_ref().filter(|_| m.name != primary) else {
+                self.not_streaming_since.remove(&m.name);
+                continue;
+            };
+            let (needed, rewind) = if s.fenced || s.awaiting_lease {
+                (true, false)
+            } else if s.role == Role::Replica && s.process == ProcessState::Running {
+                if streaming_from(s) == primary_port && primary_port.is_some() {
+                    self.not_streaming_since.remove(&m.name);
+                    (false, false)
+                } else {
+                    let since = *self
+                        .not_streaming_since
+                        .entry(m.name.clone())
+                        .or_insert_with(Instant::now);
+                    (
+                        since.elapsed() >= NOT_STREAMING_GRACE,
+                        since.elapsed() >= REWIND_AFTER,
+                    )
+                }
+            } else if s.process == ProcessState::Exited {
+                // A server that keeps failing to start as a replica (its
+                // timeline forked off before its last checkpoint) needs a
+                // rewind; a plain crash is restarted by its manager sooner.
+                let since = *self
+                    .not_streaming_since
+                    .entry(m.name.clone())
+                    .or_insert_with(Instant::now);
+                let due = since.elapsed() >= REWIND_AFTER;
+                (due, due)
+            } else {
+                self.not_streaming_since.remove(&m.name);
+                (false, false)
+            };
+            if needed {
+                self.follow(&m.name, primary, rewind);
+            }
+        }
+    }
+
+    /// Tell `name` to follow `primary`, in the background (a rewind takes
+    /// seconds), at most every [`FOLLOW_EVERY`].
+    fn follow(&mut self, name: &str, primary: &str, rewind: bool) {
+        if self
+            .last_follow
+            .get(name)
+            .is_some_and(|t| t.elapsed() < FOLLOW_EVERY)
+        {
+            return;
+        }
+        {
+            let Ok(mut busy) = self.following.lock() else {
+                return;
+            };
+            if !busy.insert(name.to_string()) {
+                return;
+            }
+        }
+        self.last_follow.insert(name.to_string(), Instant::now());
+        if rewind {
+            // Start counting again: a rewind takes a while.
+            self.not_streaming_since.remove(name);
+        }
+        self.ha.event(
+            "Follow",
+            format!(
+                "{name} told to follow {primary}{}",
+                if rewind { " (through pg_rewind)" } else { "" }
+            ),
+        );
+        let act = self.act.clone();
+        let busy = self.following.clone();
+        let (name, primary) = (name.to_string(), primary.to_string());
+        tokio::spawn(async move {
+            let body = json!({ "primary": primary, "rewind": rewind });
+            match act.action(&name, ACTION_FOLLOW, body).await {
+                Ok(reply) => {
+                    tracing::info!(instance = %name, %primary, reply = %reply, "following")
+                }
+                Err(e) => tracing::warn!(instance = %name, %primary, error = %e, "follow failed"),
+            }
+            if let Ok(mut b) = busy.lock() {
+                b.remove(&name);
+            }
+        });
+    }
+}
+
+/// The members a primary reports as synchronous standbys: its status
+/// `details.replicas[]` entries with `syncState` `sync` or `quorum` (the
+/// PostgreSQL driver reports `pg_stat_replication` so; engines without
+/// the notion report none).
+fn sync_standbys(s: &crate::instance::protocol::MemberStatus) -> Vec<String> {
+    s.details
+        .get("replicas")
+        .and_then(|r| r.as_array())
+        .into_iter()
+        .flatten()
+        .filter(|r| {
+            matches!(
+                r.get("syncState").and_then(|v| v.as_str()),
+                Some("sync" | "quorum")
+            )
+        })
+        .filter_map(|r| r.get("name").and_then(|n| n.as_str()).map(str::to_string))
+        .collect()
+}
+
+fn wal_lsn(m: Option<&ObservedMember>) -> Option<u64> {
+    match m?.status.as_ref()?.position {
+        Position::Wal { received_lsn, .. } => received_lsn,
+        _ => None,
+    }
+}
+
+/// The upstream port a replica streams from, when its WAL receiver
+/// streams.
+fn streaming_from(s: &crate::instance::protocol::MemberStatus) -> Option<u16> {
+    let r = s.details.get("walReceiver")?;
+    if r.get("running")?.as_bool()? && r.get("status")?.as_str()? == "streaming" {
+        r.get("senderPort")?.as_u64().map(|p| p as u16)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::instance::protocol::MemberStatus;
+
+    fn member(name: &str, role: Role, ready: bool) -> ObservedMember {
+        ObservedMember {
+            name: name.into(),
+            status: Some(MemberStatus {
+                name: name.into(),
+                role,
+                ready,
+                process: ProcessState::Running,
+                ..Default::default()
+            }),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn switchover_refusals() {
+        let names: Vec<String> = ["simple-pg-0", "simple-pg-1", "simple-pg-2"]
+            .map(String::from)
+            .to_vec();
+        let members = [
+            member("simple-pg-0", Role::Primary, true),
+            member("simple-pg-1", Role::Replica, true),
+            member("simple-pg-2", Role::Replica, false),
+        ];
+        let p = Some("simple-pg-0");
+        assert_eq!(switchover_refusal("simple-pg-1", &names, p, &members), None);
+        let cases = [
+            ("simple-pg-9", "there is no instance \"simple-pg-9\""),
+            ("simple-pg-0", "already the primary"),
+            ("simple-pg-2", "is not a ready replica"),
+        ];
+        for (target, want) in cases {
+            let got = switchover_refusal(target, &names, p, &members).unwrap();
+            assert!(got.contains(want), "{target}: {got}");
+        }
+        assert!(
+            switchover_refusal("simple-pg-1", &names, None, &members)
+                .unwrap()
+                .contains("no primary")
+        );
+    }
+
+    #[test]
+    fn events_are_bounded_and_state_round_trips() {
+        let mut ha = HaState {
+            step: Step::Failover {
+                from: "simple-pg-0".into(),
+            },
+            ..Default::default()
+        };
+        for i in 0..(MAX_EVENTS + 5) {
+            ha.event("Test", format!("event {i}"));
+        }
+        assert_eq!(ha.events.len(), MAX_EVENTS);
+        assert!(ha.events.last().unwrap().ends_with("Test: event 54"));
+        let v = serde_json::to_value(&ha).unwrap();
+        assert_eq!(v["step"]["type"], "failover");
+        assert_eq!(v["step"]["from"], "simple-pg-0");
+        assert_eq!(serde_json::from_value::<HaState>(v).unwrap(), ha);
+    }
+
+    #[test]
+    fn synchronous_standbys_from_the_primary_report() {
+        let s = MemberStatus {
+            details: json!({ "replicas": [
+                { "name": "simple-pg-1", "syncState": "quorum" },
+                { "name": "simple-pg-2", "syncState": "async" },
+                { "name": "simple-pg-3", "syncState": "sync" },
+            ]}),
+            ..Default::default()
+        };
+        assert_eq!(sync_standbys(&s), ["simple-pg-1", "simple-pg-3"]);
+        assert!(sync_standbys(&MemberStatus::default()).is_empty());
+    }
+
+    #[test]
+    fn streaming_upstream_port() {
+        let mut s = MemberStatus::default();
+        assert_eq!(streaming_from(&s), None);
+        s.details = json!({ "walReceiver": { "running": true, "status": "streaming", "senderPort": 5433 } });
+        assert_eq!(streaming_from(&s), Some(5433));
+        s.details["walReceiver"]["status"] = json!("waiting");
+        assert_eq!(streaming_from(&s), None);
+    }
+}

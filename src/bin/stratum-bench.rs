@@ -1,0 +1,491 @@
+//! `stratum-bench failover`: the PostgreSQL failover benchmark on the local
+//! runtime (not a test). Starts a 3-instance, quorum-synchronous cluster
+//! with default settings, writes numbered rows through `rw` without pause,
+//! kills the primary's postgres N times (kill -9), switches over M times,
+//! and writes a table to docs/benchmarks.md (between the PostgreSQL
+//! markers). Run as root or as a user that may run PostgreSQL:
+//!
+//! ```sh
+//! cargo build --release && target/release/stratum-bench failover --kills 20
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use serde_json::Value;
+use stratum_postgres::tokio_postgres;
+
+const START: &str = "<!-- postgresql-benchmark:start -->";
+const END: &str = "<!-- postgresql-benchmark:end -->";
+
+#[derive(Parser)]
+#[command(
+    name = "stratum-bench",
+    about = "Stratum benchmarks on the local runtime"
+)]
+enum Cli {
+    /// Failover and switchover of a 3-instance PostgreSQL cluster.
+    Failover(FailoverArgs),
+}
+
+#[derive(clap::Args)]
+struct FailoverArgs {
+    /// How many times to kill the primary.
+    #[arg(long, default_value_t = 20)]
+    kills: usize,
+    /// How many switchovers.
+    #[arg(long, default_value_t = 5)]
+    switchovers: usize,
+    /// PostgreSQL major version (binaries found as `stratum local up` finds
+    /// them).
+    #[arg(long, default_value_t = 15)]
+    version: u32,
+    /// The results file; the PostgreSQL section is replaced.
+    #[arg(long, default_value = "docs/benchmarks.md")]
+    out: PathBuf,
+    /// Do not write the results file, only print the table.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let Cli::Failover(args) = Cli::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(failover(args))
+}
+
+struct Cluster {
+    _tmp: PathBuf,
+    state: PathBuf,
+    up: Child,
+    stratum: PathBuf,
+}
+
+impl Cluster {
+    fn state_json(&self) -> Value {
+        std::fs::read(self.state.join("state.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Value::Null)
+    }
+
+    fn status(&self) -> Value {
+        self.state_json()["status"].clone()
+    }
+
+    async fn wait(&self, what: &str, f: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let s = self.status();
+            if f(&s) {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!("not {what} within 120s: {s}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn converged(&self) -> anyhow::Result<Value> {
+        self.wait("converged", |s| {
+            s["phase"] == "Healthy" && s["step"] == "idle" && s["primary"] == s["currentPrimary"]
+        })
+        .await
+    }
+
+    fn postmaster_pid(&self, instance: &str) -> anyhow::Result<i32> {
+        let p = self
+            .state
+            .join("instances")
+            .join(instance)
+            .join("data/pgdata/postmaster.pid");
+        let text = std::fs::read_to_string(&p).with_context(|| p.display().to_string())?;
+        Ok(text.lines().next().unwrap_or("").trim().parse()?)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.stratum)
+            .args(["local", "down", "--purge", "--state-dir"])
+            .arg(&self.state)
+            .output();
+        let _ = self.up.wait();
+        let _ = std::fs::remove_dir_all(&self._tmp);
+    }
+}
+
+type Acks = Arc<Mutex<Vec<(i64, Instant, i32)>>>;
+
+async fn connect(endpoint: &str, password: &str) -> Option<tokio_postgres::Client> {
+    let (host, port) = endpoint.rsplit_once(':')?;
+    let conn = format!(
+        "host={host} port={port} user=app password={password} dbname=app connect_timeout=2"
+    );
+    let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+        .await
+        .ok()?;
+    tokio::spawn(connection);
+    Some(client)
+}
+
+fn writer(
+    rw: String,
+    password: String,
+    stop: Arc<AtomicBool>,
+    acks: Acks,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut n = 0i64;
+        let mut client = None;
+        while !stop.load(Ordering::Relaxed) {
+            if client.is_none() {
+                client = connect(&rw, &password).await;
+                if client.is_none() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
+            }
+            let c: &tokio_postgres::Client = client.as_ref().unwrap();
+            n += 1;
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&n];
+            let insert = c.query_one(
+                "INSERT INTO bench_rows (n) VALUES ($1) RETURNING inet_server_port()",
+                &params,
+            );
+            match tokio::time::timeout(Duration::from_secs(5), insert).await {
+                Ok(Ok(row)) => acks.lock().unwrap().push((n, Instant::now(), row.get(0))),
+                _ => client = None,
+            }
+        }
+    })
+}
+
+/// Wait until the primary behind `rw` has `n` streaming standbys
+/// (including `must`, when given).
+async fn wait_streaming(
+    rw: &str,
+    superuser: &str,
+    n: i64,
+    must: Option<&str>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (host, port) = rw.rsplit_once(':').context("rw address")?;
+    loop {
+        let conn = format!(
+            "host={host} port={port} user=postgres password={superuser} dbname=postgres connect_timeout=2"
+        );
+        if let Ok((client, connection)) =
+            tokio_postgres::connect(&conn, tokio_postgres::NoTls).await
+        {
+            tokio::spawn(connection);
+            if let Ok(rows) = client
+                .query(
+                    "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'",
+                    &[],
+                )
+                .await
+            {
+                let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+                if names.len() as i64 >= n && must.is_none_or(|m| names.iter().any(|x| x == m)) {
+                    return Ok(());
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the primary has not {n} streaming standbys within 120s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn port_of(s: &Value, instance: &str) -> i32 {
+    s["instances"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|i| i["name"] == instance)
+        .and_then(|i| i["address"].as_str())
+        .and_then(|a| a.rsplit_once(':'))
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or(0)
+}
+
+fn stats(mut v: Vec<Duration>) -> (Duration, Duration, Duration) {
+    if v.is_empty() {
+        return Default::default();
+    }
+    v.sort();
+    let pick = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    (pick(0.5), pick(0.95), *v.last().unwrap())
+}
+
+fn ms(d: Duration) -> String {
+    format!("{} ms", d.as_millis())
+}
+
+async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let stratum = exe.with_file_name("stratum");
+    anyhow::ensure!(
+        stratum.exists(),
+        "{} not found: build the workspace first (cargo build)",
+        stratum.display()
+    );
+    let tmp = std::env::temp_dir().join(format!("stratum-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let file = tmp.join("bench-pg.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: stratum.dev/v1alpha1
+kind: PostgresCluster
+metadata:
+  name: bench-pg
+spec:
+  instances: 3
+  version: {}
+  storage:
+    size: 1Gi
+  postgresql:
+    synchronous:
+      method: any
+      number: 1
+",
+            args.version
+        ),
+    )?;
+    let state = tmp.join("state");
+    let log = std::fs::File::create(tmp.join("up.log"))?;
+    let created = Instant::now();
+    let up = Command::new(&stratum)
+        .args(["local", "up", "-f"])
+        .arg(&file)
+        .arg("--state-dir")
+        .arg(&state)
+        .env_remove("STRATUM_LOCAL_TICK_MS")
+        .env_remove("STRATUM_LOCAL_LEASE_MS")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let cluster = Cluster {
+        _tmp: tmp.clone(),
+        state: state.clone(),
+        up,
+        stratum: stratum.clone(),
+    };
+    let s = cluster.converged().await?;
+    let create_time = created.elapsed();
+    eprintln!("3 instances ready in {}", ms(create_time));
+    let rw = s["endpoints"]["rw"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let password = std::fs::read_to_string(state.join("secrets/app-password"))?;
+    let client = connect(&rw, &password).await.context("connect to rw")?;
+    client
+        .batch_execute("CREATE TABLE bench_rows (n bigint PRIMARY KEY)")
+        .await?;
+    let server_version: String = client.query_one("SHOW server_version", &[]).await?.get(0);
+    drop(client);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acks: Acks = Arc::default();
+    let task = writer(rw.clone(), password.clone(), stop.clone(), acks.clone());
+
+    let mut failovers = Vec::new();
+    let mut rejoins = Vec::new();
+    let superuser = std::fs::read_to_string(state.join("secrets/superuser-password"))?;
+    for i in 0..args.kills {
+        let s = cluster.converged().await?;
+        // Steady state: both replicas stream from the primary.
+        wait_streaming(&rw, &superuser, 2, None).await?;
+        let old = s["currentPrimary"].as_str().unwrap_or_default().to_string();
+        let old_port = port_of(&s, &old);
+        let pid = cluster.postmaster_pid(&old)?;
+        let t = Instant::now();
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()?;
+        let first = loop {
+            if let Some(at) = acks
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(_, at, p)| *at > t && *p != old_port)
+                .map(|(_, at, _)| *at)
+            {
+                break at - t;
+            }
+            if t.elapsed() > Duration::from_secs(120) {
+                bail!("no write acknowledged by a new primary within 120s");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        wait_streaming(&rw, &superuser, 2, Some(&old)).await?;
+        let rejoin = t.elapsed();
+        eprintln!(
+            "kill {}/{}: {old} → first write on the new primary after {}, old primary streaming from it after {}",
+            i + 1,
+            args.kills,
+            ms(first),
+            ms(rejoin)
+        );
+        failovers.push(first);
+        rejoins.push(rejoin);
+    }
+
+    let mut switchovers = Vec::new();
+    for i in 0..args.switchovers {
+        let s = cluster.converged().await?;
+        wait_streaming(&rw, &superuser, 2, None).await?;
+        let target = s["instances"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|i| i["role"] == "replica")
+            .and_then(|i| i["name"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        let t = Instant::now();
+        let out = Command::new(&stratum)
+            .args(["local", "promote", "--state-dir"])
+            .arg(&state)
+            .arg(&target)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "promote {target}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let acked = acks.lock().unwrap();
+        let times: Vec<Instant> = acked
+            .iter()
+            .map(|(_, at, _)| *at)
+            .filter(|at| *at > t)
+            .collect();
+        let gap = times
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .chain(times.first().map(|f| *f - t))
+            .max()
+            .unwrap_or_default();
+        drop(acked);
+        eprintln!(
+            "switchover {}/{} to {target}: writes unavailable for {}",
+            i + 1,
+            args.switchovers,
+            ms(gap)
+        );
+        switchovers.push(gap);
+    }
+
+    stop.store(true, Ordering::Relaxed);
+    let _ = task.await;
+    let s = cluster.converged().await?;
+    let client = connect(s["endpoints"]["rw"].as_str().unwrap_or_default(), &password)
+        .await
+        .context("connect to rw")?;
+    let present: std::collections::BTreeSet<i64> = client
+        .query("SELECT n FROM bench_rows", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let acked: Vec<i64> = acks.lock().unwrap().iter().map(|(n, _, _)| *n).collect();
+    let lost = acked.iter().filter(|n| !present.contains(n)).count();
+
+    let (f50, f95, fmax) = stats(failovers);
+    let (s50, _, smax) = stats(switchovers.clone());
+    let (r50, r95, rmax) = stats(rejoins);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0 / 1024.0)
+        .unwrap_or(0.0);
+    let table = format!(
+        "{START}
+Measured {date} with `stratum-bench failover --kills {kills} --switchovers {sw}`
+(default settings: 500 ms decision loop, 5 s write lease, `failoverDelay` 0) on
+{cores} cores, {mem_gib:.0} GiB RAM, PostgreSQL {server_version}, a debug build
+unless stated. Cluster: 3 instances, `synchronous: {{method: any, number: 1}}`;
+one client inserts numbered rows through `rw` without pause; each round
+kills the primary's postmaster with SIGKILL.
+
+| Metric | Median | p95 | Max | Target |
+|---|---|---|---|---|
+| Failover: kill → first write acknowledged by the new primary through `rw` ({kills} kills) | {f50} | {f95} | {fmax} | median < 2 s, p95 < 5 s |
+| Acknowledged writes lost ({acked} acknowledged) | {lost} | | | 0 |
+| Switchover write unavailability ({sw} switchovers) | {s50} | | {smax} | < 1 s |
+| Old primary streams from the new primary again (from the kill) | {r50} | {r95} | {rmax} | |
+| Create a 3-instance cluster (up → Healthy) | {create} | | | |
+{END}",
+        date = chrono_like_date(),
+        kills = args.kills,
+        sw = args.switchovers,
+        f50 = ms(f50),
+        f95 = ms(f95),
+        fmax = ms(fmax),
+        acked = acked.len(),
+        s50 = ms(s50),
+        smax = ms(smax),
+        r50 = ms(r50),
+        r95 = ms(r95),
+        rmax = ms(rmax),
+        create = ms(create_time),
+    );
+    println!("{table}");
+    if !args.dry_run {
+        write_section(&args.out, &table)?;
+        eprintln!("wrote {}", args.out.display());
+    }
+    if lost > 0 {
+        bail!("{lost} acknowledged writes were lost");
+    }
+    Ok(())
+}
+
+fn chrono_like_date() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Replace the PostgreSQL section of the results file (create it when
+/// missing); other sections are left alone.
+fn write_section(path: &Path, table: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
+    let new = match (text.find(START), text.find(END)) {
+        (Some(a), Some(b)) if b > a => format!("{}{table}{}", &text[..a], &text[b + END.len()..]),
+        _ => format!(
+            "{}\n## PostgreSQL failover (local runtime)\n\n{table}\n",
+            text.trim_end()
+        ),
+    };
+    std::fs::write(path, new)?;
+    Ok(())
+}
