@@ -16,10 +16,11 @@ fn render(file: &str) -> std::process::Output {
 
 #[test]
 fn every_cluster_example_renders() {
-    for (file, container) in [
-        ("postgres-ha.yaml", "postgres"),
-        ("pxc.yaml", "pxc"),
-        ("mongo.yaml", "mongod"),
+    // The examples leave podManagementPolicy unset: each engine's default.
+    for (file, container, policy) in [
+        ("postgres-ha.yaml", "postgres", "OrderedReady"),
+        ("pxc.yaml", "pxc", "Parallel"),
+        ("mongo.yaml", "mongod", "Parallel"),
     ] {
         let out = render(file);
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -51,6 +52,10 @@ fn every_cluster_example_renders() {
         assert!(
             stdout.contains(&format!("name: {container}")),
             "{file}: no container {container}"
+        );
+        assert!(
+            stdout.contains(&format!("podManagementPolicy: {policy}")),
+            "{file}: expected podManagementPolicy {policy}"
         );
     }
 }

@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde::{Deserialize, Serialize};
 
-use crate::api::common::{ClusterSpecCommon, StorageSpec};
+use crate::api::common::{ClusterSpecCommon, PodManagementPolicy, StorageSpec};
 use crate::error::SpecError;
 use crate::instance::config::InstanceConfig;
 use crate::instance::protocol::{MemberStatus, Role};
@@ -287,6 +287,13 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Where reads and writes go, given the observed members. Pure.
     fn route(&self, members: &[ObservedMember]) -> Routing;
+
+    /// StatefulSet pod management when the spec does not choose one.
+    /// Engines whose members must start together to form a quorum (Galera
+    /// after a full crash, MongoDB) answer `Parallel`.
+    fn default_pod_management_policy(&self) -> PodManagementPolicy {
+        PodManagementPolicy::OrderedReady
+    }
 
     /// The instance side, when this engine can run instances.
     fn instance_driver(&self) -> Option<Arc<dyn InstanceDriver>> {

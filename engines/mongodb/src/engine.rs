@@ -8,6 +8,7 @@ use std::sync::LazyLock;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
+use operator_core::api::common::PodManagementPolicy;
 use operator_core::engine::{
     Election, Engine, EngineManifest, EnginePort, ObservedMember, ReplicationModel, Routing,
     Topology, ValidatedCluster,
@@ -119,6 +120,12 @@ impl Engine for MongoEngine {
 
     fn crd(&self) -> CustomResourceDefinition {
         CRD.clone()
+    }
+
+    /// `Parallel`: a replica set needs a majority of members up to elect a primary;
+    /// `OrderedReady` would wait for ordinal 0 to be ready first.
+    fn default_pod_management_policy(&self) -> PodManagementPolicy {
+        PodManagementPolicy::Parallel
     }
 
     /// Metadata, then the CRD's CEL rules (as on create: arbiters fewer

@@ -8,6 +8,7 @@ use std::sync::LazyLock;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
+use operator_core::api::common::PodManagementPolicy;
 use operator_core::engine::{
     Election, Engine, EngineManifest, EnginePort, ObservedMember, ReplicationModel, Routing,
     Topology, ValidatedCluster,
@@ -116,6 +117,12 @@ impl Engine for PxcEngine {
 
     fn crd(&self) -> CustomResourceDefinition {
         CRD.clone()
+    }
+
+    /// `Parallel`: after a full crash every member must run so that the most advanced one can be
+    /// found and bootstrapped; `OrderedReady` would start only ordinal 0.
+    fn default_pod_management_policy(&self) -> PodManagementPolicy {
+        PodManagementPolicy::Parallel
     }
 
     /// Metadata, then the CRD's CEL rules (as on create), then typed

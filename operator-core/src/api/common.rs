@@ -66,10 +66,13 @@ pub struct ClusterSpecCommon {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupConfiguration>,
 
-    /// How the StatefulSet creates pods: `OrderedReady` (one at a time, the
-    /// default) or `Parallel`.
-    #[serde(default)]
-    pub pod_management_policy: PodManagementPolicy,
+    /// How the StatefulSet creates pods: `OrderedReady` (one at a time, in
+    /// ordinal order) or `Parallel` (all at once). Default: the engine's —
+    /// `OrderedReady` for PostgresCluster, `Parallel` for PxcCluster and
+    /// MongoCluster, whose members must all start to re-form a quorum after
+    /// a full-cluster crash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_management_policy: Option<PodManagementPolicy>,
 
     /// How changes that need a restart are rolled out. `SmartUpdate` (the
     /// default) lets the operator restart replicas first, one at a time, and
@@ -197,7 +200,14 @@ pub enum PodAntiAffinityType {
     Required,
 }
 
-/// StatefulSet pod management policy.
+/// How the StatefulSet creates pods: `OrderedReady` (one at a time, in
+/// ordinal order) or `Parallel` (all at once). Default: the engine's —
+/// `OrderedReady` for PostgresCluster, `Parallel` for PxcCluster and
+/// MongoCluster, whose members must all start to re-form a quorum after a
+/// full-cluster crash.
+//
+// This text is also the `spec.podManagementPolicy` description: kube's
+// schema transform for `Option<enum>` keeps the enum's description.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 pub enum PodManagementPolicy {
     /// Create and delete pods one at a time, in ordinal order.

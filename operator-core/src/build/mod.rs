@@ -268,7 +268,7 @@ pub fn build(
     })?;
     let config_map = config::config_map(&meta, cluster, engine, &manifest, client_port)?;
     Ok(ClusterObjects {
-        stateful_set: statefulset::stateful_set(&meta, cluster, engine.kind(), &manifest, ctx),
+        stateful_set: statefulset::stateful_set(&meta, cluster, engine, &manifest, ctx),
         config_map,
         services: services::services(&meta, &manifest),
         pod_disruption_budget: policy::pod_disruption_budget(&meta),

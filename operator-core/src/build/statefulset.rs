@@ -24,7 +24,7 @@ use super::{
     SECRETS_DIR, names,
 };
 use crate::api::common::{PodAntiAffinityType, StorageSpec, UpdateStrategy};
-use crate::engine::{EngineManifest, ValidatedCluster};
+use crate::engine::{Engine, EngineManifest, ValidatedCluster};
 use crate::plan::POD_API_PORT;
 
 /// Name of the init container that copies the `stratum` binary.
@@ -46,11 +46,15 @@ pub const TERMINATION_GRACE_SECONDS: i64 = 60;
 pub(super) fn stateful_set(
     meta: &MetaBuilder,
     cluster: &ValidatedCluster,
-    kind: &str,
+    engine: &dyn Engine,
     manifest: &EngineManifest,
     ctx: &BuildContext,
 ) -> StatefulSet {
+    let kind = engine.kind();
     let common = &cluster.common;
+    let pod_management_policy = common
+        .pod_management_policy
+        .unwrap_or_else(|| engine.default_pod_management_policy());
     let mut claims = vec![claim_template(meta, DATA_VOLUME, &common.storage)];
     claims.extend(
         manifest
@@ -69,7 +73,7 @@ pub(super) fn stateful_set(
             replicas: Some(common.instances),
             service_name: Some(names::headless_service(&meta.cluster)),
             selector: meta.label_selector(),
-            pod_management_policy: Some(common.pod_management_policy.as_str().to_string()),
+            pod_management_policy: Some(pod_management_policy.as_str().to_string()),
             update_strategy: Some(StatefulSetUpdateStrategy {
                 type_: Some(update_strategy.to_string()),
                 rolling_update: None,
