@@ -271,6 +271,34 @@ fn check_value(
     }
 }
 
+/// The common first steps of every engine's `Engine::validate`: the
+/// object's `kind` is `kind`, its metadata is valid, it passes the CRD's
+/// schema and CEL rules (as on create), and its `spec` deserializes into
+/// `T`. Returns the identity, the typed spec and the raw `spec` JSON.
+pub fn typed_cluster<T: DeserializeOwned>(
+    kind: &str,
+    crd: &CustomResourceDefinition,
+    object: &serde_json::Value,
+) -> Result<(ClusterMeta, T, serde_json::Value), SpecError> {
+    if let Some(found) = object.get("kind").and_then(|k| k.as_str())
+        && found != kind
+    {
+        return Err(SpecError::new(
+            "kind",
+            format!("expected {kind}, got {found}"),
+        ));
+    }
+    let meta = cluster_meta(kind, object)?;
+    // The API server has run these already; the local runtime has not.
+    check_against_crd(crd, object, None).map_err(SpecError::combine)?;
+    let raw = object
+        .get("spec")
+        .cloned()
+        .ok_or_else(|| SpecError::new("spec", "is required"))?;
+    let spec = from_json(raw.clone(), "spec")?;
+    Ok((meta, spec, raw))
+}
+
 /// Check `metadata` of a cluster object and extract its identity. Names must
 /// be DNS labels short enough for the `-rw`/`-ro` Services and pod names.
 pub fn cluster_meta(kind: &str, object: &serde_json::Value) -> Result<ClusterMeta, SpecError> {

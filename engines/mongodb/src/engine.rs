@@ -14,7 +14,7 @@ use operator_core::engine::{
     Topology, ValidatedCluster,
 };
 use operator_core::error::SpecError;
-use operator_core::validate::{check_against_crd, cluster_meta, from_json};
+use operator_core::validate::typed_cluster;
 
 use crate::api::{MongoCluster, MongoClusterSpec};
 use crate::settings::{MongoInstanceSettings, secret_keys};
@@ -133,21 +133,7 @@ impl Engine for MongoEngine {
     /// deserialization, then [`check_spec`]: version, replica set name,
     /// users, and operator-owned options in `additionalMongodConfig`.
     fn validate(&self, object: &serde_json::Value) -> Result<ValidatedCluster, SpecError> {
-        let meta = cluster_meta(KIND, object)?;
-        if let Some(kind) = object.get("kind").and_then(|k| k.as_str())
-            && kind != KIND
-        {
-            return Err(SpecError::new(
-                "kind",
-                format!("expected {KIND}, got {kind}"),
-            ));
-        }
-        let raw = object
-            .get("spec")
-            .cloned()
-            .ok_or_else(|| SpecError::new("spec", "is required"))?;
-        check_against_crd(&CRD, object, None).map_err(SpecError::combine)?;
-        let spec: MongoClusterSpec = from_json(raw, "spec")?;
+        let (meta, spec, _): (_, MongoClusterSpec, _) = typed_cluster(KIND, &CRD, object)?;
         check_spec(&spec)?;
         let spec_json = serde_json::to_value(&spec)
             .map_err(|e| SpecError::new("spec", format!("failed to serialize: {e}")))?;

@@ -14,7 +14,7 @@ use operator_core::engine::{
     Topology, ValidatedCluster,
 };
 use operator_core::error::SpecError;
-use operator_core::validate::{check_against_crd, cluster_meta, from_json};
+use operator_core::validate::typed_cluster;
 
 use crate::api::{ProxyType, PxcCluster, PxcClusterSpec};
 use crate::settings::{PxcInstanceSettings, secret_keys, sst_password_key};
@@ -130,21 +130,7 @@ impl Engine for PxcEngine {
     /// `spec.configuration` syntax and operator-owned options, proxy size,
     /// and that `forceBootstrapFrom` names an instance.
     fn validate(&self, object: &serde_json::Value) -> Result<ValidatedCluster, SpecError> {
-        let meta = cluster_meta(KIND, object)?;
-        if let Some(kind) = object.get("kind").and_then(|k| k.as_str())
-            && kind != KIND
-        {
-            return Err(SpecError::new(
-                "kind",
-                format!("expected {KIND}, got {kind}"),
-            ));
-        }
-        let raw = object
-            .get("spec")
-            .cloned()
-            .ok_or_else(|| SpecError::new("spec", "is required"))?;
-        check_against_crd(&CRD, object, None).map_err(SpecError::combine)?;
-        let spec: PxcClusterSpec = from_json(raw, "spec")?;
+        let (meta, spec, _): (_, PxcClusterSpec, _) = typed_cluster(KIND, &CRD, object)?;
         check_spec(&meta.name, &spec)?;
         let spec_json = serde_json::to_value(&spec)
             .map_err(|e| SpecError::new("spec", format!("failed to serialize: {e}")))?;

@@ -12,7 +12,7 @@ use operator_core::engine::{
 };
 use operator_core::error::SpecError;
 use operator_core::instance::protocol::{Position, ProcessState, Role};
-use operator_core::validate::{check_against_crd, cluster_meta, from_json};
+use operator_core::validate::typed_cluster;
 
 use crate::api::{PostgresCluster, PostgresClusterSpec, SyncMethod};
 use crate::settings::{InitDbSettings, PostgresInstanceSettings, secret_keys};
@@ -415,14 +415,8 @@ impl Engine for PostgresEngine {
     }
 
     fn validate(&self, object: &serde_json::Value) -> Result<ValidatedCluster, SpecError> {
-        let meta = cluster_meta(self.kind(), object)?;
-        // The API server has run these already; the local runtime has not.
-        check_against_crd(&self.crd(), object, None).map_err(SpecError::combine)?;
-        let spec_json = object
-            .get("spec")
-            .cloned()
-            .ok_or_else(|| SpecError::new("spec", "is required"))?;
-        let spec: PostgresClusterSpec = from_json(spec_json.clone(), "spec")?;
+        let (meta, spec, spec_json): (_, PostgresClusterSpec, _) =
+            typed_cluster(self.kind(), &self.crd(), object)?;
         check_spec(&spec)?;
         let image = spec
             .common
