@@ -22,25 +22,34 @@ const CONVERGE_TIMEOUT: Duration = Duration::from_secs(90);
 const TICK_MS: &str = "100";
 const LEASE_MS: u64 = 3000;
 
-fn require_postgres() {
-    let postgres = Path::new(PG_BIN).join("postgres");
+/// The binaries of `version`: Debian's PostgreSQL 15, or a newer major
+/// from the cache that scripts/setup.sh fills (found by the driver from
+/// `spec.version`, so no `--bin-dir` is passed for it).
+fn require_postgres(version: u32) {
+    let postgres = if version == 15 {
+        Path::new(PG_BIN).join("postgres")
+    } else {
+        let cache = std::env::var("STRATUM_CACHE").unwrap_or_else(|_| "/var/cache/stratum".into());
+        Path::new(&cache).join(format!("postgresql/{version}/bin/postgres"))
+    };
     assert!(
         postgres.exists(),
-        "PostgreSQL 15 is required at {PG_BIN} (missing {}): install it with `apt-get install postgresql-15`",
+        "PostgreSQL {version} is required at {} : install PostgreSQL 15 with `apt-get install postgresql-15`, newer majors with scripts/setup.sh",
         postgres.display()
     );
 }
 
 /// Three instances, quorum-synchronous (any 1): every acknowledged commit
 /// is on a replica.
-fn simple_pg_ha() -> String {
-    "apiVersion: stratum.dev/v1alpha1
+fn simple_pg_ha(version: u32) -> String {
+    format!(
+        "apiVersion: stratum.dev/v1alpha1
 kind: PostgresCluster
 metadata:
   name: simple-pg
 spec:
   instances: 3
-  version: 15
+  version: {version}
   storage:
     size: 1Gi
   postgresql:
@@ -48,7 +57,7 @@ spec:
       method: any
       number: 1
 "
-    .to_string()
+    )
 }
 
 fn stratum() -> Command {
@@ -66,22 +75,28 @@ struct Local {
     tmp: tempfile::TempDir,
     state: PathBuf,
     file: PathBuf,
+    version: u32,
     up: Option<Child>,
     ups: usize,
 }
 
 impl Local {
     fn new() -> Self {
-        require_postgres();
+        Self::with_version(15)
+    }
+
+    fn with_version(version: u32) -> Self {
+        require_postgres(version);
         let tmp = tempfile::tempdir().unwrap();
         std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let state = tmp.path().join("state");
         let file = tmp.path().join("simple-pg.yaml");
-        std::fs::write(&file, simple_pg_ha()).unwrap();
+        std::fs::write(&file, simple_pg_ha(version)).unwrap();
         Self {
             tmp,
             state,
             file,
+            version,
             up: None,
             ups: 0,
         }
@@ -97,7 +112,11 @@ impl Local {
             .arg(&self.file)
             .arg("--state-dir")
             .arg(&self.state)
-            .args(["--bin-dir", PG_BIN])
+            .args(if self.version == 15 {
+                &["--bin-dir", PG_BIN][..]
+            } else {
+                &[][..]
+            })
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -745,5 +764,37 @@ async fn ha_switchover_bad_input_and_lease() {
         .await
         .unwrap();
     eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
+    local.down();
+}
+
+/// The failover of (b) on a newer major: PostgreSQL 17 from the PyPI wheel
+/// (its own libpq, pg_rewind of 17), found by `spec.version`.
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_fails_over_on_postgresql_17() {
+    let t0 = Instant::now();
+    let mut local = Local::with_version(17);
+    local.start();
+    let status = local.wait_converged();
+    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
+    let password = local.password();
+    let client = connect(&rw, &password).await.unwrap();
+    let version: String = client
+        .query_one("SHOW server_version", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(version.starts_with("17."), "server_version {version}");
+    create_table(&rw, &password).await;
+    let writer = Writer::start(rw.clone(), password.clone(), 1000);
+    wait_acks(&writer, 0, 50, "before the kill").await;
+    let (converged, first) = fail_primary(&mut local, &writer, "postgres").await;
+    let acked = writer.stop().await;
+    assert_all_present(&rw, &password, &acked).await;
+    assert_eq!(converged["timeline"], 2, "{converged}");
+    eprintln!(
+        "PostgreSQL 17 failover: first write {}ms after the kill; test took {:.1}s",
+        first.as_millis(),
+        t0.elapsed().as_secs_f64()
+    );
     local.down();
 }
