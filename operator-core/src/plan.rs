@@ -1,9 +1,10 @@
 //! Instance planning shared by both runtimes: from a validated cluster to
 //! each instance's [`InstanceConfig`]. Pure, no IO.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use crate::engine::{Engine, ValidatedCluster};
+use crate::engine::{Engine, EngineManifest, ValidatedCluster};
 use crate::error::SpecError;
 use crate::instance::config::{InstanceConfig, PeerEndpoint};
 
@@ -72,8 +73,23 @@ pub fn instance_config(
 }
 
 /// Kubernetes member endpoints: stable DNS names through the headless
-/// Service.
-pub fn kubernetes_members(cluster: &ValidatedCluster, db_port: u16) -> Vec<PeerEndpoint> {
+/// Service; every pod uses the container ports of the manifest.
+pub fn kubernetes_members(
+    cluster: &ValidatedCluster,
+    manifest: &EngineManifest,
+) -> Vec<PeerEndpoint> {
+    let db_port = manifest
+        .ports
+        .iter()
+        .find(|p| p.client)
+        .map(|p| p.port)
+        .unwrap_or_default();
+    let ports: BTreeMap<String, u16> = manifest
+        .ports
+        .iter()
+        .filter(|p| !p.client)
+        .map(|p| (p.name.clone(), p.port))
+        .collect();
     cluster
         .instance_names()
         .into_iter()
@@ -85,6 +101,7 @@ pub fn kubernetes_members(cluster: &ValidatedCluster, db_port: u16) -> Vec<PeerE
             name,
             db_port,
             api_port: POD_API_PORT,
+            ports: ports.clone(),
         })
         .collect()
 }

@@ -123,6 +123,7 @@ impl Fixture {
                 host: "127.0.0.1".into(),
                 db_port: ports[2 * i as usize],
                 api_port: ports[2 * i as usize + 1],
+                ports: Default::default(),
             })
             .collect();
         let cluster_id = format!("uid-{}", dir.path().file_name().unwrap().to_string_lossy());

@@ -24,14 +24,13 @@ pub(super) fn config_map(
     cluster: &ValidatedCluster,
     engine: &dyn Engine,
     manifest: &EngineManifest,
-    client_port: u16,
 ) -> Result<ConfigMap, BuildError> {
     let uid = cluster.meta.uid.clone().unwrap_or_default();
     let input = PlanInput {
         cluster,
         engine,
         cluster_id: uid,
-        members: plan::kubernetes_members(cluster, client_port),
+        members: plan::kubernetes_members(cluster, manifest),
         listen_address: "0.0.0.0".into(),
         // The pod already runs as the database user (securityContext).
         run_as_user: None,

@@ -263,10 +263,10 @@ pub fn build(
 ) -> Result<ClusterObjects, BuildError> {
     let manifest = engine.manifest(cluster);
     let meta = meta::MetaBuilder::new(cluster, engine.kind())?;
-    let client_port = client_port(&manifest).ok_or_else(|| BuildError::NoPorts {
+    client_port(&manifest).ok_or_else(|| BuildError::NoPorts {
         kind: engine.kind().to_string(),
     })?;
-    let config_map = config::config_map(&meta, cluster, engine, &manifest, client_port)?;
+    let config_map = config::config_map(&meta, cluster, engine, &manifest)?;
     Ok(ClusterObjects {
         stateful_set: statefulset::stateful_set(&meta, cluster, engine, &manifest, ctx),
         config_map,

@@ -11,7 +11,7 @@ use kube::api::{Api, ListParams};
 use super::decide::PodInfo;
 use super::error::ObserveError;
 use crate::build::{names, selector_labels};
-use crate::engine::{ObservedMember, ValidatedCluster};
+use crate::engine::{EngineManifest, ObservedMember, ValidatedCluster};
 use crate::instance::client::InstanceClient;
 use crate::instance::protocol::SECRET_KEY_API_TOKEN;
 use crate::plan;
@@ -33,7 +33,7 @@ pub async fn observe(
     client: &Client,
     cluster: &ValidatedCluster,
     kind: &str,
-    db_port: u16,
+    manifest: &EngineManifest,
     timeout: Duration,
 ) -> Result<Observation, ObserveError> {
     let ns = &cluster.meta.namespace;
@@ -58,7 +58,7 @@ pub async fn observe(
         .filter(|p| instance_names.contains(&p.name))
         .collect();
 
-    let all_members = plan::kubernetes_members(cluster, db_port);
+    let all_members = plan::kubernetes_members(cluster, manifest);
     let reachable: Vec<_> = all_members
         .iter()
         .filter(|m| pods.iter().any(|p| p.name == m.name && p.reachable()))

@@ -239,7 +239,7 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
             return Err(e.into());
         }
     };
-    let db_port = build::client_port(&engine.manifest(&cluster)).unwrap_or_default();
+    let manifest = engine.manifest(&cluster);
 
     // apply: server-side apply, create-if-absent Secret, prune orphans.
     let ns = cluster.meta.namespace.clone();
@@ -280,7 +280,7 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
         client,
         &cluster,
         kind,
-        db_port,
+        &manifest,
         shared.opts.instance_timeout,
     )
     .await?;

@@ -20,6 +20,19 @@ pub struct PeerEndpoint {
     pub db_port: u16,
     /// Instance manager API port.
     pub api_port: u16,
+    /// The engine's other ports by [`EnginePort`](crate::engine::EnginePort)
+    /// name (Galera: `galera`, `ist`, `sst`). On Kubernetes every pod uses
+    /// the container ports, so this is filled from the manifest; locally
+    /// each instance gets its own loopback ports.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<String, u16>,
+}
+
+impl PeerEndpoint {
+    /// The engine port called `name`, if planned.
+    pub fn port(&self, name: &str) -> Option<u16> {
+        self.ports.get(name).copied()
+    }
 }
 
 /// Configuration of one instance manager.

@@ -974,6 +974,7 @@ mod tests {
                 host: "127.0.0.1".into(),
                 db_port: 1,
                 api_port: port,
+                ports: Default::default(),
             }],
             token_file: dir.path().join("token"),
             secrets_dir: dir.path().into(),

@@ -9,12 +9,16 @@ use std::net::{IpAddr, SocketAddr, TcpListener};
 use serde::{Deserialize, Serialize};
 
 /// Ports of one instance.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstancePorts {
     /// Database port.
     pub db: u16,
     /// Instance manager API port.
     pub api: u16,
+    /// The engine's other ports by name (Galera replication, IST, SST),
+    /// from the manifest's non-client ports.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, u16>,
 }
 
 /// Every port of a local cluster, persisted in `state.json`.
@@ -35,6 +39,7 @@ impl PortPlan {
         for p in self.instances.values() {
             s.insert(p.db);
             s.insert(p.api);
+            s.extend(p.extra.values().copied());
         }
         s.remove(&0);
         s
@@ -51,12 +56,14 @@ pub struct PlannedPort {
 }
 
 /// Extend `existing` (the plan of a previous `up`, if any) so that the
-/// endpoints and every instance in `instances` have ports, allocating only
-/// missing ones with `alloc`. Pure apart from `alloc`. Returns the plan and
+/// endpoints and every instance in `instances` have ports (database, API,
+/// and one per name in `extra`), allocating only missing ones with
+/// `alloc`. Pure apart from `alloc`. Returns the plan and
 /// the ports that were already planned (to check they are still free).
 pub fn plan_ports(
     existing: Option<&PortPlan>,
     instances: &[String],
+    extra: &[String],
     mut alloc: impl FnMut() -> io::Result<u16>,
 ) -> io::Result<(PortPlan, Vec<PlannedPort>)> {
     let mut plan = existing.cloned().unwrap_or_default();
@@ -93,12 +100,35 @@ pub fn plan_ports(
                     port: p.api,
                     purpose: format!("instance manager port of {name}"),
                 });
+                for (what, port) in &p.extra {
+                    reused.push(PlannedPort {
+                        port: *port,
+                        purpose: format!("{what} port of {name}"),
+                    });
+                }
             }
             None => {
                 let db = fresh(&mut used)?;
                 let api = fresh(&mut used)?;
+                plan.instances.insert(
+                    name.clone(),
+                    InstancePorts {
+                        db,
+                        api,
+                        extra: BTreeMap::new(),
+                    },
+                );
+            }
+        }
+        // Ports an engine added later (or a plan from before extra ports).
+        for what in extra {
+            if !plan.instances[name].extra.contains_key(what) {
+                let port = fresh(&mut used)?;
                 plan.instances
-                    .insert(name.clone(), InstancePorts { db, api });
+                    .get_mut(name)
+                    .expect("planned above")
+                    .extra
+                    .insert(what.clone(), port);
             }
         }
     }
@@ -228,32 +258,57 @@ mod tests {
     #[test]
     fn first_plan_allocates_everything() {
         let names = vec!["simple-pg-0".to_string(), "simple-pg-1".to_string()];
-        let (plan, reused) = plan_ports(None, &names, counter(40000)).unwrap();
+        let (plan, reused) = plan_ports(None, &names, &[], counter(40000)).unwrap();
         assert_eq!((plan.rw, plan.ro), (40001, 40002));
         assert_eq!(
             plan.instances["simple-pg-0"],
             InstancePorts {
                 db: 40003,
-                api: 40004
+                api: 40004,
+                extra: Default::default(),
             }
         );
         assert_eq!(
             plan.instances["simple-pg-1"],
             InstancePorts {
                 db: 40005,
-                api: 40006
+                api: 40006,
+                extra: Default::default(),
             }
         );
         assert!(reused.is_empty());
     }
 
     #[test]
+    fn engine_ports_are_planned_per_instance_and_kept() {
+        let names = vec!["simple-pxc-0".to_string()];
+        let (first, _) = plan_ports(None, &names, &[], counter(40000)).unwrap();
+        assert!(first.instances["simple-pxc-0"].extra.is_empty());
+        // An engine port added later (or a plan from before extra ports)
+        // gets a port; the others stay.
+        let extra = vec!["galera".to_string(), "ist".to_string()];
+        let (second, reused) = plan_ports(Some(&first), &names, &extra, counter(41000)).unwrap();
+        let p = &second.instances["simple-pxc-0"];
+        assert_eq!((p.db, p.api), (40003, 40004));
+        assert_eq!(p.extra.len(), 2);
+        assert!(p.extra.values().all(|port| *port > 41000));
+        assert_eq!(reused.len(), 2);
+        let (third, reused) = plan_ports(Some(&second), &names, &extra, counter(42000)).unwrap();
+        assert_eq!(third, second);
+        assert!(
+            reused
+                .iter()
+                .any(|r| r.purpose == "galera port of simple-pxc-0")
+        );
+    }
+
+    #[test]
     fn later_plans_keep_ports_and_allocate_new_instances_only() {
         let names = vec!["simple-pg-0".to_string()];
-        let (first, _) = plan_ports(None, &names, counter(40000)).unwrap();
+        let (first, _) = plan_ports(None, &names, &[], counter(40000)).unwrap();
         let names = vec!["simple-pg-0".to_string(), "simple-pg-1".to_string()];
         // The allocator hands out a port the old plan already uses first.
-        let (second, reused) = plan_ports(Some(&first), &names, counter(40002)).unwrap();
+        let (second, reused) = plan_ports(Some(&first), &names, &[], counter(40002)).unwrap();
         assert_eq!(second.rw, first.rw);
         assert_eq!(
             second.instances["simple-pg-0"],
@@ -263,7 +318,8 @@ mod tests {
             second.instances["simple-pg-1"],
             InstancePorts {
                 db: 40005,
-                api: 40006
+                api: 40006,
+                extra: Default::default(),
             }
         );
         assert_eq!(
@@ -272,7 +328,7 @@ mod tests {
         );
         assert_eq!(reused[0].purpose, "database port of simple-pg-0");
         // Scaling down keeps the removed instance's ports.
-        let (third, _) = plan_ports(Some(&second), &names[..1], counter(50000)).unwrap();
+        let (third, _) = plan_ports(Some(&second), &names[..1], &[], counter(50000)).unwrap();
         assert_eq!(third, second);
     }
 

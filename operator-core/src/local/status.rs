@@ -418,6 +418,7 @@ mod tests {
                     InstancePorts {
                         db: 40003,
                         api: 40004,
+                        extra: Default::default(),
                     },
                 ),
                 (
@@ -425,6 +426,7 @@ mod tests {
                     InstancePorts {
                         db: 40005,
                         api: 40006,
+                        extra: Default::default(),
                     },
                 ),
             ]

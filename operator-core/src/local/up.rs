@@ -111,10 +111,25 @@ async fn prepare(registry: &EngineRegistry, args: &UpArgs) -> anyhow::Result<Pre
     }
     let names = accepted.cluster.instance_names();
     let listen = args.listen;
+    // The engine's non-client ports (Galera replication, IST, SST) get a
+    // loopback port per instance, as each pod has its own on Kubernetes.
+    let extra_ports: Vec<String> = accepted
+        .engine
+        .manifest(&accepted.cluster)
+        .ports
+        .into_iter()
+        .filter(|p| !p.client)
+        .map(|p| p.name)
+        .collect();
     let (plan, reused) = {
         let mut alloc = PortAllocator::new(listen);
-        ports::plan_ports(previous.as_ref().map(|s| &s.ports), &names, || alloc.next())
-            .with_context(|| format!("failed to allocate ports on {listen}"))?
+        ports::plan_ports(
+            previous.as_ref().map(|s| &s.ports),
+            &names,
+            &extra_ports,
+            || alloc.next(),
+        )
+        .with_context(|| format!("failed to allocate ports on {listen}"))?
     };
     ports::check_free(listen, &reused)?;
     let rw = bind(listen, plan.rw, "rw endpoint").await?;
@@ -189,12 +204,13 @@ fn members(state: &LocalState, names: &[String]) -> Vec<PeerEndpoint> {
     names
         .iter()
         .map(|name| {
-            let p = state.ports.instances[name];
+            let p = &state.ports.instances[name];
             PeerEndpoint {
                 name: name.clone(),
                 host: state.listen.clone(),
                 db_port: p.db,
                 api_port: p.api,
+                ports: p.extra.clone(),
             }
         })
         .collect()
