@@ -50,6 +50,7 @@ pub async fn run(args: DownArgs) -> anyhow::Result<()> {
 /// config path inside this state directory. SIGTERM stops their databases
 /// cleanly.
 pub(super) async fn stop_orphaned_managers(dir: &StateDir, state: &state::LocalState) {
+    super::haproxy::stop_orphaned(dir, state.haproxy).await;
     let stops = state
         .managers
         .iter()

@@ -59,7 +59,9 @@
 //! closed.
 
 mod down;
+mod galera;
 mod ha;
+mod haproxy;
 mod host;
 mod input;
 mod ports;

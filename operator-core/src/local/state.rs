@@ -32,13 +32,14 @@ pub const PID_FILE: &str = "up.pid";
 
 /// Entries a state directory may contain; `--purge` refuses a directory
 /// with anything else.
-const KNOWN_ENTRIES: [&str; 6] = [
+const KNOWN_ENTRIES: [&str; 7] = [
     CLUSTER_FILE,
     STATE_FILE,
     SECRETS_DIR,
     INSTANCES_DIR,
     PID_FILE,
     super::ha::SWITCHOVER_FILE,
+    super::haproxy::DIR,
 ];
 
 /// Prefix of temporary files written before a rename.
@@ -155,6 +156,13 @@ pub struct LocalState {
     /// events), written before each action.
     #[serde(default)]
     pub ha: super::ha::HaState,
+    /// Multi-writer (Galera) clusters: the writer, a pending bootstrap
+    /// decision and events, written before each action.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub galera: Option<super::galera::GaleraState>,
+    /// Pid of the HAProxy master serving `rw`/`ro` (Galera clusters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub haproxy: Option<u32>,
 }
 
 /// Read `state.json`; `None` when there is none yet.

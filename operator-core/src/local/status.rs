@@ -71,6 +71,9 @@ pub struct InstanceStatus {
     /// Replication position, in the engine's words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub position: Option<String>,
+    /// Galera members: wsrep state, seqno, cluster size, flow control.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wsrep: Option<super::galera::WsrepStatus>,
 }
 
 /// What `stratum local status -o json` prints, and what `up` keeps in
@@ -118,6 +121,9 @@ pub struct StatusSnapshot {
     /// When this snapshot was taken (RFC 3339).
     #[serde(default)]
     pub observed_at: String,
+    /// Multi-writer (Galera) clusters: writer, pending bootstrap, HAProxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub galera: Option<super::galera::GaleraSummary>,
 }
 
 /// `host:port` of a port on the listen address.
@@ -176,6 +182,7 @@ pub fn snapshot(input: SnapshotInput<'_>) -> StatusSnapshot {
                     .and_then(|s| s.message.clone())
                     .or_else(|| member.and_then(|m| m.error.clone())),
                 position: status.and_then(|s| s.position.describe()),
+                wsrep: status.and_then(super::galera::wsrep_status),
             }
         })
         .collect();
@@ -210,6 +217,7 @@ pub fn snapshot(input: SnapshotInput<'_>) -> StatusSnapshot {
             .map(|h| h.events.iter().rev().take(20).rev().cloned().collect())
             .unwrap_or_default(),
         observed_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        galera: None,
     }
 }
 
@@ -275,7 +283,9 @@ pub fn render_text(s: &StatusSnapshot) -> String {
         s.endpoints.rw,
         s.endpoints.ro
     );
-    if s.current_primary.is_some() || !s.step.is_empty() {
+    if let Some(g) = &s.galera {
+        out.push_str(&super::galera::render_summary(g));
+    } else if s.current_primary.is_some() || !s.step.is_empty() {
         out.push_str(&format!(
             "current primary {}, target {}, timeline {}, term {}, {}\n",
             s.current_primary.as_deref().unwrap_or("-"),

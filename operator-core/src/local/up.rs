@@ -18,7 +18,7 @@ use super::state::{self, LocalState, Owner, StateDir, UpLock};
 use super::status::{self, Phase, SnapshotInput};
 use super::supervisor::{ManagerSpec, Supervisor};
 use super::{TICK_ENV, UpArgs};
-use crate::engine::{Election, InstanceContext, InstanceDriver, Routing};
+use crate::engine::{Election, InstanceContext, InstanceDriver, ReplicationModel, Routing};
 use crate::instance::client::InstanceClient;
 use crate::instance::config::{InstanceConfig, PeerEndpoint};
 use crate::plan::{PlanInput, instance_config};
@@ -37,6 +37,8 @@ struct Prepared {
     db_user: Option<DbUser>,
     rw: TcpListener,
     ro: TcpListener,
+    /// The HAProxy binary, for multi-writer engines.
+    haproxy: Option<std::path::PathBuf>,
 }
 
 /// `stratum local up`: see [`super::up`]. Validates and prepares without
@@ -158,9 +160,16 @@ async fn prepare(registry: &EngineRegistry, args: &UpArgs) -> anyhow::Result<Pre
         managers: Default::default(),
         status: None,
         ha: previous.as_ref().map(|p| p.ha.clone()).unwrap_or_default(),
+        galera: previous.as_ref().and_then(|p| p.galera.clone()),
+        haproxy: None,
     };
     let configs = instance_configs(&dir, &accepted, &state, &names, args, db_user.as_ref())?;
     check_binaries(driver.as_ref(), &configs[0])?;
+    // Multi-writer engines (Galera) get their endpoints from HAProxy.
+    let haproxy = match engine.topology(&accepted.cluster, None).model {
+        ReplicationModel::MultiWriter => Some(super::haproxy::find_binary()?),
+        _ => None,
+    };
 
     Ok(Prepared {
         dir,
@@ -171,6 +180,7 @@ async fn prepare(registry: &EngineRegistry, args: &UpArgs) -> anyhow::Result<Pre
         db_user,
         rw,
         ro,
+        haproxy,
     })
 }
 
@@ -200,7 +210,7 @@ async fn bind(ip: IpAddr, port: u16, purpose: &str) -> anyhow::Result<TcpListene
         })
 }
 
-fn members(state: &LocalState, names: &[String]) -> Vec<PeerEndpoint> {
+pub(super) fn members(state: &LocalState, names: &[String]) -> Vec<PeerEndpoint> {
     names
         .iter()
         .map(|name| {
@@ -313,7 +323,13 @@ async fn serve(p: Prepared) -> anyhow::Result<()> {
         db_user: _,
         rw,
         ro,
+        haproxy,
     } = p;
+    if let Some(bin) = haproxy {
+        // HAProxy binds the endpoints itself.
+        drop((rw, ro));
+        return super::galera::serve(dir, accepted, names, state, bin).await;
+    }
     let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
 
@@ -441,7 +457,7 @@ fn take_switchover_request(dir: &StateDir) -> Option<SwitchoverRequest> {
     }
 }
 
-fn persist(dir: &StateDir, state: &LocalState) {
+pub(super) fn persist(dir: &StateDir, state: &LocalState) {
     if let Err(e) = state::write_state(dir, state) {
         tracing::warn!(
             error = format!("{e:#}"),
@@ -450,7 +466,7 @@ fn persist(dir: &StateDir, state: &LocalState) {
     }
 }
 
-fn tick() -> Duration {
+pub(super) fn tick() -> Duration {
     std::env::var(TICK_ENV)
         .ok()
         .and_then(|v| v.parse::<u64>().ok())

@@ -1,0 +1,891 @@
+//! The decision loop of multi-writer (Galera) clusters on the local
+//! runtime, used by `stratum local up` instead of the primary/replica loop
+//! when the engine's `Topology.model` is `MultiWriter`. Process IO (the
+//! instance managers and HAProxy), network IO (the managers' API) and the
+//! state directory (`state.json`).
+//!
+//! Every tick:
+//! - **Bootstrap.** When no member runs in a primary component,
+//!   `Engine::elect` names the member to bootstrap the group from (the
+//!   highest recovered seqno of the majority cluster UUID, or
+//!   `spec.bootstrap.forceBootstrapFrom`), or says why it waits. The
+//!   decision is written to `state.json` *before* the `bootstrap` action
+//!   is sent to exactly that member; while it is pending, no other member
+//!   is ever ordered to bootstrap, also by a restarted `up`. It is cleared
+//!   once a member is Synced.
+//! - **Writer.** HAProxy routes `rw` to the writer and fails over to the
+//!   first healthy backup by itself; the loop keeps the writer while it
+//!   is ready and otherwise makes the first ready member (the one HAProxy
+//!   already chose) the writer, rewriting HAProxy's configuration and
+//!   reloading it, so that a returning member does not take writes back.
+//! - **Status and events**: per-member wsrep state, seqno and cluster
+//!   size; events for bootstrap decisions and orders, joins, leaves and
+//!   writer changes.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::haproxy::{self, Backend, Haproxy};
+use super::input::Accepted;
+use super::state::{LocalState, StateDir};
+use super::status::{self, Phase, SnapshotInput, StatusSnapshot};
+use super::supervisor::{ManagerSpec, Supervisor};
+use crate::engine::{Election, Engine, InstanceOps, ObservedMember, Routing, ValidatedCluster};
+use crate::instance::client::InstanceClient;
+use crate::instance::protocol::{MemberStatus, Position, Role};
+
+/// The instance action that makes a member bootstrap a new primary
+/// component (`--wsrep-new-cluster`, or `pc.bootstrap` when running).
+pub const ACTION_BOOTSTRAP: &str = "bootstrap";
+/// Events kept in `state.json`.
+const MAX_EVENTS: usize = 50;
+/// Least time between two `bootstrap` requests to the chosen member when
+/// the previous one failed.
+const RETRY_ORDER_EVERY: Duration = Duration::from_secs(2);
+/// An ordered bootstrap that has not produced a Synced member after this
+/// long is ordered again (to the same member only).
+const REORDER_AFTER: Duration = Duration::from_secs(60);
+/// Consecutive ticks the writer must be seen not ready before the loop
+/// moves it (HAProxy has already moved new connections by then; this
+/// only keeps an observation blip from rewriting the configuration).
+const WRITER_DOWN_TICKS: u32 = 2;
+
+/// What the Galera loop decided and saw, persisted in `state.json`
+/// (`galera`) before each action.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GaleraState {
+    /// The member `rw` sends writes to while it is ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<String>,
+    /// A bootstrap decided and not yet completed (no member Synced since).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<BootstrapDecision>,
+    /// Bootstraps ordered by this state directory, ever.
+    #[serde(default)]
+    pub bootstraps: u64,
+    /// The last events, oldest first (`<RFC 3339> <Reason>: <message>`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<String>,
+}
+
+/// The member chosen to bootstrap the group, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BootstrapDecision {
+    /// The member.
+    pub member: String,
+    /// The election's reason.
+    pub reason: String,
+    /// When it was decided (RFC 3339).
+    pub decided_at: String,
+    /// When the member accepted the order (RFC 3339); `None` until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordered_at: Option<String>,
+}
+
+impl GaleraState {
+    /// Record an event (also logged).
+    pub fn event(&mut self, reason: &str, message: impl Into<String>) {
+        let message = message.into();
+        tracing::info!(reason, "{message}");
+        self.events.push(format!("{} {reason}: {message}", now()));
+        if self.events.len() > MAX_EVENTS {
+            let extra = self.events.len() - MAX_EVENTS;
+            self.events.drain(..extra);
+        }
+    }
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// One member's Galera facts in `stratum local status`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WsrepStatus {
+    /// `wsrep_local_state_comment` (`Synced`, `Joining`, …), `Recovered`
+    /// or `Down` when the server is not running.
+    pub state: String,
+    /// `wsrep_cluster_state_uuid` (or the recovered one).
+    pub cluster_uuid: String,
+    /// Last committed (or recovered) seqno; -1 unknown.
+    pub seqno: i64,
+    /// `wsrep_cluster_size`, while running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_size: Option<i64>,
+    /// `wsrep_cluster_status` (`Primary`, `non-Primary`), while running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_status: Option<String>,
+    /// `wsrep_flow_control_paused`: fraction of time replication was
+    /// paused by flow control.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_control_paused: Option<f64>,
+    /// How the member last received state: `ist` or `sst`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_state_transfer: Option<String>,
+    /// `safe_to_bootstrap` of its `grastate.dat`, when reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safe_to_bootstrap: Option<bool>,
+}
+
+// The status snapshot is compared whole (`Eq`); the one float, a
+// fraction reported by the server, is never NaN.
+impl Eq for WsrepStatus {}
+
+/// The Galera facts of a member report, when it has a Galera position.
+/// Pure.
+pub fn wsrep_status(s: &MemberStatus) -> Option<WsrepStatus> {
+    let Position::Galera {
+        cluster_uuid,
+        seqno,
+        state,
+    } = &s.position
+    else {
+        return None;
+    };
+    let d = &s.details;
+    let int = |k: &str| {
+        d.get(k)
+            .and_then(|v| v.as_i64().or_else(|| v.as_str()?.parse().ok()))
+    };
+    let text = |k: &str| d.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    Some(WsrepStatus {
+        state: state.clone(),
+        cluster_uuid: cluster_uuid.clone(),
+        seqno: *seqno,
+        cluster_size: int("wsrepClusterSize"),
+        cluster_status: text("wsrepClusterStatus"),
+        flow_control_paused: d
+            .get("wsrepFlowControlPaused")
+            .and_then(|v| v.as_f64().or_else(|| v.as_str()?.parse().ok())),
+        last_state_transfer: text("lastStateTransfer"),
+        safe_to_bootstrap: d.get("safeToBootstrap").and_then(|v| {
+            v.as_bool()
+                .or_else(|| v.as_i64().map(|i| i != 0))
+                .or_else(|| v.as_str().map(|s| s == "1" || s == "true"))
+        }),
+    })
+}
+
+/// The Galera part of `stratum local status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GaleraSummary {
+    /// The writer in HAProxy's configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<String>,
+    /// The pending bootstrap, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<BootstrapDecision>,
+    /// Bootstraps ordered so far.
+    pub bootstraps: u64,
+    /// Pid of the HAProxy master.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub haproxy_pid: Option<u32>,
+}
+
+/// The Galera line of `stratum local status`. Pure.
+pub fn render_summary(g: &GaleraSummary) -> String {
+    let mut out = format!(
+        "writer {}, HAProxy pid {}, bootstraps {}\n",
+        g.writer.as_deref().unwrap_or("-"),
+        g.haproxy_pid
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "-".into()),
+        g.bootstraps
+    );
+    if let Some(b) = &g.bootstrap {
+        out.push_str(&format!(
+            "bootstrap pending from {} ({}): {}\n",
+            b.member,
+            if b.ordered_at.is_some() {
+                "ordered"
+            } else {
+                "decided"
+            },
+            b.reason
+        ));
+    }
+    out
+}
+
+/// Where `rw` goes: keep `current` while it is ready (or was seen not
+/// ready for fewer than [`WRITER_DOWN_TICKS`] ticks), else the first ready
+/// member in `order` (the order of HAProxy's backups: ordinal order).
+/// `None` when nobody is ready and there is no writer yet. Pure.
+pub fn choose_writer(
+    current: Option<&str>,
+    ready: &[String],
+    order: &[String],
+    current_down_ticks: u32,
+) -> Option<String> {
+    if let Some(c) = current
+        && (ready.iter().any(|r| r == c) || current_down_ticks < WRITER_DOWN_TICKS)
+    {
+        return Some(c.to_string());
+    }
+    order
+        .iter()
+        .find(|n| ready.contains(n))
+        .cloned()
+        .or_else(|| current.map(str::to_string))
+}
+
+/// Where connections go now, for the status: the writer when ready, else
+/// the first ready backup (what HAProxy does); reads to every ready
+/// member. Pure.
+pub fn effective_routing(writer: Option<&str>, ready: &[String], order: &[String]) -> Routing {
+    let rw = writer
+        .filter(|w| ready.iter().any(|r| r == w))
+        .map(str::to_string)
+        .or_else(|| order.iter().find(|n| ready.contains(n)).cloned());
+    Routing {
+        rw,
+        ro: order
+            .iter()
+            .filter(|n| ready.contains(n))
+            .cloned()
+            .collect(),
+    }
+}
+
+/// What to do about a bootstrap this tick. Pure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BootstrapStep {
+    /// Nothing (the group runs, or the election waits).
+    None,
+    /// A member is Synced: the pending bootstrap is complete.
+    Completed(String),
+    /// Record this decision (then order it).
+    Decide {
+        /// The member.
+        member: String,
+        /// Why.
+        reason: String,
+    },
+    /// Send (again) the order to the decided member.
+    Order(String),
+}
+
+/// The bootstrap step from the election and the persisted decision:
+/// a pending decision is only ever ordered to its own member, whatever
+/// the election says now. `order_due` says whether an order may be sent
+/// (none accepted yet and the last attempt long enough ago, or the
+/// accepted one is stale). Pure.
+pub fn bootstrap_step(
+    election: &Election,
+    pending: Option<&BootstrapDecision>,
+    order_due: bool,
+) -> BootstrapStep {
+    match (election, pending) {
+        (Election::Keep { .. }, Some(p)) => BootstrapStep::Completed(p.member.clone()),
+        (Election::Keep { .. }, None) => BootstrapStep::None,
+        (Election::Promote { candidate, reason }, None) => BootstrapStep::Decide {
+            member: candidate.clone(),
+            reason: reason.clone(),
+        },
+        // Decided before (maybe by a previous `up`): the same member, or
+        // nobody. Also when the election now waits: the members'
+        // positions have not changed since nobody runs.
+        (
+            Election::Promote { .. } | Election::Wait { .. } | Election::NoCandidate { .. },
+            Some(p),
+        ) if order_due => BootstrapStep::Order(p.member.clone()),
+        _ => BootstrapStep::None,
+    }
+}
+
+/// The decision loop's memory and hands.
+struct Loop {
+    engine: Arc<dyn Engine>,
+    cluster: ValidatedCluster,
+    dir: StateDir,
+    names: Vec<String>,
+    act: InstanceClient,
+    gs: GaleraState,
+    haproxy: Haproxy,
+    plan: haproxy::Plan,
+    writer_down_ticks: u32,
+    synced: BTreeMap<String, bool>,
+    last_order_attempt: Option<Instant>,
+    ordered: Option<Instant>,
+    last_wait: Option<String>,
+}
+
+impl Loop {
+    fn order_due(&self) -> bool {
+        let pending = self.gs.bootstrap.as_ref();
+        match (pending.and_then(|p| p.ordered_at.as_ref()), self.ordered) {
+            // Accepted by this `up`: again only when stale.
+            (Some(_), Some(at)) => at.elapsed() >= REORDER_AFTER,
+            // Accepted by a previous `up`: the member holds the order.
+            (Some(_), None) => false,
+            _ => self
+                .last_order_attempt
+                .is_none_or(|t| t.elapsed() >= RETRY_ORDER_EVERY),
+        }
+    }
+
+    /// Act on the bootstrap decision; `persist` writes `state.json`.
+    async fn bootstrap(&mut self, election: &Election, persist: &mut impl FnMut(&GaleraState)) {
+        match bootstrap_step(election, self.gs.bootstrap.as_ref(), self.order_due()) {
+            BootstrapStep::None => {}
+            BootstrapStep::Completed(member) => {
+                let Election::Keep { primary } = election else {
+                    return;
+                };
+                self.gs.bootstrap = None;
+                self.ordered = None;
+                self.gs.event(
+                    "Bootstrapped",
+                    format!(
+                        "the group runs again: bootstrapped from {member}, {primary} is Synced"
+                    ),
+                );
+                persist(&self.gs);
+            }
+            BootstrapStep::Decide { member, reason } => {
+                self.gs.bootstrap = Some(BootstrapDecision {
+                    member: member.clone(),
+                    reason: reason.clone(),
+                    decided_at: now(),
+                    ordered_at: None,
+                });
+                self.gs.event(
+                    "BootstrapDecided",
+                    format!("bootstrap from {member}: {reason}"),
+                );
+                // Persisted before the order: a restarted `up` orders
+                // this member or nobody.
+                persist(&self.gs);
+                self.order(&member, persist).await;
+            }
+            BootstrapStep::Order(member) => self.order(&member, persist).await,
+        }
+    }
+
+    async fn order(&mut self, member: &str, persist: &mut impl FnMut(&GaleraState)) {
+        self.last_order_attempt = Some(Instant::now());
+        match self.act.action(member, ACTION_BOOTSTRAP, json!({})).await {
+            Ok(reply) => {
+                self.ordered = Some(Instant::now());
+                self.gs.bootstraps += 1;
+                if let Some(p) = self.gs.bootstrap.as_mut() {
+                    p.ordered_at = Some(now());
+                }
+                self.gs.event(
+                    "BootstrapOrdered",
+                    format!("{member} ordered to bootstrap a new primary component ({reply})"),
+                );
+                persist(&self.gs);
+            }
+            Err(e) => {
+                let note = format!("bootstrap order to {member} failed: {e}");
+                if self.last_wait.as_deref() != Some(note.as_str()) {
+                    self.gs.event("BootstrapOrderFailed", note.clone());
+                    self.last_wait = Some(note);
+                    persist(&self.gs);
+                }
+            }
+        }
+    }
+
+    /// Keep or move the writer; reload HAProxy when it moves.
+    async fn writer(&mut self, ready: &[String]) {
+        let current = self.gs.writer.clone();
+        if current.as_ref().is_some_and(|c| ready.contains(c)) {
+            self.writer_down_ticks = 0;
+        } else if current.is_some() {
+            self.writer_down_ticks += 1;
+        }
+        let chosen = choose_writer(
+            current.as_deref(),
+            ready,
+            &self.names,
+            self.writer_down_ticks,
+        );
+        if chosen == current || chosen.is_none() {
+            return;
+        }
+        self.writer_down_ticks = 0;
+        self.gs.writer = chosen.clone();
+        let to = chosen.unwrap_or_default();
+        match &current {
+            Some(from) => self.gs.event(
+                "WriterChanged",
+                format!("rw writer moved from {from} (not ready) to {to}"),
+            ),
+            None => self
+                .gs
+                .event("WriterChosen", format!("rw writes go to {to}")),
+        }
+        self.plan.writer = Some(to);
+        if let Err(e) = self.haproxy.reload(haproxy::render(&self.plan)).await {
+            self.gs.event("HaproxyReloadFailed", format!("{e:#}"));
+        }
+    }
+
+    /// Join and leave events from Synced transitions.
+    fn membership(&mut self, members: &[ObservedMember]) {
+        for m in members {
+            let wsrep = m.status.as_ref().and_then(wsrep_status);
+            let synced_now = m.role() == Role::Member
+                && wsrep
+                    .as_ref()
+                    .is_some_and(|w| w.state.eq_ignore_ascii_case("synced"));
+            let before = self
+                .synced
+                .insert(m.name.clone(), synced_now)
+                .unwrap_or(false);
+            match (before, synced_now) {
+                (false, true) => {
+                    let w = wsrep.unwrap_or_default();
+                    let transfer = w
+                        .last_state_transfer
+                        .map(|t| format!(", state transfer {t}"))
+                        .unwrap_or_default();
+                    self.gs.event(
+                        "Joined",
+                        format!(
+                            "{} is Synced (cluster size {}, seqno {}{transfer})",
+                            m.name,
+                            w.cluster_size.map(|s| s.to_string()).unwrap_or("?".into()),
+                            w.seqno
+                        ),
+                    );
+                }
+                (true, false) => {
+                    let why = match (&m.status, wsrep) {
+                        (None, _) => format!(
+                            "its manager does not answer: {}",
+                            m.error.as_deref().unwrap_or("unreachable")
+                        ),
+                        (Some(s), Some(w)) => format!(
+                            "{}{} ({:?})",
+                            w.state,
+                            w.cluster_status
+                                .map(|c| format!(", {c}"))
+                                .unwrap_or_default(),
+                            s.process
+                        ),
+                        (Some(s), None) => format!("{:?}", s.process),
+                    };
+                    self.gs
+                        .event("Left", format!("{} left the group: {why}", m.name));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn note_wait(&mut self, election: &Election) {
+        let note = match election {
+            Election::Wait { reason, .. } => Some(format!("waiting: {reason}")),
+            Election::NoCandidate { reason } => Some(format!("no candidate: {reason}")),
+            _ => None,
+        };
+        if let Some(note) = note
+            && self.last_wait.as_deref() != Some(note.as_str())
+        {
+            let reason = if matches!(election, Election::Wait { .. }) {
+                "BootstrapWaiting"
+            } else {
+                "NoBootstrapCandidate"
+            };
+            self.gs.event(reason, note.clone());
+            self.last_wait = Some(note);
+        }
+    }
+}
+
+/// The HAProxy plan of a cluster.
+fn plan(
+    state: &LocalState,
+    dir: &StateDir,
+    names: &[String],
+    writer: Option<String>,
+) -> anyhow::Result<haproxy::Plan> {
+    let files = haproxy::Files::new(dir);
+    let listen: IpAddr = state
+        .listen
+        .parse()
+        .with_context(|| format!("invalid listen address {:?}", state.listen))?;
+    Ok(haproxy::Plan {
+        cluster: format!("{} {}", state.kind, state.cluster),
+        listen,
+        rw_port: state.ports.rw,
+        ro_port: state.ports.ro,
+        members: names
+            .iter()
+            .filter_map(|n| {
+                let p = state.ports.instances.get(n)?;
+                Some(Backend {
+                    name: n.clone(),
+                    db_port: p.db,
+                    api_port: p.api,
+                })
+            })
+            .collect(),
+        writer,
+        socket: files.socket,
+        state_file: files.state_file,
+    })
+}
+
+/// Run a multi-writer cluster until SIGINT or SIGTERM: managers, HAProxy,
+/// the decision loop. The `rw`/`ro` listeners `up` bound to check the
+/// ports must be dropped before (HAProxy binds them).
+pub(super) async fn serve(
+    dir: StateDir,
+    accepted: Accepted,
+    names: Vec<String>,
+    mut state: LocalState,
+    haproxy_bin: PathBuf,
+) -> anyhow::Result<()> {
+    let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
+    let token = std::fs::read_to_string(dir.token_file())
+        .with_context(|| format!("failed to read {}", dir.token_file().display()))?
+        .trim()
+        .to_string();
+    let exe = std::env::current_exe().context("failed to find the stratum binary")?;
+    let endpoints = super::up::members(&state, &names);
+    let observe = InstanceClient::new(
+        token.clone(),
+        state.cluster_id.clone(),
+        endpoints.clone(),
+        Duration::from_secs(2),
+    );
+    let act = InstanceClient::new(
+        token,
+        state.cluster_id.clone(),
+        endpoints,
+        Duration::from_secs(10),
+    );
+
+    let gs = state.galera.clone().unwrap_or_default();
+    if let Some(p) = &gs.bootstrap {
+        tracing::info!(member = %p.member, "resuming: a bootstrap from this member is pending");
+    }
+    let plan = plan(&state, &dir, &names, gs.writer.clone())?;
+    let hp = Haproxy::start(
+        haproxy_bin,
+        haproxy::Files::new(&dir),
+        haproxy::render(&plan),
+    )
+    .await
+    .context("failed to start HAProxy for the rw/ro endpoints")?;
+    state.haproxy = hp.pid();
+
+    let specs = names
+        .iter()
+        .map(|name| ManagerSpec {
+            name: name.clone(),
+            exe: exe.clone(),
+            config: dir.instance_config_file(name),
+            log: dir.manager_log(name),
+        })
+        .collect();
+    let supervisor = Supervisor::start(specs);
+    let rw_addr = status::address(&state.listen, state.ports.rw);
+    let ro_addr = status::address(&state.listen, state.ports.ro);
+    tracing::info!(cluster = %state.cluster, kind = %state.kind, rw = %rw_addr, ro = %ro_addr,
+        state_dir = %dir.root().display(), "local Galera cluster starting");
+    eprintln!(
+        "{} {}: rw {rw_addr}, ro {ro_addr} (HAProxy); credentials in {}; Ctrl-C or `stratum local down --state-dir {}` stops it",
+        state.kind,
+        state.cluster,
+        dir.secrets_dir().display(),
+        dir.root().display()
+    );
+
+    let mut lp = Loop {
+        engine: accepted.engine.clone(),
+        cluster: accepted.cluster.clone(),
+        dir: dir.clone(),
+        names: names.clone(),
+        act,
+        gs,
+        haproxy: hp,
+        plan,
+        writer_down_ticks: 0,
+        synced: BTreeMap::new(),
+        last_order_attempt: None,
+        ordered: None,
+        last_wait: None,
+    };
+    let mut phase = Phase::Creating;
+    let mut seen_all_ready = false;
+    state.galera = Some(lp.gs.clone());
+    state.status = Some(snapshot(
+        &state,
+        &names,
+        &[],
+        &Routing::default(),
+        phase,
+        None,
+        &lp,
+    ));
+    super::up::persist(&dir, &state);
+
+    let mut ticker = tokio::time::interval(super::up::tick());
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let signal_name = loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                let members = observe.observe_all().await;
+                let election = lp.engine.elect(&lp.cluster, &members);
+                lp.note_wait(&election);
+                {
+                    let (dir, base) = (&lp.dir.clone(), &state);
+                    let mut persist = |gs: &GaleraState| {
+                        let mut s = base.clone();
+                        s.galera = Some(gs.clone());
+                        super::up::persist(dir, &s);
+                    };
+                    lp.bootstrap(&election, &mut persist).await;
+                }
+                lp.membership(&members);
+                let ready: Vec<String> = names
+                    .iter()
+                    .filter(|n| members.iter().any(|m| &m.name == *n && m.ready()))
+                    .cloned()
+                    .collect();
+                lp.writer(&ready).await;
+                let routing = effective_routing(lp.gs.writer.as_deref(), &ready, &names);
+                phase = status::compute_phase(&members, routing.rw.is_some(), seen_all_ready);
+                if phase == Phase::Healthy && !seen_all_ready {
+                    seen_all_ready = true;
+                    tracing::info!(cluster = %state.cluster, "every member is Synced");
+                    eprintln!("{} {}: every member is Synced", state.kind, state.cluster);
+                }
+                state.managers = supervisor.pids();
+                state.haproxy = lp.haproxy.pid();
+                state.galera = Some(lp.gs.clone());
+                state.status = Some(snapshot(&state, &names, &members, &routing, phase, Some(&election), &lp));
+                super::up::persist(&dir, &state);
+            }
+            _ = sigint.recv() => break "SIGINT",
+            _ = sigterm.recv() => break "SIGTERM",
+        }
+    };
+
+    tracing::info!(signal = signal_name, "stopping the local cluster");
+    let Loop {
+        haproxy: hp, gs, ..
+    } = lp;
+    hp.stop().await;
+    supervisor.stop().await;
+    state.up_pid = None;
+    state.managers.clear();
+    state.haproxy = None;
+    state.galera = Some(gs);
+    state.status = state.status.take().map(status::stopped);
+    super::up::persist(&dir, &state);
+    eprintln!(
+        "{} {}: stopped; data kept in {}",
+        state.kind,
+        state.cluster,
+        dir.root().display()
+    );
+    Ok(())
+}
+
+fn snapshot(
+    state: &LocalState,
+    names: &[String],
+    members: &[ObservedMember],
+    routing: &Routing,
+    phase: Phase,
+    election: Option<&Election>,
+    lp: &Loop,
+) -> StatusSnapshot {
+    let mut snap = status::snapshot(SnapshotInput {
+        kind: &state.kind,
+        cluster: &state.cluster,
+        listen: &state.listen,
+        ports: &state.ports,
+        instances: names,
+        members,
+        routing,
+        phase,
+        election,
+        pid: Some(std::process::id()),
+        ha: None,
+    });
+    snap.current_primary = lp.gs.writer.clone();
+    snap.events = lp.gs.events.iter().rev().take(20).rev().cloned().collect();
+    snap.galera = Some(GaleraSummary {
+        writer: lp.gs.writer.clone(),
+        bootstrap: lp.gs.bootstrap.clone(),
+        bootstraps: lp.gs.bootstraps,
+        haproxy_pid: lp.haproxy.pid(),
+    });
+    snap
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("db-{i}")).collect()
+    }
+    fn v(s: &[&str]) -> Vec<String> {
+        s.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn writer_is_kept_while_ready_and_not_moved_back() {
+        let order = names(3);
+        // First choice: the lowest ordinal ready member.
+        assert_eq!(
+            choose_writer(None, &v(&["db-1", "db-2"]), &order, 0).as_deref(),
+            Some("db-1")
+        );
+        assert_eq!(choose_writer(None, &[], &order, 0), None);
+        // Kept while ready, even when a lower ordinal is back.
+        assert_eq!(
+            choose_writer(Some("db-1"), &v(&["db-0", "db-1", "db-2"]), &order, 0).as_deref(),
+            Some("db-1")
+        );
+        // One blip is tolerated; the second tick moves it to the first
+        // ready member in HAProxy's backup order.
+        assert_eq!(
+            choose_writer(Some("db-0"), &v(&["db-1", "db-2"]), &order, 1).as_deref(),
+            Some("db-0")
+        );
+        assert_eq!(
+            choose_writer(Some("db-0"), &v(&["db-1", "db-2"]), &order, 2).as_deref(),
+            Some("db-1")
+        );
+        // Nobody ready: keep the configuration as it is.
+        assert_eq!(
+            choose_writer(Some("db-0"), &[], &order, 5).as_deref(),
+            Some("db-0")
+        );
+    }
+
+    #[test]
+    fn effective_routing_follows_haproxy() {
+        let order = names(3);
+        let r = effective_routing(Some("db-1"), &v(&["db-0", "db-1"]), &order);
+        assert_eq!(r.rw.as_deref(), Some("db-1"));
+        assert_eq!(r.ro, v(&["db-0", "db-1"]));
+        // The writer is down: HAProxy uses the first healthy backup.
+        let r = effective_routing(Some("db-0"), &v(&["db-2", "db-1"]), &order);
+        assert_eq!(r.rw.as_deref(), Some("db-1"));
+        let r = effective_routing(Some("db-0"), &[], &order);
+        assert_eq!(r, Routing::default());
+    }
+
+    fn decision(member: &str, ordered: bool) -> BootstrapDecision {
+        BootstrapDecision {
+            member: member.into(),
+            reason: "r".into(),
+            decided_at: "t".into(),
+            ordered_at: ordered.then(|| "t".into()),
+        }
+    }
+
+    #[test]
+    fn bootstrap_is_decided_once_and_only_ordered_to_that_member() {
+        let promote = |c: &str| Election::Promote {
+            candidate: c.into(),
+            reason: "highest seqno".into(),
+        };
+        let keep = Election::Keep {
+            primary: "db-2".into(),
+        };
+        let wait = Election::Wait {
+            reason: "positions missing".into(),
+            retry_after: Duration::from_secs(5),
+        };
+        assert_eq!(
+            bootstrap_step(&promote("db-1"), None, true),
+            BootstrapStep::Decide {
+                member: "db-1".into(),
+                reason: "highest seqno".into()
+            }
+        );
+        // A pending decision wins over what the election says now.
+        let pending = decision("db-1", false);
+        assert_eq!(
+            bootstrap_step(&promote("db-2"), Some(&pending), true),
+            BootstrapStep::Order("db-1".into())
+        );
+        assert_eq!(
+            bootstrap_step(&wait, Some(&pending), true),
+            BootstrapStep::Order("db-1".into())
+        );
+        assert_eq!(
+            bootstrap_step(&promote("db-2"), Some(&pending), false),
+            BootstrapStep::None
+        );
+        // Waiting without a decision: nothing.
+        assert_eq!(bootstrap_step(&wait, None, true), BootstrapStep::None);
+        // The group runs: the decision is complete.
+        assert_eq!(
+            bootstrap_step(&keep, Some(&decision("db-1", true)), false),
+            BootstrapStep::Completed("db-1".into())
+        );
+        assert_eq!(bootstrap_step(&keep, None, true), BootstrapStep::None);
+    }
+
+    #[test]
+    fn wsrep_facts_from_a_report() {
+        let s = MemberStatus {
+            position: Position::Galera {
+                cluster_uuid: "u".into(),
+                seqno: 42,
+                state: "Synced".into(),
+            },
+            details: json!({
+                "wsrepClusterSize": "3",
+                "wsrepClusterStatus": "Primary",
+                "wsrepFlowControlPaused": 0.25,
+                "lastStateTransfer": "ist",
+                "safeToBootstrap": false,
+            }),
+            ..Default::default()
+        };
+        let w = wsrep_status(&s).unwrap();
+        assert_eq!(w.cluster_size, Some(3));
+        assert_eq!(w.cluster_status.as_deref(), Some("Primary"));
+        assert_eq!(w.flow_control_paused, Some(0.25));
+        assert_eq!(w.last_state_transfer.as_deref(), Some("ist"));
+        assert_eq!(w.safe_to_bootstrap, Some(false));
+        assert_eq!(w.seqno, 42);
+        assert!(wsrep_status(&MemberStatus::default()).is_none());
+        let v = serde_json::to_value(&w).unwrap();
+        assert_eq!(v["clusterSize"], 3);
+        assert_eq!(v["state"], "Synced");
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let mut gs = GaleraState {
+            writer: Some("db-1".into()),
+            bootstrap: Some(decision("db-1", true)),
+            bootstraps: 2,
+            ..Default::default()
+        };
+        for i in 0..(MAX_EVENTS + 3) {
+            gs.event("Test", format!("e{i}"));
+        }
+        assert_eq!(gs.events.len(), MAX_EVENTS);
+        let v = serde_json::to_value(&gs).unwrap();
+        assert_eq!(v["bootstrap"]["member"], "db-1");
+        assert_eq!(serde_json::from_value::<GaleraState>(v).unwrap(), gs);
+    }
+}
