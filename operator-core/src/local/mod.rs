@@ -35,6 +35,8 @@
 //!   up.pid                  pid of the running `up`, flock-ed while it runs
 //!   switchover.json         a pending `stratum local promote` request,
 //!                           consumed by the running `up`
+//!   haproxy/                multi-writer (Galera) clusters: haproxy.cfg,
+//!                           haproxy.log, admin.sock, server-state
 //! ```
 //!
 //! Ports (database and manager API of each instance, the `rw` and `ro`
@@ -57,6 +59,13 @@
 //! member when there are none (a one-instance cluster still serves reads on
 //! `ro`). New connections wait up to a few seconds for a target, then are
 //! closed.
+//!
+//! Multi-writer engines (`Topology.model` `MultiWriter`: Galera) use
+//! another decision loop and real HAProxy endpoints instead (see the
+//! `galera` and `haproxy` modules): `rw` sends writes to one Synced member
+//! and HAProxy fails over to the next by its own health checks; `ro`
+//! spreads reads over every Synced member. After a full crash the loop
+//! bootstraps the group from the member `Engine::elect` chooses, once.
 
 mod down;
 mod galera;
