@@ -40,7 +40,7 @@ use super::status::{self, Phase, SnapshotInput, StatusSnapshot};
 use super::supervisor::{ManagerSpec, Supervisor};
 use crate::engine::{Election, Engine, InstanceOps, ObservedMember, Routing, ValidatedCluster};
 use crate::instance::client::InstanceClient;
-use crate::instance::protocol::{MemberStatus, Position, Role};
+use crate::instance::protocol::{MemberStatus, Position, ProcessState, Role};
 
 /// The instance action that makes a member bootstrap a new primary
 /// component (`--wsrep-new-cluster`, or `pc.bootstrap` when running).
@@ -57,6 +57,12 @@ const REORDER_AFTER: Duration = Duration::from_secs(60);
 /// moves it (HAProxy has already moved new connections by then; this
 /// only keeps an observation blip from rewriting the configuration).
 const WRITER_DOWN_TICKS: u32 = 2;
+/// How long a member whose server runs without saying whether it is in a
+/// primary component holds a bootstrap decision back, when it was not seen
+/// in a primary component since its server started (a server blocked in
+/// its start-up). One seen in a primary component holds it back until it
+/// answers or stops.
+const UNKNOWN_COMPONENT_GRACE: Duration = Duration::from_secs(30);
 
 /// What the Galera loop decided and saw, persisted in `state.json`
 /// (`galera`) before each action.
@@ -305,6 +311,27 @@ pub fn bootstrap_step(
     }
 }
 
+/// Whether `m`'s server process is up but its report does not say whether
+/// it is in a primary component (no `wsrepClusterStatus`: the server did
+/// not answer the manager's query, e.g. a donor busy with a state
+/// transfer). Such a member may well be in a primary component, so no
+/// bootstrap may be decided while it is. Pure.
+pub fn component_unknown(m: &ObservedMember) -> bool {
+    let Some(s) = &m.status else { return false };
+    matches!(
+        s.process,
+        ProcessState::Starting | ProcessState::Running | ProcessState::Stopping
+    ) && wsrep_status(s).is_none_or(|w| w.cluster_status.is_none())
+}
+
+/// Whether `m` reports itself in a primary component. Pure.
+fn in_primary(m: &ObservedMember) -> bool {
+    m.status
+        .as_ref()
+        .and_then(wsrep_status)
+        .is_some_and(|w| w.cluster_status.as_deref() == Some("Primary"))
+}
+
 /// The decision loop's memory and hands.
 struct Loop {
     engine: Arc<dyn Engine>,
@@ -316,13 +343,55 @@ struct Loop {
     haproxy: Haproxy,
     plan: haproxy::Plan,
     writer_down_ticks: u32,
-    synced: BTreeMap<String, bool>,
+    /// Members in the primary component as of the last `Joined`/`Left`.
+    in_group: BTreeMap<String, bool>,
     last_order_attempt: Option<Instant>,
     ordered: Option<Instant>,
     last_wait: Option<String>,
+    /// Members seen in a primary component since their server started.
+    seen_primary: BTreeMap<String, bool>,
+    /// Since when each member's component has been unknown.
+    unknown_since: BTreeMap<String, Instant>,
 }
 
 impl Loop {
+    /// Members that hold a bootstrap decision back now (see
+    /// [`component_unknown`]), with why.
+    fn blockers(&mut self, members: &[ObservedMember]) -> Vec<String> {
+        let mut out = Vec::new();
+        for m in members {
+            let s = m.status.as_ref();
+            if in_primary(m) {
+                self.seen_primary.insert(m.name.clone(), true);
+            } else if s.is_some_and(|s| {
+                matches!(
+                    s.process,
+                    ProcessState::Preparing | ProcessState::Exited | ProcessState::Fenced
+                )
+            }) {
+                // Its server is down: a later start is a new one.
+                self.seen_primary.insert(m.name.clone(), false);
+            }
+            if !component_unknown(m) {
+                self.unknown_since.remove(&m.name);
+                continue;
+            }
+            let since = *self
+                .unknown_since
+                .entry(m.name.clone())
+                .or_insert_with(Instant::now);
+            let was_primary = self.seen_primary.get(&m.name).copied().unwrap_or(false);
+            if was_primary || since.elapsed() < UNKNOWN_COMPONENT_GRACE {
+                out.push(format!(
+                    "{}'s server runs but did not say whether it is in a primary component{}",
+                    m.name,
+                    if was_primary { " (it was in one)" } else { "" }
+                ));
+            }
+        }
+        out
+    }
+
     fn order_due(&self) -> bool {
         let pending = self.gs.bootstrap.as_ref();
         match (pending.and_then(|p| p.ordered_at.as_ref()), self.ordered) {
@@ -337,8 +406,21 @@ impl Loop {
     }
 
     /// Act on the bootstrap decision; `persist` writes `state.json`.
-    async fn bootstrap(&mut self, election: &Election, persist: &mut impl FnMut(&GaleraState)) {
+    /// `blockers` (members that may be in a primary component) keep a new
+    /// decision from being taken.
+    async fn bootstrap(
+        &mut self,
+        election: &Election,
+        blockers: &[String],
+        persist: &mut impl FnMut(&GaleraState),
+    ) {
         match bootstrap_step(election, self.gs.bootstrap.as_ref(), self.order_due()) {
+            BootstrapStep::Decide { .. } if !blockers.is_empty() => {
+                self.note_wait(&Election::Wait {
+                    reason: format!("not bootstrapping yet: {}", blockers.join("; ")),
+                    retry_after: Duration::ZERO,
+                });
+            }
             BootstrapStep::None => {}
             BootstrapStep::Completed(member) => {
                 let Election::Keep { primary } = election else {
@@ -435,20 +517,25 @@ impl Loop {
         }
     }
 
-    /// Join and leave events from Synced transitions.
+    /// Join and leave events: `Joined` when a member outside the primary
+    /// component becomes Synced, `Left` when a member of it drops out
+    /// (a donor or joiner stays in the component).
     fn membership(&mut self, members: &[ObservedMember]) {
         for m in members {
             let wsrep = m.status.as_ref().and_then(wsrep_status);
-            let synced_now = m.role() == Role::Member
+            let synced = m.role() == Role::Member
                 && wsrep
                     .as_ref()
                     .is_some_and(|w| w.state.eq_ignore_ascii_case("synced"));
-            let before = self
-                .synced
-                .insert(m.name.clone(), synced_now)
-                .unwrap_or(false);
-            match (before, synced_now) {
-                (false, true) => {
+            if component_unknown(m) {
+                // A busy server (a donor): no news is not a leave.
+                continue;
+            }
+            let inside = synced || in_primary(m);
+            let before = self.in_group.get(&m.name).copied().unwrap_or(false);
+            match (before, inside) {
+                (false, true) if synced => {
+                    self.in_group.insert(m.name.clone(), true);
                     let w = wsrep.unwrap_or_default();
                     let transfer = w
                         .last_state_transfer
@@ -465,20 +552,21 @@ impl Loop {
                     );
                 }
                 (true, false) => {
+                    self.in_group.insert(m.name.clone(), false);
                     let why = match (&m.status, wsrep) {
                         (None, _) => format!(
                             "its manager does not answer: {}",
                             m.error.as_deref().unwrap_or("unreachable")
                         ),
                         (Some(s), Some(w)) => format!(
-                            "{}{} ({:?})",
+                            "{}{} (server {:?})",
                             w.state,
                             w.cluster_status
                                 .map(|c| format!(", {c}"))
                                 .unwrap_or_default(),
                             s.process
                         ),
-                        (Some(s), None) => format!("{:?}", s.process),
+                        (Some(s), None) => format!("server {:?}", s.process),
                     };
                     self.gs
                         .event("Left", format!("{} left the group: {why}", m.name));
@@ -619,10 +707,12 @@ pub(super) async fn serve(
         haproxy: hp,
         plan,
         writer_down_ticks: 0,
-        synced: BTreeMap::new(),
+        in_group: BTreeMap::new(),
         last_order_attempt: None,
         ordered: None,
         last_wait: None,
+        seen_primary: BTreeMap::new(),
+        unknown_since: BTreeMap::new(),
     };
     let mut phase = Phase::Creating;
     let mut seen_all_ready = false;
@@ -653,7 +743,8 @@ pub(super) async fn serve(
                         s.galera = Some(gs.clone());
                         super::up::persist(dir, &s);
                     };
-                    lp.bootstrap(&election, &mut persist).await;
+                    let blockers = lp.blockers(&members);
+                    lp.bootstrap(&election, &blockers, &mut persist).await;
                 }
                 lp.membership(&members);
                 let ready: Vec<String> = names
@@ -870,6 +961,50 @@ mod tests {
         let v = serde_json::to_value(&w).unwrap();
         assert_eq!(v["clusterSize"], 3);
         assert_eq!(v["state"], "Synced");
+    }
+
+    #[test]
+    fn a_running_server_of_unknown_component_blocks_bootstrap() {
+        let member = |process, details: serde_json::Value| ObservedMember {
+            name: "db-0".into(),
+            status: Some(MemberStatus {
+                process,
+                position: Position::Galera {
+                    cluster_uuid: "u".into(),
+                    seqno: 2,
+                    state: "Starting".into(),
+                },
+                details,
+                ..Default::default()
+            }),
+            error: None,
+        };
+        // A donor whose server did not answer: it may be in a component.
+        assert!(component_unknown(&member(
+            ProcessState::Starting,
+            json!({})
+        )));
+        assert!(component_unknown(&member(ProcessState::Running, json!({}))));
+        // Answered non-Primary (quorum lost), or not running: known.
+        assert!(!component_unknown(&member(
+            ProcessState::Starting,
+            json!({"wsrepClusterStatus": "non-Primary"})
+        )));
+        assert!(!component_unknown(&member(
+            ProcessState::Preparing,
+            json!({})
+        )));
+        assert!(!component_unknown(&member(ProcessState::Exited, json!({}))));
+        let unreachable = ObservedMember {
+            name: "db-1".into(),
+            status: None,
+            error: Some("timeout".into()),
+        };
+        assert!(!component_unknown(&unreachable));
+        assert!(in_primary(&member(
+            ProcessState::Running,
+            json!({"wsrepClusterStatus": "Primary"})
+        )));
     }
 
     #[test]

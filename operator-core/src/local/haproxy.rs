@@ -121,12 +121,9 @@ global
     maxconn 4096
     stats socket {socket} mode 600 level admin
     server-state-file {state_file}
-    log stderr format short local0 notice
 
 defaults
     mode tcp
-    log global
-    option dontlognull
     timeout connect 2s
     # Database sessions may idle for long (connection pools).
     timeout client 8h
