@@ -67,6 +67,9 @@ pub const ACCOUNTS_PENDING: &str = "stratum-accounts.pending";
 pub const BOOTSTRAP_ORDER: &str = "bootstrap.order";
 /// The start mode `prepare` chose (run directory), read by `server_command`.
 pub const START_FILE: &str = "start.json";
+/// The accounts SQL run by the bootstrapping start (run directory); removed
+/// once the accounts are seen to exist.
+pub const INIT_FILE: &str = "init.sql";
 /// The last `--wsrep-recover` result (run directory).
 pub const RECOVERED_FILE: &str = "recovered.json";
 
@@ -503,7 +506,7 @@ impl InstanceDriver for PxcDriver {
                     sst: secret(config, s.sst_password_key())?,
                 };
                 process::write_file(
-                    &layout.run("init.sql"),
+                    &layout.run(INIT_FILE),
                     conf::accounts_sql(s.flavor, &pw).as_bytes(),
                     0o600,
                     run_as.as_ref(),
@@ -562,7 +565,7 @@ impl InstanceDriver for PxcDriver {
             args.push(format!("--wsrep_start_position={p}"));
         }
         if mode.init_file {
-            args.push(format!("--init-file={}", layout.run("init.sql").display()));
+            args.push(format!("--init-file={}", layout.run(INIT_FILE).display()));
         }
         // The SST scripts run from the server's PATH: the server's own
         // directory first, then the system's.
@@ -626,8 +629,10 @@ impl InstanceDriver for PxcDriver {
         .await;
         match found {
             Ok(found) => {
-                // The operator's accounts exist here (it just logged in).
+                // The accounts exist (the operator just logged in): the
+                // marker and the init file with their passwords can go.
                 let _ = process::remove_file_if_exists(&layout.vol(ACCOUNTS_PENDING));
+                let _ = process::remove_file_if_exists(&layout.run(INIT_FILE));
                 if let (Some(obj), Some(extra)) =
                     (details.as_object_mut(), found.details.as_object())
                 {
