@@ -15,9 +15,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
+use operator_core::engine::{Election, ObservedMember};
 use operator_core::instance::config::{InstanceConfig, PeerEndpoint};
 use operator_core::instance::manager;
 use operator_core::instance::protocol::{MemberStatus, Position, ProcessState, Role};
+use stratum_mysql_pxc::galera::{self, NIL_UUID};
 use stratum_mysql_pxc::instance::PxcDriver;
 use stratum_mysql_pxc::settings::secret_keys;
 use tokio::sync::oneshot;
@@ -383,6 +385,23 @@ fn galera(status: &MemberStatus) -> (String, i64, String) {
     }
 }
 
+/// The member [`galera::elect`] (the operator's decision) chooses to
+/// bootstrap from the managers' current reports.
+async fn elected(m: &[Running]) -> String {
+    let mut observed = Vec::new();
+    for (i, r) in m.iter().enumerate() {
+        observed.push(ObservedMember {
+            name: format!("{CLUSTER}-{i}"),
+            status: Some(r.status().await),
+            error: None,
+        });
+    }
+    match galera::elect(3, None, &observed) {
+        Election::Promote { candidate, .. } => candidate,
+        other => panic!("expected a bootstrap decision, got {other:?}"),
+    }
+}
+
 /// Wait until process `pid` is gone (an aborted manager kills its server
 /// when the runtime drops the task).
 async fn wait_dead(pid: i32) {
@@ -417,8 +436,15 @@ async fn group_forms_rejoins_by_ist_and_recovers_from_a_full_crash() {
             .await;
         assert_eq!(s.process, ProcessState::Preparing);
         assert!(!s.ready);
-        assert_eq!(s.position, Position::None, "a new member knows no position");
+        assert_eq!(
+            galera(&s),
+            (NIL_UUID.to_string(), -1, "Down".to_string()),
+            "a new member has no Galera state"
+        );
     }
+    // What the operator decides from these reports: a new cluster from
+    // the lowest ordinal.
+    assert_eq!(elected(&m).await, "simple-pxc-0");
     let (code, body) = m[0].bootstrap().await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["bootstrap"], "pending");
@@ -531,10 +557,15 @@ async fn group_forms_rejoins_by_ist_and_recovers_from_a_full_crash() {
         assert_eq!(u, &uuid, "the cluster UUID survives the crash");
         assert!(*seqno > 0, "a seqno, not reset: {positions:?}");
     }
-    // Members 1 and 2 committed rows 25..30 after member 0 died.
-    let best = (0..3).max_by_key(|&i| positions[i].1).unwrap();
-    assert_eq!(best, 2, "ties go to the highest ordinal: {positions:?}");
+    // Members 1 and 2 committed rows 25..30 after member 0 died; the
+    // operator bootstraps from the most advanced (ties: lowest ordinal).
     assert!(positions[2].1 >= positions[1].1 && positions[1].1 > positions[0].1);
+    let best = if positions[2].1 > positions[1].1 {
+        2
+    } else {
+        1
+    };
+    assert_eq!(elected(&m).await, fx.members[best].name, "{positions:?}");
     let (code, body) = m[best].bootstrap().await;
     assert_eq!(code, 200, "{body}");
     for r in m.iter_mut() {
@@ -550,7 +581,7 @@ async fn group_forms_rejoins_by_ist_and_recovers_from_a_full_crash() {
     assert_eq!(fx.rows(2).await, (0..31).collect::<Vec<_>>());
     // The bootstrapped member kept its write-set cache (gcache.recover),
     // so the others caught up by IST, not SST.
-    for (i, r) in m.iter().enumerate().take(2) {
+    for (i, r) in m.iter().enumerate().filter(|(i, _)| *i != best) {
         let s = r.status().await;
         assert_eq!(
             s.details["lastStateTransfer"], "ist",

@@ -531,8 +531,10 @@ impl InstanceDriver for PxcDriver {
                     cluster_uuid,
                     seqno,
                     ..
-                } => format!(" (recovered position {cluster_uuid}:{seqno})"),
-                _ => " (no position: new data directory)".into(),
+                } if cluster_uuid != crate::galera::NIL_UUID => {
+                    format!(" (recovered position {cluster_uuid}:{seqno})")
+                }
+                _ => " (no Galera state yet)".into(),
             };
             return Ok(Progress::waiting(
                 format!(

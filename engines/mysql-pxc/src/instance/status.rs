@@ -138,7 +138,10 @@ pub fn read_tail(path: &Path, max: u64) -> String {
 
 /// The status of a member whose server does not answer: its position from
 /// the last recovery (state `Recovered`) or from `grastate.dat` when that
-/// holds a clean stop's seqno, else what is known with state `Down`. Pure.
+/// holds a clean stop's seqno, else what is known with state `Down`: the
+/// cluster UUID with seqno -1 after an unclean stop not yet recovered, the
+/// nil UUID for a member that never joined a group (which
+/// [`crate::galera::elect`] counts as "no state"). Pure.
 pub fn offline_position(grastate: Option<&GraState>, recovered: Option<&Recovered>) -> Position {
     if let Some(r) = recovered {
         return Position::Galera {
@@ -158,7 +161,11 @@ pub fn offline_position(grastate: Option<&GraState>, recovered: Option<&Recovere
             seqno: g.seqno,
             state: "Down".into(),
         },
-        _ => Position::None,
+        _ => Position::Galera {
+            cluster_uuid: NIL_UUID.into(),
+            seqno: -1,
+            state: "Down".into(),
+        },
     }
 }
 
@@ -312,7 +319,14 @@ mod tests {
             offline_position(Some(&crashed), Some(&r)),
             Position::Galera { seqno: 7, ref state, .. } if state == "Recovered"
         ));
-        assert_eq!(offline_position(None, None), Position::None);
+        assert_eq!(
+            offline_position(None, None),
+            Position::Galera {
+                cluster_uuid: NIL_UUID.into(),
+                seqno: -1,
+                state: "Down".into()
+            }
+        );
     }
 
     #[test]
