@@ -190,8 +190,12 @@ pub fn render_my_cnf(inputs: &MyCnfInputs<'_>) -> String {
         &format!("\"{}\"", provider_options(inputs)),
     );
     if s.flavor == Flavor::MariaDB && s.sst_method == SstMethod::Mariabackup {
-        // Donor and joiner both stream through socat; the default format.
-        out.push_str("\n[sst]\ntransferfmt=socat\n");
+        // Donor and joiner both stream through socat (the default format).
+        // The script's old logs go to the run directory, not a shared
+        // /tmp/sst_log_archive that the first database user would own.
+        out.push_str(&format!(
+            "\n[sst]\ntransferfmt=socat\nsst-log-archive-dir={run}/sst-log-archive\n"
+        ));
     }
     for (group, options) in &s.my_cnf {
         let options: Vec<_> = options
@@ -367,6 +371,7 @@ mod tests {
             "wsrep_sst_auth=mariabackup:pw\n",
             "\n[mysqld]\nmax_connections=77\n",
             "\n[sst]\nprogress=1\n",
+            "sst-log-archive-dir=/run/pxc/sst-log-archive\n",
         ] {
             assert!(cnf.contains(want), "missing {want:?} in\n{cnf}");
         }

@@ -695,9 +695,18 @@ impl InstanceDriver for PxcDriver {
                 json!({ "action": ACTION_BOOTSTRAP, "bootstrap": "pc.bootstrap" }),
             )));
         }
+        // A server that runs but does not answer is starting or joining
+        // (an SST can take minutes): an order recorded now would make its
+        // next restart bootstrap a second component from whatever state it
+        // has then.
+        if let Some(pid) = live_server_pid(&layout) {
+            return Err(InstanceError::Refused(format!(
+                "{name}'s server (pid {pid}) is running but does not answer SQL yet (starting or joining); bootstrap a member whose server is down, or retry once it answers"
+            )));
+        }
         process::write_file(
             &layout.run(BOOTSTRAP_ORDER),
-            format!("ordered at {}\n", chrono_now()).as_bytes(),
+            format!("ordered at {}\n", unix_ms()).as_bytes(),
             0o600,
             None,
         )?;
@@ -708,7 +717,19 @@ impl InstanceDriver for PxcDriver {
     }
 }
 
-fn chrono_now() -> u128 {
+/// The pid in the server's pid file when that process is alive.
+fn live_server_pid(layout: &Layout) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(layout.pid_file())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+        .is_ok()
+        .then_some(pid)
+}
+
+fn unix_ms() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
