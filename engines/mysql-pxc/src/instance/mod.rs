@@ -735,3 +735,75 @@ fn unix_ms() -> u128 {
         .map(|d| d.as_millis())
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (tempfile::TempDir, Layout, InstanceConfig) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = InstanceConfig {
+            cluster: "simple-pxc".into(),
+            cluster_id: "uid-1".into(),
+            instance: "simple-pxc-0".into(),
+            data_dir: dir.path().join("data"),
+            run_dir: dir.path().join("run"),
+            ..Default::default()
+        };
+        std::fs::create_dir_all(&config.data_dir).unwrap();
+        std::fs::create_dir_all(&config.run_dir).unwrap();
+        let ctx = InstanceContext {
+            run_dir: config.run_dir.clone(),
+            config: config.clone(),
+        };
+        (dir, Layout::new(&ctx), config)
+    }
+
+    #[test]
+    fn volume_identity_is_claimed_once_and_other_clusters_refused() {
+        let (_dir, layout, config) = setup();
+        claim_volume(&layout, &config, None).unwrap();
+        claim_volume(&layout, &config, None).unwrap();
+        let other = InstanceConfig {
+            cluster: "other".into(),
+            cluster_id: "uid-2".into(),
+            ..config
+        };
+        let err = claim_volume(&layout, &other, None).unwrap_err().to_string();
+        assert!(
+            err.contains("belongs to cluster simple-pxc (id uid-1), this instance is cluster other (id uid-2)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_foreign_data_directory_is_refused() {
+        let (_dir, layout, config) = setup();
+        std::fs::create_dir_all(layout.datadir.join("mysql")).unwrap();
+        let err = claim_volume(&layout, &config, None).unwrap_err();
+        assert!(matches!(err, InstanceError::DataDirectory { .. }), "{err}");
+        assert!(err.to_string().contains("Stratum did not create"), "{err}");
+    }
+
+    #[test]
+    fn a_recovery_is_stale_once_the_server_rewrote_grastate() {
+        let (_dir, layout, _) = setup();
+        std::fs::create_dir_all(&layout.datadir).unwrap();
+        std::fs::write(layout.grastate(), "uuid: u\nseqno: -1\n").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let found = Recovered {
+            uuid: "u".into(),
+            seqno: 9,
+        };
+        std::fs::write(
+            layout.run(RECOVERED_FILE),
+            serde_json::to_vec(&found).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(layout.current_recovery(), Some(found));
+        // A server start rewrites grastate.dat: the recovery is history.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(layout.grastate(), "uuid: u\nseqno: -1\n").unwrap();
+        assert_eq!(layout.current_recovery(), None);
+    }
+}
