@@ -3,8 +3,10 @@
 //! `/usr/lib/galera/libgalera_smm.so`, mariabackup SST). Three instance
 //! managers on loopback, each with its own client, API, Galera, IST and SST
 //! ports: a new group forms (bootstrap ordered on member 0, the others join
-//! by SST), a killed server rejoins by IST, a full crash is recovered from
-//! the most advanced member, `bootstrap` is refused on a Primary member,
+//! by SST), a killed server rejoins by IST, a survivor that lost quorum
+//! refuses writes and the group heals when the others return, a full crash
+//! is recovered from the most advanced member, `bootstrap` is refused on a
+//! Primary member,
 //! missing binaries are a clear error. The servers run as an unprivileged
 //! user when the tests run as root. Missing binaries fail the tests, they
 //! never skip.
@@ -414,9 +416,10 @@ async fn wait_dead(pid: i32) {
 
 const WAITING: &str = "no member of the group is reachable";
 
-/// (a) a new group forms, (b) a killed server rejoins by IST, (d) a Primary
-/// member refuses `bootstrap`, (c) a full crash is recovered from the most
-/// advanced member without losing a committed row. One test, because each
+/// (a) a new group forms, (d) a Primary member refuses `bootstrap`, (b) a
+/// killed server rejoins by IST, (f) quorum loss and return, (c) a full
+/// crash is recovered from the most advanced member without losing a
+/// committed row. One test, because each
 /// step starts from the previous one's cluster (and three Galera servers
 /// are what two cores can run at once).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -527,6 +530,41 @@ async fn group_forms_rejoins_by_ist_and_recovers_from_a_full_crash() {
         assert_eq!(fx.rows(i).await, (0..25).collect::<Vec<_>>(), "member {i}");
     }
     eprintln!("(b) kill -9 and IST rejoin in {:?}", t1.elapsed());
+
+    // (f) Quorum loss: members 1 and 2 die (managers aborted, servers
+    // SIGKILLed). The survivor leaves the Primary component and refuses
+    // writes rather than diverging; when the two come back, the group
+    // restores its Primary component by itself (pc.recovery) and nothing
+    // committed is lost.
+    let t3 = Instant::now();
+    let pids = [fx.server_pid(1), fx.server_pid(2)];
+    drop(m.remove(2));
+    drop(m.remove(1));
+    for pid in pids {
+        wait_dead(pid).await;
+    }
+    let s = m[0]
+        .wait_for("the survivor non-Primary", Duration::from_secs(20), |s| {
+            s.details["wsrepClusterStatus"] == "non-Primary"
+        })
+        .await;
+    assert!(!s.ready);
+    assert_eq!(s.role, Role::Unknown);
+    {
+        let mut c = fx.sql(0).await;
+        let refused = c.query_drop("INSERT INTO app.t (id) VALUES (1000)").await;
+        assert!(refused.is_err(), "a non-Primary member must refuse writes");
+        let _ = c.disconnect().await;
+    }
+    m.push(Running::start(fx.config(1)));
+    m.push(Running::start(fx.config(2)));
+    for r in m.iter_mut() {
+        r.wait_ready().await;
+    }
+    for i in 0..3 {
+        assert_eq!(fx.rows(i).await, (0..25).collect::<Vec<_>>(), "member {i}");
+    }
+    eprintln!("(f) quorum loss and return in {:?}", t3.elapsed());
 
     // (c) Full crash, staggered so that member 2 is the most advanced:
     // each manager is aborted, which kills its server with SIGKILL.

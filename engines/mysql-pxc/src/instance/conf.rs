@@ -25,10 +25,12 @@ pub const DEFAULT_PROVIDER_OPTIONS: &[(&str, &str)] = &[
     ("evs.inactive_timeout", "PT4S"),
     ("evs.install_timeout", "PT4S"),
     ("gmcast.peer_timeout", "PT3S"),
-    // After a full crash the operator chooses the bootstrap member from the
-    // recovered positions; Galera's own automatic re-forming of the last
-    // primary component (gvwstate.dat) would bypass that choice.
-    ("pc.recovery", "FALSE"),
+    // Galera's default, kept explicit: when every member of the last
+    // Primary component is back (a survivor that lost quorum and the
+    // restarted others), they restore it by themselves from gvwstate.dat.
+    // After a full crash the members wait for the operator's bootstrap
+    // order before they start at all, so this never bypasses its choice.
+    ("pc.recovery", "TRUE"),
     // Keep the write-set cache across restarts, so that a member restarted
     // after a crash (or the one bootstrapped after a full crash) can serve
     // IST instead of forcing SST on the others.
@@ -384,7 +386,7 @@ mod tests {
             "{opts}"
         );
         assert!(opts.contains("ist.recv_addr=127.0.0.1:14568"), "{opts}");
-        assert!(opts.contains("pc.recovery=FALSE"), "{opts}");
+        assert!(opts.contains("pc.recovery=TRUE"), "{opts}");
         // The user's provider options are merged, not written twice.
         assert_eq!(cnf.matches("wsrep_provider_options").count(), 1, "{cnf}");
     }
