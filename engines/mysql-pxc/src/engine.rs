@@ -1,7 +1,6 @@
 //! [`PxcEngine`]: the operator side of the Galera engine (validation,
 //! topology, pod pieces, instance settings, election, routing). Pure, no
-//! IO; there is no instance driver yet, so `instances` shows as an
-//! unsupported capability.
+//! IO; the instance side is [`crate::instance::PxcDriver`].
 
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
@@ -10,8 +9,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 use operator_core::api::common::PodManagementPolicy;
 use operator_core::engine::{
-    Election, Engine, EngineManifest, EnginePort, ObservedMember, ReplicationModel, Routing,
-    Topology, ValidatedCluster,
+    Election, Engine, EngineManifest, EnginePort, InstanceDriver, ObservedMember, ReplicationModel,
+    Routing, Topology, ValidatedCluster,
 };
 use operator_core::error::SpecError;
 use operator_core::validate::typed_cluster;
@@ -210,6 +209,10 @@ impl Engine for PxcEngine {
                 format!("failed to serialize instance settings: {e}"),
             )
         })
+    }
+
+    fn instance_driver(&self) -> Option<std::sync::Arc<dyn InstanceDriver>> {
+        Some(std::sync::Arc::new(crate::instance::PxcDriver::new()))
     }
 
     /// See [`galera::elect`].
@@ -572,10 +575,10 @@ spec:
     }
 
     #[test]
-    fn instances_capability_is_unsupported() {
-        assert!(PxcEngine.instance_driver().is_none());
+    fn instances_capability_is_supported() {
+        assert!(PxcEngine.instance_driver().is_some());
         assert!(
-            PxcEngine
+            !PxcEngine
                 .unsupported_capabilities()
                 .contains(&capability::INSTANCES)
         );

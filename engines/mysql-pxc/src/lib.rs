@@ -1,6 +1,7 @@
 //! Stratum engine: Percona XtraDB Cluster and MariaDB Galera (operator
-//! side). Pure: the `PxcCluster` kind, my.cnf checking, Galera elections
-//! and routing; no instance driver yet.
+//! and instance side): the `PxcCluster` kind, my.cnf checking, Galera
+//! elections and routing (pure), and the instance driver ([`instance`],
+//! which runs the server).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -12,6 +13,7 @@
 pub mod api;
 pub mod engine;
 pub mod galera;
+pub mod instance;
 pub mod mycnf;
 pub mod settings;
 

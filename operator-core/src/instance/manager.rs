@@ -447,14 +447,17 @@ impl Shared {
 
     /// The status document: the driver's report on the server, completed
     /// with what the manager knows (identity, process state, why it is
-    /// down). The driver is not asked while the data directory is being
-    /// prepared.
+    /// down). While the data directory is being prepared the driver is
+    /// asked as for a stopped server (`running == false`), so that what it
+    /// knows from its files (a Galera member's recovered position) shows
+    /// while `prepare` waits.
     pub(crate) async fn status(&self) -> (MemberStatus, SupervisorState) {
         let snap = self.snapshot();
         let mut status = if snap.process == ProcessState::Preparing {
             MemberStatus {
                 role: Role::Unknown,
-                ..Default::default()
+                ready: false,
+                ..self.driver.status(&self.ctx, false).await
             }
         } else {
             self.driver.status(&self.ctx, snap.running).await

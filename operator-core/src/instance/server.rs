@@ -353,6 +353,7 @@ async fn action(
         Err(e @ InstanceError::Settings(_)) => {
             error_response(StatusCode::BAD_REQUEST, e.to_string())
         }
+        Err(e @ InstanceError::Refused(_)) => error_response(StatusCode::CONFLICT, e.to_string()),
         Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
