@@ -1,0 +1,867 @@
+//! Galera end to end on the local runtime with real MariaDB 10.11 +
+//! galera-4 and a real HAProxy in front (`rw`/`ro`): a 3-node cluster
+//! reaches Healthy and rows written through `rw` are on every node; bad
+//! input is refused naming the field while the cluster runs on; kill -9 of
+//! the writer under write load (writes resume on another node, nothing
+//! acknowledged is lost, the killed node rejoins by IST); a full crash of
+//! every process (recovery from the most advanced node, cluster UUID and
+//! seqno preserved, one bootstrap); loss of quorum (the survivor refuses
+//! writes, recovery when the others return). Each test owns a temporary
+//! state directory and stops its cluster when it ends; none skips.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mysql_async::prelude::*;
+use serde_json::Value;
+
+/// SST (mariabackup) of three servers on two shared cores takes a while.
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(240);
+const TICK_MS: &str = "200";
+const CLUSTER: &str = "simple-pxc";
+
+/// Fail (never skip) with what to install when a binary is missing.
+fn require_galera() {
+    for (path, package) in [
+        ("/usr/sbin/mariadbd", "mariadb-server"),
+        ("/usr/lib/galera/libgalera_smm.so", "galera-4"),
+        ("/usr/bin/mariabackup", "mariadb-backup"),
+        ("/usr/sbin/haproxy", "haproxy"),
+    ] {
+        assert!(
+            Path::new(path).exists(),
+            "{path} is required: install the Debian package {package} (scripts/setup.sh installs mariadb-server galera-4 mariadb-backup rsync haproxy)"
+        );
+    }
+}
+
+fn simple_pxc(extra: &str) -> String {
+    format!(
+        "apiVersion: stratum.dev/v1alpha1
+kind: PxcCluster
+metadata:
+  name: {CLUSTER}
+spec:
+  instances: 3
+  flavor: MariaDB
+  version: \"10.11\"
+  storage:
+    size: 1Gi
+  configuration: |
+    [mysqld]
+    innodb_buffer_pool_size = 64M
+    max_connections = 100
+{extra}"
+    )
+}
+
+fn stratum() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_stratum"));
+    c.env("STRATUM_LOCAL_TICK_MS", TICK_MS)
+        .env("RUST_LOG", "info")
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("STRATUM_STATE_DIR");
+    c
+}
+
+fn instance_names() -> Vec<String> {
+    (0..3).map(|i| format!("{CLUSTER}-{i}")).collect()
+}
+
+/// A temporary state directory with a cluster; stopped when dropped.
+struct Local {
+    tmp: tempfile::TempDir,
+    state: PathBuf,
+    file: PathBuf,
+    up: Option<Child>,
+    ups: usize,
+}
+
+impl Local {
+    fn new() -> Self {
+        require_galera();
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let state = tmp.path().join("state");
+        let file = tmp.path().join("simple-pxc.yaml");
+        std::fs::write(&file, simple_pxc("")).unwrap();
+        Self {
+            tmp,
+            state,
+            file,
+            up: None,
+            ups: 0,
+        }
+    }
+
+    fn start(&mut self) {
+        assert!(self.up.is_none());
+        self.ups += 1;
+        let log =
+            std::fs::File::create(self.tmp.path().join(format!("up-{}.log", self.ups))).unwrap();
+        let child = stratum()
+            .args(["local", "up", "-f"])
+            .arg(&self.file)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.up = Some(child);
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        stratum()
+            .arg("local")
+            .args(args)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .output()
+            .unwrap()
+    }
+
+    fn status(&self) -> Option<Value> {
+        let out = self.run(&["status", "-o", "json"]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
+    }
+
+    fn state_json(&self) -> Value {
+        serde_json::from_slice(&std::fs::read(self.state.join("state.json")).unwrap()).unwrap()
+    }
+
+    fn instance_dir(&self, name: &str) -> PathBuf {
+        self.state.join("instances").join(name)
+    }
+
+    fn logs(&self) -> String {
+        let tail = |path: &Path, n: usize| {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| {
+                    !l.contains("stratum::server")
+                        && !l.contains("prepare: waiting")
+                        && !l.contains("prepare: no member")
+                })
+                .collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        };
+        let mut out = String::new();
+        for n in 1..=self.ups {
+            let p = self.tmp.path().join(format!("up-{n}.log"));
+            out += &format!("==== up-{n}.log (tail)\n{}\n", tail(&p, 80));
+        }
+        for name in instance_names() {
+            out += &format!(
+                "==== {name} manager.log (tail)\n{}\n",
+                tail(&self.instance_dir(&name).join("manager.log"), 40)
+            );
+        }
+        out += &format!(
+            "==== haproxy.log (tail)\n{}\n",
+            tail(&self.state.join("haproxy/haproxy.log"), 30)
+        );
+        out
+    }
+
+    /// Wait until `f` holds on the status; returns it.
+    fn wait_for(&mut self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        let started = Instant::now();
+        let mut last = None;
+        while started.elapsed() < CONVERGE_TIMEOUT {
+            if let Some(child) = self.up.as_mut()
+                && let Some(exit) = child.try_wait().unwrap()
+            {
+                self.up = None;
+                panic!(
+                    "`local up` exited ({exit}) waiting for {what}\n{}",
+                    self.logs()
+                );
+            }
+            if let Some(s) = self.status() {
+                if f(&s) {
+                    eprintln!("{what} after {:.1}s", started.elapsed().as_secs_f64());
+                    return s;
+                }
+                last = Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!(
+            "not {what} within {}s; last status: {}\n{}",
+            CONVERGE_TIMEOUT.as_secs(),
+            last.map(|s| serde_json::to_string_pretty(&s).unwrap())
+                .unwrap_or_default(),
+            self.logs()
+        );
+    }
+
+    /// Healthy: every member Synced in one 3-member Primary component and
+    /// `rw` routed.
+    fn wait_healthy(&mut self) -> Value {
+        self.wait_for("Healthy (3 Synced, rw routed)", |s| {
+            s["phase"] == "Healthy"
+                && s["primary"].is_string()
+                && s["instances"].as_array().unwrap().iter().all(|i| {
+                    i["wsrep"]["state"] == "Synced"
+                        && i["wsrep"]["clusterSize"] == 3
+                        && i["wsrep"]["clusterStatus"] == "Primary"
+                })
+        })
+    }
+
+    fn root_password(&self) -> String {
+        std::fs::read_to_string(self.state.join("secrets/root-password"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// Pid of the instance's mariadbd, found by its option file (inside
+    /// the instance's run directory).
+    fn mariadbd_pid(&self, name: &str) -> Option<i32> {
+        let needle = format!(
+            "--defaults-file={}",
+            self.instance_dir(name).join("run").display()
+        );
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let cmd = String::from_utf8_lossy(&cmd);
+            let mut args = cmd.split('\0');
+            if args.next().is_some_and(|a| a.ends_with("mariadbd"))
+                && args.any(|a| a.starts_with(&needle))
+            {
+                return Some(pid);
+            }
+        }
+        None
+    }
+
+    fn manager_pid(&self, name: &str) -> i32 {
+        self.state_json()["managers"][name].as_i64().unwrap() as i32
+    }
+
+    fn down(&mut self) {
+        let out = self.run(&["down", "--purge"]);
+        assert!(
+            out.status.success(),
+            "down failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        if let Some(mut child) = self.up.take() {
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        if self.state.exists() {
+            let _ = self.run(&["down"]);
+        }
+        if let Some(mut child) = self.up.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn instance<'a>(s: &'a Value, name: &str) -> &'a Value {
+    s["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == name)
+        .unwrap()
+}
+
+fn port_of(address: &str) -> u16 {
+    address.rsplit_once(':').unwrap().1.parse().unwrap()
+}
+
+fn events(s: &Value) -> String {
+    s["events"].to_string()
+}
+
+/// Send a signal (`KILL`, `STOP`, `CONT`) with kill(1).
+fn kill(pid: i32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+async fn connect(address: &str, password: &str) -> Result<mysql_async::Conn, String> {
+    let (host, port) = address.rsplit_once(':').unwrap();
+    let opts = mysql_async::OptsBuilder::default()
+        .ip_or_hostname(host.to_string())
+        .tcp_port(port.parse().unwrap())
+        .user(Some("root"))
+        .pass(Some(password.to_string()))
+        .prefer_socket(false);
+    match tokio::time::timeout(Duration::from_secs(5), mysql_async::Conn::new(opts)).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("connecting to {address} timed out")),
+    }
+}
+
+/// Connect through an endpoint right after the status turned Healthy:
+/// HAProxy marks a returning member up only after two passed checks
+/// (about a second), and closes connections it cannot place until then.
+async fn connect_endpoint(endpoint: &str, password: &str) -> mysql_async::Conn {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match connect(endpoint, password).await {
+            Ok(mut c) => {
+                if c.query_drop("DO 1").await.is_ok() {
+                    return c;
+                }
+            }
+            Err(e) if Instant::now() > deadline => panic!("cannot connect to {endpoint}: {e}"),
+            Err(_) => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no usable connection to {endpoint}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn create_table(rw: &str, password: &str) {
+    let mut c = connect_endpoint(rw, password).await;
+    c.query_drop(
+        "CREATE DATABASE IF NOT EXISTS app;
+         CREATE TABLE app.rows_acked (n BIGINT PRIMARY KEY, port INT NOT NULL) ENGINE=InnoDB",
+    )
+    .await
+    .unwrap();
+    c.query_drop("INSERT INTO app.rows_acked (n, port) SELECT seq, @@port FROM app.seq_1_to_100")
+        .await
+        .unwrap();
+    c.disconnect().await.unwrap();
+}
+
+async fn count_on(address: &str, password: &str) -> Result<i64, String> {
+    let mut c = connect(address, password).await?;
+    let n: Option<i64> = c
+        .query_first("SELECT count(*) FROM app.rows_acked")
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = c.disconnect().await;
+    Ok(n.unwrap_or(0))
+}
+
+/// A client inserting numbered rows through `rw` in a loop, reconnecting
+/// after errors; it records what was acknowledged, when and by whom.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    /// Row number, when, and the port of the server that acknowledged it.
+    acked: Arc<Mutex<Vec<(i64, Instant, u16)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    fn start(rw: String, password: String, first: i64) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked: Arc<Mutex<Vec<(i64, Instant, u16)>>> = Arc::default();
+        let (s, a) = (stop.clone(), acked.clone());
+        let task = tokio::spawn(async move {
+            let mut n = first;
+            let mut conn: Option<(mysql_async::Conn, u16)> = None;
+            while !s.load(Ordering::Relaxed) {
+                if conn.is_none() {
+                    match connect(&rw, &password).await {
+                        Ok(mut c) => match c.query_first::<u16, _>("SELECT @@port").await {
+                            Ok(Some(port)) => conn = Some((c, port)),
+                            _ => {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                continue;
+                            }
+                        },
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
+                    }
+                }
+                let (c, port) = conn.as_mut().unwrap();
+                let port = *port;
+                n += 1;
+                let insert = c.exec_drop(
+                    "INSERT INTO app.rows_acked (n, port) VALUES (?, ?)",
+                    (n, port),
+                );
+                match tokio::time::timeout(Duration::from_secs(10), insert).await {
+                    Ok(Ok(())) => a.lock().unwrap().push((n, Instant::now(), port)),
+                    _ => {
+                        conn = None;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        });
+        Self { stop, acked, task }
+    }
+
+    fn acked_count(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// The first acknowledgement after `t` by another server than `port`.
+    fn first_ack_after(&self, t: Instant, port: u16) -> Option<Instant> {
+        self.acked
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, at, p)| *at > t && *p != port)
+            .map(|(_, at, _)| *at)
+    }
+
+    async fn stop(self) -> Vec<i64> {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        let acked = self.acked.lock().unwrap();
+        acked.iter().map(|(n, _, _)| *n).collect()
+    }
+}
+
+/// Wait until the writer has `more` acknowledgements beyond `base`.
+async fn wait_acks(w: &Writer, base: usize, more: usize, what: &str) {
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    while w.acked_count() < base + more {
+        assert!(Instant::now() < deadline, "no writes acknowledged {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every acknowledged row is readable at `address`.
+async fn assert_all_present(address: &str, password: &str, acked: &[i64]) {
+    let mut c = connect_endpoint(address, password).await;
+    let present: BTreeSet<i64> = c
+        .query::<i64, _>("SELECT n FROM app.rows_acked")
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    let lost: Vec<i64> = acked
+        .iter()
+        .copied()
+        .filter(|n| !present.contains(n))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged inserts are missing at {address}: {:?}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(20)]
+    );
+    eprintln!(
+        "all {} acknowledged inserts are present at {address}",
+        acked.len()
+    );
+}
+
+/// Every node holds the same number of rows as `rw` (Galera applies
+/// replicated write-sets asynchronously: wait a little).
+async fn assert_same_rows_everywhere(s: &Value, password: &str) {
+    let rw = s["endpoints"]["rw"].as_str().unwrap();
+    let want: i64 = connect_endpoint(rw, password)
+        .await
+        .query_first("SELECT count(*) FROM app.rows_acked")
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    for i in s["instances"].as_array().unwrap() {
+        let address = i["address"].as_str().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = count_on(address, password).await;
+            if got.as_ref().is_ok_and(|n| *n == want) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} has {got:?} rows, rw has {want}",
+                i["name"]
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    eprintln!("every node holds the {want} rows");
+}
+
+/// 1. Three nodes reach Healthy; rows written through `rw` are on every
+/// node, `ro` reaches several nodes. 6. Bad input (2 instances, an
+/// operator-owned option in `configuration`, forceBootstrapFrom naming a
+/// missing instance) is refused naming the field, and the running cluster
+/// is untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn pxc_three_nodes_healthy_then_bad_input_is_refused() {
+    let t0 = Instant::now();
+    let mut local = Local::new();
+    local.start();
+    let status = local.wait_healthy();
+    eprintln!("3 nodes Healthy after {:.1}s", t0.elapsed().as_secs_f64());
+    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
+    let ro = status["endpoints"]["ro"].as_str().unwrap().to_string();
+    let password = local.root_password();
+    create_table(&rw, &password).await;
+    assert_same_rows_everywhere(&status, &password).await;
+
+    // rw goes to the writer; ro spreads over the Synced nodes.
+    let writer = status["galera"]["writer"].as_str().unwrap().to_string();
+    let writer_port = port_of(instance(&status, &writer)["address"].as_str().unwrap());
+    let mut c = connect_endpoint(&rw, &password).await;
+    let port: Option<u16> = c.query_first("SELECT @@port").await.unwrap();
+    assert_eq!(port, Some(writer_port));
+    // HAProxy marks a member up after two passed checks (1 s).
+    let mut ro_ports = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ro_ports.len() < 3 && Instant::now() < deadline {
+        let mut c = connect_endpoint(&ro, &password).await;
+        ro_ports.insert(c.query_first::<u16, _>("SELECT @@port").await.unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ro_ports.len(), 3, "ro reached only {ro_ports:?}");
+    let ev = events(&status);
+    for e in [
+        "BootstrapDecided",
+        "BootstrapOrdered",
+        "Joined",
+        "WriterChosen",
+    ] {
+        assert!(ev.contains(e), "no {e} event in {ev}");
+    }
+    let st = local.state_json();
+    assert_eq!(st["galera"]["bootstraps"], 1, "{st}");
+    assert!(st["haproxy"].as_i64().is_some(), "no HAProxy pid in {st}");
+
+    // 6. Bad input against the running cluster.
+    let bad = local.tmp.path().join("bad.yaml");
+    let cases = [
+        (
+            simple_pxc("").replace("instances: 3", "instances: 2"),
+            "spec.instances",
+        ),
+        (
+            simple_pxc("    wsrep_cluster_address = gcomm://10.0.0.1\n"),
+            "spec.configuration",
+        ),
+        (
+            simple_pxc("  bootstrap:\n    forceBootstrapFrom: simple-pxc-7\n"),
+            "spec.bootstrap.forceBootstrapFrom",
+        ),
+    ];
+    let saved = std::fs::read_to_string(local.state.join("cluster.yaml")).unwrap();
+    for (yaml, field) in cases {
+        std::fs::write(&bad, yaml).unwrap();
+        let out = stratum()
+            .args(["local", "up", "-f"])
+            .arg(&bad)
+            .arg("--state-dir")
+            .arg(&local.state)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{field}: up accepted it");
+        assert!(
+            stderr.contains(&format!("{}: {field}", bad.display())),
+            "{field}: {stderr}"
+        );
+        eprintln!("refused: {}", stderr.trim());
+    }
+    assert!(
+        String::from_utf8_lossy(&std::fs::read(&bad).unwrap()).contains("simple-pxc-7"),
+        "the last case was the forced bootstrap"
+    );
+    // Untouched: same CR, still Healthy, same writer, writes work.
+    assert_eq!(
+        std::fs::read_to_string(local.state.join("cluster.yaml")).unwrap(),
+        saved
+    );
+    let s = local.wait_healthy();
+    assert_eq!(s["galera"]["writer"], writer.as_str());
+    let mut c = connect_endpoint(&rw, &password).await;
+    c.query_drop("INSERT INTO app.rows_acked (n, port) VALUES (-1, @@port)")
+        .await
+        .unwrap();
+    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
+    local.down();
+}
+
+/// 2. kill -9 of the writer's mariadbd while a client inserts numbered rows
+/// through `rw`: writes resume on another node, every acknowledged insert
+/// is present, the killed node rejoins by IST and does not take the
+/// writes back.
+#[tokio::test(flavor = "multi_thread")]
+async fn pxc_writer_killed_under_load_loses_nothing_and_rejoins_by_ist() {
+    let t0 = Instant::now();
+    let mut local = Local::new();
+    local.start();
+    let status = local.wait_healthy();
+    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
+    let password = local.root_password();
+    create_table(&rw, &password).await;
+
+    let writer = Writer::start(rw.clone(), password.clone(), 1000);
+    wait_acks(&writer, 0, 100, "before the kill").await;
+    let old = status["galera"]["writer"].as_str().unwrap().to_string();
+    let old_port = port_of(instance(&status, &old)["address"].as_str().unwrap());
+    let pid = local.mariadbd_pid(&old).expect("the writer's mariadbd");
+    let base = writer.acked_count();
+    let t_kill = Instant::now();
+    kill(pid, "KILL");
+    wait_acks(&writer, base, 1, "after the kill").await;
+    let after = local.wait_for("a new writer", |s| {
+        s["galera"]["writer"].is_string() && s["galera"]["writer"] != old.as_str()
+    });
+    wait_acks(&writer, writer.acked_count(), 50, "on the new writer").await;
+    let first = writer
+        .first_ack_after(t_kill, old_port)
+        .expect("an acknowledgement by another node")
+        - t_kill;
+    eprintln!(
+        "killed mariadbd of {old}: {} writes; first write acknowledged {}ms after the kill",
+        after["galera"]["writer"],
+        first.as_millis()
+    );
+
+    // The killed node is restarted by its manager and rejoins by IST.
+    let healthy = local.wait_healthy();
+    let rejoined = instance(&healthy, &old);
+    assert_eq!(
+        rejoined["wsrep"]["lastStateTransfer"], "ist",
+        "{old} did not rejoin by IST: {rejoined}"
+    );
+    // Writes stay on the new writer although the old one is back.
+    let new_writer = after["galera"]["writer"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_secs(2));
+    let s = local.wait_healthy();
+    assert_eq!(s["galera"]["writer"], new_writer.as_str(), "{s}");
+    let mut c = connect_endpoint(&rw, &password).await;
+    let port: Option<u16> = c.query_first("SELECT @@port").await.unwrap();
+    assert_eq!(
+        port,
+        Some(port_of(
+            instance(&s, &new_writer)["address"].as_str().unwrap()
+        ))
+    );
+    let acked = writer.stop().await;
+    assert_all_present(&rw, &password, &acked).await;
+    assert_same_rows_everywhere(&s, &password).await;
+    let ev = events(&s);
+    for e in ["Left", "WriterChanged", "Joined"] {
+        assert!(ev.contains(e), "no {e} event in {ev}");
+    }
+    assert_eq!(local.state_json()["galera"]["bootstraps"], 1);
+    eprintln!(
+        "writer kill: first write {}ms after the kill; test took {:.1}s",
+        first.as_millis(),
+        t0.elapsed().as_secs_f64()
+    );
+    local.down();
+}
+
+/// 3. Every process killed with SIGKILL (`up`, the managers, mariadbd; one
+/// node earlier than the others so that it is behind), then `up` again:
+/// the group is bootstrapped once, from a most advanced node, never from
+/// the one behind; every acknowledged row is there; the cluster UUID is
+/// the same and the seqno continues.
+#[tokio::test(flavor = "multi_thread")]
+async fn pxc_full_crash_recovers_from_the_most_advanced_node() {
+    let t0 = Instant::now();
+    let mut local = Local::new();
+    local.start();
+    let status = local.wait_healthy();
+    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
+    let password = local.root_password();
+    create_table(&rw, &password).await;
+    let writer = Writer::start(rw.clone(), password.clone(), 1000);
+    wait_acks(&writer, 0, 100, "before the crash").await;
+
+    // One node (not the writer) dies first, manager and server: the
+    // others go on without it and get ahead.
+    let w = status["galera"]["writer"].as_str().unwrap().to_string();
+    let behind = instance_names().into_iter().find(|n| *n != w).unwrap();
+    let (m, p) = (
+        local.manager_pid(&behind),
+        local.mariadbd_pid(&behind).unwrap(),
+    );
+    let up_pid = local.up.as_ref().unwrap().id() as i32;
+    // `up` is stopped first so that it does not restart the manager.
+    kill(up_pid, "STOP");
+    kill(m, "KILL");
+    kill(p, "KILL");
+    let base = writer.acked_count();
+    wait_acks(&writer, base, 100, "after the first node died").await;
+
+    // Then everything else, at once.
+    let mut victims = vec![up_pid];
+    for n in instance_names().iter().filter(|n| **n != behind) {
+        victims.push(local.manager_pid(n));
+        victims.push(local.mariadbd_pid(n).unwrap());
+    }
+    for pid in &victims {
+        kill(*pid, "KILL");
+    }
+    kill(up_pid, "CONT");
+    local.up.take().unwrap().wait().unwrap();
+    let acked = writer.stop().await;
+    let before = local.state_json()["status"].clone();
+    let uuid = instance(&before, &w)["wsrep"]["clusterUuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bootstraps = local.state_json()["galera"]["bootstraps"].as_u64().unwrap();
+    eprintln!("crashed with {} acknowledged rows", acked.len());
+
+    // HAProxy survived the killed `up`; the next `up` stops it, and the
+    // managers' recovered positions decide the bootstrap member.
+    let t_up = Instant::now();
+    local.start();
+    let s = local.wait_for("writable again", |s| s["primary"].is_string());
+    eprintln!(
+        "full crash: writable {:.1}s after up",
+        t_up.elapsed().as_secs_f64()
+    );
+    let s2 = local.wait_healthy();
+    eprintln!(
+        "full crash: all Synced {:.1}s after up",
+        t_up.elapsed().as_secs_f64()
+    );
+    let st = local.state_json();
+    assert_eq!(
+        st["galera"]["bootstraps"].as_u64().unwrap(),
+        bootstraps + 1,
+        "exactly one bootstrap: {}",
+        st["galera"]
+    );
+    let ev = events(&s2);
+    let decided = ev
+        .split("BootstrapDecided: ")
+        .last()
+        .expect("a bootstrap decision");
+    assert!(
+        !decided.starts_with(&format!("bootstrap from {behind}")),
+        "bootstrapped from {behind}, which was behind: {ev}"
+    );
+    assert!(decided.contains("highest recovered seqno"), "{decided}");
+    for i in s2["instances"].as_array().unwrap() {
+        assert_eq!(i["wsrep"]["clusterUuid"], uuid.as_str(), "{i}");
+    }
+    let seqno_before = before["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["wsrep"]["seqno"].as_i64())
+        .max()
+        .unwrap();
+    let seqno_after = instance(&s2, s2["primary"].as_str().unwrap())["wsrep"]["seqno"]
+        .as_i64()
+        .unwrap();
+    assert!(
+        seqno_after >= seqno_before && seqno_after > 100,
+        "seqno went from {seqno_before} to {seqno_after}"
+    );
+    assert_all_present(&rw, &password, &acked).await;
+    assert_same_rows_everywhere(&s2, &password).await;
+    let _ = s;
+    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
+    local.down();
+}
+
+/// 4. Two of three nodes lost (frozen with SIGSTOP, then killed): the
+/// survivor leaves the Primary component and refuses writes rather than
+/// diverge, and `rw` routes nowhere; when the others return, the cluster
+/// recovers with every row.
+#[tokio::test(flavor = "multi_thread")]
+async fn pxc_quorum_loss_refuses_writes_then_recovers() {
+    let t0 = Instant::now();
+    let mut local = Local::new();
+    local.start();
+    let status = local.wait_healthy();
+    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
+    let password = local.root_password();
+    create_table(&rw, &password).await;
+
+    let survivor = status["galera"]["writer"].as_str().unwrap().to_string();
+    let survivor_addr = instance(&status, &survivor)["address"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let lost: Vec<String> = instance_names()
+        .into_iter()
+        .filter(|n| *n != survivor)
+        .collect();
+    let pids: Vec<i32> = lost
+        .iter()
+        .map(|n| local.mariadbd_pid(n).unwrap())
+        .collect();
+    for pid in &pids {
+        kill(*pid, "STOP");
+    }
+    let s = local.wait_for("the survivor out of the Primary component", |s| {
+        let i = instance(s, &survivor);
+        i["wsrep"]["clusterStatus"].is_string()
+            && i["wsrep"]["clusterStatus"] != "Primary"
+            && s["primary"].is_null()
+    });
+    eprintln!("survivor: {}", instance(&s, &survivor)["wsrep"]);
+    // The survivor refuses writes (and reads) by itself.
+    let mut c = connect(&survivor_addr, &password).await.unwrap();
+    let err = c
+        .query_drop("INSERT INTO app.rows_acked (n, port) VALUES (-2, @@port)")
+        .await
+        .expect_err("a non-Primary member took a write");
+    eprintln!("survivor refused the write: {err}");
+    drop(c);
+    // rw has no healthy server.
+    let refused = match connect(&rw, &password).await {
+        Err(_) => true,
+        Ok(mut c) => c
+            .query_drop("INSERT INTO app.rows_acked (n, port) VALUES (-3, @@port)")
+            .await
+            .is_err(),
+    };
+    assert!(refused, "rw took a write without quorum");
+
+    // The lost nodes die and their managers start them again.
+    for pid in &pids {
+        kill(*pid, "KILL");
+        kill(*pid, "CONT");
+    }
+    let s = local.wait_healthy();
+    let mut c = connect_endpoint(&rw, &password).await;
+    c.query_drop("INSERT INTO app.rows_acked (n, port) VALUES (-4, @@port)")
+        .await
+        .unwrap();
+    let n: Option<i64> = c
+        .query_first("SELECT count(*) FROM app.rows_acked WHERE n > 0")
+        .await
+        .unwrap();
+    assert_eq!(n, Some(100));
+    assert_same_rows_everywhere(&s, &password).await;
+    eprintln!("events: {}", events(&s));
+    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
+    local.down();
+}
