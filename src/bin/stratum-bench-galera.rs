@@ -536,10 +536,11 @@ spec:
         .output()
         .ok()
         .and_then(|o| {
+            // "HAProxy version 2.6.12-1+deb12u4 2026/10/17 - https://…"
             String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(str::to_string)
+                .split_whitespace()
+                .nth(2)
+                .map(|v| format!("HAProxy {v}"))
         })
         .unwrap_or_default();
     let table = format!(
@@ -558,7 +559,7 @@ is SIGKILL of `up`, the three managers and the three mariadbd at once, then
 |---|---|---|---|
 | Write unavailability through `rw`: kill → first write acknowledged by another node ({kills} kills) | {u50} (p95 {u95}) | {umax} | < 6 s |
 | Killed writer Synced again (from the kill; {ist_count} of {transfers} rejoins by IST) | {i50} | {imax} | |
-| Rejoin by SST of a wiped node (from the kill, {sstn} rounds) | {s50} | {smax} | |
+| Rejoin by SST of a wiped node (from the kill; {sstn} round(s)) | {s50} | {smax} | |
 | Full crash: `up` → first write through `rw` ({crashes} crashes) | {w50} | {wmax} | < 15 s |
 | Full crash: `up` → all 3 Synced | {a50} | {amax} | |
 | Create a 3-node cluster (`up` → all Synced) | {create} | | |

@@ -200,6 +200,18 @@ pub struct GaleraSummary {
     pub haproxy_pid: Option<u32>,
 }
 
+/// A member's Galera facts in words, for the status table. Pure.
+pub fn describe_wsrep(w: &WsrepStatus) -> String {
+    let mut out = format!("{} {}:{}", w.state, w.cluster_uuid, w.seqno);
+    if let Some(size) = w.cluster_size {
+        out.push_str(&format!(", cluster size {size}"));
+    }
+    if let Some(t) = &w.last_state_transfer {
+        out.push_str(&format!(", last {t}"));
+    }
+    out
+}
+
 /// The Galera line of `stratum local status`. Pure.
 pub fn render_summary(g: &GaleraSummary) -> String {
     let mut out = format!(
@@ -958,6 +970,7 @@ mod tests {
         assert_eq!(w.safe_to_bootstrap, Some(false));
         assert_eq!(w.seqno, 42);
         assert!(wsrep_status(&MemberStatus::default()).is_none());
+        assert_eq!(describe_wsrep(&w), "Synced u:42, cluster size 3, last ist");
         let v = serde_json::to_value(&w).unwrap();
         assert_eq!(v["clusterSize"], 3);
         assert_eq!(v["state"], "Synced");

@@ -311,6 +311,7 @@ pub fn render_text(s: &StatusSnapshot) -> String {
                 i.address.clone(),
                 i.message
                     .clone()
+                    .or_else(|| i.wsrep.as_ref().map(super::galera::describe_wsrep))
                     .or_else(|| i.position.clone())
                     .unwrap_or_default(),
             ]
