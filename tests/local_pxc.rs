@@ -737,6 +737,30 @@ async fn pxc_full_crash_recovers_from_the_most_advanced_node() {
 
     // HAProxy survived the killed `up`; the next `up` stops it, and the
     // managers' recovered positions decide the bootstrap member.
+    local.start();
+    // That `up` is killed as soon as it has ordered the bootstrap; the next
+    // one restarts the managers (stopping a member that may already have
+    // bootstrapped) and must order that same member, never another.
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    loop {
+        let st = local.state_json();
+        if st["galera"]["bootstrap"]["orderedAt"].is_string() {
+            eprintln!(
+                "killing `up` with the bootstrap ordered: {}",
+                st["galera"]["bootstrap"]
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no bootstrap ordered\n{}",
+            local.logs()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut up = local.up.take().unwrap();
+    up.kill().unwrap();
+    up.wait().unwrap();
     let t_up = Instant::now();
     local.start();
     let s = local.wait_for("writable again", |s| s["primary"].is_string());
@@ -756,7 +780,8 @@ async fn pxc_full_crash_recovers_from_the_most_advanced_node() {
         "exactly one bootstrap: {}",
         st["galera"]
     );
-    let ev = events(&s2);
+    let ev = st["galera"]["events"].to_string();
+    eprintln!("events: {ev}");
     let decided = ev
         .split("BootstrapDecided: ")
         .last()
@@ -766,6 +791,18 @@ async fn pxc_full_crash_recovers_from_the_most_advanced_node() {
         "bootstrapped from {behind}, which was behind: {ev}"
     );
     assert!(decided.contains("highest recovered seqno"), "{decided}");
+    // Every order since the decision went to the decided member.
+    let member = decided
+        .trim_start_matches("bootstrap from ")
+        .split(':')
+        .next()
+        .unwrap();
+    for order in decided.split("BootstrapOrdered: ").skip(1) {
+        assert!(
+            order.starts_with(&format!("{member} ordered")),
+            "an order to another member than {member}: {ev}"
+        );
+    }
     for i in s2["instances"].as_array().unwrap() {
         assert_eq!(i["wsrep"]["clusterUuid"], uuid.as_str(), "{i}");
     }

@@ -564,7 +564,7 @@ is SIGKILL of `up`, the three managers and the three mariadbd at once, then
 | Full crash: `up` → all 3 Synced | {a50} | {amax} | |
 | Create a 3-node cluster (`up` → all Synced) | {create} | | |
 | Acknowledged writes lost ({acked} acknowledged) | {lost} | | 0 |
-| Bootstraps ordered (1 at creation + 1 per full crash) | {bootstraps} | | {expected} |
+| Bootstrap decisions (1 at creation + 1 per full crash) | {bootstraps} | | {expected} |
 {END}",
         date = date(),
         kills = args.kills,

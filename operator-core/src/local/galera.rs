@@ -75,7 +75,8 @@ pub struct GaleraState {
     /// A bootstrap decided and not yet completed (no member Synced since).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bootstrap: Option<BootstrapDecision>,
-    /// Bootstraps ordered by this state directory, ever.
+    /// Bootstrap decisions taken in this state directory, ever (an order
+    /// sent again to the same member is the same bootstrap).
     #[serde(default)]
     pub bootstraps: u64,
     /// The last events, oldest first (`<RFC 3339> <Reason>: <message>`).
@@ -193,7 +194,7 @@ pub struct GaleraSummary {
     /// The pending bootstrap, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bootstrap: Option<BootstrapDecision>,
-    /// Bootstraps ordered so far.
+    /// Bootstrap decisions so far.
     pub bootstraps: u64,
     /// Pid of the HAProxy master.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -409,8 +410,11 @@ impl Loop {
         match (pending.and_then(|p| p.ordered_at.as_ref()), self.ordered) {
             // Accepted by this `up`: again only when stale.
             (Some(_), Some(at)) => at.elapsed() >= REORDER_AFTER,
-            // Accepted by a previous `up`: the member holds the order.
-            (Some(_), None) => false,
+            // Accepted by a previous `up`, which was stopped before the
+            // group ran: the member may have used the order and been
+            // stopped since (a new `up` restarts the managers), so it is
+            // told again. Only that member ever is; while its server
+            // starts, the manager refuses the order.
             _ => self
                 .last_order_attempt
                 .is_none_or(|t| t.elapsed() >= RETRY_ORDER_EVERY),
@@ -449,6 +453,7 @@ impl Loop {
                 persist(&self.gs);
             }
             BootstrapStep::Decide { member, reason } => {
+                self.gs.bootstraps += 1;
                 self.gs.bootstrap = Some(BootstrapDecision {
                     member: member.clone(),
                     reason: reason.clone(),
@@ -473,7 +478,6 @@ impl Loop {
         match self.act.action(member, ACTION_BOOTSTRAP, json!({})).await {
             Ok(reply) => {
                 self.ordered = Some(Instant::now());
-                self.gs.bootstraps += 1;
                 if let Some(p) = self.gs.bootstrap.as_mut() {
                     p.ordered_at = Some(now());
                 }
