@@ -782,8 +782,14 @@ impl Orchestrator {
                 self.not_streaming_since.remove(&m.name);
                 continue;
             };
+            let streaming = streaming_from(s) == primary_port && primary_port.is_some();
             let (needed, rewind) = if s.fenced || s.awaiting_lease {
                 (true, false)
+            } else if !streaming && s.details.get("diverged").is_some() {
+                // The engine says this data directory cannot follow as it
+                // is (its history diverged): rewind now, not after a
+                // timeout.
+                (true, true)
             } else if s.role == Role::Replica && s.process == ProcessState::Running {
                 if streaming_from(s) == primary_port && primary_port.is_some() {
                     self.not_streaming_since.remove(&m.name);
@@ -808,6 +814,11 @@ impl Orchestrator {
                     .or_insert_with(Instant::now);
                 let due = since.elapsed() >= REWIND_AFTER;
                 (due, due)
+            } else if s.process == ProcessState::Starting {
+                // Between two failed starts: keep counting, so that a
+                // server that keeps exiting soon after starting is
+                // rewound after REWIND_AFTER in all.
+                (false, false)
             } else {
                 self.not_streaming_since.remove(&m.name);
                 (false, false)

@@ -236,6 +236,21 @@ impl InstanceDriver for PostgresDriver {
                 });
             }
         }
+        if layout.standby_signal().exists()
+            && !layout.follow_pending().exists()
+            && let Some(line) = status::diverged(&layout.run_dir)
+            && let Some(source) = upstream_member(config, &layout)
+        {
+            // The last run could not follow its upstream (history
+            // diverged): rewind now instead of failing the same way again.
+            tracing::warn!(instance = %config.instance, upstream = %source.name, "the last start could not follow the upstream; rewinding: {line}");
+            process::write_file(
+                &layout.follow_pending(),
+                source.name.as_bytes(),
+                0o600,
+                None,
+            )?;
+        }
         if layout.follow_pending().exists() {
             let source = upstream_member(config, &layout).ok_or_else(|| {
                 InstanceError::Settings("follow is pending but names no other member".into())
@@ -298,8 +313,16 @@ impl InstanceDriver for PostgresDriver {
                 .unwrap_or_default(),
             ..Default::default()
         };
+        let diverged = || {
+            settings(config)
+                .ok()
+                .and_then(|s| status::diverged(&Layout::new(ctx, &s).run_dir))
+        };
         if !running {
             status.message = Some("server not running".into());
+            if let Some(line) = diverged() {
+                status.details = json!({ "diverged": line });
+            }
             return status;
         }
         let result = async {
@@ -323,15 +346,30 @@ impl InstanceDriver for PostgresDriver {
         }
         .await;
         match result {
-            Ok(found) => MemberStatus {
-                name: status.name,
-                cluster_id: status.cluster_id,
-                address: status.address,
-                ..found
-            },
+            Ok(mut found) => {
+                // A replica whose WAL receiver does not stream may be
+                // unable to: say so, so that the operator rewinds it now.
+                let streaming = found.details["walReceiver"]["status"] == "streaming";
+                if found.role == Role::Replica
+                    && !streaming
+                    && let Some(line) = diverged()
+                    && let Some(d) = found.details.as_object_mut()
+                {
+                    d.insert("diverged".into(), json!(line));
+                }
+                MemberStatus {
+                    name: status.name,
+                    cluster_id: status.cluster_id,
+                    address: status.address,
+                    ..found
+                }
+            }
             Err(message) => {
                 status.role = Role::Unknown;
                 status.message = Some(message);
+                if let Some(line) = diverged() {
+                    status.details = json!({ "diverged": line });
+                }
                 status
             }
         }
