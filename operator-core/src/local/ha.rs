@@ -738,25 +738,39 @@ impl Orchestrator {
         // last observed position (its shutdown checkpoint is later), and at
         // least as far as any other replica got (a clean shutdown waits
         // until connected standbys flushed everything it sent).
-        let others = self.observe.observe_all().await;
-        let goal = others
+        // The other replicas are asked in the same round as the target
+        // (each status answer costs a server connection).
+        let others: Vec<String> = self
+            .endpoints
             .iter()
-            .filter(|m| m.name != to && m.name != from)
-            .filter_map(|m| wal_lsn(Some(m)))
-            .chain(last_lsn.map(|l| l + 1))
-            .max();
-        let deadline = Instant::now() + CATCH_UP_TIMEOUT;
+            .map(|e| e.name.clone())
+            .filter(|n| n != to && n != from)
+            .collect();
+        let received = |s: Result<crate::instance::protocol::MemberStatus, _>| {
+            s.ok().and_then(|s| match s.position {
+                Position::Wal { received_lsn, .. } => received_lsn,
+                _ => None,
+            })
+        };
+        let caught_up = Instant::now();
+        let deadline = caught_up + CATCH_UP_TIMEOUT;
         loop {
-            let received = self
-                .observe
-                .status(to)
-                .await
-                .ok()
-                .and_then(|s| match s.position {
-                    Position::Wal { received_lsn, .. } => received_lsn,
-                    _ => None,
-                });
-            if received.is_some_and(|r| goal.is_none_or(|g| r >= g)) {
+            let (target, others) = futures::future::join(
+                self.observe.status(to),
+                futures::future::join_all(others.iter().map(|n| self.observe.status(n))),
+            )
+            .await;
+            let goal = others
+                .into_iter()
+                .filter_map(received)
+                .chain(last_lsn.map(|l| l + 1))
+                .max();
+            if received(target).is_some_and(|r| goal.is_none_or(|g| r >= g)) {
+                tracing::info!(
+                    target = %to,
+                    took_ms = caught_up.elapsed().as_millis() as u64,
+                    "switchover target holds the old primary's last WAL"
+                );
                 break;
             }
             if Instant::now() > deadline {

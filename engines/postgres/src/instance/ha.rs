@@ -136,8 +136,10 @@ pub(crate) async fn promote(
     let was_replica = in_recovery(&client).await?;
     if was_replica {
         tracing::info!(instance = %ctx.config.instance, "promoting (pg_promote)");
+        // Without waiting: pg_promote's own wait polls every 100 ms; the
+        // loop below notices the end of recovery within 10 ms.
         let ok: bool = client
-            .query_one("SELECT pg_promote(true, 60)", &[])
+            .query_one("SELECT pg_promote(false)", &[])
             .await
             .map_err(sql_failed("pg_promote"))?
             .get(0);
@@ -148,7 +150,7 @@ pub(crate) async fn promote(
                     message: format!("still in recovery after {}s", started.elapsed().as_secs()),
                 });
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
     process::remove_file_if_exists(&layout.upstream_file())?;
