@@ -86,12 +86,16 @@ impl Local {
     }
 
     fn with_version(version: u32) -> Self {
+        Self::with_spec(version, &simple_pg_ha(version))
+    }
+
+    fn with_spec(version: u32, yaml: &str) -> Self {
         require_postgres(version);
         let tmp = tempfile::tempdir().unwrap();
         std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let state = tmp.path().join("state");
         let file = tmp.path().join("simple-pg.yaml");
-        std::fs::write(&file, simple_pg_ha(version)).unwrap();
+        std::fs::write(&file, yaml).unwrap();
         Self {
             tmp,
             state,
@@ -877,5 +881,81 @@ async fn ha_fails_over_on_postgresql_17() {
         first.as_millis(),
         t0.elapsed().as_secs_f64()
     );
+    local.down();
+}
+
+/// `SHOW synchronous_standby_names` through `rw`, polled until `want`.
+async fn wait_sync_names(rw: &str, password: &str, want: &str) {
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        if let Ok(c) = connect(rw, password).await
+            && let Ok(row) = c.query_one("SHOW synchronous_standby_names", &[]).await
+        {
+            last = row.get(0);
+            if last == want {
+                eprintln!("synchronous_standby_names = {want}");
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("synchronous_standby_names is {last:?}, not {want:?}");
+}
+
+/// An insert through `rw` acknowledged within 5 s.
+async fn insert_ok(rw: &str, password: &str, n: i64) {
+    let c = connect(rw, password).await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        c.execute("INSERT INTO ha_rows (n) VALUES ($1)", &[&n]),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("insert {n} not acknowledged within 5s"))
+    .unwrap();
+}
+
+/// Synchronous standbys kept right as replicas come and go
+/// (`number: 2, minSyncReplicas: 1`): both replicas confirm commits while
+/// both stream; with one gone (its manager frozen, its postgres killed) the
+/// primary waits for the remaining one only, so writes go on; back, both
+/// again.
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_synchronous_standbys_follow_the_replicas() {
+    let t0 = Instant::now();
+    let yaml = simple_pg_ha(15).replace(
+        "      number: 1\n",
+        "      number: 2\n      minSyncReplicas: 1\n",
+    );
+    assert!(yaml.contains("minSyncReplicas: 1"));
+    let mut local = Local::with_spec(15, &yaml);
+    local.start();
+    let status = local.wait_converged();
+    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
+    let password = local.password();
+    let p = primary(&status);
+    let replicas: Vec<String> = instance_names().into_iter().filter(|n| *n != p).collect();
+    let both = format!("ANY 2 (\"{}\",\"{}\")", replicas[0], replicas[1]);
+    wait_sync_names(&rw, &password, &both).await;
+    create_table(&rw, &password).await;
+
+    let gone = replicas[1].clone();
+    let manager = local.manager_pid(&gone);
+    kill(manager, "STOP");
+    kill(local.postmaster_pid(&gone), "KILL");
+    let one = format!("ANY 1 (\"{}\")", replicas[0]);
+    wait_sync_names(&rw, &password, &one).await;
+    insert_ok(&rw, &password, -1).await;
+
+    kill(manager, "CONT");
+    wait_sync_names(&rw, &password, &both).await;
+    insert_ok(&rw, &password, -2).await;
+    let s = local.wait_converged();
+    assert!(
+        s["events"].to_string().contains("SynchronousStandbys"),
+        "{}",
+        s["events"]
+    );
+    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
     local.down();
 }

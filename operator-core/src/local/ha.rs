@@ -29,8 +29,8 @@ use crate::engine::{Election, Engine, InstanceOps, ObservedMember, ValidatedClus
 use crate::instance::client::InstanceClient;
 use crate::instance::config::PeerEndpoint;
 use crate::instance::protocol::{
-    ACTION_FENCE, ACTION_FOLLOW, ACTION_LEASE, ACTION_PROMOTE, ACTION_SLOTS, BODY_LEASE,
-    LeaseGrant, Position, ProcessState, Role,
+    ACTION_FENCE, ACTION_FOLLOW, ACTION_LEASE, ACTION_PROMOTE, ACTION_SLOTS, ACTION_SYNC_STANDBYS,
+    BODY_LEASE, LeaseGrant, Position, ProcessState, Role,
 };
 
 /// Environment variable overriding the lease TTL in milliseconds (tests).
@@ -298,6 +298,9 @@ pub struct Orchestrator {
     failover_delay: Duration,
     primary_down_since: Option<Instant>,
     slots_done_for: Option<String>,
+    /// The primary and the streaming replicas it was last told of
+    /// ([`ACTION_SYNC_STANDBYS`]).
+    sync_told: Option<(String, Vec<String>)>,
     not_streaming_since: BTreeMap<String, Instant>,
     last_follow: BTreeMap<String, Instant>,
     following: Arc<Mutex<BTreeSet<String>>>,
@@ -347,6 +350,7 @@ impl Orchestrator {
             failover_delay,
             primary_down_since: None,
             slots_done_for: None,
+            sync_told: None,
             not_streaming_since: BTreeMap::new(),
             last_follow: BTreeMap::new(),
             following: Arc::default(),
@@ -468,6 +472,10 @@ impl Orchestrator {
                     Ok(_) => self.slots_done_for = Some(primary.clone()),
                     Err(e) => tracing::warn!(error = %e, "replication slots not ensured yet"),
                 }
+            }
+            if let Some(s) = status {
+                self.tell_sync_standbys(&primary, streaming_replicas(s))
+                    .await;
             }
             if let Some(req) = request {
                 match switchover_refusal(
@@ -686,6 +694,7 @@ impl Orchestrator {
                 self.save();
                 self.primary_down_since = None;
                 self.slots_done_for = Some(candidate.to_string());
+                self.sync_told = None;
                 self.last_wait = None;
                 let others: Vec<String> = self
                     .endpoints
@@ -785,6 +794,44 @@ impl Orchestrator {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.promote(to, from, started).await
+    }
+
+    /// Tell the primary which replicas stream from it when that changed,
+    /// so that it keeps its synchronous standbys among them (the engine
+    /// decides how many and which; an engine without the action answers
+    /// with an error once per change).
+    async fn tell_sync_standbys(&mut self, primary: &str, streaming: Vec<String>) {
+        let now = (primary.to_string(), streaming);
+        if self.sync_told.as_ref() == Some(&now) {
+            return;
+        }
+        match self
+            .act
+            .action(primary, ACTION_SYNC_STANDBYS, json!({ "available": now.1 }))
+            .await
+        {
+            Ok(reply) => {
+                if let Some(names) = reply
+                    .get("synchronousStandbyNames")
+                    .and_then(|v| v.as_str())
+                    && !names.is_empty()
+                {
+                    self.ha.event(
+                        "SynchronousStandbys",
+                        format!(
+                            "{primary}: synchronous_standby_names = {names} (streaming: {})",
+                            if now.1.is_empty() {
+                                "none".to_string()
+                            } else {
+                                now.1.join(", ")
+                            }
+                        ),
+                    );
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "synchronous standbys not set"),
+        }
+        self.sync_told = Some(now);
     }
 
     /// Replicas follow the primary: fenced or lease-waiting members, and
@@ -911,6 +958,23 @@ fn sync_standbys(s: &crate::instance::protocol::MemberStatus) -> Vec<String> {
         .collect()
 }
 
+/// The members a primary reports as streaming from it (its status
+/// `details.replicas[]` entries in state `streaming`), sorted.
+fn streaming_replicas(s: &crate::instance::protocol::MemberStatus) -> Vec<String> {
+    let mut names: Vec<String> = s
+        .details
+        .get("replicas")
+        .and_then(|r| r.as_array())
+        .into_iter()
+        .flatten()
+        .filter(|r| r.get("state").and_then(|v| v.as_str()) == Some("streaming"))
+        .filter_map(|r| r.get("name").and_then(|n| n.as_str()).map(str::to_string))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
 fn wal_lsn(m: Option<&ObservedMember>) -> Option<u64> {
     match m?.status.as_ref()?.position {
         Position::Wal { received_lsn, .. } => received_lsn,
@@ -1007,6 +1071,20 @@ mod tests {
         };
         assert_eq!(sync_standbys(&s), ["simple-pg-1", "simple-pg-3"]);
         assert!(sync_standbys(&MemberStatus::default()).is_empty());
+    }
+
+    #[test]
+    fn streaming_replicas_from_the_primary_report() {
+        let s = MemberStatus {
+            details: json!({ "replicas": [
+                { "name": "simple-pg-2", "state": "streaming" },
+                { "name": "simple-pg-1", "state": "catchup" },
+                { "name": "simple-pg-3", "state": "streaming" },
+            ]}),
+            ..Default::default()
+        };
+        assert_eq!(streaming_replicas(&s), ["simple-pg-2", "simple-pg-3"]);
+        assert!(streaming_replicas(&MemberStatus::default()).is_empty());
     }
 
     #[test]
