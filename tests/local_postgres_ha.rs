@@ -959,3 +959,180 @@ async fn ha_synchronous_standbys_follow_the_replicas() {
     eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
     local.down();
 }
+
+/// The cluster file with the fencing annotation set to `fenced` (a JSON
+/// list), or without it.
+fn with_fencing(fenced: Option<&str>) -> String {
+    let yaml = simple_pg_ha(15);
+    match fenced {
+        None => yaml,
+        Some(list) => yaml.replace(
+            "  name: simple-pg\n",
+            &format!(
+                "  name: simple-pg\n  annotations:\n    stratum.dev/fencedInstances: '{list}'\n"
+            ),
+        ),
+    }
+}
+
+impl Local {
+    /// `stratum local up -f` with `yaml` while `up` runs: the change is
+    /// handed to it. Returns the command's output.
+    fn apply(&self, yaml: &str) -> Output {
+        let file = self.tmp.path().join("changed.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        stratum()
+            .args(["local", "up", "-f"])
+            .arg(&file)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(["--bin-dir", PG_BIN])
+            .output()
+            .unwrap()
+    }
+
+    fn instance<'a>(s: &'a Value, name: &str) -> &'a Value {
+        s["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == name)
+            .unwrap()
+    }
+}
+
+/// A changed CR applied to the running cluster (`up -f` again): invalid
+/// (an operator-owned parameter) or not changeable live (`instances`) is
+/// refused naming the field, the cluster untouched; the fencing annotation
+/// `stratum.dev/fencedInstances` stops a replica (no failover, writes go
+/// on), fences the primary (failover to a replica that is not fenced), and
+/// with `["*"]` stops everything without a failover; removing it brings
+/// every instance back.
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_apply_changed_cr_and_fencing() {
+    let t0 = Instant::now();
+    let mut local = Local::new();
+    local.start();
+    let s = local.wait_converged();
+    let rw = s["endpoints"]["rw"].as_str().unwrap().to_string();
+    let password = local.password();
+    create_table(&rw, &password).await;
+    let p = primary(&s);
+    let term = s["term"].as_u64().unwrap();
+    let saved = std::fs::read(local.state.join("cluster.yaml")).unwrap();
+
+    // Refused: invalid, and valid but not changeable live.
+    let bad = simple_pg_ha(15).replace(
+        "    synchronous:\n",
+        "    parameters:\n      port: '6000'\n    synchronous:\n",
+    );
+    for (yaml, want) in [
+        (bad, "spec.postgresql.parameters.port"),
+        (
+            simple_pg_ha(15).replace("instances: 3", "instances: 5"),
+            "changing spec.instances on a running local cluster is not supported yet",
+        ),
+        (
+            with_fencing(Some(r#"["simple-pg-7"]"#)),
+            "metadata.annotations[stratum.dev/fencedInstances]: there is no instance \"simple-pg-7\"",
+        ),
+    ] {
+        let out = local.apply(&yaml);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "applied: {yaml}");
+        assert!(stderr.contains(want), "{stderr}");
+    }
+    let s = local.wait_converged();
+    assert_eq!(primary(&s), p);
+    assert_eq!(s["term"].as_u64().unwrap(), term);
+    assert_eq!(
+        std::fs::read(local.state.join("cluster.yaml")).unwrap(),
+        saved
+    );
+    insert_ok(&rw, &password, -1).await;
+
+    // A replica fenced: stopped and kept down, no failover, writes go on.
+    let replica = instance_names().into_iter().find(|n| *n != p).unwrap();
+    let out = local.apply(&with_fencing(Some(&format!(r#"["{replica}"]"#))));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    local.wait_for("the fenced replica down", |s| {
+        Local::instance(s, &replica)["ready"] == false
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let s = local.status().unwrap();
+    assert_eq!(Local::instance(&s, &replica)["ready"], false, "{s}");
+    assert_eq!(s["term"].as_u64().unwrap(), term);
+    insert_ok(&rw, &password, -2).await;
+
+    // Unfenced: back as a replica.
+    let out = local.apply(&with_fencing(None));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    local.wait_converged();
+
+    // The primary fenced: a failover to a replica that is not fenced.
+    let out = local.apply(&with_fencing(Some(&format!(r#"["{p}"]"#))));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = local.wait_for("a new primary", |s| {
+        s["currentPrimary"].is_string() && s["currentPrimary"] != p.as_str()
+    });
+    let q = primary(&s);
+    local.wait_for("writes routed to the new primary", |s| {
+        s["primary"] == q.as_str()
+    });
+    insert_ok(&rw, &password, -3).await;
+    let s = local.status().unwrap();
+    assert_eq!(Local::instance(&s, &p)["ready"], false, "{s}");
+
+    // Everything fenced: stopped, no failover, no writes.
+    let term = s["term"].as_u64().unwrap();
+    let out = local.apply(&with_fencing(Some(r#"["*"]"#)));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    local.wait_for("every instance down", |s| {
+        s["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["ready"] == false)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let s = local.status().unwrap();
+    assert_eq!(s["term"].as_u64().unwrap(), term, "no failover: {s}");
+    assert_eq!(primary(&s), q);
+    assert!(connect(&rw, &password).await.is_err(), "rw still connects");
+
+    // Unfenced: the same primary, every instance back.
+    let out = local.apply(&with_fencing(None));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = local.wait_converged();
+    assert_eq!(primary(&s), q);
+    insert_ok(&rw, &password, -4).await;
+    let client = connect(&rw, &password).await.unwrap();
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM ha_rows WHERE n < 0", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 4);
+    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
+    local.down();
+}

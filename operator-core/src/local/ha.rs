@@ -30,7 +30,7 @@ use crate::instance::client::InstanceClient;
 use crate::instance::config::PeerEndpoint;
 use crate::instance::protocol::{
     ACTION_FENCE, ACTION_FOLLOW, ACTION_LEASE, ACTION_PROMOTE, ACTION_SLOTS, ACTION_SYNC_STANDBYS,
-    BODY_LEASE, LeaseGrant, Position, ProcessState, Role,
+    ACTION_UNFENCE, BODY_LEASE, LeaseGrant, Position, ProcessState, Role,
 };
 
 /// Environment variable overriding the lease TTL in milliseconds (tests).
@@ -305,6 +305,11 @@ pub struct Orchestrator {
     last_follow: BTreeMap<String, Instant>,
     following: Arc<Mutex<BTreeSet<String>>>,
     last_wait: Option<String>,
+    /// Instances fenced by the user (`stratum.dev/fencedInstances`).
+    fenced: BTreeSet<String>,
+    /// Of those, the ones this process has stopped (to unfence when the
+    /// annotation no longer names them).
+    fenced_done: BTreeSet<String>,
 }
 
 impl Orchestrator {
@@ -355,7 +360,64 @@ impl Orchestrator {
             last_follow: BTreeMap::new(),
             following: Arc::default(),
             last_wait: None,
+            fenced: BTreeSet::new(),
+            fenced_done: BTreeSet::new(),
         }
+    }
+
+    /// The instances the user fences now (from the CR's annotation): they
+    /// are stopped, not elected, not told to follow, until unfenced.
+    pub fn set_fenced(&mut self, fenced: BTreeSet<String>) {
+        if fenced != self.fenced {
+            self.ha.event(
+                "FencingChanged",
+                format!(
+                    "fenced by the user: {}",
+                    if fenced.is_empty() {
+                        "none".to_string()
+                    } else {
+                        fenced.iter().cloned().collect::<Vec<_>>().join(", ")
+                    }
+                ),
+            );
+        }
+        self.fenced = fenced;
+    }
+
+    /// Stop the user-fenced instances that still run; unfence those no
+    /// longer named. Whether it changed anything.
+    async fn apply_fencing(&mut self, members: &[ObservedMember]) -> bool {
+        let mut changed = false;
+        for m in members {
+            let Some(s) = m.status.as_ref() else { continue };
+            if self.fenced.contains(&m.name) {
+                if !s.fenced || !self.fenced_done.contains(&m.name) {
+                    match self.quick.action(&m.name, ACTION_FENCE, json!({})).await {
+                        Ok(_) => {
+                            changed |= !s.fenced;
+                            if self.fenced_done.insert(m.name.clone()) {
+                                self.ha.event(
+                                    "Fenced",
+                                    format!("{} stopped: fenced by the user", m.name),
+                                );
+                            }
+                        }
+                        Err(e) => tracing::warn!(instance = %m.name, error = %e, "fence failed"),
+                    }
+                }
+            } else if self.fenced_done.contains(&m.name) {
+                match self.quick.action(&m.name, ACTION_UNFENCE, json!({})).await {
+                    Ok(_) => {
+                        changed = true;
+                        self.fenced_done.remove(&m.name);
+                        self.ha
+                            .event("Unfenced", format!("{} unfenced by the user", m.name));
+                    }
+                    Err(e) => tracing::warn!(instance = %m.name, error = %e, "unfence failed"),
+                }
+            }
+        }
+        changed
     }
 
     /// Persist the intent now (before acting on it).
@@ -387,6 +449,18 @@ impl Orchestrator {
         members: &[ObservedMember],
         request: Option<SwitchoverRequest>,
     ) -> Option<String> {
+        if (!self.fenced.is_empty() || !self.fenced_done.is_empty())
+            && self.apply_fencing(members).await
+        {
+            // This observation predates the (un)fencing: decide on the
+            // next one, keeping writes where they are if they can go.
+            let primary = self.ha.current_primary.clone()?;
+            let ok = members
+                .iter()
+                .any(|m| m.name == primary && m.role() == Role::Primary && m.ready());
+            return (ok && matches!(self.ha.step, Step::Idle) && !self.fenced.contains(&primary))
+                .then_some(primary);
+        }
         match self.ha.step.clone() {
             Step::Idle => self.idle(members, request).await,
             Step::Failover { from } => self.failover(&from).await,
@@ -516,6 +590,15 @@ impl Orchestrator {
             );
         }
 
+        if self.fenced.contains(&primary)
+            && self.endpoints.iter().all(|e| self.fenced.contains(&e.name))
+        {
+            // Every instance fenced: nothing to fail over to.
+            self.wait_note(format!(
+                "every instance is fenced; {primary} stays the primary, stopped"
+            ));
+            return None;
+        }
         let since = *self.primary_down_since.get_or_insert_with(Instant::now);
         // A server that exited (or was fenced) is down for sure; a manager
         // that missed one observation may only be slow.
@@ -621,6 +704,8 @@ impl Orchestrator {
             );
         }
         let mut members = self.observe.observe_all().await;
+        // A fenced instance is not elected.
+        members.retain(|m| m.name == from || !self.fenced.contains(&m.name));
         if !self.ha.sync_standbys.is_empty() {
             // Only the synchronous standbys of the failed primary can hold
             // its acknowledged commits; the others (a member still
@@ -700,7 +785,7 @@ impl Orchestrator {
                     .endpoints
                     .iter()
                     .map(|e| e.name.clone())
-                    .filter(|n| n != candidate)
+                    .filter(|n| n != candidate && !self.fenced.contains(n))
                     .collect();
                 for name in others {
                     self.follow(&name, candidate, false);
@@ -839,7 +924,11 @@ impl Orchestrator {
     fn converge(&mut self, primary: &str, members: &[ObservedMember]) {
         let primary_port = self.db_port(primary);
         for m in members {
-            let Some(s) = m.status.as_ref().filter(|_| m.name != primary) else {
+            let Some(s) = m
+                .status
+                .as_ref()
+                .filter(|_| m.name != primary && !self.fenced.contains(&m.name))
+            else {
                 self.not_streaming_since.remove(&m.name);
                 continue;
             };

@@ -35,6 +35,8 @@
 //!   up.pid                  pid of the running `up`, flock-ed while it runs
 //!   switchover.json         a pending `stratum local promote` request,
 //!                           consumed by the running `up`
+//!   apply.yaml              a changed CR handed to the running `up` by
+//!                           `stratum local up -f` (see `apply`)
 //! ```
 //!
 //! Ports (database and manager API of each instance, the `rw` and `ro`
@@ -58,6 +60,7 @@
 //! `ro`). New connections wait up to a few seconds for a target, then are
 //! closed.
 
+mod apply;
 mod down;
 mod ha;
 mod host;
