@@ -1136,3 +1136,126 @@ async fn ha_apply_changed_cr_and_fencing() {
     eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
     local.down();
 }
+
+/// A restart-only parameter (`max_connections`, raised: a standby needs at
+/// least the primary's value) changed on the running cluster under a
+/// writer: the replicas restart one at a time, each
+/// streaming again before the next, then the primary is switched over to
+/// an updated replica and restarted last; every instance runs with the new
+/// value and no acknowledged write is lost (synchronous mode).
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_rolling_restart_for_a_changed_parameter() {
+    let t0 = Instant::now();
+    let mut local = Local::new();
+    local.start();
+    let s = local.wait_converged();
+    let rw = s["endpoints"]["rw"].as_str().unwrap().to_string();
+    let password = local.password();
+    create_table(&rw, &password).await;
+    let old = primary(&s);
+    let writer = Writer::start(rw.clone(), password.clone(), 1000);
+    wait_acks(&writer, 0, 50, "before the change").await;
+
+    let changed = simple_pg_ha(15).replace(
+        "    synchronous:\n",
+        "    parameters:\n      max_connections: '150'\n    synchronous:\n",
+    );
+    let out = local.apply(&changed);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    local.wait_for("the rolling restart done", |s| {
+        s["events"].to_string().contains("RollingRestartDone")
+    });
+    let s = local.wait_converged();
+    assert_ne!(primary(&s), old, "the primary was switched over: {s}");
+    wait_acks(
+        &writer,
+        writer.acked_count(),
+        20,
+        "after the rolling restart",
+    )
+    .await;
+    let acked = writer.stop().await;
+    assert_all_present(&rw, &password, &acked).await;
+    for instance in s["instances"].as_array().unwrap() {
+        let c = connect(instance["address"].as_str().unwrap(), &password)
+            .await
+            .unwrap();
+        let v: String = c
+            .query_one("SHOW max_connections", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(v, "150", "{}", instance["name"]);
+    }
+    let events = s["events"].to_string();
+    let restarts = events.matches("runs with the new configuration").count();
+    assert!(restarts >= 3, "{events}");
+    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
+    local.down();
+}
+
+/// `primaryUpdateStrategy: supervised`: after a parameter change the
+/// replicas restart, then the operator waits; a manual switchover
+/// (`stratum local promote`) lets it restart the old primary last.
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_rolling_restart_supervised_waits_for_promote() {
+    let t0 = Instant::now();
+    let supervised = |extra: &str| {
+        simple_pg_ha(15).replace(
+            "  instances: 3\n",
+            &format!("  instances: 3\n  primaryUpdateStrategy: supervised\n{extra}"),
+        )
+    };
+    let mut local = Local::with_spec(15, &supervised(""));
+    local.start();
+    let s = local.wait_converged();
+    let old = primary(&s);
+    let changed = supervised("").replace(
+        "    synchronous:\n",
+        "    parameters:\n      max_connections: '150'\n    synchronous:\n",
+    );
+    let out = local.apply(&changed);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = local.wait_for("waiting for a manual switchover", |s| {
+        s["events"]
+            .to_string()
+            .contains("primaryUpdateStrategy is supervised")
+    });
+    assert_eq!(primary(&s), old);
+    let target = instance_names().into_iter().find(|n| *n != old).unwrap();
+    let s = local.wait_converged();
+    assert_eq!(primary(&s), old);
+    let out = local.run(&["promote", &target]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    local.wait_for("the rolling restart done", |s| {
+        s["events"].to_string().contains("RollingRestartDone")
+    });
+    let s = local.wait_converged();
+    assert_eq!(primary(&s), target);
+    let password = local.password();
+    for instance in s["instances"].as_array().unwrap() {
+        let c = connect(instance["address"].as_str().unwrap(), &password)
+            .await
+            .unwrap();
+        let v: String = c
+            .query_one("SHOW max_connections", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(v, "150", "{}", instance["name"]);
+    }
+    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
+    local.down();
+}

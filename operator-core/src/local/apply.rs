@@ -11,8 +11,11 @@
 //! naming the fields, and the running cluster stays as it was.
 //!
 //! Changed live today: the fencing annotation
-//! `stratum.dev/fencedInstances`. Spec changes (scaling, parameters) are
-//! refused on a running cluster for now.
+//! `stratum.dev/fencedInstances`, and `spec.postgresql.parameters` (every
+//! instance's configuration is rewritten and the instances restart one at
+//! a time: replicas first, the primary last, see `ha::Orchestrator`).
+//! Other spec changes (scaling among them) are refused on a running
+//! cluster for now.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -71,6 +74,13 @@ pub fn fenced_instances(object: &Value, instances: &[String]) -> Result<BTreeSet
 /// Dotted paths of the fields that differ between `old` and `new` (leaves
 /// of objects; arrays compared whole). Pure.
 pub fn changed_fields(old: &Value, new: &Value, path: &str) -> Vec<String> {
+    // A missing object is an empty one: name the leaves that appear.
+    let empty = Value::Object(Default::default());
+    let (old, new) = match (old, new) {
+        (Value::Null, Value::Object(_)) => (&empty, new),
+        (Value::Object(_), Value::Null) => (old, &empty),
+        other => other,
+    };
     match (old, new) {
         (Value::Object(a), Value::Object(b)) => {
             let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
@@ -94,21 +104,65 @@ pub fn changed_fields(old: &Value, new: &Value, path: &str) -> Vec<String> {
     }
 }
 
-/// What a running `up` does with a new, valid CR: `Ok(fenced)` when only
-/// what can change live changed, else why not. Pure.
-pub fn review(
-    old: &Accepted,
-    new: &Accepted,
-    new_object: &Value,
-) -> Result<BTreeSet<String>, String> {
+/// Spec fields a running local cluster takes: server parameters (rolled
+/// out by restarting the instances one at a time).
+const LIVE_SPEC_FIELDS: [&str; 1] = ["spec.postgresql.parameters."];
+
+/// What a running `up` does with a new, valid CR. Pure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// The instances fenced from now on.
+    pub fenced: BTreeSet<String>,
+    /// The spec fields that changed (all of them live-changeable); the
+    /// instances restart one at a time to take them.
+    pub restart_for: Vec<String>,
+}
+
+/// [`Change`] when only what can change live changed, else why not. Pure.
+pub fn review(old: &Accepted, new: &Accepted, new_object: &Value) -> Result<Change, String> {
     let spec = changed_fields(&old.cluster.spec, &new.cluster.spec, "spec");
-    if !spec.is_empty() {
+    let refused: Vec<&String> = spec
+        .iter()
+        .filter(|f| !LIVE_SPEC_FIELDS.iter().any(|p| f.starts_with(p)))
+        .collect();
+    if !refused.is_empty() {
         return Err(format!(
             "changing {} on a running local cluster is not supported yet; stop it (`stratum local down`) and start it with the new file",
-            spec.join(", ")
+            refused
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
-    fenced_instances(new_object, &new.cluster.instance_names())
+    Ok(Change {
+        fenced: fenced_instances(new_object, &new.cluster.instance_names())?,
+        restart_for: spec,
+    })
+}
+
+/// Rewrite every instance's `instance.json` for `cluster` (the engine
+/// block: parameters), so that a restarted manager runs with it.
+pub fn rewrite_instance_configs(
+    dir: &StateDir,
+    engine: &dyn crate::engine::Engine,
+    cluster: &crate::engine::ValidatedCluster,
+    names: &[String],
+) -> anyhow::Result<()> {
+    let block = engine
+        .instance_settings(cluster)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for name in names {
+        let path = dir.instance_config_file(name);
+        let text = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
+        let mut config: crate::instance::config::InstanceConfig =
+            serde_json::from_slice(&text).with_context(|| format!("parse {}", path.display()))?;
+        config.engine = block.clone();
+        let mut json = serde_json::to_vec_pretty(&config)?;
+        json.push(b'\n');
+        state::write_atomic(&path, &json, 0o644)?;
+    }
+    Ok(())
 }
 
 /// CLI side: `file` passed validation against the accepted CR; hand it to
@@ -167,7 +221,7 @@ pub fn take(
     dir: &StateDir,
     current: &Accepted,
     ha: &mut HaState,
-) -> Option<(Accepted, BTreeSet<String>)> {
+) -> Option<(Accepted, Change)> {
     let path = dir.root().join(APPLY_FILE);
     let text = std::fs::read_to_string(&path).ok()?;
     let _ = std::fs::remove_file(&path);
@@ -178,11 +232,20 @@ pub fn take(
             let new =
                 input::accept(registry, &label, &text, Some(&old)).map_err(|e| e.to_string())?;
             let object = input::parse_yaml(&label, &text).map_err(|e| e.to_string())?;
-            let fenced = review(current, &new, &object)?;
-            Ok((new, fenced))
+            let change = review(current, &new, &object)?;
+            if !change.restart_for.is_empty() {
+                rewrite_instance_configs(
+                    dir,
+                    new.engine.as_ref(),
+                    &new.cluster,
+                    &new.cluster.instance_names(),
+                )
+                .map_err(|e| format!("could not rewrite the instance configurations: {e:#}"))?;
+            }
+            Ok((new, change))
         });
     match result {
-        Ok((new, fenced)) => {
+        Ok((new, change)) => {
             if let Err(e) = state::write_atomic(&dir.cluster_file(), new.text.as_bytes(), 0o644) {
                 ha.event("ApplyRefused", format!("could not save the CR: {e:#}"));
                 return None;
@@ -190,15 +253,20 @@ pub fn take(
             ha.event(
                 "Applied",
                 format!(
-                    "fenced instances: {}",
-                    if fenced.is_empty() {
+                    "fenced instances: {}; {}",
+                    if change.fenced.is_empty() {
                         "none".to_string()
                     } else {
-                        fenced.iter().cloned().collect::<Vec<_>>().join(", ")
+                        change.fenced.iter().cloned().collect::<Vec<_>>().join(", ")
+                    },
+                    if change.restart_for.is_empty() {
+                        "no restart needed".to_string()
+                    } else {
+                        format!("rolling restart for {}", change.restart_for.join(", "))
                     }
                 ),
             );
-            Some((new, fenced))
+            Some((new, change))
         }
         Err(why) => {
             ha.event("ApplyRefused", why);
@@ -258,5 +326,9 @@ mod tests {
             ["spec.instances", "spec.postgresql.parameters.b"]
         );
         assert!(changed_fields(&old, &old, "spec").is_empty());
+        assert_eq!(
+            changed_fields(&json!({}), &json!({ "p": { "a": "1" } }), "spec"),
+            ["spec.p.a"]
+        );
     }
 }

@@ -310,7 +310,16 @@ pub struct Orchestrator {
     /// Of those, the ones this process has stopped (to unfence when the
     /// annotation no longer names them).
     fenced_done: BTreeSet<String>,
+    /// Instances still to restart for a changed configuration (a rolling
+    /// restart), in order; replicas go first, the primary last.
+    rolling: Vec<String>,
+    /// The instance restarting now: its manager's pid before, and since
+    /// when.
+    rolling_now: Option<(String, Option<u32>, Instant)>,
 }
+
+/// How long one instance of a rolling restart may take to stream again.
+const ROLL_STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Orchestrator {
     /// An orchestrator resuming from `ha` (as read from `state.json`).
@@ -362,7 +371,164 @@ impl Orchestrator {
             last_wait: None,
             fenced: BTreeSet::new(),
             fenced_done: BTreeSet::new(),
+            rolling: Vec::new(),
+            rolling_now: None,
         }
+    }
+
+    /// The accepted cluster changed (a CR applied to the running `up`).
+    pub fn set_cluster(&mut self, cluster: ValidatedCluster) {
+        self.cluster = cluster;
+    }
+
+    /// Restart `names` one at a time so that they take their rewritten
+    /// configuration: replicas first, each streaming again before the
+    /// next, the primary last (`primaryUpdateMethod`: `switchover` moves
+    /// the primary to an updated replica first, `restart` restarts it in
+    /// place; `primaryUpdateStrategy: supervised` waits for `stratum local
+    /// promote`).
+    pub fn roll(&mut self, names: &[String]) {
+        self.rolling = names.to_vec();
+        self.rolling_now = None;
+        self.ha.event(
+            "RollingRestart",
+            format!("restarting {} one at a time", names.join(", ")),
+        );
+    }
+
+    fn manager_pid(&self, name: &str) -> Option<u32> {
+        state::read_state(&self.dir)
+            .ok()
+            .flatten()
+            .and_then(|s| s.managers.get(name).copied())
+    }
+
+    /// Stop `name`'s manager (it stops its server cleanly); `up` starts it
+    /// again with the rewritten configuration.
+    fn restart_manager(&mut self, name: &str, why: &str) {
+        let pid = self.manager_pid(name);
+        if let Some(pid) = pid {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        self.ha
+            .event("Restarting", format!("{name} restarting: {why}"));
+        self.rolling_now = Some((name.to_string(), pid, Instant::now()));
+    }
+
+    /// One step of a rolling restart while `primary` is healthy. Returns
+    /// the route when it started a switchover (which takes the tick).
+    async fn roll_step(
+        &mut self,
+        primary: &str,
+        members: &[ObservedMember],
+    ) -> Option<Option<String>> {
+        let primary_port = self.db_port(primary);
+        if let Some((name, old_pid, since)) = self.rolling_now.clone() {
+            let restarted = self.manager_pid(&name).is_some_and(|p| Some(p) != old_pid);
+            let back = members.iter().any(|m| {
+                m.name == name
+                    && m.status.as_ref().is_some_and(|s| {
+                        s.ready
+                            && if name == primary {
+                                s.role == Role::Primary
+                            } else {
+                                streaming_from(s) == primary_port && primary_port.is_some()
+                            }
+                    })
+            });
+            if restarted && back {
+                self.rolling.retain(|n| *n != name);
+                self.rolling_now = None;
+                self.ha.event(
+                    "Restarted",
+                    format!("{name} runs with the new configuration"),
+                );
+                if self.rolling.is_empty() {
+                    self.ha.event(
+                        "RollingRestartDone",
+                        "every instance runs with the new configuration",
+                    );
+                }
+            } else if since.elapsed() > ROLL_STEP_TIMEOUT {
+                // Do not take more instances down with a configuration the
+                // first one could not run with (e.g. a lowered
+                // max_connections: a standby needs at least the primary's).
+                self.ha.event(
+                    "RollingRestartStopped",
+                    format!(
+                        "{name} did not stream again within {}s with the new configuration; the others were left alone ({})",
+                        ROLL_STEP_TIMEOUT.as_secs(),
+                        self.rolling
+                            .iter()
+                            .filter(|n| **n != name)
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                );
+                self.rolling.clear();
+                self.rolling_now = None;
+            }
+            return None;
+        }
+        let fenced = self.fenced.clone();
+        self.rolling.retain(|n| !fenced.contains(n));
+        if let Some(next) = self.rolling.iter().find(|n| *n != primary).cloned() {
+            self.restart_manager(&next, "new configuration (replica)");
+            return None;
+        }
+        if !self.rolling.iter().any(|n| n == primary) {
+            // Only fenced instances were left.
+            self.rolling.clear();
+            self.ha.event(
+                "RollingRestartDone",
+                "every instance that runs has the new configuration",
+            );
+            return None;
+        }
+        let spec = &self.cluster.spec;
+        if spec.get("primaryUpdateStrategy").and_then(|v| v.as_str()) == Some("supervised") {
+            self.wait_note(format!(
+                "the primary {primary} runs the old configuration: waiting for a switchover (`stratum local promote`), primaryUpdateStrategy is supervised"
+            ));
+            return None;
+        }
+        if spec.get("primaryUpdateMethod").and_then(|v| v.as_str()) == Some("restart") {
+            self.restart_manager(primary, "new configuration (primary, in place)");
+            return None;
+        }
+        // Switch over to the most advanced replica streaming from it; the
+        // old primary is then restarted as a replica.
+        let target = members
+            .iter()
+            .filter(|m| m.name != primary && !self.fenced.contains(&m.name))
+            .filter(|m| {
+                m.status.as_ref().is_some_and(|s| {
+                    s.ready && streaming_from(s) == primary_port && primary_port.is_some()
+                })
+            })
+            .max_by_key(|m| wal_lsn(Some(m)))
+            .map(|m| m.name.clone());
+        let Some(target) = target else {
+            self.wait_note(format!(
+                "the primary {primary} runs the old configuration: waiting for a streaming replica to switch over to"
+            ));
+            return None;
+        };
+        self.ha.step = Step::Switchover {
+            from: primary.to_string(),
+            to: target.clone(),
+        };
+        self.ha.target_primary = Some(target.clone());
+        self.ha.event(
+            "SwitchoverStarted",
+            format!("switchover from {primary} to {target} (rolling restart)"),
+        );
+        self.save();
+        Some(self.switchover(primary, &target, members).await)
     }
 
     /// The instances the user fences now (from the CR's annotation): they
@@ -578,6 +744,11 @@ impl Orchestrator {
                 }
             }
             self.converge(&primary, members);
+            if (!self.rolling.is_empty() || self.rolling_now.is_some())
+                && let Some(route) = self.roll_step(&primary, members).await
+            {
+                return route;
+            }
             return Some(primary);
         }
         if let Some(req) = request {

@@ -394,11 +394,15 @@ async fn serve(p: Prepared, registry: &EngineRegistry) -> anyhow::Result<()> {
     let signal_name = loop {
         tokio::select! {
             _ = ticker.tick() => {
-                if let Some((new, fenced)) =
+                if let Some((new, change)) =
                     apply::take(registry, &dir, &accepted, &mut orchestrator.ha)
                 {
                     accepted = new;
-                    orchestrator.set_fenced(fenced);
+                    orchestrator.set_cluster(accepted.cluster.clone());
+                    orchestrator.set_fenced(change.fenced);
+                    if !change.restart_for.is_empty() {
+                        orchestrator.roll(&names);
+                    }
                 }
                 let members = client.observe_all().await;
                 let request = take_switchover_request(&dir);
