@@ -302,7 +302,8 @@ pub struct Orchestrator {
     /// ([`ACTION_SYNC_STANDBYS`]).
     sync_told: Option<(String, Vec<String>)>,
     not_streaming_since: BTreeMap<String, Instant>,
-    last_follow: BTreeMap<String, Instant>,
+    /// When each instance was last told to follow, and whom.
+    last_follow: BTreeMap<String, (Instant, String)>,
     following: Arc<Mutex<BTreeSet<String>>>,
     last_wait: Option<String>,
     /// Instances fenced by the user (`stratum.dev/fencedInstances`).
@@ -1151,12 +1152,13 @@ impl Orchestrator {
     }
 
     /// Tell `name` to follow `primary`, in the background (a rewind takes
-    /// seconds), at most every [`FOLLOW_EVERY`].
+    /// seconds), the same primary at most every [`FOLLOW_EVERY`].
     fn follow(&mut self, name: &str, primary: &str, rewind: bool) {
         if self
             .last_follow
             .get(name)
-            .is_some_and(|t| t.elapsed() < FOLLOW_EVERY)
+            // Only repeats are spaced out: a new primary is followed at once.
+            .is_some_and(|(t, p)| p == primary && t.elapsed() < FOLLOW_EVERY)
         {
             return;
         }
@@ -1168,7 +1170,8 @@ impl Orchestrator {
                 return;
             }
         }
-        self.last_follow.insert(name.to_string(), Instant::now());
+        self.last_follow
+            .insert(name.to_string(), (Instant::now(), primary.to_string()));
         if rewind {
             // Start counting again: a rewind takes a while.
             self.not_streaming_since.remove(name);
