@@ -334,9 +334,23 @@ async fn local_postgres_up_write_down_up_read_purge() {
         "{text}"
     );
 
-    // A second `up` on the same state directory is refused.
-    let stderr = local.up_fails(&file);
-    assert!(stderr.contains("is running"), "{stderr}");
+    // A second `up` on the same state directory hands the (unchanged)
+    // file to the running one instead of starting another cluster.
+    let out = stratum()
+        .args(["local", "up", "-f"])
+        .arg(&file)
+        .arg("--state-dir")
+        .arg(&local.state)
+        .args(["--bin-dir", PG_BIN])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("applied to the running cluster"),
+        "second up: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let password = local.password();
     assert_eq!(password.len(), 32);

@@ -1,5 +1,5 @@
 //! High availability end to end on the local runtime with real PostgreSQL
-//! 15: replication, failover under write load with no acknowledged write
+//! 15 (Debian) and, for most scenarios, 17 (PyPI wheel): replication, failover under write load with no acknowledged write
 //! lost (synchronous mode), rejoin of the old primary, repeated failures,
 //! switchover, the write lease, bad input, and `up` killed in the middle
 //! of a failover. Every check goes through the `rw` endpoint (or, for the
@@ -86,12 +86,16 @@ impl Local {
     }
 
     fn with_version(version: u32) -> Self {
+        Self::with_spec(version, &simple_pg_ha(version))
+    }
+
+    fn with_spec(version: u32, yaml: &str) -> Self {
         require_postgres(version);
         let tmp = tempfile::tempdir().unwrap();
         std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let state = tmp.path().join("state");
         let file = tmp.path().join("simple-pg.yaml");
-        std::fs::write(&file, simple_pg_ha(version)).unwrap();
+        std::fs::write(&file, yaml).unwrap();
         Self {
             tmp,
             state,
@@ -235,11 +239,16 @@ impl Local {
     }
 
     fn manager_pid(&self, instance: &str) -> i32 {
-        self.state_json()["managers"][instance].as_i64().unwrap() as i32
+        manager_pid_in(&self.state, instance).unwrap()
     }
 
     fn down(&mut self) {
-        let out = self.run(&["down", "--purge"]);
+        let keep = std::env::var_os("STRATUM_TEST_KEEP").is_some();
+        let out = self.run(if keep {
+            &["down"][..]
+        } else {
+            &["down", "--purge"][..]
+        });
         assert!(
             out.status.success(),
             "down failed: {}\n{}",
@@ -254,6 +263,11 @@ impl Local {
 
 impl Drop for Local {
     fn drop(&mut self) {
+        if std::env::var_os("STRATUM_TEST_KEEP").is_some() {
+            // Debugging: keep the state directory and logs.
+            self.tmp.disable_cleanup(true);
+            eprintln!("kept {}", self.tmp.path().display());
+        }
         if self.state.exists() {
             let _ = self.run(&["down"]);
         }
@@ -262,6 +276,13 @@ impl Drop for Local {
             let _ = child.wait();
         }
     }
+}
+
+/// The pid of `instance`'s manager as `state.json` in `state` records it.
+fn manager_pid_in(state: &Path, instance: &str) -> Option<i32> {
+    let text = std::fs::read(state.join("state.json")).ok()?;
+    let v: Value = serde_json::from_slice(&text).ok()?;
+    v["managers"][instance].as_i64().map(|p| p as i32)
 }
 
 fn instance_names() -> Vec<String> {
@@ -353,13 +374,13 @@ impl Writer {
         self.acked.lock().unwrap().len()
     }
 
-    /// The first acknowledgement after `t` by another server than `port`.
-    fn first_ack_after(&self, t: Instant, port: i32) -> Option<Instant> {
+    /// The first acknowledgement after `t` (by another server than `not`).
+    fn first_ack_after(&self, t: Instant, not: Option<i32>) -> Option<Instant> {
         self.acked
             .lock()
             .unwrap()
             .iter()
-            .find(|(_, at, p)| *at > t && *p != port)
+            .find(|(_, at, p)| *at > t && Some(*p) != not)
             .map(|(_, at, _)| *at)
     }
 
@@ -452,6 +473,38 @@ async fn fail_primary(local: &mut Local, w: &Writer, how: &str) -> (Value, Durat
             let (m, p) = (local.manager_pid(&old), local.postmaster_pid(&old));
             kill(m, "KILL");
             kill(p, "KILL");
+            // `up` restarts the manager after a second; when the restarted
+            // manager brings its server back as the writer (lease still
+            // valid) before the primary counts as failed, there is rightly
+            // no failover: the cluster converges on the same primary.
+            let term = before["term"].as_u64();
+            let state = local.state.clone();
+            let after = local.wait_for("a new primary, or the old one back", |s| {
+                let moved = s["currentPrimary"].is_string() && s["currentPrimary"] != old.as_str();
+                let back = s["currentPrimary"] == old.as_str()
+                    && s["term"].as_u64() == term
+                    && s["phase"] == "Healthy"
+                    && manager_pid_in(&state, &old) != Some(m)
+                    && std::fs::read_to_string(
+                        state
+                            .join("instances")
+                            .join(&old)
+                            .join("data/pgdata/postmaster.pid"),
+                    )
+                    .ok()
+                    .and_then(|t| t.lines().next().map(|l| l.trim() != p.to_string()))
+                    .unwrap_or(false);
+                moved || back
+            });
+            if primary(&after) == old {
+                wait_acks(w, base, 20, "after the restart of the primary").await;
+                let first = w.first_ack_after(t_kill, None).unwrap() - t_kill;
+                eprintln!(
+                    "killed {how} of {old}: its manager restarted it as the primary before a failover was due; first write acknowledged {}ms after the kill",
+                    first.as_millis()
+                );
+                return (local.wait_converged(), first);
+            }
         }
         _ => unreachable!(),
     }
@@ -460,7 +513,7 @@ async fn fail_primary(local: &mut Local, w: &Writer, how: &str) -> (Value, Durat
         s["currentPrimary"].is_string() && s["currentPrimary"] != old.as_str()
     });
     wait_acks(w, w.acked_count(), 20, "on the new primary").await;
-    let first = w.first_ack_after(t_kill, old_port).unwrap() - t_kill;
+    let first = w.first_ack_after(t_kill, Some(old_port)).unwrap() - t_kill;
     eprintln!(
         "killed {how} of {old}: {} is the primary; first write acknowledged {}ms after the kill",
         primary(&after),
@@ -542,12 +595,23 @@ async fn ha_replicates_then_fails_over_without_losing_acknowledged_writes() {
 }
 
 /// (c) the primary's manager and postgres killed together, a replica
-/// killed, the primary killed three times in a row: converges each time
+/// killed, the primary killed five times in a row: converges each time
 /// with no acknowledged write lost.
 #[tokio::test(flavor = "multi_thread")]
 async fn ha_converges_after_repeated_failures() {
+    converges_after_repeated_failures(15).await;
+}
+
+/// The repeated failures of [`ha_converges_after_repeated_failures`] on
+/// PostgreSQL 17 from the wheel.
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_converges_after_repeated_failures_on_postgresql_17() {
+    converges_after_repeated_failures(17).await;
+}
+
+async fn converges_after_repeated_failures(version: u32) {
     let t0 = Instant::now();
-    let mut local = Local::new();
+    let mut local = Local::with_version(version);
     local.start();
     let status = local.wait_converged();
     let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
@@ -579,8 +643,8 @@ async fn ha_converges_after_repeated_failures() {
         "a replica's crash is no failover"
     );
 
-    for round in 1..=3 {
-        eprintln!("primary kill {round} of 3");
+    for round in 1..=5 {
+        eprintln!("primary kill {round} of 5");
         fail_primary(&mut local, &writer, "postgres").await;
     }
 
@@ -596,8 +660,19 @@ async fn ha_converges_after_repeated_failures() {
 /// acknowledged write lost.
 #[tokio::test(flavor = "multi_thread")]
 async fn ha_up_killed_mid_failover_resumes_with_one_primary() {
+    up_killed_mid_failover_resumes_with_one_primary(15).await;
+}
+
+/// [`ha_up_killed_mid_failover_resumes_with_one_primary`] on PostgreSQL 17
+/// from the wheel.
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_up_killed_mid_failover_resumes_on_postgresql_17() {
+    up_killed_mid_failover_resumes_with_one_primary(17).await;
+}
+
+async fn up_killed_mid_failover_resumes_with_one_primary(version: u32) {
     let t0 = Instant::now();
-    let mut local = Local::new();
+    let mut local = Local::with_version(version);
     local.start();
     let status = local.wait_converged();
     let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
@@ -645,8 +720,18 @@ async fn ha_up_killed_mid_failover_resumes_with_one_primary() {
 /// (`up` stopped, no lease renewals) stops taking writes by itself.
 #[tokio::test(flavor = "multi_thread")]
 async fn ha_switchover_bad_input_and_lease() {
+    switchover_bad_input_and_lease(15).await;
+}
+
+/// [`ha_switchover_bad_input_and_lease`] on PostgreSQL 17 from the wheel.
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_switchover_bad_input_and_lease_on_postgresql_17() {
+    switchover_bad_input_and_lease(17).await;
+}
+
+async fn switchover_bad_input_and_lease(version: u32) {
     let t0 = Instant::now();
-    let mut local = Local::new();
+    let mut local = Local::with_version(version);
     local.start();
     let status = local.wait_converged();
     let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
@@ -796,5 +881,381 @@ async fn ha_fails_over_on_postgresql_17() {
         first.as_millis(),
         t0.elapsed().as_secs_f64()
     );
+    local.down();
+}
+
+/// `SHOW synchronous_standby_names` through `rw`, polled until `want`.
+async fn wait_sync_names(rw: &str, password: &str, want: &str) {
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        if let Ok(c) = connect(rw, password).await
+            && let Ok(row) = c.query_one("SHOW synchronous_standby_names", &[]).await
+        {
+            last = row.get(0);
+            if last == want {
+                eprintln!("synchronous_standby_names = {want}");
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("synchronous_standby_names is {last:?}, not {want:?}");
+}
+
+/// An insert through `rw` acknowledged within 5 s.
+async fn insert_ok(rw: &str, password: &str, n: i64) {
+    let c = connect(rw, password).await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        c.execute("INSERT INTO ha_rows (n) VALUES ($1)", &[&n]),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("insert {n} not acknowledged within 5s"))
+    .unwrap();
+}
+
+/// Synchronous standbys kept right as replicas come and go
+/// (`number: 2, minSyncReplicas: 1`): both replicas confirm commits while
+/// both stream; with one gone (its manager frozen, its postgres killed) the
+/// primary waits for the remaining one only, so writes go on; back, both
+/// again.
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_synchronous_standbys_follow_the_replicas() {
+    let t0 = Instant::now();
+    let yaml = simple_pg_ha(15).replace(
+        "      number: 1\n",
+        "      number: 2\n      minSyncReplicas: 1\n",
+    );
+    assert!(yaml.contains("minSyncReplicas: 1"));
+    let mut local = Local::with_spec(15, &yaml);
+    local.start();
+    let status = local.wait_converged();
+    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
+    let password = local.password();
+    let p = primary(&status);
+    let replicas: Vec<String> = instance_names().into_iter().filter(|n| *n != p).collect();
+    let both = format!("ANY 2 (\"{}\",\"{}\")", replicas[0], replicas[1]);
+    wait_sync_names(&rw, &password, &both).await;
+    create_table(&rw, &password).await;
+
+    let gone = replicas[1].clone();
+    let manager = local.manager_pid(&gone);
+    kill(manager, "STOP");
+    kill(local.postmaster_pid(&gone), "KILL");
+    let one = format!("ANY 1 (\"{}\")", replicas[0]);
+    wait_sync_names(&rw, &password, &one).await;
+    insert_ok(&rw, &password, -1).await;
+
+    kill(manager, "CONT");
+    wait_sync_names(&rw, &password, &both).await;
+    insert_ok(&rw, &password, -2).await;
+    let s = local.wait_converged();
+    assert!(
+        s["events"].to_string().contains("SynchronousStandbys"),
+        "{}",
+        s["events"]
+    );
+    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
+    local.down();
+}
+
+/// The cluster file with the fencing annotation set to `fenced` (a JSON
+/// list), or without it.
+fn with_fencing(fenced: Option<&str>) -> String {
+    let yaml = simple_pg_ha(15);
+    match fenced {
+        None => yaml,
+        Some(list) => yaml.replace(
+            "  name: simple-pg\n",
+            &format!(
+                "  name: simple-pg\n  annotations:\n    stratum.dev/fencedInstances: '{list}'\n"
+            ),
+        ),
+    }
+}
+
+impl Local {
+    /// `stratum local up -f` with `yaml` while `up` runs: the change is
+    /// handed to it. Returns the command's output.
+    fn apply(&self, yaml: &str) -> Output {
+        let file = self.tmp.path().join("changed.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        stratum()
+            .args(["local", "up", "-f"])
+            .arg(&file)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(["--bin-dir", PG_BIN])
+            .output()
+            .unwrap()
+    }
+
+    fn instance<'a>(s: &'a Value, name: &str) -> &'a Value {
+        s["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == name)
+            .unwrap()
+    }
+}
+
+/// A changed CR applied to the running cluster (`up -f` again): invalid
+/// (an operator-owned parameter) or not changeable live (`instances`) is
+/// refused naming the field, the cluster untouched; the fencing annotation
+/// `stratum.dev/fencedInstances` stops a replica (no failover, writes go
+/// on), fences the primary (failover to a replica that is not fenced), and
+/// with `["*"]` stops everything without a failover; removing it brings
+/// every instance back.
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_apply_changed_cr_and_fencing() {
+    let t0 = Instant::now();
+    let mut local = Local::new();
+    local.start();
+    let s = local.wait_converged();
+    let rw = s["endpoints"]["rw"].as_str().unwrap().to_string();
+    let password = local.password();
+    create_table(&rw, &password).await;
+    let p = primary(&s);
+    let term = s["term"].as_u64().unwrap();
+    let saved = std::fs::read(local.state.join("cluster.yaml")).unwrap();
+
+    // Refused: invalid, and valid but not changeable live.
+    let bad = simple_pg_ha(15).replace(
+        "    synchronous:\n",
+        "    parameters:\n      port: '6000'\n    synchronous:\n",
+    );
+    for (yaml, want) in [
+        (bad, "spec.postgresql.parameters.port"),
+        (
+            simple_pg_ha(15).replace("instances: 3", "instances: 5"),
+            "changing spec.instances on a running local cluster is not supported yet",
+        ),
+        (
+            with_fencing(Some(r#"["simple-pg-7"]"#)),
+            "metadata.annotations[stratum.dev/fencedInstances]: there is no instance \"simple-pg-7\"",
+        ),
+    ] {
+        let out = local.apply(&yaml);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "applied: {yaml}");
+        assert!(stderr.contains(want), "{stderr}");
+    }
+    let s = local.wait_converged();
+    assert_eq!(primary(&s), p);
+    assert_eq!(s["term"].as_u64().unwrap(), term);
+    assert_eq!(
+        std::fs::read(local.state.join("cluster.yaml")).unwrap(),
+        saved
+    );
+    insert_ok(&rw, &password, -1).await;
+
+    // A replica fenced: stopped and kept down, no failover, writes go on.
+    let replica = instance_names().into_iter().find(|n| *n != p).unwrap();
+    let out = local.apply(&with_fencing(Some(&format!(r#"["{replica}"]"#))));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    local.wait_for("the fenced replica down", |s| {
+        Local::instance(s, &replica)["ready"] == false
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let s = local.status().unwrap();
+    assert_eq!(Local::instance(&s, &replica)["ready"], false, "{s}");
+    assert_eq!(s["term"].as_u64().unwrap(), term);
+    insert_ok(&rw, &password, -2).await;
+
+    // Unfenced: back as a replica.
+    let out = local.apply(&with_fencing(None));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    local.wait_converged();
+
+    // The primary fenced: a failover to a replica that is not fenced.
+    let out = local.apply(&with_fencing(Some(&format!(r#"["{p}"]"#))));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = local.wait_for("a new primary", |s| {
+        s["currentPrimary"].is_string() && s["currentPrimary"] != p.as_str()
+    });
+    let q = primary(&s);
+    local.wait_for("writes routed to the new primary", |s| {
+        s["primary"] == q.as_str()
+    });
+    insert_ok(&rw, &password, -3).await;
+    let s = local.status().unwrap();
+    assert_eq!(Local::instance(&s, &p)["ready"], false, "{s}");
+
+    // Everything fenced: stopped, no failover, no writes.
+    let term = s["term"].as_u64().unwrap();
+    let out = local.apply(&with_fencing(Some(r#"["*"]"#)));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    local.wait_for("every instance down", |s| {
+        s["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["ready"] == false)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let s = local.status().unwrap();
+    assert_eq!(s["term"].as_u64().unwrap(), term, "no failover: {s}");
+    assert_eq!(primary(&s), q);
+    assert!(connect(&rw, &password).await.is_err(), "rw still connects");
+
+    // Unfenced: the same primary, every instance back.
+    let out = local.apply(&with_fencing(None));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = local.wait_converged();
+    assert_eq!(primary(&s), q);
+    insert_ok(&rw, &password, -4).await;
+    let client = connect(&rw, &password).await.unwrap();
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM ha_rows WHERE n < 0", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 4);
+    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
+    local.down();
+}
+
+/// A restart-only parameter (`max_connections`, raised: a standby needs at
+/// least the primary's value) changed on the running cluster under a
+/// writer: the replicas restart one at a time, each
+/// streaming again before the next, then the primary is switched over to
+/// an updated replica and restarted last; every instance runs with the new
+/// value and no acknowledged write is lost (synchronous mode).
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_rolling_restart_for_a_changed_parameter() {
+    let t0 = Instant::now();
+    let mut local = Local::new();
+    local.start();
+    let s = local.wait_converged();
+    let rw = s["endpoints"]["rw"].as_str().unwrap().to_string();
+    let password = local.password();
+    create_table(&rw, &password).await;
+    let old = primary(&s);
+    let writer = Writer::start(rw.clone(), password.clone(), 1000);
+    wait_acks(&writer, 0, 50, "before the change").await;
+
+    let changed = simple_pg_ha(15).replace(
+        "    synchronous:\n",
+        "    parameters:\n      max_connections: '150'\n    synchronous:\n",
+    );
+    let out = local.apply(&changed);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    local.wait_for("the rolling restart done", |s| {
+        s["events"].to_string().contains("RollingRestartDone")
+    });
+    let s = local.wait_converged();
+    assert_ne!(primary(&s), old, "the primary was switched over: {s}");
+    wait_acks(
+        &writer,
+        writer.acked_count(),
+        20,
+        "after the rolling restart",
+    )
+    .await;
+    let acked = writer.stop().await;
+    assert_all_present(&rw, &password, &acked).await;
+    for instance in s["instances"].as_array().unwrap() {
+        let c = connect(instance["address"].as_str().unwrap(), &password)
+            .await
+            .unwrap();
+        let v: String = c
+            .query_one("SHOW max_connections", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(v, "150", "{}", instance["name"]);
+    }
+    let events = s["events"].to_string();
+    let restarts = events.matches("runs with the new configuration").count();
+    assert!(restarts >= 3, "{events}");
+    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
+    local.down();
+}
+
+/// `primaryUpdateStrategy: supervised`: after a parameter change the
+/// replicas restart, then the operator waits; a manual switchover
+/// (`stratum local promote`) lets it restart the old primary last.
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_rolling_restart_supervised_waits_for_promote() {
+    let t0 = Instant::now();
+    let supervised = |extra: &str| {
+        simple_pg_ha(15).replace(
+            "  instances: 3\n",
+            &format!("  instances: 3\n  primaryUpdateStrategy: supervised\n{extra}"),
+        )
+    };
+    let mut local = Local::with_spec(15, &supervised(""));
+    local.start();
+    let s = local.wait_converged();
+    let old = primary(&s);
+    let changed = supervised("").replace(
+        "    synchronous:\n",
+        "    parameters:\n      max_connections: '150'\n    synchronous:\n",
+    );
+    let out = local.apply(&changed);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = local.wait_for("waiting for a manual switchover", |s| {
+        s["events"]
+            .to_string()
+            .contains("primaryUpdateStrategy is supervised")
+    });
+    assert_eq!(primary(&s), old);
+    let target = instance_names().into_iter().find(|n| *n != old).unwrap();
+    let s = local.wait_converged();
+    assert_eq!(primary(&s), old);
+    let out = local.run(&["promote", &target]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    local.wait_for("the rolling restart done", |s| {
+        s["events"].to_string().contains("RollingRestartDone")
+    });
+    let s = local.wait_converged();
+    assert_eq!(primary(&s), target);
+    let password = local.password();
+    for instance in s["instances"].as_array().unwrap() {
+        let c = connect(instance["address"].as_str().unwrap(), &password)
+            .await
+            .unwrap();
+        let v: String = c
+            .query_one("SHOW max_connections", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(v, "150", "{}", instance["name"]);
+    }
+    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
     local.down();
 }

@@ -108,12 +108,16 @@ pub struct SynchronousReplication {
     /// How many standbys must confirm each commit.
     #[schemars(range(min = 1))]
     pub number: i32,
-    /// Lower bound on synchronous standbys: when fewer replicas are
-    /// available, writes wait rather than become asynchronous.
+    /// How far the number of standbys a commit waits for may drop while
+    /// replicas are missing (default `number`: never). With fewer replicas
+    /// streaming than `number`, commits wait for all that stream but never
+    /// fewer than this; 0 lets a primary without streaming replicas commit
+    /// asynchronously. Must not exceed `number`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub min_sync_replicas: Option<i32>,
-    /// Upper bound on synchronous standbys listed.
+    /// Most standbys named in `synchronous_standby_names` (streaming ones
+    /// first); at least `number`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_sync_replicas: Option<i32>,

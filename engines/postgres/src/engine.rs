@@ -15,7 +15,7 @@ use operator_core::instance::protocol::{Position, ProcessState, Role};
 use operator_core::validate::typed_cluster;
 
 use crate::api::{PostgresCluster, PostgresClusterSpec, SyncMethod};
-use crate::settings::{InitDbSettings, PostgresInstanceSettings, secret_keys};
+use crate::settings::{InitDbSettings, PostgresInstanceSettings, SyncSettings, secret_keys};
 
 /// The client port.
 pub const POSTGRES_PORT: u16 = 5432;
@@ -148,6 +148,17 @@ pub fn check_spec(spec: &PostgresClusterSpec) -> Result<(), SpecError> {
                     format!(
                         "must be less than spec.instances ({}); got {} (the primary cannot be its own synchronous standby)",
                         spec.common.instances, sync.number
+                    ),
+                ));
+            }
+            if let Some(min) = sync.min_sync_replicas
+                && min > sync.number
+            {
+                return Err(SpecError::new(
+                    "spec.postgresql.synchronous.minSyncReplicas",
+                    format!(
+                        "must not exceed synchronous.number ({}); got {min} (it is how far the number may drop while replicas are missing)",
+                        sync.number
                     ),
                 ));
             }
@@ -513,6 +524,20 @@ impl Engine for PostgresEngine {
                 encoding: initdb.encoding,
             },
             synchronous_standby_names: synchronous_standby_names(&spec, &cluster.instance_names()),
+            synchronous: spec
+                .postgresql
+                .as_ref()
+                .and_then(|p| p.synchronous.as_ref())
+                .map(|s| SyncSettings {
+                    method: match s.method {
+                        SyncMethod::Any => "ANY",
+                        SyncMethod::First => "FIRST",
+                    }
+                    .into(),
+                    number: s.number.max(0) as u32,
+                    min_sync_replicas: s.min_sync_replicas.map(|v| v.max(0) as u32),
+                    max_sync_replicas: s.max_sync_replicas.map(|v| v.max(0) as u32),
+                }),
             wal_volume: spec.wal_storage.as_ref().map(|_| WAL_VOLUME.into()),
         };
         serde_json::to_value(settings).map_err(|e| SpecError::new("spec", e.to_string()))
@@ -526,7 +551,14 @@ impl Engine for PostgresEngine {
             .and_then(|s| s.postgresql)
             .and_then(|p| p.synchronous);
         match sync {
-            Some(sync) => guard_synchronous(election, members, sync.number),
+            // Commits may have waited for only minSyncReplicas standbys
+            // while others were missing: the guard counts on that many.
+            Some(sync) => guard_synchronous(
+                election,
+                members,
+                sync.min_sync_replicas
+                    .map_or(sync.number, |m| m.min(sync.number)),
+            ),
             None => election,
         }
     }
@@ -616,6 +648,10 @@ spec:
             (
                 "spec:\n  postgresql:\n    synchronous:\n      number: 3",
                 "spec.postgresql.synchronous.number",
+            ),
+            (
+                "spec:\n  postgresql:\n    synchronous:\n      number: 1\n      minSyncReplicas: 2",
+                "spec.postgresql.synchronous.minSyncReplicas",
             ),
             ("spec:\n  storage:\n    size: lots", "spec.storage.size"),
             ("spec:\n  instances: three", "spec.instances"),

@@ -224,6 +224,10 @@ pub const ACTION_DEMOTE: &str = "demote";
 /// Engine action: the replication slots a primary keeps
 /// (`{"replicas": [NAME, …]}`).
 pub const ACTION_SLOTS: &str = "slots";
+/// Tell a primary which replicas stream from it now
+/// (`{"available": [NAME]}`), so that it chooses its synchronous standbys
+/// among them (engines with synchronous replication).
+pub const ACTION_SYNC_STANDBYS: &str = "syncStandbys";
 /// Key of a [`LeaseGrant`] in any action body: the manager applies it
 /// before the action (a promotion is granted its lease atomically).
 pub const BODY_LEASE: &str = "lease";

@@ -29,8 +29,8 @@ use crate::engine::{Election, Engine, InstanceOps, ObservedMember, ValidatedClus
 use crate::instance::client::InstanceClient;
 use crate::instance::config::PeerEndpoint;
 use crate::instance::protocol::{
-    ACTION_FENCE, ACTION_FOLLOW, ACTION_LEASE, ACTION_PROMOTE, ACTION_SLOTS, BODY_LEASE,
-    LeaseGrant, Position, ProcessState, Role,
+    ACTION_FENCE, ACTION_FOLLOW, ACTION_LEASE, ACTION_PROMOTE, ACTION_SLOTS, ACTION_SYNC_STANDBYS,
+    ACTION_UNFENCE, BODY_LEASE, LeaseGrant, Position, ProcessState, Role,
 };
 
 /// Environment variable overriding the lease TTL in milliseconds (tests).
@@ -298,11 +298,29 @@ pub struct Orchestrator {
     failover_delay: Duration,
     primary_down_since: Option<Instant>,
     slots_done_for: Option<String>,
+    /// The primary and the streaming replicas it was last told of
+    /// ([`ACTION_SYNC_STANDBYS`]).
+    sync_told: Option<(String, Vec<String>)>,
     not_streaming_since: BTreeMap<String, Instant>,
-    last_follow: BTreeMap<String, Instant>,
+    /// When each instance was last told to follow, and whom.
+    last_follow: BTreeMap<String, (Instant, String)>,
     following: Arc<Mutex<BTreeSet<String>>>,
     last_wait: Option<String>,
+    /// Instances fenced by the user (`stratum.dev/fencedInstances`).
+    fenced: BTreeSet<String>,
+    /// Of those, the ones this process has stopped (to unfence when the
+    /// annotation no longer names them).
+    fenced_done: BTreeSet<String>,
+    /// Instances still to restart for a changed configuration (a rolling
+    /// restart), in order; replicas go first, the primary last.
+    rolling: Vec<String>,
+    /// The instance restarting now: its manager's pid before, and since
+    /// when.
+    rolling_now: Option<(String, Option<u32>, Instant)>,
 }
+
+/// How long one instance of a rolling restart may take to stream again.
+const ROLL_STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Orchestrator {
     /// An orchestrator resuming from `ha` (as read from `state.json`).
@@ -347,11 +365,226 @@ impl Orchestrator {
             failover_delay,
             primary_down_since: None,
             slots_done_for: None,
+            sync_told: None,
             not_streaming_since: BTreeMap::new(),
             last_follow: BTreeMap::new(),
             following: Arc::default(),
             last_wait: None,
+            fenced: BTreeSet::new(),
+            fenced_done: BTreeSet::new(),
+            rolling: Vec::new(),
+            rolling_now: None,
         }
+    }
+
+    /// The accepted cluster changed (a CR applied to the running `up`).
+    pub fn set_cluster(&mut self, cluster: ValidatedCluster) {
+        self.cluster = cluster;
+    }
+
+    /// Restart `names` one at a time so that they take their rewritten
+    /// configuration: replicas first, each streaming again before the
+    /// next, the primary last (`primaryUpdateMethod`: `switchover` moves
+    /// the primary to an updated replica first, `restart` restarts it in
+    /// place; `primaryUpdateStrategy: supervised` waits for `stratum local
+    /// promote`).
+    pub fn roll(&mut self, names: &[String]) {
+        self.rolling = names.to_vec();
+        self.rolling_now = None;
+        self.ha.event(
+            "RollingRestart",
+            format!("restarting {} one at a time", names.join(", ")),
+        );
+    }
+
+    fn manager_pid(&self, name: &str) -> Option<u32> {
+        state::read_state(&self.dir)
+            .ok()
+            .flatten()
+            .and_then(|s| s.managers.get(name).copied())
+    }
+
+    /// Stop `name`'s manager (it stops its server cleanly); `up` starts it
+    /// again with the rewritten configuration.
+    fn restart_manager(&mut self, name: &str, why: &str) {
+        let pid = self.manager_pid(name);
+        if let Some(pid) = pid {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        self.ha
+            .event("Restarting", format!("{name} restarting: {why}"));
+        self.rolling_now = Some((name.to_string(), pid, Instant::now()));
+    }
+
+    /// One step of a rolling restart while `primary` is healthy. Returns
+    /// the route when it started a switchover (which takes the tick).
+    async fn roll_step(
+        &mut self,
+        primary: &str,
+        members: &[ObservedMember],
+    ) -> Option<Option<String>> {
+        let primary_port = self.db_port(primary);
+        if let Some((name, old_pid, since)) = self.rolling_now.clone() {
+            let restarted = self.manager_pid(&name).is_some_and(|p| Some(p) != old_pid);
+            let back = members.iter().any(|m| {
+                m.name == name
+                    && m.status.as_ref().is_some_and(|s| {
+                        s.ready
+                            && if name == primary {
+                                s.role == Role::Primary
+                            } else {
+                                streaming_from(s) == primary_port && primary_port.is_some()
+                            }
+                    })
+            });
+            if restarted && back {
+                self.rolling.retain(|n| *n != name);
+                self.rolling_now = None;
+                self.ha.event(
+                    "Restarted",
+                    format!("{name} runs with the new configuration"),
+                );
+                if self.rolling.is_empty() {
+                    self.ha.event(
+                        "RollingRestartDone",
+                        "every instance runs with the new configuration",
+                    );
+                }
+            } else if since.elapsed() > ROLL_STEP_TIMEOUT {
+                // Do not take more instances down with a configuration the
+                // first one could not run with (e.g. a lowered
+                // max_connections: a standby needs at least the primary's).
+                self.ha.event(
+                    "RollingRestartStopped",
+                    format!(
+                        "{name} did not stream again within {}s with the new configuration; the others were left alone ({})",
+                        ROLL_STEP_TIMEOUT.as_secs(),
+                        self.rolling
+                            .iter()
+                            .filter(|n| **n != name)
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                );
+                self.rolling.clear();
+                self.rolling_now = None;
+            }
+            return None;
+        }
+        let fenced = self.fenced.clone();
+        self.rolling.retain(|n| !fenced.contains(n));
+        if let Some(next) = self.rolling.iter().find(|n| *n != primary).cloned() {
+            self.restart_manager(&next, "new configuration (replica)");
+            return None;
+        }
+        if !self.rolling.iter().any(|n| n == primary) {
+            // Only fenced instances were left.
+            self.rolling.clear();
+            self.ha.event(
+                "RollingRestartDone",
+                "every instance that runs has the new configuration",
+            );
+            return None;
+        }
+        let spec = &self.cluster.spec;
+        if spec.get("primaryUpdateStrategy").and_then(|v| v.as_str()) == Some("supervised") {
+            self.wait_note(format!(
+                "the primary {primary} runs the old configuration: waiting for a switchover (`stratum local promote`), primaryUpdateStrategy is supervised"
+            ));
+            return None;
+        }
+        if spec.get("primaryUpdateMethod").and_then(|v| v.as_str()) == Some("restart") {
+            self.restart_manager(primary, "new configuration (primary, in place)");
+            return None;
+        }
+        // Switch over to the most advanced replica streaming from it; the
+        // old primary is then restarted as a replica.
+        let target = members
+            .iter()
+            .filter(|m| m.name != primary && !self.fenced.contains(&m.name))
+            .filter(|m| {
+                m.status.as_ref().is_some_and(|s| {
+                    s.ready && streaming_from(s) == primary_port && primary_port.is_some()
+                })
+            })
+            .max_by_key(|m| wal_lsn(Some(m)))
+            .map(|m| m.name.clone());
+        let Some(target) = target else {
+            self.wait_note(format!(
+                "the primary {primary} runs the old configuration: waiting for a streaming replica to switch over to"
+            ));
+            return None;
+        };
+        self.ha.step = Step::Switchover {
+            from: primary.to_string(),
+            to: target.clone(),
+        };
+        self.ha.target_primary = Some(target.clone());
+        self.ha.event(
+            "SwitchoverStarted",
+            format!("switchover from {primary} to {target} (rolling restart)"),
+        );
+        self.save();
+        Some(self.switchover(primary, &target, members).await)
+    }
+
+    /// The instances the user fences now (from the CR's annotation): they
+    /// are stopped, not elected, not told to follow, until unfenced.
+    pub fn set_fenced(&mut self, fenced: BTreeSet<String>) {
+        if fenced != self.fenced {
+            self.ha.event(
+                "FencingChanged",
+                format!(
+                    "fenced by the user: {}",
+                    if fenced.is_empty() {
+                        "none".to_string()
+                    } else {
+                        fenced.iter().cloned().collect::<Vec<_>>().join(", ")
+                    }
+                ),
+            );
+        }
+        self.fenced = fenced;
+    }
+
+    /// Stop the user-fenced instances that still run; unfence those no
+    /// longer named. Whether it changed anything.
+    async fn apply_fencing(&mut self, members: &[ObservedMember]) -> bool {
+        let mut changed = false;
+        for m in members {
+            let Some(s) = m.status.as_ref() else { continue };
+            if self.fenced.contains(&m.name) {
+                if !s.fenced || !self.fenced_done.contains(&m.name) {
+                    match self.quick.action(&m.name, ACTION_FENCE, json!({})).await {
+                        Ok(_) => {
+                            changed |= !s.fenced;
+                            if self.fenced_done.insert(m.name.clone()) {
+                                self.ha.event(
+                                    "Fenced",
+                                    format!("{} stopped: fenced by the user", m.name),
+                                );
+                            }
+                        }
+                        Err(e) => tracing::warn!(instance = %m.name, error = %e, "fence failed"),
+                    }
+                }
+            } else if self.fenced_done.contains(&m.name) {
+                match self.quick.action(&m.name, ACTION_UNFENCE, json!({})).await {
+                    Ok(_) => {
+                        changed = true;
+                        self.fenced_done.remove(&m.name);
+                        self.ha
+                            .event("Unfenced", format!("{} unfenced by the user", m.name));
+                    }
+                    Err(e) => tracing::warn!(instance = %m.name, error = %e, "unfence failed"),
+                }
+            }
+        }
+        changed
     }
 
     /// Persist the intent now (before acting on it).
@@ -383,6 +616,18 @@ impl Orchestrator {
         members: &[ObservedMember],
         request: Option<SwitchoverRequest>,
     ) -> Option<String> {
+        if (!self.fenced.is_empty() || !self.fenced_done.is_empty())
+            && self.apply_fencing(members).await
+        {
+            // This observation predates the (un)fencing: decide on the
+            // next one, keeping writes where they are if they can go.
+            let primary = self.ha.current_primary.clone()?;
+            let ok = members
+                .iter()
+                .any(|m| m.name == primary && m.role() == Role::Primary && m.ready());
+            return (ok && matches!(self.ha.step, Step::Idle) && !self.fenced.contains(&primary))
+                .then_some(primary);
+        }
         match self.ha.step.clone() {
             Step::Idle => self.idle(members, request).await,
             Step::Failover { from } => self.failover(&from).await,
@@ -469,6 +714,10 @@ impl Orchestrator {
                     Err(e) => tracing::warn!(error = %e, "replication slots not ensured yet"),
                 }
             }
+            if let Some(s) = status {
+                self.tell_sync_standbys(&primary, streaming_replicas(s))
+                    .await;
+            }
             if let Some(req) = request {
                 match switchover_refusal(
                     &req.target,
@@ -496,6 +745,11 @@ impl Orchestrator {
                 }
             }
             self.converge(&primary, members);
+            if (!self.rolling.is_empty() || self.rolling_now.is_some())
+                && let Some(route) = self.roll_step(&primary, members).await
+            {
+                return route;
+            }
             return Some(primary);
         }
         if let Some(req) = request {
@@ -508,6 +762,15 @@ impl Orchestrator {
             );
         }
 
+        if self.fenced.contains(&primary)
+            && self.endpoints.iter().all(|e| self.fenced.contains(&e.name))
+        {
+            // Every instance fenced: nothing to fail over to.
+            self.wait_note(format!(
+                "every instance is fenced; {primary} stays the primary, stopped"
+            ));
+            return None;
+        }
         let since = *self.primary_down_since.get_or_insert_with(Instant::now);
         // A server that exited (or was fenced) is down for sure; a manager
         // that missed one observation may only be slow.
@@ -613,6 +876,8 @@ impl Orchestrator {
             );
         }
         let mut members = self.observe.observe_all().await;
+        // A fenced instance is not elected.
+        members.retain(|m| m.name == from || !self.fenced.contains(&m.name));
         if !self.ha.sync_standbys.is_empty() {
             // Only the synchronous standbys of the failed primary can hold
             // its acknowledged commits; the others (a member still
@@ -686,12 +951,13 @@ impl Orchestrator {
                 self.save();
                 self.primary_down_since = None;
                 self.slots_done_for = Some(candidate.to_string());
+                self.sync_told = None;
                 self.last_wait = None;
                 let others: Vec<String> = self
                     .endpoints
                     .iter()
                     .map(|e| e.name.clone())
-                    .filter(|n| n != candidate)
+                    .filter(|n| n != candidate && !self.fenced.contains(n))
                     .collect();
                 for name in others {
                     self.follow(&name, candidate, false);
@@ -738,25 +1004,39 @@ impl Orchestrator {
         // last observed position (its shutdown checkpoint is later), and at
         // least as far as any other replica got (a clean shutdown waits
         // until connected standbys flushed everything it sent).
-        let others = self.observe.observe_all().await;
-        let goal = others
+        // The other replicas are asked in the same round as the target
+        // (each status answer costs a server connection).
+        let others: Vec<String> = self
+            .endpoints
             .iter()
-            .filter(|m| m.name != to && m.name != from)
-            .filter_map(|m| wal_lsn(Some(m)))
-            .chain(last_lsn.map(|l| l + 1))
-            .max();
-        let deadline = Instant::now() + CATCH_UP_TIMEOUT;
+            .map(|e| e.name.clone())
+            .filter(|n| n != to && n != from)
+            .collect();
+        let received = |s: Result<crate::instance::protocol::MemberStatus, _>| {
+            s.ok().and_then(|s| match s.position {
+                Position::Wal { received_lsn, .. } => received_lsn,
+                _ => None,
+            })
+        };
+        let caught_up = Instant::now();
+        let deadline = caught_up + CATCH_UP_TIMEOUT;
         loop {
-            let received = self
-                .observe
-                .status(to)
-                .await
-                .ok()
-                .and_then(|s| match s.position {
-                    Position::Wal { received_lsn, .. } => received_lsn,
-                    _ => None,
-                });
-            if received.is_some_and(|r| goal.is_none_or(|g| r >= g)) {
+            let (target, others) = futures::future::join(
+                self.observe.status(to),
+                futures::future::join_all(others.iter().map(|n| self.observe.status(n))),
+            )
+            .await;
+            let goal = others
+                .into_iter()
+                .filter_map(received)
+                .chain(last_lsn.map(|l| l + 1))
+                .max();
+            if received(target).is_some_and(|r| goal.is_none_or(|g| r >= g)) {
+                tracing::info!(
+                    target = %to,
+                    took_ms = caught_up.elapsed().as_millis() as u64,
+                    "switchover target holds the old primary's last WAL"
+                );
                 break;
             }
             if Instant::now() > deadline {
@@ -773,17 +1053,65 @@ impl Orchestrator {
         self.promote(to, from, started).await
     }
 
+    /// Tell the primary which replicas stream from it when that changed,
+    /// so that it keeps its synchronous standbys among them (the engine
+    /// decides how many and which; an engine without the action answers
+    /// with an error once per change).
+    async fn tell_sync_standbys(&mut self, primary: &str, streaming: Vec<String>) {
+        let now = (primary.to_string(), streaming);
+        if self.sync_told.as_ref() == Some(&now) {
+            return;
+        }
+        match self
+            .act
+            .action(primary, ACTION_SYNC_STANDBYS, json!({ "available": now.1 }))
+            .await
+        {
+            Ok(reply) => {
+                if let Some(names) = reply
+                    .get("synchronousStandbyNames")
+                    .and_then(|v| v.as_str())
+                    && !names.is_empty()
+                {
+                    self.ha.event(
+                        "SynchronousStandbys",
+                        format!(
+                            "{primary}: synchronous_standby_names = {names} (streaming: {})",
+                            if now.1.is_empty() {
+                                "none".to_string()
+                            } else {
+                                now.1.join(", ")
+                            }
+                        ),
+                    );
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "synchronous standbys not set"),
+        }
+        self.sync_told = Some(now);
+    }
+
     /// Replicas follow the primary: fenced or lease-waiting members, and
     /// replicas not streaming from it for a while, are told to.
     fn converge(&mut self, primary: &str, members: &[ObservedMember]) {
         let primary_port = self.db_port(primary);
         for m in members {
-            let Some(s) = m.status.as_ref().filter(|_| m.name != primary) else {
+            let Some(s) = m
+                .status
+                .as_ref()
+                .filter(|_| m.name != primary && !self.fenced.contains(&m.name))
+            else {
                 self.not_streaming_since.remove(&m.name);
                 continue;
             };
+            let streaming = streaming_from(s) == primary_port && primary_port.is_some();
             let (needed, rewind) = if s.fenced || s.awaiting_lease {
                 (true, false)
+            } else if !streaming && s.details.get("diverged").is_some() {
+                // The engine says this data directory cannot follow as it
+                // is (its history diverged): rewind now, not after a
+                // timeout.
+                (true, true)
             } else if s.role == Role::Replica && s.process == ProcessState::Running {
                 if streaming_from(s) == primary_port && primary_port.is_some() {
                     self.not_streaming_since.remove(&m.name);
@@ -808,6 +1136,11 @@ impl Orchestrator {
                     .or_insert_with(Instant::now);
                 let due = since.elapsed() >= REWIND_AFTER;
                 (due, due)
+            } else if s.process == ProcessState::Starting {
+                // Between two failed starts: keep counting, so that a
+                // server that keeps exiting soon after starting is
+                // rewound after REWIND_AFTER in all.
+                (false, false)
             } else {
                 self.not_streaming_since.remove(&m.name);
                 (false, false)
@@ -819,12 +1152,13 @@ impl Orchestrator {
     }
 
     /// Tell `name` to follow `primary`, in the background (a rewind takes
-    /// seconds), at most every [`FOLLOW_EVERY`].
+    /// seconds), the same primary at most every [`FOLLOW_EVERY`].
     fn follow(&mut self, name: &str, primary: &str, rewind: bool) {
         if self
             .last_follow
             .get(name)
-            .is_some_and(|t| t.elapsed() < FOLLOW_EVERY)
+            // Only repeats are spaced out: a new primary is followed at once.
+            .is_some_and(|(t, p)| p == primary && t.elapsed() < FOLLOW_EVERY)
         {
             return;
         }
@@ -836,7 +1170,8 @@ impl Orchestrator {
                 return;
             }
         }
-        self.last_follow.insert(name.to_string(), Instant::now());
+        self.last_follow
+            .insert(name.to_string(), (Instant::now(), primary.to_string()));
         if rewind {
             // Start counting again: a rewind takes a while.
             self.not_streaming_since.remove(name);
@@ -884,6 +1219,23 @@ fn sync_standbys(s: &crate::instance::protocol::MemberStatus) -> Vec<String> {
         })
         .filter_map(|r| r.get("name").and_then(|n| n.as_str()).map(str::to_string))
         .collect()
+}
+
+/// The members a primary reports as streaming from it (its status
+/// `details.replicas[]` entries in state `streaming`), sorted.
+fn streaming_replicas(s: &crate::instance::protocol::MemberStatus) -> Vec<String> {
+    let mut names: Vec<String> = s
+        .details
+        .get("replicas")
+        .and_then(|r| r.as_array())
+        .into_iter()
+        .flatten()
+        .filter(|r| r.get("state").and_then(|v| v.as_str()) == Some("streaming"))
+        .filter_map(|r| r.get("name").and_then(|n| n.as_str()).map(str::to_string))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 fn wal_lsn(m: Option<&ObservedMember>) -> Option<u64> {
@@ -982,6 +1334,20 @@ mod tests {
         };
         assert_eq!(sync_standbys(&s), ["simple-pg-1", "simple-pg-3"]);
         assert!(sync_standbys(&MemberStatus::default()).is_empty());
+    }
+
+    #[test]
+    fn streaming_replicas_from_the_primary_report() {
+        let s = MemberStatus {
+            details: json!({ "replicas": [
+                { "name": "simple-pg-2", "state": "streaming" },
+                { "name": "simple-pg-1", "state": "catchup" },
+                { "name": "simple-pg-3", "state": "streaming" },
+            ]}),
+            ..Default::default()
+        };
+        assert_eq!(streaming_replicas(&s), ["simple-pg-2", "simple-pg-3"]);
+        assert!(streaming_replicas(&MemberStatus::default()).is_empty());
     }
 
     #[test]

@@ -35,6 +35,8 @@
 //!   up.pid                  pid of the running `up`, flock-ed while it runs
 //!   switchover.json         a pending `stratum local promote` request,
 //!                           consumed by the running `up`
+//!   apply.yaml              a changed CR handed to the running `up` by
+//!                           `stratum local up -f` (see `apply`)
 //!   haproxy/                multi-writer (Galera) clusters: haproxy.cfg,
 //!                           haproxy.log, admin.sock, server-state
 //! ```
@@ -67,6 +69,7 @@
 //! spreads reads over every Synced member. After a full crash the loop
 //! bootstraps the group from the member `Engine::elect` chooses, once.
 
+mod apply;
 mod down;
 mod galera;
 mod ha;

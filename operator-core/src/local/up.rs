@@ -9,6 +9,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
+use super::apply;
 use super::ha::{self, Orchestrator, SwitchoverRequest};
 use super::host::{self, DbUser};
 use super::input::{self, Accepted};
@@ -45,16 +46,20 @@ struct Prepared {
 /// writing, lays out the state directory under the `up.pid` lock, then
 /// serves until a signal.
 pub async fn run(registry: &EngineRegistry, args: UpArgs) -> anyhow::Result<()> {
-    let prepared = prepare(registry, &args).await?;
+    // `None`: an `up` runs already and took (or refused) the file.
+    let Some(prepared) = prepare(registry, &args).await? else {
+        return Ok(());
+    };
     let lock = write_state_dir(&prepared)?;
-    let result = serve(prepared).await;
+    let result = serve(prepared, registry).await;
     drop(lock);
     result
 }
 
 /// Step 1: read and check everything; change nothing in the state
-/// directory.
-async fn prepare(registry: &EngineRegistry, args: &UpArgs) -> anyhow::Result<Prepared> {
+/// directory. When an `up` runs already, hand it the validated file
+/// instead (see [`super::apply`]) and return `None`.
+async fn prepare(registry: &EngineRegistry, args: &UpArgs) -> anyhow::Result<Option<Prepared>> {
     let dir = StateDir::new(&args.state_dir)
         .with_context(|| format!("invalid --state-dir {}", args.state_dir.display()))?;
     let file_label = args.file.display().to_string();
@@ -74,13 +79,16 @@ async fn prepare(registry: &EngineRegistry, args: &UpArgs) -> anyhow::Result<Pre
         }
     }
     let accepted = input::accept(registry, &file_label, &text, saved.as_ref())?;
+    if let Err(e) = apply::fenced_instances(
+        &input::parse_yaml(&file_label, &text)?,
+        &accepted.cluster.instance_names(),
+    ) {
+        anyhow::bail!("{file_label}: {e}");
+    }
 
     if let Some(pid) = state::running_pid(&dir) {
-        return Err(state::LockError::Held {
-            pid,
-            dir: dir.root().display().to_string(),
-        }
-        .into());
+        apply::hand_over(&dir, &accepted, pid).await?;
+        return Ok(None);
     }
 
     let engine = accepted.engine.clone();
@@ -171,7 +179,7 @@ async fn prepare(registry: &EngineRegistry, args: &UpArgs) -> anyhow::Result<Pre
         _ => None,
     };
 
-    Ok(Prepared {
+    Ok(Some(Prepared {
         dir,
         accepted,
         names,
@@ -181,7 +189,7 @@ async fn prepare(registry: &EngineRegistry, args: &UpArgs) -> anyhow::Result<Pre
         rw,
         ro,
         haproxy,
-    })
+    }))
 }
 
 fn read_saved(dir: &StateDir) -> anyhow::Result<Option<serde_json::Value>> {
@@ -313,10 +321,10 @@ fn write_state_dir(p: &Prepared) -> anyhow::Result<UpLock> {
 }
 
 /// Steps 3 and 4: managers, endpoints, the decision loop; until a signal.
-async fn serve(p: Prepared) -> anyhow::Result<()> {
+async fn serve(p: Prepared, registry: &EngineRegistry) -> anyhow::Result<()> {
     let Prepared {
         dir,
-        accepted,
+        mut accepted,
         names,
         mut state,
         configs: _,
@@ -365,6 +373,12 @@ async fn serve(p: Prepared) -> anyhow::Result<()> {
         state.cluster_id.clone(),
         state.ha.clone(),
     );
+    orchestrator.set_fenced(
+        input::parse_yaml("", &accepted.text)
+            .ok()
+            .and_then(|o| apply::fenced_instances(&o, &names).ok())
+            .unwrap_or_default(),
+    );
     if !matches!(orchestrator.ha.step, ha::Step::Idle) {
         tracing::info!(step = ?orchestrator.ha.step, "resuming the operation in progress");
     }
@@ -396,6 +410,16 @@ async fn serve(p: Prepared) -> anyhow::Result<()> {
     let signal_name = loop {
         tokio::select! {
             _ = ticker.tick() => {
+                if let Some((new, change)) =
+                    apply::take(registry, &dir, &accepted, &mut orchestrator.ha)
+                {
+                    accepted = new;
+                    orchestrator.set_cluster(accepted.cluster.clone());
+                    orchestrator.set_fenced(change.fenced);
+                    if !change.restart_for.is_empty() {
+                        orchestrator.roll(&names);
+                    }
+                }
                 let members = client.observe_all().await;
                 let request = take_switchover_request(&dir);
                 let rw_member = orchestrator.tick(&members, request).await;

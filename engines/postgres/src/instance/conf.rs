@@ -116,8 +116,19 @@ pub fn render_postgresql_conf(inputs: &ConfInputs<'_>) -> String {
     for (k, v) in &params {
         out.push_str(&format!("{k} = {}\n", conf_quote(v)));
     }
+    // The operator's current choice of synchronous standbys on a primary
+    // (written by the `syncStandbys` action, removed before a start as a
+    // standby), read last so that it wins.
+    out.push_str(&format!(
+        "include_if_exists = {}\n",
+        conf_quote(&format!("{run_dir}/{SYNCHRONOUS_CONF}"))
+    ));
     out
 }
+
+/// The file in the run directory holding the primary's current
+/// `synchronous_standby_names`.
+pub const SYNCHRONOUS_CONF: &str = "synchronous.conf";
 
 /// The physical replication slot a replica streams through, on whichever
 /// member is primary: `stratum_<instance>` with `-` as `_`. Pure.

@@ -136,8 +136,10 @@ pub(crate) async fn promote(
     let was_replica = in_recovery(&client).await?;
     if was_replica {
         tracing::info!(instance = %ctx.config.instance, "promoting (pg_promote)");
+        // Without waiting: pg_promote's own wait polls every 100 ms; the
+        // loop below notices the end of recovery within 10 ms.
         let ok: bool = client
-            .query_one("SELECT pg_promote(true, 60)", &[])
+            .query_one("SELECT pg_promote(false)", &[])
             .await
             .map_err(sql_failed("pg_promote"))?
             .get(0);
@@ -148,7 +150,7 @@ pub(crate) async fn promote(
                     message: format!("still in recovery after {}s", started.elapsed().as_secs()),
                 });
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
     process::remove_file_if_exists(&layout.upstream_file())?;
@@ -301,6 +303,80 @@ pub fn rewind_impossible(stderr: &str) -> bool {
     .any(|needle| stderr.contains(needle))
 }
 
+/// Make a just promoted source's control file name its new timeline:
+/// pg_rewind reads the source's timeline from there, and until the first
+/// checkpoint after a promotion it still holds the old one, so pg_rewind
+/// would find "no rewind required" and leave a diverged data directory
+/// that can never follow (the pg_rewind documentation asks for a
+/// CHECKPOINT on a newly promoted source). Best effort: a failure shows up
+/// as a failed rewind, retried.
+async fn checkpoint_after_promotion(source: &PeerEndpoint, password: &str) {
+    let result = async {
+        let (client, connection) = tokio_postgres::Config::new()
+            .host(&source.host)
+            .port(source.db_port)
+            .user(SUPERUSER)
+            .password(password)
+            .dbname("postgres")
+            .application_name("stratum-rewind")
+            .connect_timeout(Duration::from_secs(5))
+            .connect(tokio_postgres::NoTls)
+            .await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let row = client
+            .query_one(
+                "SELECT (SELECT timeline_id FROM pg_control_checkpoint()), \
+                 ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int",
+                &[],
+            )
+            .await?;
+        let (control, current): (Option<i32>, Option<i32>) = (row.get(0), row.get(1));
+        if control != current {
+            tracing::info!(source = %source.name, ?control, ?current, "checkpoint on the newly promoted source before pg_rewind");
+            client.batch_execute("CHECKPOINT").await?;
+        }
+        Ok::<_, tokio_postgres::Error>(())
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(source = %source.name, error = %describe_error(&e), "could not check the source's checkpoint timeline");
+    }
+}
+
+/// What pg_rewind says when the target's history is already part of the
+/// source's.
+const NO_REWIND_REQUIRED: &str = "no rewind required";
+
+/// Run pg_rewind; its standard output and error together on success (it
+/// reports on standard error), the error of [`process::run_captured`]
+/// otherwise.
+async fn run_rewind(mut cmd: tokio::process::Command) -> Result<String, InstanceError> {
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let output = cmd.output().await.map_err(|e| InstanceError::Command {
+        command: "pg_rewind".into(),
+        message: format!("could not start: {e}"),
+    })?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if output.status.success() {
+        return Ok(format!("{stdout}{stderr}"));
+    }
+    let mut message = output.status.to_string();
+    for (name, text) in [("stderr", stderr.as_ref()), ("stdout", stdout.as_ref())] {
+        let tail = process::tail_lines(text, 20);
+        if !tail.is_empty() {
+            message.push_str(&format!("\n{name}:\n{tail}"));
+        }
+    }
+    Err(InstanceError::Command {
+        command: "pg_rewind".into(),
+        message,
+    })
+}
+
 /// What `prepare` does for a pending `follow`: rewind the data directory
 /// against `source` (a ready primary) and make it a standby; when rewind is
 /// impossible, wipe and clone again.
@@ -379,7 +455,11 @@ pub(crate) async fn rewind(
     .map(|(k, v)| format!("{k}={}", conninfo_quote(v)))
     .collect::<Vec<_>>()
     .join(" ");
+    checkpoint_after_promotion(source, &password).await;
     let started = Instant::now();
+    // What the last start logged, before pg_rewind's own single-user run
+    // adds to the data directory's history.
+    let could_not_follow = super::status::diverged(&layout.run_dir);
     // pg_rewind finishes an interrupted server's crash recovery in
     // single-user mode, which refuses standby mode: rewind it as a plain
     // data directory and make it a standby again afterwards.
@@ -390,7 +470,22 @@ pub(crate) async fn rewind(
         .arg(format!("--source-server={source_server}"))
         .env("PGPASSWORD", password)
         .envs(bin.library_env());
-    match process::run_captured(cmd, "pg_rewind").await {
+    match run_rewind(cmd).await {
+        Ok(out) if out.contains(NO_REWIND_REQUIRED) && could_not_follow.is_some() => {
+            // pg_rewind sees nothing to undo, yet the last start could not
+            // follow this history (a standby stopped before it reached
+            // consistency on a timeline that was then abandoned): only a
+            // new copy helps.
+            tracing::warn!(
+                instance = %config.instance,
+                source = %source.name,
+                "pg_rewind found nothing to rewind but the last start could not follow ({}); cloning the data directory again",
+                could_not_follow.unwrap_or_default()
+            );
+            if let waiting @ Progress::Waiting { .. } = reclone().await? {
+                return Ok(waiting);
+            }
+        }
         Ok(out) => {
             tracing::info!(
                 instance = %config.instance,

@@ -25,7 +25,8 @@ use operator_core::engine::{
 use operator_core::instance::config::{InstanceConfig, PeerEndpoint};
 use operator_core::instance::process::{self, RunAs};
 use operator_core::instance::protocol::{
-    ACTION_DEMOTE, ACTION_FOLLOW, ACTION_PROMOTE, ACTION_SLOTS, MemberStatus, Role,
+    ACTION_DEMOTE, ACTION_FOLLOW, ACTION_PROMOTE, ACTION_SLOTS, ACTION_SYNC_STANDBYS, MemberStatus,
+    Role,
 };
 use serde_json::json;
 
@@ -236,6 +237,21 @@ impl InstanceDriver for PostgresDriver {
                 });
             }
         }
+        if layout.standby_signal().exists()
+            && !layout.follow_pending().exists()
+            && let Some(line) = status::diverged(&layout.run_dir)
+            && let Some(source) = upstream_member(config, &layout)
+        {
+            // The last run could not follow its upstream (history
+            // diverged): rewind now instead of failing the same way again.
+            tracing::warn!(instance = %config.instance, upstream = %source.name, "the last start could not follow the upstream; rewinding: {line}");
+            process::write_file(
+                &layout.follow_pending(),
+                source.name.as_bytes(),
+                0o600,
+                None,
+            )?;
+        }
         if layout.follow_pending().exists() {
             let source = upstream_member(config, &layout).ok_or_else(|| {
                 InstanceError::Settings("follow is pending but names no other member".into())
@@ -261,9 +277,14 @@ impl InstanceDriver for PostgresDriver {
                 hand_over(&layout, user)?;
             }
         }
-        let upstream = layout
-            .standby_signal()
-            .exists()
+        let standby = layout.standby_signal().exists();
+        if standby {
+            // A choice of synchronous standbys made when this instance was
+            // primary is stale: start (and, promoted, begin) with the
+            // spec's value until the operator chooses again.
+            process::remove_file_if_exists(&layout.run_dir.join(conf::SYNCHRONOUS_CONF))?;
+        }
+        let upstream = standby
             .then(|| upstream_member(config, &layout).map(upstream_of))
             .flatten();
         write_config(ctx, &settings, &layout, run_as.as_ref(), upstream.as_ref())?;
@@ -298,8 +319,16 @@ impl InstanceDriver for PostgresDriver {
                 .unwrap_or_default(),
             ..Default::default()
         };
+        let diverged = || {
+            settings(config)
+                .ok()
+                .and_then(|s| status::diverged(&Layout::new(ctx, &s).run_dir))
+        };
         if !running {
             status.message = Some("server not running".into());
+            if let Some(line) = diverged() {
+                status.details = json!({ "diverged": line });
+            }
             return status;
         }
         let result = async {
@@ -323,15 +352,30 @@ impl InstanceDriver for PostgresDriver {
         }
         .await;
         match result {
-            Ok(found) => MemberStatus {
-                name: status.name,
-                cluster_id: status.cluster_id,
-                address: status.address,
-                ..found
-            },
+            Ok(mut found) => {
+                // A replica whose WAL receiver does not stream may be
+                // unable to: say so, so that the operator rewinds it now.
+                let streaming = found.details["walReceiver"]["status"] == "streaming";
+                if found.role == Role::Replica
+                    && !streaming
+                    && let Some(line) = diverged()
+                    && let Some(d) = found.details.as_object_mut()
+                {
+                    d.insert("diverged".into(), json!(line));
+                }
+                MemberStatus {
+                    name: status.name,
+                    cluster_id: status.cluster_id,
+                    address: status.address,
+                    ..found
+                }
+            }
             Err(message) => {
                 status.role = Role::Unknown;
                 status.message = Some(message);
+                if let Some(line) = diverged() {
+                    status.details = json!({ "diverged": line });
+                }
                 status
             }
         }
@@ -369,6 +413,53 @@ impl InstanceDriver for PostgresDriver {
                 })
                 .await
                 .map(Some)
+            }
+            ACTION_SYNC_STANDBYS => {
+                let available: Vec<String> = body
+                    .get("available")
+                    .map(|v| serde_json::from_value(v.clone()))
+                    .transpose()
+                    .map_err(|e| {
+                        InstanceError::Settings(format!(
+                            "syncStandbys needs {{\"available\": [NAME]}}: {e}"
+                        ))
+                    })?
+                    .unwrap_or_default();
+                let Some(sync) = &settings.synchronous else {
+                    return Ok(Some(ActionReply::done(
+                        json!({ "synchronousStandbyNames": "" }),
+                    )));
+                };
+                let replicas: Vec<String> = config
+                    .members
+                    .iter()
+                    .filter(|m| m.name != config.instance)
+                    .map(|m| m.name.clone())
+                    .collect();
+                let names = sync.standby_names(&replicas, &available);
+                let run_as = RunAs::for_config(config)?;
+                let line = format!(
+                    "# Written by the operator's syncStandbys action.\nsynchronous_standby_names = {}\n",
+                    conf::conf_quote(&names)
+                );
+                process::write_file(
+                    &layout.run_dir.join(conf::SYNCHRONOUS_CONF),
+                    line.as_bytes(),
+                    0o600,
+                    run_as.as_ref(),
+                )?;
+                let client = ha::local_client(ctx, &layout, port).await?;
+                client
+                    .batch_execute("SELECT pg_reload_conf()")
+                    .await
+                    .map_err(|e| InstanceError::Command {
+                        command: "pg_reload_conf".into(),
+                        message: status::describe_error(&e),
+                    })?;
+                tracing::info!(instance = %config.instance, %names, "synchronous standbys chosen");
+                Ok(Some(ActionReply::done(
+                    json!({ "synchronousStandbyNames": names }),
+                )))
             }
             ACTION_SLOTS => {
                 let replicas: Vec<String> = match body.get("replicas") {

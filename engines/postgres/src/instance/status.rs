@@ -188,9 +188,77 @@ pub async fn query(
     })
 }
 
+/// What PostgreSQL logs when this data directory's history diverged from
+/// the upstream it was told to follow (the old primary wrote past the
+/// point where the new primary's timeline forked off): the server then
+/// never streams again, and either exits at start, keeps waiting for WAL
+/// that does not exist (never consistent, so never accepting
+/// connections), or runs without streaming. Only pg_rewind (or a new
+/// clone) helps.
+const DIVERGED: [&str; 3] = [
+    // The startup process, at start: exits.
+    "is not a child of this server's history",
+    // The startup process, on a new timeline: waits forever.
+    "forked off current database system timeline",
+    // The WAL receiver: retries forever.
+    "is not in this server's history",
+];
+
+/// How much of the end of the server log [`diverged`] reads.
+const LOG_TAIL_BYTES: u64 = 64 * 1024;
+
+/// The line of `log` (server output) saying that the history diverged from
+/// the upstream's, looking only at the output of the last start (after
+/// the last `starting PostgreSQL`). Pure.
+pub fn diverged_in(log: &str) -> Option<String> {
+    let since = log
+        .rfind("starting PostgreSQL")
+        .map(|i| &log[i..])
+        .unwrap_or(log);
+    since
+        .lines()
+        .find(|l| DIVERGED.iter().any(|needle| l.contains(needle)))
+        .map(|l| l.trim().to_string())
+}
+
+/// [`diverged_in`] on the end of the server log in `run_dir` (written by
+/// the instance manager).
+pub fn diverged(run_dir: &std::path::Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file =
+        std::fs::File::open(run_dir.join(operator_core::instance::manager::SERVER_LOG)).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)))
+        .ok()?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).ok()?;
+    diverged_in(&String::from_utf8_lossy(&bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn diverged_history_from_the_last_start_only() {
+        let old = "2026-11-25 18:26:16.297 GMT [7175] FATAL:  requested timeline 3 is not a child of this server's history\n";
+        let start =
+            "2026-11-25 18:26:20.349 GMT [7530] LOG:  starting PostgreSQL 15.18 on x86_64\n";
+        assert!(diverged_in(old).unwrap().contains("not a child"));
+        assert_eq!(diverged_in(&format!("{old}{start}")), None);
+        let waiting = "2026-11-25 18:26:21.1 GMT [7531] LOG:  new timeline 4 forked off current database system timeline 3 before current recovery point 0/5027938\n";
+        assert!(
+            diverged_in(&format!("{old}{start}{waiting}"))
+                .unwrap()
+                .contains("new timeline 4")
+        );
+        let receiver = "FATAL:  could not receive data from WAL stream: ERROR:  requested starting point 0/6000000 on timeline 2 is not in this server's history\n";
+        assert!(diverged_in(&format!("{start}{receiver}")).is_some());
+        assert_eq!(
+            diverged_in(&format!("{start}LOG:  database system is ready\n")),
+            None
+        );
+    }
 
     #[test]
     fn timeline_from_walfile_name() {
