@@ -1259,3 +1259,65 @@ async fn ha_rolling_restart_supervised_waits_for_promote() {
     eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
     local.down();
 }
+
+/// `primaryUpdateMethod: restart`: after the replicas, the primary is
+/// restarted in place (no switchover, no failover: same primary, same
+/// term) and no acknowledged write is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_rolling_restart_primary_in_place() {
+    let t0 = Instant::now();
+    let spec = |extra: &str| {
+        simple_pg_ha(15).replace(
+            "  instances: 3\n",
+            &format!("  instances: 3\n  primaryUpdateMethod: restart\n{extra}"),
+        )
+    };
+    let mut local = Local::with_spec(15, &spec(""));
+    local.start();
+    let s = local.wait_converged();
+    let rw = s["endpoints"]["rw"].as_str().unwrap().to_string();
+    let password = local.password();
+    create_table(&rw, &password).await;
+    let old = primary(&s);
+    let term = s["term"].as_u64().unwrap();
+    let writer = Writer::start(rw.clone(), password.clone(), 1000);
+    wait_acks(&writer, 0, 50, "before the change").await;
+    let changed = spec("").replace(
+        "    synchronous:\n",
+        "    parameters:\n      max_connections: '150'\n    synchronous:\n",
+    );
+    let out = local.apply(&changed);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    local.wait_for("the rolling restart done", |s| {
+        s["events"].to_string().contains("RollingRestartDone")
+    });
+    let s = local.wait_converged();
+    assert_eq!(primary(&s), old, "{s}");
+    assert_eq!(s["term"].as_u64().unwrap(), term, "no failover: {s}");
+    wait_acks(
+        &writer,
+        writer.acked_count(),
+        20,
+        "after the rolling restart",
+    )
+    .await;
+    let acked = writer.stop().await;
+    assert_all_present(&rw, &password, &acked).await;
+    for instance in s["instances"].as_array().unwrap() {
+        let c = connect(instance["address"].as_str().unwrap(), &password)
+            .await
+            .unwrap();
+        let v: String = c
+            .query_one("SHOW max_connections", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(v, "150", "{}", instance["name"]);
+    }
+    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
+    local.down();
+}

@@ -771,6 +771,16 @@ impl Orchestrator {
             ));
             return None;
         }
+        if let Some((name, _, started)) = &self.rolling_now
+            && *name == primary
+            && started.elapsed() < ROLL_STEP_TIMEOUT
+        {
+            // Restarted in place on purpose (primaryUpdateMethod: restart):
+            // no writes meanwhile, and no failover unless it does not come
+            // back.
+            self.wait_note(format!("{primary} restarting in place"));
+            return None;
+        }
         let since = *self.primary_down_since.get_or_insert_with(Instant::now);
         // A server that exited (or was fenced) is down for sure; a manager
         // that missed one observation may only be slow.
