@@ -32,7 +32,7 @@ pub const PID_FILE: &str = "up.pid";
 
 /// Entries a state directory may contain; `--purge` refuses a directory
 /// with anything else.
-const KNOWN_ENTRIES: [&str; 7] = [
+const KNOWN_ENTRIES: [&str; 8] = [
     CLUSTER_FILE,
     STATE_FILE,
     SECRETS_DIR,
@@ -40,6 +40,7 @@ const KNOWN_ENTRIES: [&str; 7] = [
     PID_FILE,
     super::ha::SWITCHOVER_FILE,
     super::haproxy::DIR,
+    super::apply::APPLY_FILE,
 ];
 
 /// Prefix of temporary files written before a rename.

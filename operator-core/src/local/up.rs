@@ -87,6 +87,18 @@ async fn prepare(registry: &EngineRegistry, args: &UpArgs) -> anyhow::Result<Opt
     }
 
     if let Some(pid) = state::running_pid(&dir) {
+        // Only the PostgreSQL decision loop takes changes while it runs
+        // (the Galera loop has no apply step yet): say so rather than wait
+        // for a hand-over nobody will take.
+        if accepted.engine.topology(&accepted.cluster, None).model == ReplicationModel::MultiWriter
+        {
+            anyhow::bail!(
+                "{file_label}: a running {} cannot take changes yet (`up` pid {pid}); \
+                 stop it with `stratum local down --state-dir {}` and run `up` again",
+                accepted.cluster.meta.kind,
+                dir.root().display()
+            );
+        }
         apply::hand_over(&dir, &accepted, pid).await?;
         return Ok(None);
     }
