@@ -66,6 +66,24 @@ struct ControllerArgs {
     /// Timeout of each request to an instance manager, in milliseconds.
     #[arg(long, default_value_t = 3000)]
     instance_timeout_ms: u64,
+    /// Elect a leader among replicas through a Lease; only the leader
+    /// reconciles. `false` for a single replica that must not wait.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "STRATUM_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Name of the leader election Lease.
+    #[arg(long, default_value = "stratum-operator")]
+    lease_name: String,
+    /// Namespace of the Lease: the operator's own (downward API).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "stratum-system")]
+    lease_namespace: String,
+    /// This replica's identity in the Lease, unique among replicas: its
+    /// pod name (downward API); the host name and PID when unset.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Seconds the Lease stays valid after the last renewal: the longest
+    /// time without a leader after the leader dies.
+    #[arg(long, default_value_t = 15)]
+    lease_duration_secs: u64,
     /// Log as JSON lines.
     #[arg(long, env = "STRATUM_LOG_JSON")]
     log_json: bool,
@@ -136,11 +154,26 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("failed to create a Kubernetes client (in-cluster config or KUBECONFIG)")?;
+    let leader_election = args.leader_elect.then(|| {
+        let identity = args.identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "stratum".into());
+            format!("{host}-{}", std::process::id())
+        });
+        let mut election =
+            operator_core::controller::leader::LeaderElection::new(&args.lease_namespace, identity);
+        election.lease_name = args.lease_name.clone();
+        election.lease_duration = Duration::from_secs(args.lease_duration_secs);
+        election.renew_before = election.lease_duration / 3;
+        election
+    });
     let opts = operator_core::controller::ControllerOptions {
         operator_image: args.operator_image,
         metrics_addr: args.metrics_addr,
         namespace: args.namespace,
         instance_timeout: Duration::from_millis(args.instance_timeout_ms),
+        leader_election,
     };
     operator_core::controller::run(client, stratum::registry(), opts).await
 }

@@ -23,7 +23,7 @@ use k8s_openapi::api::authorization::v1::{
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::ClusterRole;
+use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, Resource, ResourceExt};
@@ -602,6 +602,140 @@ async fn orphaned_network_policy_is_deleted() {
     assert_no_failures(&client, &ns.name).await;
 }
 
+/// What a kubelet does for a pod being deleted: confirm it (no kubelet
+/// runs here, so graceful deletions would wait for ever).
+async fn confirm_pod_deletions(client: &Client, ns: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    for pod in pods.list(&ListParams::default()).await.unwrap().items {
+        if pod.metadata.deletion_timestamp.is_some() {
+            let _ = pods
+                .delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
+                .await;
+        }
+    }
+}
+
+/// The claims of the namespace, by name.
+async fn claim_names(client: &Client, ns: &str) -> BTreeSet<String> {
+    Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|c| c.name_any())
+        .collect()
+}
+
+/// Until the namespace's claims are exactly `want` (confirming pod
+/// deletions meanwhile, as kubelets would).
+async fn wait_claims(client: &Client, ns: &str, want: &[&str]) {
+    let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+    eventually(&format!("claims {want:?}"), WAIT, || async {
+        confirm_pod_deletions(client, ns).await;
+        let have = claim_names(client, ns).await;
+        if have == want {
+            Ok(())
+        } else {
+            Err(format!("{have:?}"))
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn pvc_retention_policy_on_scale_down_and_deletion() {
+    let client = admin().await;
+    start_operator();
+    let ns = TestNamespace::create(&client, "pg-pvc").await;
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &ns.name,
+        &stratum_resource("PostgresCluster"),
+    );
+    // pvc-drop deletes its claims on scale-down and deletion; pvc-keep has
+    // the default policy (keep them).
+    for (name, policy) in [
+        (
+            "pvc-drop",
+            json!({"whenScaled": "Delete", "whenDeleted": "Delete"}),
+        ),
+        ("pvc-keep", Value::Null),
+    ] {
+        let mut doc = example("postgres-single.yaml", "PostgresCluster");
+        doc["metadata"]["name"] = json!(name);
+        doc["spec"]["instances"] = json!(2);
+        if !policy.is_null() {
+            doc["spec"]["pvcRetentionPolicy"] = policy;
+        }
+        apply(&client, &doc, &ns.name)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {}", api_message(&e)));
+    }
+    for name in ["pvc-drop", "pvc-keep"] {
+        let sts: StatefulSet = wait_get(&client, &ns.name, name).await;
+        let retention = sts
+            .spec
+            .as_ref()
+            .unwrap()
+            .persistent_volume_claim_retention_policy
+            .clone()
+            .unwrap();
+        let want = if name == "pvc-drop" {
+            "Delete"
+        } else {
+            "Retain"
+        };
+        assert_eq!(retention.when_scaled.as_deref(), Some(want), "{name}");
+        assert_eq!(retention.when_deleted.as_deref(), Some(want), "{name}");
+        provide_volumes(&client, &sts).await;
+        run_pods(&client, &ns.name, name, 2).await;
+    }
+    wait_claims(
+        &client,
+        &ns.name,
+        &[
+            "data-pvc-drop-0",
+            "data-pvc-drop-1",
+            "data-pvc-keep-0",
+            "data-pvc-keep-1",
+        ],
+    )
+    .await;
+
+    // Scale both down to one instance: the StatefulSet controller removes
+    // pod 1, and with it the claim of pvc-drop only.
+    for name in ["pvc-drop", "pvc-keep"] {
+        api.patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"instances": 1}})),
+        )
+        .await
+        .unwrap();
+    }
+    wait_claims(
+        &client,
+        &ns.name,
+        &["data-pvc-drop-0", "data-pvc-keep-0", "data-pvc-keep-1"],
+    )
+    .await;
+
+    // Delete both: garbage collection takes the StatefulSets, and with
+    // pvc-drop's its remaining claim.
+    for name in ["pvc-drop", "pvc-keep"] {
+        api.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    for name in ["pvc-drop", "pvc-keep"] {
+        wait_gone::<StatefulSet>(&client, &ns.name, name).await;
+    }
+    wait_claims(&client, &ns.name, &["data-pvc-keep-0", "data-pvc-keep-1"]).await;
+    // And they stay.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_claims(&client, &ns.name, &["data-pvc-keep-0", "data-pvc-keep-1"]).await;
+    assert_no_failures(&client, &ns.name).await;
+}
+
 /// The RBAC table at the top of operator-core/src/controller/mod.rs:
 /// (apiGroup, resource, verb), `<plural>` expanded to every engine's.
 fn rbac_table() -> BTreeSet<(String, String, String)> {
@@ -648,21 +782,41 @@ async fn rbac_of_deploy_is_the_table_in_the_controller() {
     install_deploy(&client).await;
     let table = rbac_table();
 
-    // What the ClusterRole grants is exactly the table.
-    let role = Api::<ClusterRole>::all(client.clone())
+    // What the ClusterRole and the leader-election Role (operator
+    // namespace) grant together is exactly the table; Leases only in the
+    // Role.
+    let cluster_role = Api::<ClusterRole>::all(client.clone())
         .get("stratum-operator")
         .await
         .unwrap();
-    let mut granted = BTreeSet::new();
-    for rule in role.rules.unwrap_or_default() {
-        for group in rule.api_groups.unwrap_or_default() {
-            for resource in rule.resources.clone().unwrap_or_default() {
-                for verb in &rule.verbs {
-                    granted.insert((group.clone(), resource.clone(), verb.clone()));
+    let role = Api::<Role>::namespaced(client.clone(), OPERATOR_NAMESPACE)
+        .get("stratum-operator-leader-election")
+        .await
+        .unwrap();
+    let rows = |rules: Vec<PolicyRule>| {
+        let mut granted = BTreeSet::new();
+        for rule in rules {
+            for group in rule.api_groups.unwrap_or_default() {
+                for resource in rule.resources.clone().unwrap_or_default() {
+                    for verb in &rule.verbs {
+                        granted.insert((group.clone(), resource.clone(), verb.clone()));
+                    }
                 }
             }
         }
-    }
+        granted
+    };
+    let cluster_wide = rows(cluster_role.rules.unwrap_or_default());
+    let in_operator_namespace = rows(role.rules.unwrap_or_default());
+    assert!(
+        in_operator_namespace.iter().all(|r| r.1 == "leases")
+            && cluster_wide.iter().all(|r| r.1 != "leases"),
+        "Leases belong in the Role, everything else in the ClusterRole: {in_operator_namespace:?}"
+    );
+    let granted: BTreeSet<_> = cluster_wide
+        .union(&in_operator_namespace)
+        .cloned()
+        .collect();
     let missing: Vec<_> = table.difference(&granted).collect();
     let extra: Vec<_> = granted.difference(&table).collect();
     assert!(
@@ -674,7 +828,7 @@ async fn rbac_of_deploy_is_the_table_in_the_controller() {
     // denies what is not listed.
     let reviews: Api<SubjectAccessReview> = Api::all(client.clone());
     let user = format!("system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SERVICE_ACCOUNT}");
-    let allowed = |group: &str, resource: &str, verb: &str| {
+    let allowed = |group: &str, resource: &str, verb: &str, namespace: &str| {
         let (resource, subresource) = resource.split_once('/').unwrap_or((resource, ""));
         let review = SubjectAccessReview {
             metadata: Default::default(),
@@ -690,7 +844,7 @@ async fn rbac_of_deploy_is_the_table_in_the_controller() {
                     resource: Some(resource.into()),
                     subresource: (!subresource.is_empty()).then(|| subresource.to_string()),
                     verb: Some(verb.into()),
-                    namespace: Some("some-team".into()),
+                    namespace: Some(namespace.to_string()),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -709,8 +863,14 @@ async fn rbac_of_deploy_is_the_table_in_the_controller() {
         }
     };
     for (group, resource, verb) in &table {
+        // Leases in the operator's namespace; the rest anywhere.
+        let namespace = if resource == "leases" {
+            OPERATOR_NAMESPACE
+        } else {
+            "some-team"
+        };
         assert!(
-            allowed(group, resource, verb).await,
+            allowed(group, resource, verb, namespace).await,
             "{user} may not {verb} {group}/{resource}"
         );
     }
@@ -720,9 +880,11 @@ async fn rbac_of_deploy_is_the_table_in_the_controller() {
         ("", "persistentvolumeclaims", "delete"),
         ("stratum.dev", "postgresclusters", "delete"),
         ("rbac.authorization.k8s.io", "clusterroles", "create"),
+        // Leases outside the operator's namespace.
+        ("coordination.k8s.io", "leases", "create"),
     ] {
         assert!(
-            !allowed(group, resource, verb).await,
+            !allowed(group, resource, verb, "some-team").await,
             "{user} may {verb} {group}/{resource}, which the operator never does"
         );
     }

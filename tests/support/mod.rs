@@ -574,8 +574,27 @@ pub struct OperatorProcess {
 
 impl OperatorProcess {
     /// Start it (watching only `namespace` when given) and wait until its
-    /// metrics server answers.
+    /// metrics server answers. It elects itself leader on a Lease of its
+    /// own, so that operators of tests running side by side never wait
+    /// for each other.
     pub async fn start(admin: &Client, namespace: Option<&str>) -> Self {
+        static LEASES: AtomicU32 = AtomicU32::new(0);
+        let lease = format!(
+            "stratum-test-{}-{}",
+            std::process::id(),
+            LEASES.fetch_add(1, Ordering::SeqCst)
+        );
+        Self::start_with_lease(admin, namespace, &lease, &lease).await
+    }
+
+    /// Start it with leader election on the Lease `lease` (in the
+    /// operator namespace) as `identity`.
+    pub async fn start_with_lease(
+        admin: &Client,
+        namespace: Option<&str>,
+        lease: &str,
+        identity: &str,
+    ) -> Self {
         install_deploy(admin).await;
         let token = operator_token(admin).await;
         let admin_kc = Kubeconfig::read_from(kubeconfig_path()).expect("admin kubeconfig");
@@ -608,6 +627,8 @@ impl OperatorProcess {
             .args(["controller", "--operator-image", "stratum/operator:test"])
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
             .args(["--instance-timeout-ms", "500"])
+            .args(["--lease-name", lease, "--identity", identity])
+            .args(["--lease-namespace", OPERATOR_NAMESPACE])
             .env("KUBECONFIG", &kubeconfig)
             .env("RUST_LOG", "warn")
             .env_remove("STRATUM_WATCH_NAMESPACE")

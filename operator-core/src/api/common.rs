@@ -42,6 +42,14 @@ pub struct ClusterSpecCommon {
     /// Persistent storage for each instance's data directory.
     pub storage: StorageSpec,
 
+    /// What happens to the instances' PersistentVolumeClaims (their data)
+    /// when the cluster is deleted or scaled down. Default: keep them, so
+    /// that data is never lost by accident (as CloudNativePG and the
+    /// Percona operators do); a cluster re-created with the same name, or
+    /// scaled up again, reuses them.
+    #[serde(default)]
+    pub pvc_retention_policy: PvcRetentionPolicy,
+
     /// CPU and memory requests and limits of the database container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
@@ -134,6 +142,42 @@ pub struct StorageSpec {
     /// from `size` and `storageClass` (e.g. `accessModes`, `selector`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pvc_template: Option<PersistentVolumeClaimSpec>,
+}
+
+/// The StatefulSet's `persistentVolumeClaimRetentionPolicy`, applied to
+/// every volume of the instances (data and extra volumes).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PvcRetentionPolicy {
+    /// When the cluster is deleted: `Retain` (default) keeps the claims and
+    /// their volumes; `Delete` deletes them with the StatefulSet.
+    #[serde(default)]
+    pub when_deleted: PvcRetention,
+    /// When `instances` decreases: `Retain` (default) keeps the claims of
+    /// the removed instances, which a later scale-up reuses; `Delete`
+    /// deletes them once their pods are gone.
+    #[serde(default)]
+    pub when_scaled: PvcRetention,
+}
+
+/// Keep or delete PersistentVolumeClaims.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum PvcRetention {
+    /// Keep the claims (and so the data).
+    #[default]
+    Retain,
+    /// Delete the claims; the volumes follow their reclaim policy.
+    Delete,
+}
+
+impl PvcRetention {
+    /// The StatefulSet API value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Retain => "Retain",
+            Self::Delete => "Delete",
+        }
+    }
 }
 
 /// Scheduling of the instance pods.

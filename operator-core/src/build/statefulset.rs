@@ -78,15 +78,15 @@ pub(super) fn stateful_set(
                 type_: Some(update_strategy.to_string()),
                 rolling_update: None,
             }),
-            // Retain on both: a PVC holds the only copy of an instance's
-            // data, so neither scaling down nor deleting the cluster removes
-            // it. Scaling back up reuses the volume (a fast rejoin instead
-            // of a full clone); deleting the PVCs is the user's explicit
-            // act, as with CloudNativePG.
+            // Retain on both unless spec.pvcRetentionPolicy says otherwise:
+            // a PVC holds the only copy of an instance's data, so neither
+            // scaling down nor deleting the cluster removes it by default.
+            // Scaling back up reuses the volume (a fast rejoin instead of a
+            // full clone), as with CloudNativePG.
             persistent_volume_claim_retention_policy: Some(
                 StatefulSetPersistentVolumeClaimRetentionPolicy {
-                    when_deleted: Some("Retain".into()),
-                    when_scaled: Some("Retain".into()),
+                    when_deleted: Some(common.pvc_retention_policy.when_deleted.as_str().into()),
+                    when_scaled: Some(common.pvc_retention_policy.when_scaled.as_str().into()),
                 },
             ),
             volume_claim_templates: Some(claims),

@@ -203,6 +203,26 @@ fn service<'a>(o: &'a ClusterObjects, name: &str) -> &'a Service {
 }
 
 #[test]
+fn pvc_retention_follows_the_spec() {
+    let yaml = SIMPLE_PG.replace(
+        "  instances: 3\n",
+        "  instances: 3\n  pvcRetentionPolicy:\n    whenScaled: Delete\n",
+    );
+    let o = objects(&yaml);
+    let retention = o
+        .stateful_set
+        .spec
+        .as_ref()
+        .unwrap()
+        .persistent_volume_claim_retention_policy
+        .clone()
+        .unwrap();
+    assert_eq!(retention.when_scaled.as_deref(), Some("Delete"));
+    // Unset: still kept.
+    assert_eq!(retention.when_deleted.as_deref(), Some("Retain"));
+}
+
+#[test]
 fn statefulset_identity_claims_and_policies() {
     let o = objects(SIMPLE_PG);
     let sts = &o.stateful_set;

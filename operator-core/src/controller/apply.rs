@@ -1,9 +1,10 @@
 //! apply: writes the desired objects to the API server (server-side apply
 //! with one field manager, create-if-absent for the Secret) and deletes the
-//! orphans this cluster owns. IO: Kubernetes API only. The decisions
+//! orphans this cluster owns, found in the watch cache. Objects unchanged
+//! since this process applied them are not sent again. IO: Kubernetes API
+//! (writes, and the StatefulSet read before applying it). The decisions
 //! (orphans, immutable StatefulSet fields) are pure functions below.
 
-use std::collections::BTreeMap;
 use std::fmt::Debug;
 
 use k8s_openapi::NamespaceResourceScope;
@@ -11,46 +12,18 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, Resource};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use super::cache::ExistingChild;
+use super::cache::{AppliedMemo, Caches, desired_hash};
 use super::error::ApplyError;
 use crate::build::{ChildKind, ClusterObjects, LABEL_CLUSTER, SecretAction, secret_action};
 
 /// The one field manager of every object the operator applies.
 pub const FIELD_MANAGER: &str = "stratum-operator";
-
-/// A child found in the namespace, as far as pruning cares.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ExistingChild {
-    /// Its kind.
-    pub kind: ChildKind,
-    /// Its name.
-    pub name: String,
-    /// Its labels.
-    pub labels: BTreeMap<String, String>,
-    /// UIDs of its owners.
-    pub owner_uids: Vec<String>,
-}
-
-impl ExistingChild {
-    fn from_meta(kind: ChildKind, meta: &ObjectMeta) -> Self {
-        Self {
-            kind,
-            name: meta.name.clone().unwrap_or_default(),
-            labels: meta.labels.clone().unwrap_or_default(),
-            owner_uids: meta
-                .owner_references
-                .iter()
-                .flatten()
-                .map(|o| o.uid.clone())
-                .collect(),
-        }
-    }
-}
 
 /// The children to delete: labelled with this cluster's name AND owned by
 /// this cluster's UID (so a user's look-alike object, or one of a deleted
@@ -66,6 +39,7 @@ pub fn select_orphans(
         .iter()
         .filter(|c| c.labels.get(LABEL_CLUSTER).map(String::as_str) == Some(cluster))
         .filter(|c| c.owner_uids.iter().any(|u| u == cluster_uid))
+        .filter(|c| !c.deleting)
         .filter(|c| !desired.iter().any(|(k, n)| *k == c.kind && *n == c.name))
         .map(|c| (c.kind, c.name.clone()))
         .collect()
@@ -138,124 +112,183 @@ where
     Api::namespaced(client.clone(), ns)
 }
 
-async fn server_side_apply<K>(api: &Api<K>, kind: &'static str, obj: &K) -> Result<(), ApplyError>
-where
-    K: Resource + Clone + DeserializeOwned + Serialize + Debug,
-{
-    let name = obj.meta().name.clone().unwrap_or_default();
-    api.patch(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(obj),
-    )
-    .await
-    .map(|_| ())
-    .map_err(|source| ApplyError::Apply { kind, name, source })
+/// Where apply reads the current state and records what it applied.
+pub(crate) struct ApplyTarget<'a> {
+    pub client: &'a Client,
+    pub caches: &'a Caches,
+    pub memo: &'a AppliedMemo,
+    pub ns: &'a str,
+    pub cluster: &'a str,
+    pub cluster_uid: &'a str,
+}
+
+impl ApplyTarget<'_> {
+    /// Server-side apply `obj` unless neither it nor the object in the
+    /// cache changed since this process last applied it. `hash` is the
+    /// desired object's [`desired_hash`] (before any adjustment). Returns
+    /// whether a request was made.
+    async fn apply_if_changed<K>(
+        &self,
+        kind: ChildKind,
+        hash: u64,
+        obj: &K,
+    ) -> Result<bool, ApplyError>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + Serialize
+            + Debug,
+    {
+        let name = obj.meta().name.clone().unwrap_or_default();
+        let cached = self.caches.child(kind, self.ns, &name);
+        if self
+            .memo
+            .unchanged(self.ns, self.cluster, kind, hash, cached.as_ref())
+        {
+            return Ok(false);
+        }
+        let applied = namespaced::<K>(self.client, self.ns)
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(obj),
+            )
+            .await
+            .map_err(|source| ApplyError::Apply {
+                kind: kind.as_str(),
+                name,
+                source,
+            })?;
+        self.memo
+            .record(self.ns, self.cluster, kind, hash, applied.meta());
+        Ok(true)
+    }
+
+    async fn apply<K>(&self, kind: ChildKind, obj: &K) -> Result<bool, ApplyError>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + Serialize
+            + Debug,
+    {
+        self.apply_if_changed(kind, desired_hash(obj), obj).await
+    }
+
+    /// The StatefulSet: its immutable fields need the stored object, read
+    /// only when the StatefulSet is applied at all.
+    async fn apply_stateful_set(
+        &self,
+        mut desired: StatefulSet,
+    ) -> Result<(bool, Vec<&'static str>), ApplyError> {
+        let kind = ChildKind::StatefulSet;
+        let hash = desired_hash(&desired);
+        let name = desired.metadata.name.clone().unwrap_or_default();
+        let cached = self.caches.child(kind, self.ns, &name);
+        if self
+            .memo
+            .unchanged(self.ns, self.cluster, kind, hash, cached.as_ref())
+        {
+            return Ok((false, Vec::new()));
+        }
+        // Not in the cache: a new StatefulSet, nothing to preserve (if the
+        // cache lags behind one that exists, an immutable field that
+        // differs fails the apply and the retry finds it cached).
+        let existing = match cached {
+            None => None,
+            Some(_) => namespaced::<StatefulSet>(self.client, self.ns)
+                .get_opt(&name)
+                .await
+                .map_err(|source| ApplyError::Apply {
+                    kind: kind.as_str(),
+                    name: name.clone(),
+                    source,
+                })?,
+        };
+        let changed = match &existing {
+            Some(existing) => preserve_immutable_fields(&mut desired, existing),
+            None => Vec::new(),
+        };
+        let applied = self.apply_if_changed(kind, hash, &desired).await?;
+        Ok((applied, changed))
+    }
+
+    /// Create the credentials Secret when absent; add keys it lacks; never
+    /// overwrite a value. Returns what was done.
+    async fn ensure_secret(&self, desired: &Secret) -> Result<SecretAction, ApplyError> {
+        let api: Api<Secret> = namespaced(self.client, self.ns);
+        let name = desired.metadata.name.clone().unwrap_or_default();
+        let err = |action, source| ApplyError::Secret {
+            action,
+            name: name.clone(),
+            source,
+        };
+        let cached = self.caches.secret(self.ns, &name);
+        match secret_action(cached.as_deref(), desired) {
+            SecretAction::Keep => Ok(SecretAction::Keep),
+            SecretAction::Create => match api.create(&PostParams::default(), desired).await {
+                Ok(_) => Ok(SecretAction::Create),
+                // Created since the cache saw it (by us or someone else):
+                // the stored one stays.
+                Err(e) if is_status(&e, |s| s.is_already_exists()) => Ok(SecretAction::Keep),
+                Err(e) => Err(err("create", e)),
+            },
+            SecretAction::AddMissing(_) => {
+                // The cache may lag behind keys added moments ago: decide
+                // again on the stored Secret, so no value is replaced.
+                let stored = api.get_opt(&name).await.map_err(|e| err("read", e))?;
+                let action = secret_action(stored.as_ref(), desired);
+                if let SecretAction::AddMissing(keys) = &action {
+                    let patch = serde_json::json!({ "data": keys });
+                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                        .map_err(|e| err("add missing keys to", e))?;
+                }
+                Ok(action)
+            }
+        }
+    }
+
+    async fn delete_child(&self, kind: ChildKind, name: &str) -> Result<(), ApplyError> {
+        let (client, ns) = (self.client, self.ns);
+        let dp = DeleteParams::background();
+        let result = match kind {
+            ChildKind::StatefulSet => namespaced::<StatefulSet>(client, ns)
+                .delete(name, &dp)
+                .await
+                .map(|_| ()),
+            ChildKind::Service => namespaced::<Service>(client, ns)
+                .delete(name, &dp)
+                .await
+                .map(|_| ()),
+            ChildKind::ConfigMap => namespaced::<ConfigMap>(client, ns)
+                .delete(name, &dp)
+                .await
+                .map(|_| ()),
+            ChildKind::PodDisruptionBudget => namespaced::<PodDisruptionBudget>(client, ns)
+                .delete(name, &dp)
+                .await
+                .map(|_| ()),
+            ChildKind::NetworkPolicy => namespaced::<NetworkPolicy>(client, ns)
+                .delete(name, &dp)
+                .await
+                .map(|_| ()),
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if is_status(&e, |s| s.is_not_found()) => Ok(()),
+            Err(source) => Err(ApplyError::DeleteOrphan {
+                kind: kind.as_str(),
+                name: name.to_string(),
+                source,
+            }),
+        }
+    }
 }
 
 fn is_status(err: &kube::Error, check: impl Fn(&kube::core::Status) -> bool) -> bool {
     matches!(err, kube::Error::Api(s) if check(s))
-}
-
-/// Create the credentials Secret when absent; add keys it lacks; never
-/// overwrite a value. Returns what was done.
-async fn ensure_secret(
-    client: &Client,
-    ns: &str,
-    desired: &Secret,
-) -> Result<SecretAction, ApplyError> {
-    let api: Api<Secret> = namespaced(client, ns);
-    let name = desired.metadata.name.clone().unwrap_or_default();
-    let err = |action, source| ApplyError::Secret {
-        action,
-        name: name.clone(),
-        source,
-    };
-    let existing = api.get_opt(&name).await.map_err(|e| err("read", e))?;
-    let action = secret_action(existing.as_ref(), desired);
-    match &action {
-        SecretAction::Keep => {}
-        SecretAction::Create => match api.create(&PostParams::default(), desired).await {
-            Ok(_) => {}
-            // Someone else created it first: theirs stays.
-            Err(e) if is_status(&e, |s| s.is_already_exists()) => return Ok(SecretAction::Keep),
-            Err(e) => return Err(err("create", e)),
-        },
-        SecretAction::AddMissing(keys) => {
-            let patch = serde_json::json!({ "data": keys });
-            api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-                .map_err(|e| err("add missing keys to", e))?;
-        }
-    }
-    Ok(action)
-}
-
-async fn list_children<K>(
-    client: &Client,
-    ns: &str,
-    kind: ChildKind,
-    selector: &str,
-) -> Result<Vec<ExistingChild>, ApplyError>
-where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + Debug,
-{
-    let api: Api<K> = namespaced(client, ns);
-    let list = api
-        .list_metadata(&ListParams::default().labels(selector))
-        .await
-        .map_err(|source| ApplyError::ListChildren {
-            kind: kind.as_str(),
-            source,
-        })?;
-    Ok(list
-        .items
-        .iter()
-        .map(|o| ExistingChild::from_meta(kind, &o.metadata))
-        .collect())
-}
-
-async fn delete_child(
-    client: &Client,
-    ns: &str,
-    kind: ChildKind,
-    name: &str,
-) -> Result<(), ApplyError> {
-    let dp = DeleteParams::background();
-    let result = match kind {
-        ChildKind::StatefulSet => namespaced::<StatefulSet>(client, ns)
-            .delete(name, &dp)
-            .await
-            .map(|_| ()),
-        ChildKind::Service => namespaced::<Service>(client, ns)
-            .delete(name, &dp)
-            .await
-            .map(|_| ()),
-        ChildKind::ConfigMap => namespaced::<ConfigMap>(client, ns)
-            .delete(name, &dp)
-            .await
-            .map(|_| ()),
-        ChildKind::PodDisruptionBudget => namespaced::<PodDisruptionBudget>(client, ns)
-            .delete(name, &dp)
-            .await
-            .map(|_| ()),
-        ChildKind::NetworkPolicy => namespaced::<NetworkPolicy>(client, ns)
-            .delete(name, &dp)
-            .await
-            .map(|_| ()),
-    };
-    match result {
-        Ok(()) => Ok(()),
-        Err(e) if is_status(&e, |s| s.is_not_found()) => Ok(()),
-        Err(source) => Err(ApplyError::DeleteOrphan {
-            kind: kind.as_str(),
-            name: name.to_string(),
-            source,
-        }),
-    }
 }
 
 /// What apply did that the reporter should know about.
@@ -267,79 +300,68 @@ pub struct ApplyOutcome {
     pub secret: Option<SecretAction>,
     /// Children deleted as orphans.
     pub deleted: Vec<(ChildKind, String)>,
+    /// Server-side applies sent.
+    pub applied: usize,
+    /// Children unchanged since this process applied them: not sent.
+    pub unchanged: usize,
 }
 
 /// Apply every object of the cluster, then prune orphans. Order: the
-/// ConfigMap and Secret the pods mount, the Services, the StatefulSet, the
-/// policies.
-pub async fn apply_all(
-    client: &Client,
-    ns: &str,
-    cluster: &str,
-    cluster_uid: &str,
-    mut objects: ClusterObjects,
+/// ConfigMap, Secret and Services (together), then the StatefulSet whose
+/// pods mount them, with the policies. Objects unchanged since this
+/// process applied them are skipped; orphans come from the watch cache.
+pub(crate) async fn apply_all(
+    target: &ApplyTarget<'_>,
+    objects: ClusterObjects,
 ) -> Result<ApplyOutcome, ApplyError> {
     let mut outcome = ApplyOutcome::default();
-    server_side_apply(&namespaced(client, ns), "ConfigMap", &objects.config_map).await?;
-    let secret = ensure_secret(client, ns, &objects.secret_if_absent).await?;
+    let desired = objects.desired_children();
+    let ClusterObjects {
+        stateful_set,
+        config_map,
+        services,
+        pod_disruption_budget,
+        network_policy,
+        secret_if_absent,
+    } = objects;
+
+    let (config_map, secret, services) = futures::future::join3(
+        target.apply(ChildKind::ConfigMap, &config_map),
+        target.ensure_secret(&secret_if_absent),
+        futures::future::try_join_all(
+            services
+                .iter()
+                .map(|svc| target.apply(ChildKind::Service, svc)),
+        ),
+    )
+    .await;
+    let count = |b: bool| usize::from(b);
+    outcome.applied += count(config_map?);
+    outcome.applied += services?.into_iter().filter(|b| *b).count();
+    let secret = secret?;
     if secret != SecretAction::Keep {
         outcome.secret = Some(secret);
     }
-    let services: Api<Service> = namespaced(client, ns);
-    for svc in &objects.services {
-        server_side_apply(&services, "Service", svc).await?;
-    }
 
-    let sts_api: Api<StatefulSet> = namespaced(client, ns);
-    let sts_name = objects
-        .stateful_set
-        .metadata
-        .name
-        .clone()
-        .unwrap_or_default();
-    let existing = sts_api
-        .get_opt(&sts_name)
-        .await
-        .map_err(|source| ApplyError::Apply {
-            kind: "StatefulSet",
-            name: sts_name.clone(),
-            source,
-        })?;
-    if let Some(existing) = &existing {
-        outcome.immutable_changes = preserve_immutable_fields(&mut objects.stateful_set, existing);
-    }
-    server_side_apply(&sts_api, "StatefulSet", &objects.stateful_set).await?;
-    server_side_apply(
-        &namespaced(client, ns),
-        "PodDisruptionBudget",
-        &objects.pod_disruption_budget,
+    let (sts, pdb, np) = futures::future::join3(
+        target.apply_stateful_set(stateful_set),
+        target.apply(ChildKind::PodDisruptionBudget, &pod_disruption_budget),
+        async {
+            match &network_policy {
+                Some(np) => target.apply(ChildKind::NetworkPolicy, np).await,
+                None => Ok(false),
+            }
+        },
     )
-    .await?;
-    if let Some(np) = &objects.network_policy {
-        server_side_apply(&namespaced(client, ns), "NetworkPolicy", np).await?;
-    }
+    .await;
+    let (applied, immutable_changes) = sts?;
+    outcome.applied += count(applied) + count(pdb?) + count(np?);
+    outcome.immutable_changes = immutable_changes;
 
-    let selector = format!("{LABEL_CLUSTER}={cluster}");
-    let mut existing = Vec::new();
-    for kind in ChildKind::ALL {
-        let found = match kind {
-            ChildKind::StatefulSet => {
-                list_children::<StatefulSet>(client, ns, kind, &selector).await?
-            }
-            ChildKind::Service => list_children::<Service>(client, ns, kind, &selector).await?,
-            ChildKind::ConfigMap => list_children::<ConfigMap>(client, ns, kind, &selector).await?,
-            ChildKind::PodDisruptionBudget => {
-                list_children::<PodDisruptionBudget>(client, ns, kind, &selector).await?
-            }
-            ChildKind::NetworkPolicy => {
-                list_children::<NetworkPolicy>(client, ns, kind, &selector).await?
-            }
-        };
-        existing.extend(found);
-    }
-    for (kind, name) in select_orphans(cluster, cluster_uid, &objects.desired_children(), &existing)
-    {
-        delete_child(client, ns, kind, &name).await?;
+    outcome.unchanged = desired.len().saturating_sub(outcome.applied);
+    let existing = target.caches.children_of(target.ns, target.cluster);
+    for (kind, name) in select_orphans(target.cluster, target.cluster_uid, &desired, &existing) {
+        target.delete_child(kind, &name).await?;
         outcome.deleted.push((kind, name));
     }
     Ok(outcome)
@@ -349,6 +371,7 @@ pub async fn apply_all(
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::collections::BTreeMap;
 
     fn child(kind: ChildKind, name: &str, cluster: &str, owner: &str) -> ExistingChild {
         ExistingChild {
@@ -356,6 +379,8 @@ mod tests {
             name: name.into(),
             labels: BTreeMap::from([(LABEL_CLUSTER.to_string(), cluster.to_string())]),
             owner_uids: vec![owner.into()],
+            version: 0,
+            deleting: false,
         }
     }
 
@@ -381,6 +406,11 @@ mod tests {
             child(ChildKind::Service, "simple-pg-old", "simple-pg", "uid-0"),
             // Owned by us but labelled for another cluster: not touched.
             child(ChildKind::ConfigMap, "x", "other-pg", "uid-1"),
+            // Already being deleted: not deleted again.
+            ExistingChild {
+                deleting: true,
+                ..child(ChildKind::Service, "simple-pg-gone", "simple-pg", "uid-1")
+            },
         ];
         let mut orphans = select_orphans("simple-pg", "uid-1", &desired, &existing);
         orphans.sort();

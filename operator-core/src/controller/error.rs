@@ -46,15 +46,9 @@ pub enum ApplyError {
         #[source]
         source: kube::Error,
     },
-    /// Listing children to find orphans failed.
-    #[error("failed to list {kind} objects of the cluster")]
-    ListChildren {
-        /// Object kind.
-        kind: &'static str,
-        /// The API error.
-        #[source]
-        source: kube::Error,
-    },
+    /// A watch cache stopped (the controller is shutting down).
+    #[error("the watch cache of the cluster's children stopped")]
+    CacheStopped(#[source] kube::runtime::reflector::store::WriterDropped),
     /// Deleting an orphaned child failed.
     #[error("failed to delete orphaned {kind} {name}")]
     DeleteOrphan {
@@ -74,39 +68,9 @@ impl ApplyError {
         match self {
             Self::Apply { .. } => "ApplyFailed",
             Self::Secret { .. } => "SecretFailed",
-            Self::ListChildren { .. } | Self::DeleteOrphan { .. } => "PruneFailed",
+            Self::CacheStopped(_) => "CacheFailed",
+            Self::DeleteOrphan { .. } => "PruneFailed",
         }
-    }
-}
-
-/// Failure to observe the cluster (transient). An unreachable instance
-/// manager is not an error: it is reported in status.
-#[derive(Debug, thiserror::Error)]
-pub enum ObserveError {
-    /// Listing the cluster's pods failed.
-    #[error("failed to list pods of cluster {cluster}")]
-    ListPods {
-        /// Cluster name.
-        cluster: String,
-        /// The API error.
-        #[source]
-        source: kube::Error,
-    },
-    /// Reading the instance API token failed.
-    #[error("failed to read the instance API token from Secret {name}")]
-    ReadToken {
-        /// Secret name.
-        name: String,
-        /// The API error.
-        #[source]
-        source: kube::Error,
-    },
-}
-
-impl ObserveError {
-    /// Metric label and Event reason.
-    pub fn category(&self) -> &'static str {
-        "ObserveFailed"
     }
 }
 
@@ -180,9 +144,6 @@ pub enum ReconcileError {
     /// apply.
     #[error(transparent)]
     Apply(#[from] ApplyError),
-    /// observe.
-    #[error(transparent)]
-    Observe(#[from] ObserveError),
     /// decide.
     #[error(transparent)]
     Decide(#[from] DecideError),
@@ -203,7 +164,6 @@ impl ReconcileError {
             Self::Build(e) if e.is_permanent() => "InvalidSpec",
             Self::Build(_) => "BuildFailed",
             Self::Apply(e) => e.category(),
-            Self::Observe(e) => e.category(),
             Self::Decide(e) => e.category(),
             Self::Status(e) => e.category(),
             Self::Finalizer(_) => "FinalizerFailed",

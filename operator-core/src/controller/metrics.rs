@@ -34,6 +34,14 @@ pub struct Metrics {
     reconciles: Family<KindLabels, Counter>,
     errors: Family<ErrorLabels, Counter>,
     duration: HistogramFamily,
+    applies: Family<ApplyLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApplyLabels {
+    kind: String,
+    /// `sent` or `unchanged` (skipped).
+    result: String,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -76,11 +84,31 @@ impl Metrics {
             "Duration of one reconcile, by cluster kind",
             duration.clone(),
         );
+        let applies = Family::<ApplyLabels, Counter>::default();
+        registry.register(
+            "child_applies",
+            "Server-side applies of children, by cluster kind: sent, or skipped as unchanged",
+            applies.clone(),
+        );
         Self {
             registry,
             reconciles,
             errors,
             duration,
+            applies,
+        }
+    }
+
+    /// Count the children of one `kind` reconcile: `sent` applied,
+    /// `unchanged` skipped.
+    pub fn record_applies(&self, kind: &str, sent: usize, unchanged: usize) {
+        for (result, n) in [("sent", sent), ("unchanged", unchanged)] {
+            self.applies
+                .get_or_create(&ApplyLabels {
+                    kind: kind.to_string(),
+                    result: result.to_string(),
+                })
+                .inc_by(n as u64);
         }
     }
 
@@ -164,6 +192,14 @@ mod tests {
         );
         assert!(
             text.contains(r#"stratum_reconcile_duration_seconds_count{kind="FakeCluster"} 2"#),
+            "{text}"
+        );
+        m.record_applies("FakeCluster", 2, 5);
+        let text = m.encode();
+        assert!(
+            text.contains(
+                r#"stratum_child_applies_total{kind="FakeCluster",result="unchanged"} 5"#
+            ),
             "{text}"
         );
     }

@@ -23,24 +23,38 @@
 //! | `stratum.dev`       | `<plural>`              | get, list, watch, patch                 | watch clusters; add/remove the finalizer (JSON patch) |
 //! | `stratum.dev`       | `<plural>/status`       | get, patch                              | status (merge patch) |
 //! | `stratum.dev`       | `<plural>/finalizers`   | update                                  | owner references with `blockOwnerDeletion` (OwnerReferencesPermissionEnforcement) |
-//! | `apps`              | `statefulsets`          | get, list, watch, create, patch, delete | read before apply (immutable fields), server-side apply, watch owned, prune |
-//! | `""`                | `services`              | list, watch, create, patch, delete      | server-side apply, watch owned, prune |
-//! | `""`                | `configmaps`            | list, watch, create, patch, delete      | server-side apply, watch owned, prune |
-//! | `policy`            | `poddisruptionbudgets`  | list, watch, create, patch, delete      | server-side apply, watch owned, prune |
-//! | `networking.k8s.io` | `networkpolicies`       | list, watch, create, patch, delete      | server-side apply, watch owned, prune |
-//! | `""`                | `secrets`               | get, list, watch, create, patch         | create-if-absent, add missing keys, read `api-token`, watch owned (never deleted) |
-//! | `""`                | `pods`                  | list, patch                             | readiness; move `stratum.dev/route` and `stratum.dev/role` labels |
+//! | `apps`              | `statefulsets`          | get, list, watch, create, patch, delete | read before apply (immutable fields), server-side apply, metadata watch (cache, owned), prune |
+//! | `""`                | `services`              | list, watch, create, patch, delete      | server-side apply, metadata watch (cache, owned), prune |
+//! | `""`                | `configmaps`            | list, watch, create, patch, delete      | server-side apply, metadata watch (cache, owned), prune |
+//! | `policy`            | `poddisruptionbudgets`  | list, watch, create, patch, delete      | server-side apply, metadata watch (cache, owned), prune |
+//! | `networking.k8s.io` | `networkpolicies`       | list, watch, create, patch, delete      | server-side apply, metadata watch (cache, owned), prune |
+//! | `""`                | `secrets`               | get, list, watch, create, patch         | watch (cache: `api-token`, owned), create-if-absent, read before adding missing keys (never deleted) |
+//! | `""`                | `pods`                  | list, watch, patch                      | watch (cache: readiness; triggers a reconcile); move `stratum.dev/route` and `stratum.dev/role` labels |
 //! | `events.k8s.io`     | `events`                | create, patch                           | Events (kube-runtime `Recorder`) |
+//! | `coordination.k8s.io` | `leases`              | get, create, patch                      | leader election ([`leader`]), in the operator's namespace only |
+//!
+//! Leases are granted by a Role in the operator's namespace
+//! (`stratum-system`), not by the ClusterRole: the operator touches no
+//! Lease elsewhere.
 //!
 //! `create` is listed next to `patch` for applied kinds because server-side
-//! apply creates objects through PATCH; keep both. Child watches are
-//! filtered by the label `stratum.dev/kind=<kind>`, which narrows traffic
-//! but not the RBAC needed.
+//! apply creates objects through PATCH; keep both. Child and pod watches
+//! are filtered by the label `stratum.dev/kind=<kind>`, which narrows
+//! traffic but not the RBAC needed.
+//!
+//! # Caches
+//!
+//! A reconcile reads children, pods and the credentials Secret from watch
+//! caches ([`cache`]), applies only what changed since this process last
+//! applied it, and is triggered by changes of the cluster, its children
+//! and its pods; at most [`CONCURRENCY`] reconciles of a kind run at once.
 
 pub mod apply;
 pub mod backoff;
+pub mod cache;
 pub mod decide;
 pub mod error;
+pub mod leader;
 pub mod metrics;
 pub mod observe;
 mod reconcile;
@@ -53,17 +67,15 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::StreamExt;
-use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
-use kube::runtime::{Controller, watcher};
-use kube::{Client, Resource};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
+use kube::{Client, ResourceExt};
 
-use crate::build::LABEL_KIND;
+use self::cache::{AppliedMemo, Caches};
+use crate::build::{LABEL_CLUSTER, LABEL_KIND};
 use crate::engine::Engine;
 use crate::registry::EngineRegistry;
 
@@ -81,6 +93,9 @@ pub struct ControllerOptions {
     pub namespace: Option<String>,
     /// Bound on each request to an instance manager during observe.
     pub instance_timeout: Duration,
+    /// Leader election between replicas; `None` reconciles at once (a
+    /// single replica, or tests).
+    pub leader_election: Option<leader::LeaderElection>,
 }
 
 impl ControllerOptions {
@@ -92,6 +107,7 @@ impl ControllerOptions {
             metrics_addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
             namespace: None,
             instance_timeout: Duration::from_secs(3),
+            leader_election: None,
         }
     }
 }
@@ -113,9 +129,11 @@ pub fn api_resource(crd: &CustomResourceDefinition) -> anyhow::Result<ApiResourc
 }
 
 /// Run one controller per engine kind of `registry`, concurrently, plus the
-/// metrics/health server on `opts.metrics_addr`. Returns when every
-/// controller has shut down (SIGTERM/Ctrl-C), or with an error when the
-/// metrics server cannot run or a CRD is unusable.
+/// metrics/health server on `opts.metrics_addr`. With leader election the
+/// controllers start once this replica holds the Lease (the metrics server
+/// answers before). Returns when every controller has shut down
+/// (SIGTERM/Ctrl-C; the Lease is released), or with an error when the
+/// metrics server cannot run, a CRD is unusable, or the Lease was lost.
 pub async fn run(
     client: Client,
     registry: EngineRegistry,
@@ -138,11 +156,24 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(opts.metrics_addr)
         .await
         .with_context(|| format!("failed to listen on {}", opts.metrics_addr))?;
+    let server = metrics::serve(listener, metrics.clone());
+    tokio::pin!(server);
+
+    // Followers wait here; a signal ends the wait.
+    let mut leadership = None;
+    if let Some(election) = &opts.leader_election {
+        tokio::select! {
+            result = &mut server => return result,
+            _ = shutdown_signal() => return Ok(()),
+            held = leader::acquire(client.clone(), election) => leadership = Some(held?),
+        }
+    }
+
     tracing::info!(addr = %opts.metrics_addr, kinds = ?registry.kinds(), namespace = ?opts.namespace, "starting controllers");
     let shared = Arc::new(reconcile::Shared {
         reporter: report::Reporter::new(client.clone()),
         client,
-        metrics: metrics.clone(),
+        metrics,
         backoff: backoff::Backoff::default(),
         opts,
     });
@@ -151,23 +182,70 @@ pub async fn run(
             .into_iter()
             .map(|(engine, resource)| run_kind(shared.clone(), engine, resource)),
     );
+    let lost = async {
+        match &mut leadership {
+            Some(l) => l.lost().await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
-        result = metrics::serve(listener, metrics) => result,
+        result = &mut server => result,
+        _ = lost => anyhow::bail!("lost the leader Lease: stopping so that a single replica reconciles"),
         _ = controllers => {
             tracing::info!("controllers stopped");
+            if let Some(l) = leadership {
+                l.release().await;
+            }
             Ok(())
         }
     }
 }
 
-fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
-where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
-{
-    match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
+/// SIGTERM or Ctrl-C, as the controllers' `shutdown_on_signal` would.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
     }
+}
+
+/// Reconciles of one kind that may run at once. Bounded so that a burst
+/// (every cluster at start-up) queues in the controller instead of as
+/// hundreds of concurrent requests against the API server.
+pub const CONCURRENCY: u16 = 8;
+
+/// The cluster objects of one kind, without `managedFields` (never read,
+/// and often the larger part of a small object).
+fn cluster_stream(
+    api: Api<DynamicObject>,
+    resource: &ApiResource,
+) -> (
+    Store<DynamicObject>,
+    impl futures::Stream<Item = Result<DynamicObject, watcher::Error>> + Send + 'static,
+) {
+    let writer = reflector::store::Writer::new(resource.clone());
+    let reader = writer.as_reader();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(|o: &mut DynamicObject| o.metadata.managed_fields = None)
+        .reflect(writer)
+        .applied_objects();
+    (reader, stream)
+}
+
+/// The cluster a pod belongs to (its `stratum.dev/cluster` label).
+fn pod_owner(pod: &Pod, resource: &ApiResource) -> Option<ObjectRef<DynamicObject>> {
+    let cluster = pod.labels().get(LABEL_CLUSTER)?;
+    let ns = pod.namespace()?;
+    Some(ObjectRef::new_with(cluster, resource.clone()).within(&ns))
 }
 
 async fn run_kind(shared: Arc<reconcile::Shared>, engine: Arc<dyn Engine>, resource: ApiResource) {
@@ -179,19 +257,27 @@ async fn run_kind(shared: Arc<reconcile::Shared>, engine: Arc<dyn Engine>, resou
         None => Api::all_with(client.clone(), &resource),
     };
     let kind = engine.kind();
-    let children = watcher::Config::default().labels(&format!("{LABEL_KIND}={kind}"));
+    let (caches, triggers) = Caches::watch(&client, ns, &format!("{LABEL_KIND}={kind}"));
+    let (store, cluster_events) = cluster_stream(clusters, &resource);
     let ctx = Arc::new(reconcile::KindContext {
         engine,
         resource: resource.clone(),
         shared,
+        caches,
+        memo: AppliedMemo::default(),
+        validated: Default::default(),
     });
-    Controller::new_with(clusters, watcher::Config::default(), resource)
-        .owns(scoped::<StatefulSet>(&client, ns), children.clone())
-        .owns(scoped::<Service>(&client, ns), children.clone())
-        .owns(scoped::<ConfigMap>(&client, ns), children.clone())
-        .owns(scoped::<PodDisruptionBudget>(&client, ns), children.clone())
-        .owns(scoped::<NetworkPolicy>(&client, ns), children.clone())
-        .owns(scoped::<Secret>(&client, ns), children)
+    let pod_resource = resource.clone();
+    Controller::for_stream_with(cluster_events, store, resource)
+        .with_config(controller::Config::default().concurrency(CONCURRENCY))
+        .owns_stream(triggers.stateful_sets)
+        .owns_stream(triggers.services)
+        .owns_stream(triggers.config_maps)
+        .owns_stream(triggers.pod_disruption_budgets)
+        .owns_stream(triggers.network_policies)
+        .owns_stream(triggers.secrets)
+        // Pods are owned by the StatefulSet: map them by label.
+        .watches_stream(triggers.pods, move |pod| pod_owner(&pod, &pod_resource))
         .shutdown_on_signal()
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| async move {

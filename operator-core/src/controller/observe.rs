@@ -1,15 +1,11 @@
-//! observe: reads the cluster's pods and credentials Secret from the
-//! Kubernetes API and asks each running instance manager for its status
-//! over HTTP. IO: Kubernetes API (read-only) and instance managers.
+//! observe: reads the cluster's pods and credentials Secret from the watch
+//! cache and asks each running instance manager for its status over HTTP.
+//! IO: instance managers only (the cache is in memory).
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::Client;
-use kube::api::{Api, ListParams};
-
+use super::cache::Caches;
 use super::decide::PodInfo;
-use super::error::ObserveError;
 use crate::build::{names, selector_labels};
 use crate::engine::{EngineManifest, ObservedMember, ValidatedCluster};
 use crate::instance::client::InstanceClient;
@@ -25,38 +21,31 @@ pub struct Observation {
     pub members: Vec<ObservedMember>,
 }
 
-/// List the pods, then query the managers of running pods concurrently
+/// Take the pods from the cache, then query the managers of running pods concurrently
 /// (each bounded by `timeout`). Managers that do not answer are recorded
 /// with their error: in a test API server without kubelets, or while pods
 /// start, that is normal.
-pub async fn observe(
-    client: &Client,
+pub(crate) async fn observe(
+    caches: &Caches,
     cluster: &ValidatedCluster,
     kind: &str,
     manifest: &EngineManifest,
     timeout: Duration,
-) -> Result<Observation, ObserveError> {
+) -> Observation {
     let ns = &cluster.meta.namespace;
     let name = &cluster.meta.name;
-    let pods_api: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let selector = selector_labels(name, kind)
-        .into_iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
     let instance_names = cluster.instance_names();
-    let pods: Vec<PodInfo> = pods_api
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .map_err(|source| ObserveError::ListPods {
-            cluster: name.clone(),
-            source,
-        })?
-        .items
+    let mut pods: Vec<PodInfo> = caches
+        .pods(ns, &selector_labels(name, kind))
         .iter()
-        .map(PodInfo::from_pod)
+        .map(|p| PodInfo::from_pod(p))
         .filter(|p| instance_names.contains(&p.name))
         .collect();
+    // The store is a hash map: keep the ordinal order the API listed.
+    pods.sort_by(|a, b| {
+        let ord = |p: &PodInfo| super::decide::ordinal(name, &p.name);
+        ord(a).cmp(&ord(b)).then_with(|| a.name.cmp(&b.name))
+    });
 
     let all_members = plan::kubernetes_members(cluster, manifest);
     let reachable: Vec<_> = all_members
@@ -66,7 +55,7 @@ pub async fn observe(
         .collect();
     let mut reports = Vec::new();
     if !reachable.is_empty() {
-        match read_token(client, ns, name).await? {
+        match read_token(caches, ns, name) {
             Some(token) => {
                 let uid = cluster.meta.uid.clone().unwrap_or_default();
                 reports = InstanceClient::new(token, uid, reachable, timeout)
@@ -94,27 +83,15 @@ pub async fn observe(
                 })
         })
         .collect();
-    Ok(Observation { pods, members })
+    Observation { pods, members }
 }
 
-/// The instance API token from the credentials Secret, if present.
-async fn read_token(
-    client: &Client,
-    ns: &str,
-    cluster: &str,
-) -> Result<Option<String>, ObserveError> {
-    let secret_name = names::credentials_secret(cluster);
-    let secret = Api::<Secret>::namespaced(client.clone(), ns)
-        .get_opt(&secret_name)
-        .await
-        .map_err(|source| ObserveError::ReadToken {
-            name: secret_name.clone(),
-            source,
-        })?;
-    Ok(secret
-        .and_then(|s| s.data)
-        .and_then(|d| d.get(SECRET_KEY_API_TOKEN).cloned())
+/// The instance API token from the cached credentials Secret, if present.
+fn read_token(caches: &Caches, ns: &str, cluster: &str) -> Option<String> {
+    caches
+        .secret(ns, &names::credentials_secret(cluster))
+        .and_then(|s| s.data.as_ref()?.get(SECRET_KEY_API_TOKEN).cloned())
         .and_then(|b| String::from_utf8(b.0).ok())
         .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty()))
+        .filter(|t| !t.is_empty())
 }

@@ -12,11 +12,14 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
+use kube::runtime::watcher;
 use serde_json::{Value, json};
 
 use super::ControllerOptions;
 use super::backoff::Backoff;
+use super::cache::{AppliedMemo, Caches, TestWriters};
 use super::metrics::Metrics;
 use super::reconcile::{self, FINALIZER, KindContext, REQUEUE_WAITING, Shared};
 use super::report::Reporter;
@@ -121,6 +124,8 @@ struct Harness {
     api: Arc<FakeApi>,
     ctx: Arc<KindContext>,
     server: tokio::task::JoinHandle<()>,
+    /// The watch caches' writers: the tests play the watches.
+    writers: TestWriters,
 }
 
 impl Harness {
@@ -136,6 +141,7 @@ impl Harness {
         let client = kube::Client::try_from(config).unwrap();
         let mut opts = ControllerOptions::new("example.invalid/stratum-operator:test");
         opts.instance_timeout = Duration::from_millis(200);
+        let (caches, mut writers) = Caches::for_tests();
         let shared = Arc::new(Shared {
             reporter: Reporter::new(client.clone()),
             client,
@@ -150,8 +156,59 @@ impl Harness {
                 "fakeclusters",
             ),
             shared,
+            caches,
+            memo: AppliedMemo::default(),
+            validated: Default::default(),
         });
-        Self { api, ctx, server }
+        writers.ready();
+        Self {
+            api,
+            ctx,
+            server,
+            writers,
+        }
+    }
+
+    /// What a watch would deliver: a cached object.
+    fn cache_secret(&mut self, secret: Value) {
+        let secret = serde_json::from_value(secret).unwrap();
+        self.writers
+            .secrets
+            .apply_watcher_event(&watcher::Event::Apply(secret));
+    }
+
+    fn cache_pod(&mut self, pod: Value) {
+        let pod = serde_json::from_value(pod).unwrap();
+        self.writers
+            .pods
+            .apply_watcher_event(&watcher::Event::Apply(pod));
+    }
+
+    /// Put every object the operator applied into the metadata caches, as
+    /// the watches would (as the fake server answered: the applied body).
+    fn cache_applied(&mut self) {
+        fn put<K: kube::Resource<DynamicType = ()> + Clone>(
+            w: &mut kube::runtime::reflector::store::Writer<PartialObjectMeta<K>>,
+            body: &Value,
+        ) {
+            let meta: PartialObjectMeta<K> =
+                serde_json::from_value(json!({"metadata": body["metadata"].clone()})).unwrap();
+            w.apply_watcher_event(&watcher::Event::Apply(meta));
+        }
+        for r in self.requests() {
+            if r.method != Method::PATCH || r.content_type != "application/apply-patch+yaml" {
+                continue;
+            }
+            let w = &mut self.writers;
+            match r.body["kind"].as_str().unwrap() {
+                "StatefulSet" => put(&mut w.stateful_sets, &r.body),
+                "Service" => put(&mut w.services, &r.body),
+                "ConfigMap" => put(&mut w.config_maps, &r.body),
+                "PodDisruptionBudget" => put(&mut w.pod_disruption_budgets, &r.body),
+                "NetworkPolicy" => put(&mut w.network_policies, &r.body),
+                other => panic!("applied {other}"),
+            }
+        }
     }
 
     fn requests(&self) -> Vec<Recorded> {
@@ -225,27 +282,20 @@ async fn first_reconcile_applies_everything_and_reports_creating() {
 
     // The Secret is created, never applied or patched.
     let secret_path = format!("{NS}/secrets/simple-pg-credentials");
-    // Read once before creating; the token is not read while no pod runs.
-    assert_eq!(h.find(Method::GET, &secret_path).len(), 1);
     let created = h.find(Method::POST, &format!("{NS}/secrets"));
     assert_eq!(created.len(), 1);
     assert!(created[0].body["data"]["api-token"].is_string());
     assert!(h.find(Method::PATCH, &secret_path).is_empty());
 
-    // Orphans are looked up by cluster label.
-    let pod_lists = h.find(Method::GET, &format!("{NS}/pods"));
-    assert_eq!(pod_lists.len(), 1);
-    let np_lists = h.find(
-        Method::GET,
-        "/apis/networking.k8s.io/v1/namespaces/team-a/networkpolicies",
-    );
-    assert!(
-        np_lists[0]
-            .query
-            .contains("stratum.dev%2Fcluster%3Dsimple-pg"),
-        "{}",
-        np_lists[0].query
-    );
+    // Pods, the Secret and the children to prune come from the watch
+    // caches; a StatefulSet the cache does not know is not read either.
+    let reads: Vec<_> = h
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == Method::GET)
+        .map(|r| r.path)
+        .collect();
+    assert!(reads.is_empty(), "{reads:?}");
 
     // Status: a merge patch of the status subresource.
     let status = h.find(Method::PATCH, &format!("{CLUSTER_PATH}/status"));
@@ -280,6 +330,54 @@ async fn first_reconcile_applies_everything_and_reports_creating() {
     assert!(
         metrics.contains(r#"stratum_reconciles_total{kind="FakeCluster"} 1"#),
         "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn unchanged_children_are_not_applied_again() {
+    let mut h = Harness::start().await;
+    let obj = Arc::new(cluster(SIMPLE_PG, true));
+    reconcile::reconcile(obj.clone(), h.ctx.clone())
+        .await
+        .unwrap();
+    h.cache_applied();
+    let before = h.requests().len();
+    reconcile::reconcile(obj.clone(), h.ctx.clone())
+        .await
+        .unwrap();
+    let again: Vec<_> = h.requests()[before..]
+        .iter()
+        // Events and status are written for this (unchanged) input object.
+        .filter(|r| !r.path.starts_with(EVENTS) && !r.path.starts_with(CLUSTER_PATH))
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    // The Secret is not cached here, so it is created again (and the
+    // fake server accepts it); nothing is applied.
+    assert_eq!(again, [format!("POST {NS}/secrets")], "{again:?}");
+
+    // A spec change applies what it changes: the StatefulSet (read first
+    // for its immutable fields) and the ConfigMap with the instance
+    // config; the Services and the PDB stay.
+    let grown = Arc::new(cluster(
+        &SIMPLE_PG.replace("instances: 3", "instances: 5"),
+        true,
+    ));
+    let before = h.requests().len();
+    reconcile::reconcile(grown, h.ctx.clone()).await.unwrap();
+    let applied: Vec<_> = h.requests()[before..]
+        .iter()
+        .filter(|r| r.method == Method::PATCH && r.content_type == "application/apply-patch+yaml")
+        .map(|r| r.path.clone())
+        .collect();
+    assert!(
+        applied.contains(&format!("{APPS}/statefulsets/simple-pg")),
+        "{applied:?}"
+    );
+    assert!(
+        applied
+            .iter()
+            .all(|p| !p.contains("/services/") && !p.contains("poddisruptionbudgets")),
+        "{applied:?}"
     );
 }
 
@@ -368,16 +466,13 @@ async fn transient_errors_back_off_per_object() {
 
 #[tokio::test]
 async fn network_policy_annotation_and_existing_secret() {
-    let h = Harness::start().await;
+    let mut h = Harness::start().await;
     // An existing Secret with every key: left alone.
-    h.api.objects.lock().unwrap().insert(
-        format!("{NS}/secrets/simple-pg-credentials"),
-        json!({
+    h.cache_secret(json!({
             "apiVersion": "v1", "kind": "Secret",
             "metadata": {"name": "simple-pg-credentials", "namespace": "team-a"},
             "data": {"api-token": "dG9rZW4=", "superuser-password": "cHc=", "replication-password": "cHc="}
-        }),
-    );
+    }));
     let mut obj = cluster(SIMPLE_PG, true);
     obj.metadata.annotations =
         Some([("stratum.dev/network-policy".to_string(), "true".to_string())].into());
@@ -416,27 +511,24 @@ fn running_pod(name: &str, labels: Value) -> Value {
 
 #[tokio::test]
 async fn ready_pods_without_managers_fall_back_to_ordinal_zero() {
-    let h = Harness::start().await;
+    let mut h = Harness::start().await;
     let selector = json!({"stratum.dev/cluster": "simple-pg", "stratum.dev/kind": "FakeCluster"});
     let mut already_rw = selector.clone();
     already_rw["stratum.dev/route"] = json!("rw");
-    h.api.lists.lock().unwrap().insert(
-        format!("{NS}/pods"),
-        vec![
-            running_pod("simple-pg-0", selector.clone()),
-            // Stale: labelled rw but not the writer any more.
-            running_pod("simple-pg-1", already_rw),
-            running_pod("simple-pg-2", selector),
-        ],
-    );
-    h.api.objects.lock().unwrap().insert(
-        format!("{NS}/secrets/simple-pg-credentials"),
-        json!({
-            "apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": "simple-pg-credentials", "namespace": "team-a"},
-            "data": {"api-token": "dG9rZW4=", "superuser-password": "cHc=", "replication-password": "cHc="}
-        }),
-    );
+    h.cache_pod(running_pod("simple-pg-0", selector.clone()));
+    // Stale: labelled rw but not the writer any more.
+    h.cache_pod(running_pod("simple-pg-1", already_rw));
+    h.cache_pod(running_pod("simple-pg-2", selector.clone()));
+    // Another cluster's pod in the same namespace: not ours.
+    h.cache_pod(running_pod(
+        "other-pg-0",
+        json!({"stratum.dev/cluster": "other-pg", "stratum.dev/kind": "FakeCluster"}),
+    ));
+    h.cache_secret(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "simple-pg-credentials", "namespace": "team-a"},
+        "data": {"api-token": "dG9rZW4=", "superuser-password": "cHc=", "replication-password": "cHc="}
+    }));
     let action = reconcile::reconcile(Arc::new(cluster(SIMPLE_PG, true)), h.ctx.clone())
         .await
         .unwrap();

@@ -2,10 +2,13 @@
 //! build → apply → observe → decide → status, and the error policy. IO:
 //! Kubernetes API and instance managers, through the step modules.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use futures::FutureExt;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -14,22 +17,28 @@ use kube::{Resource, ResourceExt};
 use tracing::Instrument;
 
 use super::ControllerOptions;
-use super::apply::{self, FIELD_MANAGER};
+use super::apply::{self, ApplyTarget, FIELD_MANAGER};
 use super::backoff::Backoff;
+use super::cache::{AppliedMemo, Caches};
 use super::decide;
-use super::error::{DecideError, ReconcileError, StatusError, ValidateError, error_chain};
+use super::error::{
+    ApplyError, DecideError, ReconcileError, StatusError, ValidateError, error_chain,
+};
 use super::metrics::Metrics;
 use super::observe;
 use super::report::Reporter;
 use super::status::{self, StatusInput};
 use crate::api::status::{ClusterStatus, Phase};
 use crate::build::{self, BuildContext, SecretAction, network_policy_enabled};
-use crate::engine::Engine;
+use crate::engine::{Engine, ValidatedCluster};
 
 /// The finalizer the controller puts on every cluster object.
 pub const FINALIZER: &str = "stratum.dev/finalizer";
 /// Requeue while instances are not all ready (waiting is not an error).
-pub const REQUEUE_WAITING: Duration = Duration::from_secs(5);
+/// Pod and child changes trigger a reconcile as they happen (watches);
+/// this only catches what no Kubernetes object shows, e.g. an instance
+/// manager's report changing while its pod stays as it is.
+pub const REQUEUE_WAITING: Duration = Duration::from_secs(10);
 /// Requeue of a healthy cluster: roles change without Kubernetes events
 /// (a native MongoDB election), so look again regularly.
 pub const REQUEUE_HEALTHY: Duration = Duration::from_secs(30);
@@ -48,6 +57,66 @@ pub(crate) struct KindContext {
     pub engine: Arc<dyn Engine>,
     pub resource: ApiResource,
     pub shared: Arc<Shared>,
+    /// Watch caches of this kind's children, pods and Secrets.
+    pub caches: Caches,
+    /// What was applied to each child, to skip unchanged applies.
+    pub memo: AppliedMemo,
+    /// The last validated spec of each cluster, by [`spec_key`]:
+    /// validation evaluates the CRD's schema and CEL rules, the costliest
+    /// step of a reconcile that changes nothing.
+    pub validated: Mutex<HashMap<(String, String), (u64, ValidatedCluster)>>,
+}
+
+/// What validation depends on: identity, generation (spec changes),
+/// labels, annotations and the spec itself. Status writes leave it alone.
+fn spec_key(obj: &DynamicObject) -> u64 {
+    let mut h = DefaultHasher::new();
+    let m = &obj.metadata;
+    (
+        &m.namespace,
+        &m.name,
+        &m.uid,
+        m.generation,
+        &m.labels,
+        &m.annotations,
+    )
+        .hash(&mut h);
+    serde_json::to_vec(obj.data.get("spec").unwrap_or(&serde_json::Value::Null))
+        .unwrap_or_default()
+        .hash(&mut h);
+    h.finish()
+}
+
+impl KindContext {
+    /// Validate `obj` unless the same spec was validated before.
+    fn validate(&self, obj: &DynamicObject) -> Result<ValidatedCluster, crate::error::SpecError> {
+        let key = spec_key(obj);
+        let id = (obj.namespace().unwrap_or_default(), obj.name_any());
+        let lock = || self.validated.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((k, cluster)) = lock().get(&id)
+            && *k == key
+        {
+            return Ok(cluster.clone());
+        }
+        let mut object = serde_json::to_value(obj).unwrap_or_default();
+        if let Some(map) = object.as_object_mut() {
+            map.insert(
+                "apiVersion".into(),
+                self.resource.api_version.clone().into(),
+            );
+            map.insert("kind".into(), self.resource.kind.clone().into());
+        }
+        let cluster = self.engine.validate(&object)?;
+        lock().insert(id, (key, cluster.clone()));
+        Ok(cluster)
+    }
+
+    fn forget(&self, obj: &DynamicObject) {
+        let (ns, name) = (obj.namespace().unwrap_or_default(), obj.name_any());
+        self.memo.forget(&ns, &name);
+        let mut validated = self.validated.lock().unwrap_or_else(|e| e.into_inner());
+        validated.remove(&(ns, name));
+    }
 }
 
 fn object_key(kind: &str, ns: &str, name: &str) -> String {
@@ -212,12 +281,7 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
     let previous = previous_status(obj);
 
     // validate: the API server already ran the schema and CEL rules.
-    let mut object = serde_json::to_value(obj).unwrap_or_default();
-    if let Some(map) = object.as_object_mut() {
-        map.insert("apiVersion".into(), ctx.resource.api_version.clone().into());
-        map.insert("kind".into(), ctx.resource.kind.clone().into());
-    }
-    let cluster = match engine.validate(&object) {
+    let cluster = match ctx.validate(obj) {
         Ok(c) => c,
         Err(spec) => {
             reject(ctx, obj, &spec.to_string()).await?;
@@ -245,7 +309,27 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
     let ns = cluster.meta.namespace.clone();
     let name = cluster.meta.name.clone();
     let uid = cluster.meta.uid.clone().unwrap_or_default();
-    let outcome = apply::apply_all(client, &ns, &name, &uid, objects).await?;
+    // Before the watch caches hold their first lists, the children are
+    // unknown: look again shortly rather than hold a reconcile slot.
+    match ctx.caches.ready().now_or_never() {
+        Some(result) => result.map_err(ApplyError::CacheStopped)?,
+        None => {
+            tracing::debug!("watch caches not ready yet");
+            return Ok(Action::requeue(Duration::from_millis(500)));
+        }
+    }
+    let target = ApplyTarget {
+        client,
+        caches: &ctx.caches,
+        memo: &ctx.memo,
+        ns: &ns,
+        cluster: &name,
+        cluster_uid: &uid,
+    };
+    let outcome = apply::apply_all(&target, objects).await?;
+    shared
+        .metrics
+        .record_applies(kind, outcome.applied, outcome.unchanged);
     let reporter = &shared.reporter;
     if !outcome.immutable_changes.is_empty() {
         let note = format!(
@@ -277,13 +361,13 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
 
     // observe.
     let seen = observe::observe(
-        client,
+        &ctx.caches,
         &cluster,
         kind,
         &manifest,
         shared.opts.instance_timeout,
     )
-    .await?;
+    .await;
 
     // decide: routing and pod labels.
     let previous_primary = previous.as_ref().and_then(|s| s.current_primary.clone());
@@ -337,6 +421,7 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
 /// Deletion: owned children go with the cluster through garbage
 /// collection (PVCs stay: retention policy Retain); record the phase.
 async fn cleanup_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, ReconcileError> {
+    ctx.forget(obj);
     let previous = previous_status(obj);
     let new = status::deleting_status(previous.as_ref(), Utc::now());
     if previous.as_ref() != Some(&new) {
