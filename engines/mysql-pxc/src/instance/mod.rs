@@ -34,6 +34,7 @@ use operator_core::engine::{
     ActionReply, InstanceContext, InstanceDriver, InstanceError, Progress, ServerCommand,
 };
 use operator_core::instance::config::{InstanceConfig, PeerEndpoint};
+use operator_core::instance::identity::{self, IDENTITY_FILE};
 use operator_core::instance::manager::SERVER_LOG;
 use operator_core::instance::process::{self, RunAs};
 use operator_core::instance::protocol::{MemberStatus, Position, Role};
@@ -65,8 +66,6 @@ const LOG_TAIL_BYTES: u64 = 256 * 1024;
 
 /// Name of the server's data directory under the data volume.
 pub const DATADIR: &str = "mysql";
-/// The volume's identity file.
-pub const IDENTITY_FILE: &str = "stratum-cluster.json";
 /// Present while the data directory is being initialised.
 pub const INCOMPLETE_MARKER: &str = "stratum-init.incomplete";
 /// Present until the operator's accounts are known to exist on this member.
@@ -172,18 +171,6 @@ pub struct StartMode {
     /// `--init-file` with the operator's accounts.
     #[serde(default)]
     pub init_file: bool,
-}
-
-/// Contents of `stratum-cluster.json`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DataDirIdentity {
-    /// Cluster identity (CR UID, or a generated id locally).
-    pub cluster_id: String,
-    /// Cluster name, for messages.
-    pub cluster: String,
-    /// Instance that created the directory.
-    pub instance: String,
 }
 
 /// The Galera [`InstanceDriver`]. Stateless: everything is read from the
@@ -301,44 +288,16 @@ fn claim_volume(
     config: &InstanceConfig,
     owner: Option<&RunAs>,
 ) -> Result<(), InstanceError> {
-    let path = layout.vol(IDENTITY_FILE);
-    let refuse = |reason: String| InstanceError::DataDirectory {
-        path: layout.volume.clone(),
-        reason,
-    };
-    match std::fs::read(&path) {
-        Ok(bytes) => {
-            let found: DataDirIdentity = serde_json::from_slice(&bytes).map_err(|e| {
-                refuse(format!(
-                    "{} is unreadable ({e}); delete the data directory",
-                    path.display()
-                ))
-            })?;
-            if found.cluster_id != config.cluster_id {
-                return Err(refuse(format!(
-                    "it belongs to cluster {} (id {}), this instance is cluster {} (id {}); use another data directory or delete it",
-                    found.cluster, found.cluster_id, config.cluster, config.cluster_id
-                )));
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if layout.is_initialised() {
-                return Err(refuse(format!(
-                    "{} holds a MySQL data directory that Stratum did not create (no {IDENTITY_FILE}); use another data directory or delete it",
-                    layout.datadir.display()
-                )));
-            }
-            let identity = DataDirIdentity {
-                cluster_id: config.cluster_id.clone(),
-                cluster: config.cluster.clone(),
-                instance: config.instance.clone(),
-            };
-            let json = serde_json::to_vec_pretty(&identity).expect("identity serializes");
-            process::write_file(&path, &json, 0o600, owner)
-        }
-        Err(e) => Err(InstanceError::io("read", path)(e)),
-    }
+    let foreign = layout
+        .is_initialised()
+        .then(|| format!("{} holds a MySQL data directory", layout.datadir.display()));
+    identity::claim_volume(
+        &layout.volume,
+        &layout.vol(IDENTITY_FILE),
+        config,
+        owner,
+        foreign,
+    )
 }
 
 /// Initialise an empty data directory (`mariadb-install-db`, or

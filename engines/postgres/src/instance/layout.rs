@@ -6,15 +6,14 @@ use std::path::PathBuf;
 
 use operator_core::engine::{InstanceContext, InstanceError};
 use operator_core::instance::config::InstanceConfig;
+use operator_core::instance::identity;
 use operator_core::instance::process::{self, RunAs};
-use serde::{Deserialize, Serialize};
 
 use crate::settings::PostgresInstanceSettings;
 
 /// Name of PGDATA under the data volume.
 pub const PGDATA: &str = "pgdata";
-/// Name of the identity file under the data volume.
-pub const IDENTITY_FILE: &str = "stratum-cluster.json";
+pub use operator_core::instance::identity::IDENTITY_FILE;
 /// Present while a data directory is being created (initdb, clone); a
 /// data directory with it is half-done and is wiped and redone.
 pub const INCOMPLETE_MARKER: &str = "stratum-init.incomplete";
@@ -132,19 +131,6 @@ impl Layout {
     }
 }
 
-/// Contents of `stratum-cluster.json`: which cluster a data directory
-/// belongs to.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DataDirIdentity {
-    /// Cluster identity (CR UID, or a generated id locally).
-    pub cluster_id: String,
-    /// Cluster name, for messages.
-    pub cluster: String,
-    /// Instance that created the directory.
-    pub instance: String,
-}
-
 /// Make sure the data directory belongs to this cluster: compare its
 /// identity file with `config`, or write the file on first boot. A
 /// PostgreSQL data directory without an identity file was not made by
@@ -154,44 +140,20 @@ pub fn claim_data_dir(
     config: &InstanceConfig,
     owner: Option<&RunAs>,
 ) -> Result<(), InstanceError> {
-    let path = layout.identity_file();
-    let refuse = |reason: String| InstanceError::DataDirectory {
-        path: layout.data_dir.clone(),
-        reason,
-    };
-    match std::fs::read(&path) {
-        Ok(bytes) => {
-            let found: DataDirIdentity = serde_json::from_slice(&bytes).map_err(|e| {
-                refuse(format!(
-                    "{} is unreadable ({e}); delete the data directory",
-                    path.display()
-                ))
-            })?;
-            if found.cluster_id != config.cluster_id {
-                return Err(refuse(format!(
-                    "it belongs to cluster {} (id {}), this instance is cluster {} (id {}); use another data directory or delete it",
-                    found.cluster, found.cluster_id, config.cluster, config.cluster_id
-                )));
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if layout.pg_version_file().exists() && !layout.incomplete_marker().exists() {
-                return Err(refuse(format!(
-                    "{} holds a PostgreSQL data directory that Stratum did not create (no {IDENTITY_FILE}); use another data directory or delete it",
-                    layout.pgdata.display()
-                )));
-            }
-            let identity = DataDirIdentity {
-                cluster_id: config.cluster_id.clone(),
-                cluster: config.cluster.clone(),
-                instance: config.instance.clone(),
-            };
-            let json = serde_json::to_vec_pretty(&identity).expect("identity serializes");
-            process::write_file(&path, &json, 0o600, owner)
-        }
-        Err(e) => Err(InstanceError::io("read", path)(e)),
-    }
+    let foreign =
+        (layout.pg_version_file().exists() && !layout.incomplete_marker().exists()).then(|| {
+            format!(
+                "{} holds a PostgreSQL data directory",
+                layout.pgdata.display()
+            )
+        });
+    identity::claim_volume(
+        &layout.data_dir,
+        &layout.identity_file(),
+        config,
+        owner,
+        foreign,
+    )
 }
 
 /// Unix socket paths are limited to 107 bytes; fail early with the reason
