@@ -12,7 +12,7 @@
 //! ```
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,6 +22,10 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use mysql_async::prelude::*;
 use serde_json::Value;
+
+#[path = "../bench/report.rs"]
+mod report;
+use report::{date, ms, stats, write_section};
 
 const START: &str = "<!-- galera-benchmark:start -->";
 const END: &str = "<!-- galera-benchmark:end -->";
@@ -228,19 +232,6 @@ fn writer(
             }
         }
     })
-}
-
-fn stats(mut v: Vec<Duration>) -> (Duration, Duration, Duration) {
-    if v.is_empty() {
-        return Default::default();
-    }
-    v.sort();
-    let pick = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
-    (pick(0.5), pick(0.95), *v.last().unwrap())
-}
-
-fn ms(d: Duration) -> String {
-    format!("{} ms", d.as_millis())
 }
 
 fn port_of(s: &Value, name: &str) -> u16 {
@@ -588,34 +579,17 @@ is SIGKILL of `up`, the three managers and the three mariadbd at once, then
     );
     println!("{table}");
     if !args.dry_run {
-        write_section(&args.out, &table)?;
+        write_section(
+            &args.out,
+            START,
+            END,
+            "Galera (PxcCluster, MariaDB) on the local runtime",
+            &table,
+        )?;
         eprintln!("wrote {}", args.out.display());
     }
     if lost > 0 {
         bail!("{lost} acknowledged writes were lost");
     }
-    Ok(())
-}
-
-fn date() -> String {
-    Command::new("date")
-        .args(["-u", "+%Y-%m-%d"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
-/// Replace the Galera section of the results file (append it when
-/// missing); other sections are left alone.
-fn write_section(path: &Path, table: &str) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
-    let new = match (text.find(START), text.find(END)) {
-        (Some(a), Some(b)) if b > a => format!("{}{table}{}", &text[..a], &text[b + END.len()..]),
-        _ => format!(
-            "{}\n\n## Galera (PxcCluster, MariaDB) on the local runtime\n\n{table}\n",
-            text.trim_end()
-        ),
-    };
-    std::fs::write(path, new)?;
     Ok(())
 }

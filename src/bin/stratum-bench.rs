@@ -9,7 +9,7 @@
 //! cargo build --release && target/release/stratum-bench failover --kills 20
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,6 +19,10 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use serde_json::Value;
 use stratum_postgres::tokio_postgres;
+
+#[path = "../bench/report.rs"]
+mod report;
+use report::{date, ms, stats, write_section};
 
 const START: &str = "<!-- postgresql-benchmark:start -->";
 const END: &str = "<!-- postgresql-benchmark:end -->";
@@ -217,19 +221,6 @@ fn port_of(s: &Value, instance: &str) -> i32 {
         .and_then(|a| a.rsplit_once(':'))
         .and_then(|(_, p)| p.parse().ok())
         .unwrap_or(0)
-}
-
-fn stats(mut v: Vec<Duration>) -> (Duration, Duration, Duration) {
-    if v.is_empty() {
-        return Default::default();
-    }
-    v.sort();
-    let pick = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
-    (pick(0.5), pick(0.95), *v.last().unwrap())
-}
-
-fn ms(d: Duration) -> String {
-    format!("{} ms", d.as_millis())
 }
 
 async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
@@ -442,7 +433,7 @@ kills the primary's postmaster with SIGKILL.
 | Old primary streams from the new primary again (from the kill) | {r50} | {r95} | {rmax} | |
 | Create a 3-instance cluster (up → Healthy) | {create} | | | |
 {END}",
-        date = chrono_like_date(),
+        date = date(),
         kills = args.kills,
         sw = args.switchovers,
         f50 = ms(f50),
@@ -458,34 +449,17 @@ kills the primary's postmaster with SIGKILL.
     );
     println!("{table}");
     if !args.dry_run {
-        write_section(&args.out, &table)?;
+        write_section(
+            &args.out,
+            START,
+            END,
+            "PostgreSQL failover (local runtime)",
+            &table,
+        )?;
         eprintln!("wrote {}", args.out.display());
     }
     if lost > 0 {
         bail!("{lost} acknowledged writes were lost");
     }
-    Ok(())
-}
-
-fn chrono_like_date() -> String {
-    Command::new("date")
-        .args(["-u", "+%Y-%m-%d"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
-/// Replace the PostgreSQL section of the results file (create it when
-/// missing); other sections are left alone.
-fn write_section(path: &Path, table: &str) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
-    let new = match (text.find(START), text.find(END)) {
-        (Some(a), Some(b)) if b > a => format!("{}{table}{}", &text[..a], &text[b + END.len()..]),
-        _ => format!(
-            "{}\n## PostgreSQL failover (local runtime)\n\n{table}\n",
-            text.trim_end()
-        ),
-    };
-    std::fs::write(path, new)?;
     Ok(())
 }
