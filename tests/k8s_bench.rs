@@ -90,6 +90,91 @@ fn histogram_quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
     prev.0
 }
 
+/// The step histograms (`stratum_reconcile_step_duration_seconds`, what a
+/// reconcile waits on the API server for) of every kind, summed per step.
+fn step_histograms(metrics: &str) -> BTreeMap<String, Vec<(f64, f64)>> {
+    labelled_histograms(
+        metrics,
+        "stratum_reconcile_step_duration_seconds",
+        &["step"],
+    )
+}
+
+/// The histograms of metric `name`, summed over every label but `keys`,
+/// by the values of `keys` joined with a space.
+fn labelled_histograms(
+    metrics: &str,
+    name: &str,
+    keys: &[&str],
+) -> BTreeMap<String, Vec<(f64, f64)>> {
+    let prefix = format!("{name}_bucket{{");
+    let mut steps: BTreeMap<String, BTreeMap<String, (f64, f64)>> = BTreeMap::new();
+    for line in metrics.lines() {
+        let Some(rest) = line.strip_prefix(&prefix) else {
+            continue;
+        };
+        let label = |key: &str| {
+            rest.split(&format!("{key}=\""))
+                .nth(1)
+                .and_then(|v| v.split('"').next())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let step = keys.iter().map(|k| label(k)).collect::<Vec<_>>().join(" ");
+        let le = label("le");
+        let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        let bound = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().unwrap()
+        };
+        steps
+            .entry(step)
+            .or_default()
+            .entry(le)
+            .or_insert((bound, 0.0))
+            .1 += value;
+    }
+    steps
+        .into_iter()
+        .map(|(step, buckets)| {
+            let mut b: Vec<(f64, f64)> = buckets.into_values().collect();
+            b.sort_by(|x, y| x.0.total_cmp(&y.0));
+            (step, b)
+        })
+        .collect()
+}
+
+/// `after - before`, bucket by bucket.
+fn histogram_difference(after: &[(f64, f64)], before: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    after
+        .iter()
+        .map(|&(le, count)| {
+            let b = before.iter().find(|b| b.0 == le).map_or(0.0, |b| b.1);
+            (le, count - b)
+        })
+        .collect()
+}
+
+/// "step median / p99 ms (count)" for each step of `steps`.
+fn step_summary(steps: &BTreeMap<String, Vec<(f64, f64)>>) -> String {
+    ["finalizer", "apply", "pod_labels", "status", "event"]
+        .iter()
+        .filter_map(|step| {
+            let b = steps.get(*step)?;
+            let count = b.last().map_or(0.0, |l| l.1);
+            (count > 0.0).then(|| {
+                format!(
+                    "{step} {:.0} / {:.0} ({count:.0})",
+                    histogram_quantile(b, 0.5) * 1000.0,
+                    histogram_quantile(b, 0.99) * 1000.0
+                )
+            })
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// The reconcile duration histogram of every kind, summed, and the
 /// reconcile count, from the operator's /metrics.
 fn reconcile_histogram(metrics: &str) -> (Vec<(f64, f64)>, f64) {
@@ -281,6 +366,12 @@ async fn operator_at_many_clusters() {
     );
     let text_before = metrics_text(port).await;
     let (buckets_before, metrics_before) = reconcile_histogram(&text_before);
+    let steps_before = step_histograms(&text_before);
+    let requests_before = labelled_histograms(
+        &text_before,
+        "stratum_child_request_duration_seconds",
+        &["child", "verb"],
+    );
     let applies_before = child_applies(&text_before);
     tokio::time::sleep(steady).await;
     let (rss_steady, hwm, cpu_steady) = usage(pid);
@@ -303,6 +394,16 @@ async fn operator_at_many_clusters() {
                 .find(|b| b.0 == le)
                 .map_or(0.0, |b| b.1);
             (le, count - before)
+        })
+        .collect();
+    let creation_p50 = histogram_quantile(&buckets_before, 0.5);
+    let creation_p99 = histogram_quantile(&buckets_before, 0.99);
+    let steps_after = step_histograms(&final_metrics);
+    let steady_steps: BTreeMap<String, Vec<(f64, f64)>> = steps_after
+        .iter()
+        .map(|(step, after)| {
+            let before = steps_before.get(step).cloned().unwrap_or_default();
+            (step.clone(), histogram_difference(after, &before))
         })
         .collect();
     let steady_p50 = histogram_quantile(&steady_buckets, 0.5);
@@ -439,6 +540,38 @@ async fn operator_at_many_clusters() {
         "| Reconcile duration over the whole run (creation burst included), median / p99 ({reconciles:.0} reconciles) | {} / {} ms | p99 < 100 ms |",
         bucket_ms(p50),
         bucket_ms(p99)
+    );
+    let _ = writeln!(
+        section,
+        "| Reconcile duration over the creation burst alone (until every object exists), median / p99 ({metrics_before:.0} reconciles) | {} / {} ms | p99 < 100 ms |",
+        bucket_ms(creation_p50),
+        bucket_ms(creation_p99)
+    );
+    let _ = writeln!(
+        section,
+        "| What reconciles waited on, creation burst: API round trips by step, median / p99 ms (count) | {} | |",
+        step_summary(&steps_before)
+    );
+    let requests = requests_before
+        .iter()
+        .map(|(what, b)| {
+            format!(
+                "{what} {:.0} / {:.0} ({:.0})",
+                histogram_quantile(b, 0.5) * 1000.0,
+                histogram_quantile(b, 0.99) * 1000.0,
+                b.last().map_or(0.0, |l| l.1)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    let _ = writeln!(
+        section,
+        "| One request of the apply step, creation burst, by child and verb, median / p99 ms (count) | {requests} | |"
+    );
+    let _ = writeln!(
+        section,
+        "| What reconciles waited on, steady state: API round trips by step, median / p99 ms (count) | {} | |",
+        step_summary(&steady_steps)
     );
     let _ = writeln!(
         section,

@@ -595,6 +595,19 @@ impl OperatorProcess {
         lease: &str,
         identity: &str,
     ) -> Self {
+        Self::start_via(admin, namespace, lease, identity, None).await
+    }
+
+    /// [`Self::start_with_lease`], reaching the API server at `server`
+    /// (e.g. `https://127.0.0.1:PORT` of a proxy the test can cut) instead
+    /// of its own address when given.
+    pub async fn start_via(
+        admin: &Client,
+        namespace: Option<&str>,
+        lease: &str,
+        identity: &str,
+        server: Option<&str>,
+    ) -> Self {
         install_deploy(admin).await;
         let token = operator_token(admin).await;
         let admin_kc = Kubeconfig::read_from(kubeconfig_path()).expect("admin kubeconfig");
@@ -604,7 +617,7 @@ impl OperatorProcess {
         let config = json!({
             "apiVersion": "v1", "kind": "Config",
             "clusters": [{"name": "c", "cluster": {
-                "server": cluster.server,
+                "server": server.map(str::to_string).or(cluster.server),
                 "certificate-authority": cluster.certificate_authority,
             }}],
             "users": [{"name": OPERATOR_SERVICE_ACCOUNT, "user": {"token": token}}],
@@ -662,6 +675,29 @@ impl OperatorProcess {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Send SIGTERM (what Kubernetes sends a pod that is stopped).
+    pub fn terminate(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill(1)");
+        assert!(status.success(), "kill -TERM failed: {status}");
+    }
+
+    /// Wait up to `limit` for the process to exit; its status if it did.
+    pub async fn exited_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let until = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for the operator") {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= until {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 

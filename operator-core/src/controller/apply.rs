@@ -6,6 +6,8 @@
 //! (orphans, immutable StatefulSet fields) are pure functions below.
 
 use std::fmt::Debug;
+use std::future::Future;
+use std::time::Instant;
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -20,6 +22,7 @@ use serde::de::DeserializeOwned;
 pub use super::cache::ExistingChild;
 use super::cache::{AppliedMemo, Caches, desired_hash};
 use super::error::ApplyError;
+use super::metrics::Metrics;
 use crate::build::{ChildKind, ClusterObjects, LABEL_CLUSTER, SecretAction, secret_action};
 
 /// The one field manager of every object the operator applies.
@@ -120,9 +123,21 @@ pub(crate) struct ApplyTarget<'a> {
     pub ns: &'a str,
     pub cluster: &'a str,
     pub cluster_uid: &'a str,
+    /// Where each request's duration is recorded, under the cluster kind.
+    pub metrics: &'a Metrics,
+    pub kind: &'a str,
 }
 
 impl ApplyTarget<'_> {
+    /// Run one API request about a child, timing it.
+    async fn timed<T>(&self, child: &str, verb: &str, request: impl Future<Output = T>) -> T {
+        let started = Instant::now();
+        let result = request.await;
+        self.metrics
+            .record_request(self.kind, child, verb, started.elapsed());
+        result
+    }
+
     /// Server-side apply `obj` unless neither it nor the object in the
     /// cache changed since this process last applied it. `hash` is the
     /// desired object's [`desired_hash`] (before any adjustment). Returns
@@ -148,11 +163,13 @@ impl ApplyTarget<'_> {
         {
             return Ok(false);
         }
-        let applied = namespaced::<K>(self.client, self.ns)
-            .patch(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(obj),
+        let api = namespaced::<K>(self.client, self.ns);
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let applied = self
+            .timed(
+                kind.as_str(),
+                "apply",
+                api.patch(&name, &params, &Patch::Apply(obj)),
             )
             .await
             .map_err(|source| ApplyError::Apply {
@@ -195,10 +212,11 @@ impl ApplyTarget<'_> {
         // Not in the cache: a new StatefulSet, nothing to preserve (if the
         // cache lags behind one that exists, an immutable field that
         // differs fails the apply and the retry finds it cached).
+        let api = namespaced::<StatefulSet>(self.client, self.ns);
         let existing = match cached {
             None => None,
-            Some(_) => namespaced::<StatefulSet>(self.client, self.ns)
-                .get_opt(&name)
+            Some(_) => self
+                .timed(kind.as_str(), "get", api.get_opt(&name))
                 .await
                 .map_err(|source| ApplyError::Apply {
                     kind: kind.as_str(),
@@ -227,7 +245,14 @@ impl ApplyTarget<'_> {
         let cached = self.caches.secret(self.ns, &name);
         match secret_action(cached.as_deref(), desired) {
             SecretAction::Keep => Ok(SecretAction::Keep),
-            SecretAction::Create => match api.create(&PostParams::default(), desired).await {
+            SecretAction::Create => match self
+                .timed(
+                    "Secret",
+                    "create",
+                    api.create(&PostParams::default(), desired),
+                )
+                .await
+            {
                 Ok(_) => Ok(SecretAction::Create),
                 // Created since the cache saw it (by us or someone else):
                 // the stored one stays.
@@ -306,10 +331,13 @@ pub struct ApplyOutcome {
     pub unchanged: usize,
 }
 
-/// Apply every object of the cluster, then prune orphans. Order: the
-/// ConfigMap, Secret and Services (together), then the StatefulSet whose
-/// pods mount them, with the policies. Objects unchanged since this
-/// process applied them are skipped; orphans come from the watch cache.
+/// Apply every object of the cluster, then prune orphans. The children
+/// are independent requests and go together (one round trip, not one per
+/// child): the StatefulSet does not need its ConfigMap or Secret to
+/// exist, its pods do, and a kubelet waits for a missing volume source or
+/// Secret key and starts the container once it appears. Objects
+/// unchanged since this process applied them are skipped; orphans come
+/// from the watch cache.
 pub(crate) async fn apply_all(
     target: &ApplyTarget<'_>,
     objects: ClusterObjects,
@@ -325,7 +353,7 @@ pub(crate) async fn apply_all(
         secret_if_absent,
     } = objects;
 
-    let (config_map, secret, services) = futures::future::join3(
+    let (config_map, secret, services, sts, pdb, np) = futures::join!(
         target.apply(ChildKind::ConfigMap, &config_map),
         target.ensure_secret(&secret_if_absent),
         futures::future::try_join_all(
@@ -333,17 +361,6 @@ pub(crate) async fn apply_all(
                 .iter()
                 .map(|svc| target.apply(ChildKind::Service, svc)),
         ),
-    )
-    .await;
-    let count = |b: bool| usize::from(b);
-    outcome.applied += count(config_map?);
-    outcome.applied += services?.into_iter().filter(|b| *b).count();
-    let secret = secret?;
-    if secret != SecretAction::Keep {
-        outcome.secret = Some(secret);
-    }
-
-    let (sts, pdb, np) = futures::future::join3(
         target.apply_stateful_set(stateful_set),
         target.apply(ChildKind::PodDisruptionBudget, &pod_disruption_budget),
         async {
@@ -352,8 +369,14 @@ pub(crate) async fn apply_all(
                 None => Ok(false),
             }
         },
-    )
-    .await;
+    );
+    let count = |b: bool| usize::from(b);
+    outcome.applied += count(config_map?);
+    outcome.applied += services?.into_iter().filter(|b| *b).count();
+    let secret = secret?;
+    if secret != SecretAction::Keep {
+        outcome.secret = Some(secret);
+    }
     let (applied, immutable_changes) = sts?;
     outcome.applied += count(applied) + count(pdb?) + count(np?);
     outcome.immutable_changes = immutable_changes;

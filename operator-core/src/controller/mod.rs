@@ -171,12 +171,13 @@ pub async fn run(
 
     tracing::info!(addr = %opts.metrics_addr, kinds = ?registry.kinds(), namespace = ?opts.namespace, "starting controllers");
     let shared = Arc::new(reconcile::Shared {
-        reporter: report::Reporter::new(client.clone()),
+        reporter: report::Reporter::new(client.clone(), metrics.clone()),
         client,
         metrics,
         backoff: backoff::Backoff::default(),
         opts,
     });
+    let reporter = shared.reporter.clone();
     let controllers = futures::future::join_all(
         kinds
             .into_iter()
@@ -190,9 +191,11 @@ pub async fn run(
     };
     tokio::select! {
         result = &mut server => result,
-        _ = lost => anyhow::bail!("lost the leader Lease: stopping so that a single replica reconciles"),
+        why = lost => anyhow::bail!("lost the leader Lease ({why}): stopping so that a single replica reconciles"),
         _ = controllers => {
             tracing::info!("controllers stopped");
+            // Events still queued (best effort, bounded wait).
+            let _ = tokio::time::timeout(Duration::from_secs(2), reporter.flush()).await;
             if let Some(l) = leadership {
                 l.release().await;
             }
@@ -266,6 +269,7 @@ async fn run_kind(shared: Arc<reconcile::Shared>, engine: Arc<dyn Engine>, resou
         caches,
         memo: AppliedMemo::default(),
         validated: Default::default(),
+        written: Default::default(),
     });
     let pod_resource = resource.clone();
     Controller::for_stream_with(cluster_events, store, resource)

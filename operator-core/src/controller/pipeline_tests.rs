@@ -142,10 +142,11 @@ impl Harness {
         let mut opts = ControllerOptions::new("example.invalid/stratum-operator:test");
         opts.instance_timeout = Duration::from_millis(200);
         let (caches, mut writers) = Caches::for_tests();
+        let metrics = Arc::new(Metrics::new());
         let shared = Arc::new(Shared {
-            reporter: Reporter::new(client.clone()),
+            reporter: Reporter::new(client.clone(), metrics.clone()),
             client,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             backoff: Backoff::default(),
             opts,
         });
@@ -159,6 +160,7 @@ impl Harness {
             caches,
             memo: AppliedMemo::default(),
             validated: Default::default(),
+            written: Default::default(),
         });
         writers.ready();
         Self {
@@ -315,7 +317,9 @@ async fn first_reconcile_applies_everything_and_reports_creating() {
         .collect();
     assert_eq!(types, ["Ready", "Progressing", "Degraded"]);
 
-    // Events: the new credentials and the first phase.
+    // Events: the new credentials and the first phase, sent off the
+    // reconcile path.
+    h.ctx.shared.reporter.flush().await;
     let reasons: Vec<_> = h
         .find(Method::POST, EVENTS)
         .iter()
@@ -422,6 +426,7 @@ async fn invalid_spec_is_permanent_failed_and_reported() {
             .starts_with("spec.instances: must be odd"),
         "{degraded}"
     );
+    h.ctx.shared.reporter.flush().await;
     let events = h.find(Method::POST, EVENTS);
     assert_eq!(events.len(), 1, "one report per result");
     assert_eq!(events[0].body["reason"], "InvalidSpec");
@@ -435,21 +440,44 @@ async fn invalid_spec_is_permanent_failed_and_reported() {
 }
 
 #[tokio::test]
-async fn finalizer_is_added_first() {
+async fn finalizer_is_added_with_the_first_applies() {
     let h = Harness::start().await;
     let action = reconcile::reconcile(Arc::new(cluster(SIMPLE_PG, false)), h.ctx.clone())
         .await
         .unwrap();
-    assert_eq!(action, Action::await_change());
+    assert_eq!(action, Action::requeue(REQUEUE_WAITING));
     let patches = h.find(Method::PATCH, CLUSTER_PATH);
     assert_eq!(patches.len(), 1);
     assert_eq!(patches[0].content_type, "application/json-patch+json");
-    assert!(patches[0].body.to_string().contains(FINALIZER));
+    // Test-then-add, as kube-runtime's finalizer() does, so a concurrent
+    // change of the list fails the patch instead of being overwritten.
     assert_eq!(
-        h.requests().len(),
-        1,
-        "nothing else before the finalizer is in place"
+        patches[0].body,
+        json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+        ])
     );
+    // In the same reconcile: the children and the status.
+    assert_eq!(
+        h.find(Method::PATCH, &format!("{APPS}/statefulsets/simple-pg"))
+            .len(),
+        1
+    );
+    assert_eq!(
+        h.find(Method::PATCH, &format!("{CLUSTER_PATH}/status"))
+            .len(),
+        1
+    );
+    let metrics = h.ctx.shared.metrics.encode();
+    for step in ["finalizer", "apply", "status"] {
+        assert!(
+            metrics.contains(&format!(
+                r#"stratum_reconcile_step_duration_seconds_count{{kind="FakeCluster",step="{step}"}} 1"#
+            )),
+            "{step}: {metrics}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -556,6 +584,7 @@ async fn ready_pods_without_managers_fall_back_to_ordinal_zero() {
     assert_eq!(s["currentPrimary"], "simple-pg-0");
     // The managers were tried (token read) and are unreachable here.
     assert!(s["instancesStatus"][0]["message"].is_string(), "{s}");
+    h.ctx.shared.reporter.flush().await;
     let reasons: Vec<_> = h
         .find(Method::POST, EVENTS)
         .iter()

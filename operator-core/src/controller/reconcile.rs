@@ -24,7 +24,7 @@ use super::decide;
 use super::error::{
     ApplyError, DecideError, ReconcileError, StatusError, ValidateError, error_chain,
 };
-use super::metrics::Metrics;
+use super::metrics::{Metrics, Step};
 use super::observe;
 use super::report::Reporter;
 use super::status::{self, StatusInput};
@@ -65,6 +65,22 @@ pub(crate) struct KindContext {
     /// validation evaluates the CRD's schema and CEL rules, the costliest
     /// step of a reconcile that changes nothing.
     pub validated: Mutex<HashMap<(String, String), (u64, ValidatedCluster)>>,
+    /// The last status this process wrote for each cluster, until the
+    /// watch cache shows it (see [`KindContext::previous`]).
+    pub written: Mutex<HashMap<(String, String), WrittenStatus>>,
+}
+
+/// A status written by this process, with the `resourceVersion` the write
+/// produced.
+pub(crate) struct WrittenStatus {
+    uid: Option<String>,
+    resource_version: u64,
+    status: ClusterStatus,
+    value: serde_json::Value,
+}
+
+fn resource_version(obj: &DynamicObject) -> Option<u64> {
+    obj.metadata.resource_version.as_deref()?.parse().ok()
 }
 
 /// What validation depends on: identity, generation (spec changes),
@@ -114,8 +130,50 @@ impl KindContext {
     fn forget(&self, obj: &DynamicObject) {
         let (ns, name) = (obj.namespace().unwrap_or_default(), obj.name_any());
         self.memo.forget(&ns, &name);
+        let id = (ns, name);
         let mut validated = self.validated.lock().unwrap_or_else(|e| e.into_inner());
-        validated.remove(&(ns, name));
+        validated.remove(&id);
+        drop(validated);
+        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        written.remove(&id);
+    }
+
+    /// The status `obj` has in the API server, as far as this process
+    /// knows, and the JSON keys a merge patch must clear. Usually the
+    /// cached object's; but a reconcile often runs on a cached object that
+    /// predates this process's own last status write (the write and the
+    /// finalizer add or a child's creation race in the watch streams), and
+    /// comparing against that older status would write the same status
+    /// again. `resourceVersion`s are compared as numbers: the API server
+    /// (etcd) issues them in increasing order; one that is not a number
+    /// disables the shortcut.
+    fn previous(&self, obj: &DynamicObject) -> (Option<ClusterStatus>, Option<serde_json::Value>) {
+        let cached = previous_status(obj);
+        let cached_value = obj.data.get("status").cloned();
+        let id = (obj.namespace().unwrap_or_default(), obj.name_any());
+        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(w) = written.get(&id) else {
+            return (cached, cached_value);
+        };
+        match resource_version(obj) {
+            Some(rv) if w.uid == obj.metadata.uid && rv < w.resource_version => {
+                // Keys of both, so the patch clears whatever either has.
+                let mut keys = w.value.clone();
+                if let (Some(keys), Some(serde_json::Value::Object(old))) =
+                    (keys.as_object_mut(), &cached_value)
+                {
+                    for k in old.keys() {
+                        keys.entry(k.clone()).or_insert(serde_json::Value::Null);
+                    }
+                }
+                (Some(w.status.clone()), Some(keys))
+            }
+            _ => {
+                // The cache has caught up (or the object is another one).
+                written.remove(&id);
+                (cached, cached_value)
+            }
+        }
     }
 }
 
@@ -146,17 +204,31 @@ pub(crate) async fn reconcile(
         let object_ref = obj.object_ref(&ctx.resource);
         let api: Api<DynamicObject> =
             Api::namespaced_with(ctx.shared.client.clone(), &ns, &ctx.resource);
-        let result = finalizer(&api, FINALIZER, obj, |event| {
-            let ctx = ctx.clone();
-            async move {
-                match event {
-                    FinalizerEvent::Apply(o) => apply_event(&o, &ctx).await,
-                    FinalizerEvent::Cleanup(o) => cleanup_event(&o, &ctx).await,
-                }
+        let result = if needs_finalizer(&obj) {
+            // A new cluster: add the finalizer together with the first
+            // applies instead of in a reconcile of its own (one round
+            // trip less before the children exist). Children created
+            // before the finalizer lands are owned by the cluster, so
+            // garbage collection removes them if it is deleted meanwhile.
+            let (added, applied) =
+                futures::join!(add_finalizer(&api, &obj, &ctx), apply_event(&obj, &ctx));
+            match finalizer_outcome(added.map(|()| Action::await_change())) {
+                Ok(_) => applied,
+                Err(e) => Err(e),
             }
-        })
-        .await;
-        let result = finalizer_outcome(result);
+        } else {
+            let result = finalizer(&api, FINALIZER, obj, |event| {
+                let ctx = ctx.clone();
+                async move {
+                    match event {
+                        FinalizerEvent::Apply(o) => apply_event(&o, &ctx).await,
+                        FinalizerEvent::Cleanup(o) => cleanup_event(&o, &ctx).await,
+                    }
+                }
+            })
+            .await;
+            finalizer_outcome(result)
+        };
         let shared = &ctx.shared;
         shared.metrics.record(
             kind,
@@ -168,12 +240,51 @@ pub(crate) async fn reconcile(
                 shared.backoff.reset(&object_key(kind, &ns, &name));
                 tracing::debug!(?action, "reconciled");
             }
-            Err(err) => shared.reporter.error(&object_ref, err).await,
+            Err(err) => shared.reporter.error(&object_ref, err),
         }
         result
     }
     .instrument(span)
     .await
+}
+
+/// An object that is not being deleted and lacks [`FINALIZER`].
+fn needs_finalizer(obj: &DynamicObject) -> bool {
+    obj.metadata.deletion_timestamp.is_none() && !obj.finalizers().iter().any(|f| f == FINALIZER)
+}
+
+/// Add [`FINALIZER`] with the JSON patch kube-runtime's `finalizer()`
+/// sends (test the list as cached, then add), so concurrent writers of
+/// the list are detected rather than overwritten; errors come back as
+/// that helper's.
+async fn add_finalizer(
+    api: &Api<DynamicObject>,
+    obj: &DynamicObject,
+    ctx: &KindContext,
+) -> Result<(), kube::runtime::finalizer::Error<ReconcileError>> {
+    use kube::runtime::finalizer::Error as F;
+    let started = Instant::now();
+    let finalizers = obj.finalizers();
+    let ops = if finalizers.is_empty() {
+        serde_json::json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+        ])
+    } else {
+        serde_json::json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": finalizers},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
+        ])
+    };
+    let patch: json_patch::Patch = serde_json::from_value(ops).map_err(|_| F::InvalidFinalizer)?;
+    let name = obj.metadata.name.as_deref().ok_or(F::UnnamedObject)?;
+    let result = api
+        .patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
+        .await;
+    ctx.shared
+        .metrics
+        .record_step(ctx.engine.kind(), Step::Finalizer, started.elapsed());
+    result.map(|_| ()).map_err(F::AddFinalizer)
 }
 
 /// The result of the finalizer helper as a reconcile result. Two races
@@ -224,33 +335,51 @@ fn previous_status(obj: &DynamicObject) -> Option<ClusterStatus> {
         .and_then(|s| serde_json::from_value(s.clone()).ok())
 }
 
+/// Merge-patch the status subresource from `old` (the JSON status the
+/// patch is computed against) to `new`, and remember what was written.
 async fn write_status(
     ctx: &KindContext,
     obj: &DynamicObject,
+    old: Option<&serde_json::Value>,
     new: &ClusterStatus,
 ) -> Result<(), StatusError> {
     let name = obj.name_any();
-    let api: Api<DynamicObject> = Api::namespaced_with(
-        ctx.shared.client.clone(),
-        &obj.namespace().unwrap_or_default(),
-        &ctx.resource,
-    );
-    let patch = status::status_patch(new, obj.data.get("status"));
-    api.patch_status(&name, &patch_params(), &Patch::Merge(&patch))
-        .await
-        .map(|_| ())
-        .map_err(|source| StatusError::Patch {
-            kind: ctx.engine.kind().to_string(),
-            name,
-            source,
-        })
+    let ns = obj.namespace().unwrap_or_default();
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(ctx.shared.client.clone(), &ns, &ctx.resource);
+    let patch = status::status_patch(new, old);
+    let started = Instant::now();
+    let result = api
+        .patch_status(&name, &patch_params(), &Patch::Merge(&patch))
+        .await;
+    ctx.shared
+        .metrics
+        .record_step(ctx.engine.kind(), Step::Status, started.elapsed());
+    let stored = result.map_err(|source| StatusError::Patch {
+        kind: ctx.engine.kind().to_string(),
+        name: name.clone(),
+        source,
+    })?;
+    if let Some(resource_version) = resource_version(&stored) {
+        let mut written = ctx.written.lock().unwrap_or_else(|e| e.into_inner());
+        written.insert(
+            (ns, name),
+            WrittenStatus {
+                uid: stored.metadata.uid.clone(),
+                resource_version,
+                status: new.clone(),
+                value: patch["status"].clone(),
+            },
+        );
+    }
+    Ok(())
 }
 
 /// Record a rejected spec in status (`Failed`, `Degraded=True` naming the
 /// field). The caller returns the permanent error, which the reporter turns
 /// into the `InvalidSpec` Event.
 async fn reject(ctx: &KindContext, obj: &DynamicObject, message: &str) -> Result<(), StatusError> {
-    let previous = previous_status(obj);
+    let (previous, previous_value) = ctx.previous(obj);
     let new = status::failed_status(
         previous.as_ref(),
         message,
@@ -259,7 +388,7 @@ async fn reject(ctx: &KindContext, obj: &DynamicObject, message: &str) -> Result
         Utc::now(),
     );
     if previous.as_ref() != Some(&new) {
-        write_status(ctx, obj, &new).await?;
+        write_status(ctx, obj, previous_value.as_ref(), &new).await?;
     }
     Ok(())
 }
@@ -278,7 +407,7 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
     let client = &shared.client;
     let kind = engine.kind();
     let object_ref: ObjectReference = obj.object_ref(&ctx.resource);
-    let previous = previous_status(obj);
+    let (previous, previous_value) = ctx.previous(obj);
 
     // validate: the API server already ran the schema and CEL rules.
     let cluster = match ctx.validate(obj) {
@@ -325,8 +454,15 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
         ns: &ns,
         cluster: &name,
         cluster_uid: &uid,
+        metrics: &shared.metrics,
+        kind,
     };
-    let outcome = apply::apply_all(&target, objects).await?;
+    let started = Instant::now();
+    let outcome = apply::apply_all(&target, objects).await;
+    shared
+        .metrics
+        .record_step(kind, Step::Apply, started.elapsed());
+    let outcome = outcome?;
     shared
         .metrics
         .record_applies(kind, outcome.applied, outcome.unchanged);
@@ -336,9 +472,7 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
             "not applied: StatefulSet {} cannot change in place; the previous value stays in effect",
             outcome.immutable_changes.join(", ")
         );
-        reporter
-            .note(&object_ref, true, "ImmutableFieldChange", note)
-            .await;
+        reporter.note(&object_ref, true, "ImmutableFieldChange", note);
     }
     if let Some(action) = &outcome.secret {
         let note = match action {
@@ -348,15 +482,11 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
             ),
             _ => "created the credentials Secret".to_string(),
         };
-        reporter
-            .note(&object_ref, false, "CredentialsCreated", note)
-            .await;
+        reporter.note(&object_ref, false, "CredentialsCreated", note);
     }
     for (child_kind, child) in &outcome.deleted {
         let note = format!("deleted {} {child}: no longer desired", child_kind.as_str());
-        reporter
-            .note(&object_ref, false, "OrphanDeleted", note)
-            .await;
+        reporter.note(&object_ref, false, "OrphanDeleted", note);
     }
 
     // observe.
@@ -379,15 +509,28 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
         previous_primary.as_deref(),
     );
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    for (pod, patch) in decide::label_patches(&seen.pods, &routing, &seen.members) {
-        match pods
-            .patch(&pod, &patch_params(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.is_not_found() => {}
-            Err(source) => return Err(DecideError::PatchPodLabels { pod, source }.into()),
-        }
+    let label_patches = decide::label_patches(&seen.pods, &routing, &seen.members);
+    if !label_patches.is_empty() {
+        // Each pod's labels are independent of the others': together.
+        let started = Instant::now();
+        let results = futures::future::join_all(label_patches.into_iter().map(|(pod, patch)| {
+            let pods = &pods;
+            async move {
+                match pods
+                    .patch(&pod, &patch_params(), &Patch::Merge(&patch))
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
+                    Err(source) => Err(DecideError::PatchPodLabels { pod, source }),
+                }
+            }
+        }))
+        .await;
+        shared
+            .metrics
+            .record_step(kind, Step::PodLabels, started.elapsed());
+        results.into_iter().collect::<Result<Vec<()>, _>>()?;
     }
 
     // status.
@@ -406,10 +549,10 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
         },
     );
     if previous.as_ref() != Some(&new) {
-        write_status(ctx, obj, &new).await?;
+        write_status(ctx, obj, previous_value.as_ref(), &new).await?;
     }
     for change in status::state_changes(previous.as_ref(), &new) {
-        reporter.state_change(&object_ref, &change).await;
+        reporter.state_change(&object_ref, &change);
     }
     Ok(if new.phase == Some(Phase::Healthy) {
         Action::requeue(REQUEUE_HEALTHY)
@@ -421,11 +564,10 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
 /// Deletion: owned children go with the cluster through garbage
 /// collection (PVCs stay: retention policy Retain); record the phase.
 async fn cleanup_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, ReconcileError> {
-    ctx.forget(obj);
-    let previous = previous_status(obj);
+    let (previous, previous_value) = ctx.previous(obj);
     let new = status::deleting_status(previous.as_ref(), Utc::now());
     if previous.as_ref() != Some(&new) {
-        match write_status(ctx, obj, &new).await {
+        match write_status(ctx, obj, previous_value.as_ref(), &new).await {
             Ok(()) => {}
             Err(StatusError::Patch {
                 source: kube::Error::Api(s),
@@ -434,9 +576,10 @@ async fn cleanup_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action,
             Err(e) => return Err(e.into()),
         }
     }
+    ctx.forget(obj);
     let object_ref = obj.object_ref(&ctx.resource);
     for change in status::state_changes(previous.as_ref(), &new) {
-        ctx.shared.reporter.state_change(&object_ref, &change).await;
+        ctx.shared.reporter.state_change(&object_ref, &change);
     }
     Ok(Action::await_change())
 }

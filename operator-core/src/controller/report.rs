@@ -1,12 +1,19 @@
 //! report: the one place results are reported — a structured `tracing`
 //! event plus a Kubernetes Event (reason: PascalCase category, note: the
-//! message or error chain truncated to 1 KiB). IO: creates/patches Events.
+//! message or error chain truncated to 1 KiB). IO: creates/patches Events,
+//! in background tasks: a reconcile never waits for its Events.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Client;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter as EventReporter};
+use tokio::sync::{Notify, Semaphore};
 
 use super::error::{ReconcileError, error_chain};
+use super::metrics::{Metrics, Step};
 use super::status::StateChange;
 
 /// The Events reporter name (`reportingController`).
@@ -27,58 +34,85 @@ pub fn truncate_note(note: &str, max: usize) -> String {
     format!("{}{ellipsis}", &note[..end])
 }
 
-/// Publishes results for cluster objects.
+/// Events sent to the API server at once; the rest wait in their tasks.
+/// Bounded so that a burst of new clusters (two or three Events each)
+/// does not add hundreds of concurrent requests to the API server's load.
+pub const EVENT_CONCURRENCY: usize = 4;
+
+/// Publishes results for cluster objects. The tracing event is written at
+/// once; the Kubernetes Event is sent by a background task (at most
+/// [`EVENT_CONCURRENCY`] at a time), so a reconcile does not wait one
+/// round trip per Event. Events are best effort either way: a failed one
+/// is logged, never retried, and never fails a reconcile.
 #[derive(Clone)]
 pub struct Reporter {
     recorder: Recorder,
+    metrics: Arc<Metrics>,
+    slots: Arc<Semaphore>,
+    pending: Arc<Pending>,
+}
+
+/// Events queued or in flight, for [`Reporter::flush`].
+#[derive(Default)]
+struct Pending {
+    count: AtomicUsize,
+    done: Notify,
 }
 
 impl Reporter {
-    /// A reporter publishing as [`REPORTER`], instance `POD_NAME` when set.
-    pub fn new(client: Client) -> Self {
+    /// A reporter publishing as [`REPORTER`], instance `POD_NAME` when set,
+    /// timing each Event in `metrics` (step `event`).
+    pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
         let reporter = EventReporter {
             controller: REPORTER.into(),
             instance: std::env::var("POD_NAME").ok(),
         };
         Self {
             recorder: Recorder::new(client, reporter),
+            metrics,
+            slots: Arc::new(Semaphore::new(EVENT_CONCURRENCY)),
+            pending: Arc::default(),
         }
     }
 
     /// Report a state change (phase transition, new primary, rejected spec).
-    pub async fn state_change(&self, object: &ObjectReference, change: &StateChange) {
+    pub fn state_change(&self, object: &ObjectReference, change: &StateChange) {
         let type_ = if change.is_warning() {
             EventType::Warning
         } else {
             EventType::Normal
         };
-        self.publish(object, type_, change.reason(), change.note())
-            .await;
+        self.publish(object, type_, change.reason(), change.note());
     }
 
     /// Report a failed reconcile: reason = the error's category.
-    pub async fn error(&self, object: &ObjectReference, err: &ReconcileError) {
-        self.publish(object, EventType::Warning, err.category(), error_chain(err))
-            .await;
+    pub fn error(&self, object: &ObjectReference, err: &ReconcileError) {
+        self.publish(object, EventType::Warning, err.category(), error_chain(err));
     }
 
     /// Report anything else worth an Event.
-    pub async fn note(&self, object: &ObjectReference, warning: bool, reason: &str, note: String) {
+    pub fn note(&self, object: &ObjectReference, warning: bool, reason: &str, note: String) {
         let type_ = if warning {
             EventType::Warning
         } else {
             EventType::Normal
         };
-        self.publish(object, type_, reason, note).await;
+        self.publish(object, type_, reason, note);
     }
 
-    async fn publish(
-        &self,
-        object: &ObjectReference,
-        type_: EventType,
-        reason: &str,
-        note: String,
-    ) {
+    /// Wait until every Event reported so far was sent (or failed). For
+    /// tests and shutdown; reconciles never wait.
+    pub async fn flush(&self) {
+        loop {
+            let done = self.pending.done.notified();
+            if self.pending.count.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            done.await;
+        }
+    }
+
+    fn publish(&self, object: &ObjectReference, type_: EventType, reason: &str, note: String) {
         let note = truncate_note(&note, MAX_NOTE);
         let name = object.name.as_deref().unwrap_or_default();
         let namespace = object.namespace.as_deref().unwrap_or_default();
@@ -98,10 +132,30 @@ impl Reporter {
             action: "Reconcile".into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, object).await {
-            // Events are best effort: never fail a reconcile over one.
-            tracing::warn!(kind, namespace, name, error = %e, "failed to publish event");
-        }
+        let (recorder, metrics, slots, pending) = (
+            self.recorder.clone(),
+            self.metrics.clone(),
+            self.slots.clone(),
+            self.pending.clone(),
+        );
+        let object = object.clone();
+        pending.count.fetch_add(1, Ordering::AcqRel);
+        tokio::spawn(async move {
+            // The semaphore is never closed.
+            let _slot = slots.acquire().await;
+            let started = Instant::now();
+            let result = recorder.publish(&event, &object).await;
+            let kind = object.kind.as_deref().unwrap_or_default();
+            metrics.record_step(kind, Step::Event, started.elapsed());
+            if let Err(e) = result {
+                let name = object.name.as_deref().unwrap_or_default();
+                let namespace = object.namespace.as_deref().unwrap_or_default();
+                tracing::warn!(kind, namespace, name, error = %e, "failed to publish event");
+            }
+            if pending.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+                pending.done.notify_waiters();
+            }
+        });
     }
 }
 
