@@ -35,7 +35,8 @@ pub struct LeaderElection {
     /// How long the Lease stays valid after the last renewal: the longest
     /// time without a leader after the leader dies.
     pub lease_duration: Duration,
-    /// How long before expiry the holder renews.
+    /// How long before expiry the holder renews. A leader that could not
+    /// confirm a renewal until half of this before expiry stops leading.
     pub renew_before: Duration,
 }
 

@@ -596,3 +596,41 @@ async fn ready_pods_without_managers_fall_back_to_ordinal_zero() {
         "{reasons:?}"
     );
 }
+
+#[tokio::test]
+async fn a_status_is_not_written_again_from_an_older_cached_object() {
+    let h = Harness::start().await;
+    let stale = |rv: &str| {
+        let mut obj = cluster(SIMPLE_PG, true);
+        obj.metadata.resource_version = Some(rv.into());
+        Arc::new(obj)
+    };
+    // The API server answers the status patch with resourceVersion 10.
+    let uid = stale("5").metadata.uid.clone();
+    h.api.objects.lock().unwrap().insert(
+        CLUSTER_PATH.to_string(),
+        json!({"apiVersion": "stratum.dev/v1alpha1", "kind": "FakeCluster",
+               "metadata": {"name": "simple-pg", "namespace": "team-a",
+                            "uid": uid, "resourceVersion": "10"}}),
+    );
+    let status_writes = || {
+        h.find(Method::PATCH, &format!("{CLUSTER_PATH}/status"))
+            .len()
+    };
+    reconcile::reconcile(stale("5"), h.ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(status_writes(), 1);
+    // The cache still shows the object from before that write (no
+    // status): the status written is the one compared against.
+    reconcile::reconcile(stale("7"), h.ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(status_writes(), 1, "written again from a stale cache");
+    // A cached object newer than the write is believed: this one has no
+    // status (someone removed it), so it is written again.
+    reconcile::reconcile(stale("11"), h.ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(status_writes(), 2);
+}
