@@ -6,10 +6,12 @@
 //!
 //! Pipeline per cluster object (`reconcile.rs`): finalizer → validate (pure)
 //! → build (pure, [`crate::build`]) → apply (server-side apply with field
-//! manager `stratum-operator`, create-if-absent Secret, prune orphans) →
-//! observe (pods, instance managers) → decide (pure routing, pod labels) →
-//! status (pure computation, merge patch of the status subresource) →
-//! report (tracing + Kubernetes Event).
+//! manager `stratum-operator`, create-if-absent Secret, prune orphans; all
+//! children in one round trip) → observe (pods, instance managers) →
+//! decide (pure routing, pod labels) → status (pure computation, merge
+//! patch of the status subresource) → report (tracing + Kubernetes Event,
+//! the Event sent in the background). A new cluster's finalizer is added
+//! alongside its first applies rather than in a reconcile of its own.
 //!
 //! # RBAC
 //!
