@@ -40,6 +40,18 @@ struct Prepared {
     ro: TcpListener,
     /// The HAProxy binary, for multi-writer engines.
     haproxy: Option<std::path::PathBuf>,
+    /// How instances are laid out, kept to add instances to a running
+    /// cluster.
+    layout: Layout,
+}
+
+/// What laying out an instance needs beyond the CR and the state: kept by
+/// the running `up` so that a scaled-up cluster's new instances are laid
+/// out as the first ones were.
+#[derive(Clone)]
+pub(super) struct Layout {
+    args: UpArgs,
+    db_user: Option<DbUser>,
 }
 
 /// `stratum local up`: see [`super::up`]. Validates and prepares without
@@ -197,10 +209,14 @@ async fn prepare(registry: &EngineRegistry, args: &UpArgs) -> anyhow::Result<Opt
         names,
         state,
         configs,
-        db_user,
+        db_user: db_user.clone(),
         rw,
         ro,
         haproxy,
+        layout: Layout {
+            args: args.clone(),
+            db_user,
+        },
     }))
 }
 
@@ -317,19 +333,87 @@ fn write_state_dir(p: &Prepared) -> anyhow::Result<UpLock> {
     }
     state::write_atomic(&p.dir.cluster_file(), p.accepted.text.as_bytes(), 0o644)?;
 
-    state::create_dir(&p.dir.instances_dir(), 0o755)?;
-    for config in &p.configs {
+    lay_out_instances(&p.dir, &p.configs, owner)?;
+    Ok(lock)
+}
+
+/// Each instance's directories (owned by the database user) and its
+/// `instance.json`; existing data is kept, configurations are rewritten.
+fn lay_out_instances(
+    dir: &StateDir,
+    configs: &[InstanceConfig],
+    owner: Option<Owner>,
+) -> anyhow::Result<()> {
+    state::create_dir(&dir.instances_dir(), 0o755)?;
+    for config in configs {
         let name = &config.instance;
-        state::create_dir(&p.dir.instance_dir(name), 0o755)?;
+        state::create_dir(&dir.instance_dir(name), 0o755)?;
         for sub in [&config.data_dir, &config.run_dir] {
             state::create_dir(sub, 0o700)?;
             state::chown(sub, owner)?;
         }
         let mut json = serde_json::to_vec_pretty(config)?;
         json.push(b'\n');
-        state::write_atomic(&p.dir.instance_config_file(name), &json, 0o644)?;
+        state::write_atomic(&dir.instance_config_file(name), &json, 0o644)?;
     }
-    Ok(lock)
+    Ok(())
+}
+
+/// A running cluster's instances become `names` (scaled up or down, as
+/// `accepted` now says): ports for new instances are planned and saved in
+/// `state`, and every instance's `instance.json` is rewritten with the new
+/// member list (new instances laid out). Returns the manager specs of
+/// `names`. Starting and stopping managers, and the engine's order of
+/// doing so, are the caller's.
+pub(super) fn resize_instances(
+    dir: &StateDir,
+    accepted: &Accepted,
+    state: &mut LocalState,
+    names: &[String],
+    layout: &Layout,
+) -> anyhow::Result<Vec<ManagerSpec>> {
+    let extra_ports: Vec<String> = accepted
+        .engine
+        .manifest(&accepted.cluster)
+        .ports
+        .into_iter()
+        .filter(|p| !p.client)
+        .map(|p| p.name)
+        .collect();
+    let listen: IpAddr = state
+        .listen
+        .parse()
+        .with_context(|| format!("bad listen address {:?} in the state", state.listen))?;
+    let mut alloc = PortAllocator::new(listen);
+    let (plan, _) = ports::plan_ports(Some(&state.ports), names, &extra_ports, || alloc.next())
+        .with_context(|| format!("failed to allocate ports on {listen}"))?;
+    drop(alloc);
+    state.ports = plan;
+    let configs = instance_configs(
+        dir,
+        accepted,
+        state,
+        names,
+        &layout.args,
+        layout.db_user.as_ref(),
+    )?;
+    lay_out_instances(dir, &configs, layout.db_user.as_ref().map(|u| u.owner))?;
+    state::write_state(dir, state)?;
+    Ok(manager_specs(dir, names))
+}
+
+/// One manager per instance, each with its `instance.json` and log.
+pub(super) fn manager_specs(dir: &StateDir, names: &[String]) -> Vec<ManagerSpec> {
+    let exe = std::env::current_exe().unwrap_or_else(|_| "stratum".into());
+    names
+        .iter()
+        .map(|name| ManagerSpec {
+            name: name.clone(),
+            exe: exe.clone(),
+            config: dir.instance_config_file(name),
+            log: dir.manager_log(name),
+        })
+        .collect()
 }
 
 /// Steps 3 and 4: managers, endpoints, the decision loop; until a signal.
@@ -344,11 +428,12 @@ async fn serve(p: Prepared, registry: &EngineRegistry) -> anyhow::Result<()> {
         rw,
         ro,
         haproxy,
+        layout,
     } = p;
     if let Some(bin) = haproxy {
         // HAProxy binds the endpoints itself.
         drop((rw, ro));
-        return super::galera::serve(dir, accepted, names, state, bin).await;
+        return super::galera::serve(dir, accepted, names, state, bin, layout).await;
     }
     let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
@@ -357,16 +442,8 @@ async fn serve(p: Prepared, registry: &EngineRegistry) -> anyhow::Result<()> {
         .with_context(|| format!("failed to read {}", dir.token_file().display()))?
         .trim()
         .to_string();
-    let exe = std::env::current_exe().context("failed to find the stratum binary")?;
-    let specs = names
-        .iter()
-        .map(|name| ManagerSpec {
-            name: name.clone(),
-            exe: exe.clone(),
-            config: dir.instance_config_file(name),
-            log: dir.manager_log(name),
-        })
-        .collect();
+    std::env::current_exe().context("failed to find the stratum binary")?;
+    let specs = manager_specs(&dir, &names);
 
     let proxy = Proxy::start(rw, ro);
     let supervisor = Supervisor::start(specs);
