@@ -11,11 +11,12 @@
 //! naming the fields, and the running cluster stays as it was.
 //!
 //! Changed live today: the fencing annotation
-//! `stratum.dev/fencedInstances`, and `spec.postgresql.parameters` (every
+//! `stratum.dev/fencedInstances`, `spec.postgresql.parameters` (every
 //! instance's configuration is rewritten and the instances restart one at
-//! a time: replicas first, the primary last, see `ha::Orchestrator`).
-//! Other spec changes (scaling among them) are refused on a running
-//! cluster for now.
+//! a time: replicas first, the primary last, see `ha::Orchestrator`), and
+//! `spec.instances` with `spec.pvcRetentionPolicy` (the running loop adds
+//! or removes instances, see `ha::Resize`). Other spec changes are refused
+//! on a running cluster for now.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -105,17 +106,27 @@ pub fn changed_fields(old: &Value, new: &Value, path: &str) -> Vec<String> {
 }
 
 /// Spec fields a running local cluster takes: server parameters (rolled
-/// out by restarting the instances one at a time).
-const LIVE_SPEC_FIELDS: [&str; 1] = ["spec.postgresql.parameters."];
+/// out by restarting the instances one at a time), the number of
+/// instances and what happens to a removed instance's data.
+const LIVE_SPEC_FIELDS: [&str; 3] = [
+    "spec.postgresql.parameters.",
+    "spec.instances",
+    "spec.pvcRetentionPolicy.",
+];
+/// Of those, the ones that need the instances to restart.
+const RESTART_SPEC_FIELDS: [&str; 1] = ["spec.postgresql.parameters."];
 
 /// What a running `up` does with a new, valid CR. Pure.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
     /// The instances fenced from now on.
     pub fenced: BTreeSet<String>,
-    /// The spec fields that changed (all of them live-changeable); the
-    /// instances restart one at a time to take them.
+    /// The spec fields that changed and need a restart; the instances
+    /// restart one at a time to take them.
     pub restart_for: Vec<String>,
+    /// Whether `spec.instances` changed: the caller adds or removes
+    /// instances (an engine's loop that cannot must refuse the change).
+    pub resized: bool,
 }
 
 /// [`Change`] when only what can change live changed, else why not. Pure.
@@ -137,12 +148,18 @@ pub fn review(old: &Accepted, new: &Accepted, new_object: &Value) -> Result<Chan
     }
     Ok(Change {
         fenced: fenced_instances(new_object, &new.cluster.instance_names())?,
-        restart_for: spec,
+        resized: spec.iter().any(|f| f == "spec.instances"),
+        restart_for: spec
+            .into_iter()
+            .filter(|f| RESTART_SPEC_FIELDS.iter().any(|p| f.starts_with(p)))
+            .collect(),
     })
 }
 
 /// Rewrite every instance's `instance.json` for `cluster` (the engine
-/// block: parameters), so that a restarted manager runs with it.
+/// block: parameters), so that a restarted manager runs with it. Instances
+/// not laid out yet (a scale-up in the same change) are skipped: they are
+/// laid out with the new CR.
 pub fn rewrite_instance_configs(
     dir: &StateDir,
     engine: &dyn crate::engine::Engine,
@@ -154,7 +171,11 @@ pub fn rewrite_instance_configs(
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     for name in names {
         let path = dir.instance_config_file(name);
-        let text = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
+        let text = match std::fs::read(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+        };
         let mut config: crate::instance::config::InstanceConfig =
             serde_json::from_slice(&text).with_context(|| format!("parse {}", path.display()))?;
         config.engine = block.clone();
@@ -264,7 +285,11 @@ pub fn take(
                     } else {
                         format!("rolling restart for {}", change.restart_for.join(", "))
                     }
-                ),
+                ) + &if change.resized {
+                    format!("; instances: {}", new.cluster.instance_names().join(", "))
+                } else {
+                    String::new()
+                },
             );
             Some((new, change))
         }

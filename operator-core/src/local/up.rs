@@ -143,7 +143,15 @@ async fn prepare(registry: &EngineRegistry, args: &UpArgs) -> anyhow::Result<Opt
         // state.json survives).
         super::down::stop_orphaned_managers(&dir, prev).await;
     }
-    let names = accepted.cluster.instance_names();
+    // The instances that ran last time start again, even when the file
+    // asks for another number: the running loop then adds or removes
+    // instances as it does for a live change (a primary being removed is
+    // switched over first; new replicas clone from the primary).
+    let names = previous
+        .as_ref()
+        .map(|p| p.ha.members.clone())
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| accepted.cluster.instance_names());
     let listen = args.listen;
     // The engine's non-client ports (Galera replication, IST, SST) get a
     // loopback port per instance, as each pod has its own on Kubernetes.
@@ -402,6 +410,81 @@ pub(super) fn resize_instances(
     Ok(manager_specs(dir, names))
 }
 
+/// Carry out a [`ha::Resize`] the orchestrator decided: start the added
+/// instances' managers (laid out with [`resize_instances`]) or stop the
+/// removed ones, rewrite the kept instances' member lists and, with
+/// `spec.pvcRetentionPolicy.whenScaled: Delete`, delete a removed
+/// instance's directory (kept otherwise: a later scale-up reuses it).
+/// `names` becomes the running instances.
+async fn carry_out_resize(
+    dir: &StateDir,
+    accepted: &Accepted,
+    state: &mut LocalState,
+    names: &mut Vec<String>,
+    layout: &Layout,
+    supervisor: &mut Supervisor,
+    resize: ha::Resize,
+) -> anyhow::Result<String> {
+    match resize {
+        ha::Resize::Add(added) => {
+            let mut all: Vec<String> = names.iter().chain(&added).cloned().collect();
+            all.sort_by_key(|n| (ordinal(n), n.clone()));
+            all.dedup();
+            let specs = resize_instances(dir, accepted, state, &all, layout)?;
+            for spec in specs.into_iter().filter(|s| added.contains(&s.name)) {
+                supervisor.add(spec);
+            }
+            *names = all;
+            Ok(format!("started {}", added.join(", ")))
+        }
+        ha::Resize::Remove(removed) => {
+            for name in &removed {
+                supervisor.remove(name).await;
+            }
+            names.retain(|n| !removed.contains(n));
+            resize_instances(dir, accepted, state, names, layout)?;
+            let delete = accepted
+                .cluster
+                .spec
+                .pointer("/pvcRetentionPolicy/whenScaled")
+                .and_then(|v| v.as_str())
+                == Some("Delete");
+            if delete {
+                for name in &removed {
+                    let path = dir.instance_dir(name);
+                    match std::fs::remove_dir_all(&path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            return Err(e)
+                                .with_context(|| format!("failed to delete {}", path.display()));
+                        }
+                    }
+                    state.ports.instances.remove(name);
+                }
+                state::write_state(dir, state)?;
+            }
+            Ok(format!(
+                "stopped {}; data {}",
+                removed.join(", "),
+                if delete {
+                    "deleted (pvcRetentionPolicy.whenScaled: Delete)"
+                } else {
+                    "kept for a later scale-up (pvcRetentionPolicy.whenScaled: Retain)"
+                }
+            ))
+        }
+    }
+}
+
+/// The ordinal an instance name ends in (`u32::MAX` when none).
+fn ordinal(name: &str) -> u32 {
+    name.rsplit('-')
+        .next()
+        .and_then(|o| o.parse().ok())
+        .unwrap_or(u32::MAX)
+}
+
 /// One manager per instance, each with its `instance.json` and log.
 pub(super) fn manager_specs(dir: &StateDir, names: &[String]) -> Vec<ManagerSpec> {
     let exe = std::env::current_exe().unwrap_or_else(|_| "stratum".into());
@@ -421,7 +504,7 @@ async fn serve(p: Prepared, registry: &EngineRegistry) -> anyhow::Result<()> {
     let Prepared {
         dir,
         mut accepted,
-        names,
+        mut names,
         mut state,
         configs: _,
         db_user: _,
@@ -446,8 +529,9 @@ async fn serve(p: Prepared, registry: &EngineRegistry) -> anyhow::Result<()> {
     let specs = manager_specs(&dir, &names);
 
     let proxy = Proxy::start(rw, ro);
-    let supervisor = Supervisor::start(specs);
-    let client = InstanceClient::new(
+    let mut supervisor = Supervisor::start(specs);
+    let client_token = token.clone();
+    let mut client = InstanceClient::new(
         token.clone(),
         state.cluster_id.clone(),
         members(&state, &names),
@@ -512,6 +596,28 @@ async fn serve(p: Prepared, registry: &EngineRegistry) -> anyhow::Result<()> {
                 let members = client.observe_all().await;
                 let request = take_switchover_request(&dir);
                 let rw_member = orchestrator.tick(&members, request).await;
+                if let Some(resize) = orchestrator.take_resize() {
+                    match carry_out_resize(
+                        &dir, &accepted, &mut state, &mut names, &layout, &mut supervisor, resize,
+                    )
+                    .await
+                    {
+                        Ok(done) => {
+                            tracing::info!(managers = ?supervisor.names(), "instances resized");
+                            orchestrator.ha.event("Resized", done);
+                        }
+                        Err(e) => orchestrator.ha.event("ResizeFailed", format!("{e:#}")),
+                    }
+                    // Observe, route and act on the instances running now
+                    // (after a failure too: part of it may have happened).
+                    client = InstanceClient::new(
+                        client_token.clone(),
+                        state.cluster_id.clone(),
+                        self::members(&state, &names),
+                        Duration::from_secs(2),
+                    );
+                    orchestrator.set_members(self::members(&state, &names));
+                }
                 let mut routing = accepted.engine.route(&members);
                 // The orchestrator decides where writes go: the primary it
                 // recognises, or nowhere during a failover or switchover.

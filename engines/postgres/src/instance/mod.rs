@@ -79,19 +79,89 @@ fn me(config: &InstanceConfig) -> Result<&PeerEndpoint, InstanceError> {
 }
 
 /// The member a replica clones from and streams from: the one the operator
-/// last said to follow (`upstream.json`), ordinal 0 before any failover.
-fn upstream_member<'a>(config: &'a InstanceConfig, layout: &Layout) -> Option<&'a PeerEndpoint> {
-    let name = ha::read_upstream(layout).unwrap_or_else(|| instance_name(&config.cluster, 0));
+/// last said to follow (`upstream.json`; its endpoint as the operator gave
+/// it when this manager's member list predates that member, after a
+/// scale-up), ordinal 0 before any failover.
+fn upstream_member(config: &InstanceConfig, layout: &Layout) -> Option<PeerEndpoint> {
+    let file = ha::read_upstream_file(layout);
+    let name = file
+        .as_ref()
+        .map(|u| u.primary.clone())
+        .unwrap_or_else(|| instance_name(&config.cluster, 0));
     config
         .members
         .iter()
-        .find(|m| m.name == name && m.name != config.instance)
+        .find(|m| m.name == name)
+        .cloned()
+        .or_else(|| file.and_then(|u| u.endpoint).filter(|e| e.name == name))
+        .filter(|m| m.name != config.instance)
+}
+
+/// The member a new replica clones from: the one it was told to follow,
+/// else the member that reports itself a ready primary (after a failover
+/// or in a scaled-up cluster that is not always ordinal 0), else ordinal 0.
+async fn clone_source(config: &InstanceConfig, layout: &Layout) -> Option<PeerEndpoint> {
+    if ha::read_upstream_file(layout).is_some() {
+        return upstream_member(config, layout);
+    }
+    if let Ok(token) = config.read_token() {
+        let peers = operator_core::instance::client::InstanceClient::new(
+            token,
+            config.cluster_id.clone(),
+            config.members.clone(),
+            std::time::Duration::from_secs(2),
+        );
+        let primary = peers
+            .observe_all()
+            .await
+            .into_iter()
+            .find(|m| {
+                m.name != config.instance
+                    && m.status
+                        .as_ref()
+                        .is_some_and(|s| s.role == Role::Primary && s.ready)
+            })
+            .and_then(|m| config.members.iter().find(|e| e.name == m.name).cloned());
+        if primary.is_some() {
+            return primary;
+        }
+    }
+    upstream_member(config, layout)
 }
 
 fn upstream_of(member: &PeerEndpoint) -> Upstream {
     Upstream {
         host: member.host.clone(),
         port: member.db_port,
+    }
+}
+
+/// The replicas an action is about: `body.replicas` when the operator
+/// names them (its member list is current; this manager's is the one it
+/// started with), else every other member of the instance configuration.
+fn replicas_of(
+    config: &InstanceConfig,
+    body: &serde_json::Value,
+) -> Result<Vec<String>, InstanceError> {
+    match body.get("replicas").filter(|v| !v.is_null()) {
+        Some(v) => serde_json::from_value::<Vec<String>>(v.clone())
+            .map(|names| {
+                names
+                    .into_iter()
+                    .filter(|n| *n != config.instance)
+                    .collect()
+            })
+            .map_err(|e| {
+                InstanceError::Settings(format!(
+                    "\"replicas\" must be a list of instance names: {e}"
+                ))
+            }),
+        None => Ok(config
+            .members
+            .iter()
+            .filter(|m| m.name != config.instance)
+            .map(|m| m.name.clone())
+            .collect()),
     }
 }
 
@@ -207,15 +277,15 @@ impl InstanceDriver for PostgresDriver {
                 write_config(ctx, &settings, &layout, run_as.as_ref(), None)?;
                 boot.init_primary().await?;
             } else {
-                let source = upstream_member(config, &layout).ok_or_else(|| {
+                let source = clone_source(config, &layout).await.ok_or_else(|| {
                     InstanceError::Settings(format!(
                         "no member {} to clone from",
                         instance_name(&config.cluster, 0)
                     ))
                 })?;
-                let upstream = upstream_of(source);
+                let upstream = upstream_of(&source);
                 write_config(ctx, &settings, &layout, run_as.as_ref(), Some(&upstream))?;
-                if let waiting @ Progress::Waiting { .. } = boot.clone_from(source).await? {
+                if let waiting @ Progress::Waiting { .. } = boot.clone_from(&source).await? {
                     return Ok(waiting);
                 }
             }
@@ -256,7 +326,7 @@ impl InstanceDriver for PostgresDriver {
             let source = upstream_member(config, &layout).ok_or_else(|| {
                 InstanceError::Settings("follow is pending but names no other member".into())
             })?;
-            let upstream = upstream_of(source);
+            let upstream = upstream_of(&source);
             write_config(ctx, &settings, &layout, run_as.as_ref(), Some(&upstream))?;
             let boot = bootstrap::Bootstrap {
                 ctx,
@@ -266,8 +336,8 @@ impl InstanceDriver for PostgresDriver {
                 run_as: run_as.as_ref(),
                 port,
             };
-            let progress = ha::rewind(ctx, &layout, &bin, run_as.as_ref(), source, async || {
-                boot.clone_from(source).await
+            let progress = ha::rewind(ctx, &layout, &bin, run_as.as_ref(), &source, async || {
+                boot.clone_from(&source).await
             })
             .await?;
             if let waiting @ Progress::Waiting { .. } = progress {
@@ -285,7 +355,7 @@ impl InstanceDriver for PostgresDriver {
             process::remove_file_if_exists(&layout.run_dir.join(conf::SYNCHRONOUS_CONF))?;
         }
         let upstream = standby
-            .then(|| upstream_member(config, &layout).map(upstream_of))
+            .then(|| upstream_member(config, &layout).map(|m| upstream_of(&m)))
             .flatten();
         write_config(ctx, &settings, &layout, run_as.as_ref(), upstream.as_ref())?;
         Ok(Progress::Done)
@@ -405,7 +475,10 @@ impl InstanceDriver for PostgresDriver {
                     json!({ "action": ACTION_CHECKPOINT, "done": true }),
                 )))
             }
-            ACTION_PROMOTE => ha::promote(ctx, &layout, port).await.map(Some),
+            ACTION_PROMOTE => {
+                let replicas = replicas_of(config, &body)?;
+                ha::promote(ctx, &layout, port, &replicas).await.map(Some)
+            }
             ACTION_FOLLOW | ACTION_DEMOTE => {
                 let run_as = RunAs::for_config(config)?;
                 ha::follow(ctx, &layout, port, body, |upstream| {
@@ -430,12 +503,10 @@ impl InstanceDriver for PostgresDriver {
                         json!({ "synchronousStandbyNames": "" }),
                     )));
                 };
-                let replicas: Vec<String> = config
-                    .members
-                    .iter()
-                    .filter(|m| m.name != config.instance)
-                    .map(|m| m.name.clone())
-                    .collect();
+                // The operator names the current replicas: this manager's
+                // member list is the one it started with (instances may
+                // have been added or removed since).
+                let replicas = replicas_of(config, &body)?;
                 let names = sync.standby_names(&replicas, &available);
                 let run_as = RunAs::for_config(config)?;
                 let line = format!(
@@ -462,19 +533,7 @@ impl InstanceDriver for PostgresDriver {
                 )))
             }
             ACTION_SLOTS => {
-                let replicas: Vec<String> = match body.get("replicas") {
-                    Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
-                        InstanceError::Settings(format!(
-                            "slots needs {{\"replicas\": [NAME]}}: {e}"
-                        ))
-                    })?,
-                    None => config
-                        .members
-                        .iter()
-                        .filter(|m| m.name != config.instance)
-                        .map(|m| m.name.clone())
-                        .collect(),
-                };
+                let replicas = replicas_of(config, &body)?;
                 let client = ha::local_client(ctx, &layout, port).await?;
                 let slots = ha::ensure_slots(&client, &replicas).await?;
                 Ok(Some(ActionReply::done(json!({ "slots": slots }))))
