@@ -337,7 +337,10 @@ mod tests {
         assert_eq!(sup.names(), ["simple-fake-0"]);
         assert_eq!(sup.pids().keys().collect::<Vec<_>>(), ["simple-fake-0"]);
         let text2 = std::fs::read_to_string(&log2).unwrap();
-        assert!(text2.contains("instance manager stopped (exit status: 0)"), "{text2}");
+        assert!(
+            text2.contains("instance manager stopped (exit status: 0)"),
+            "{text2}"
+        );
         sup.stop().await;
         let text = std::fs::read_to_string(&log).unwrap();
         assert!(
