@@ -1581,3 +1581,129 @@ async fn ha_scales_up_and_down_under_writes() {
     eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
     local.down();
 }
+
+/// `SHOW name` and `pg_postmaster_start_time()` on every instance of `s`.
+async fn show_everywhere(s: &Value, password: &str, name: &str) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for i in s["instances"].as_array().unwrap() {
+        let c = connect(i["address"].as_str().unwrap(), password)
+            .await
+            .unwrap();
+        let row = c
+            .query_one(
+                &format!("SELECT current_setting('{name}'), pg_postmaster_start_time()::text"),
+                &[],
+            )
+            .await
+            .unwrap();
+        out.push((
+            i["name"].as_str().unwrap().to_string(),
+            row.get(0),
+            row.get(1),
+        ));
+    }
+    out
+}
+
+/// Changed parameters on the running cluster under a writer: reloadable
+/// ones (`work_mem`, `log_min_duration_statement`) are reloaded with no
+/// postgres restarted (same `pg_postmaster_start_time` everywhere, no
+/// rolling restart); a lowered `max_connections` (standbys need at least
+/// the primary's value) restarts the primary first, in place, then the
+/// replicas. No acknowledged write is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_reloads_parameters_and_lowers_primary_first() {
+    let t0 = Instant::now();
+    let mut local = Local::new();
+    local.start();
+    let s = local.wait_converged();
+    let rw = s["endpoints"]["rw"].as_str().unwrap().to_string();
+    let password = local.password();
+    create_table(&rw, &password).await;
+    let writer = Writer::start(rw.clone(), password.clone(), 1000);
+    wait_acks(&writer, 0, 50, "before the change").await;
+    let before = show_everywhere(&s, &password, "work_mem").await;
+
+    let reloadable = simple_pg_ha(15).replace(
+        "    synchronous:\n",
+        "    parameters:\n      work_mem: '8MB'\n      log_min_duration_statement: '250'\n    synchronous:\n",
+    );
+    let out = local.apply(&reloadable);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = local.wait_for("the new configuration reloaded", |s| {
+        s["events"].to_string().contains("Reconfigured")
+    });
+    let events = s["events"].to_string();
+    assert!(
+        events.contains("restart needed on none") && !events.contains("RollingRestart"),
+        "{events}"
+    );
+    // pg_reload_conf() only signals the postmaster: poll briefly.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let after = show_everywhere(&s, &password, "work_mem").await;
+        if after.iter().all(|(_, v, _)| v == "8MB") || Instant::now() > deadline {
+            break after;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for ((name, _, started), (_, value, started_after)) in before.iter().zip(&after) {
+        assert_eq!(value, "8MB", "{name}");
+        assert_eq!(started, started_after, "{name} restarted");
+    }
+    for (name, v, _) in show_everywhere(&s, &password, "log_min_duration_statement").await {
+        assert_eq!(v, "250ms", "{name}");
+    }
+    wait_acks(&writer, writer.acked_count(), 20, "after the reload").await;
+
+    // Lowered max_connections (default 100): the primary first, in place.
+    let p = primary(&s);
+    let lowered = reloadable.replace(
+        "      work_mem: '8MB'\n",
+        "      work_mem: '8MB'\n      max_connections: '90'\n",
+    );
+    let out = local.apply(&lowered);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    local.wait_for("the rolling restart done", |s| {
+        s["events"].to_string().contains("RollingRestartDone")
+    });
+    let s = local.wait_converged();
+    let events: Vec<String> = s["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap().to_string())
+        .collect();
+    let restarts: Vec<&String> = events
+        .iter()
+        .filter(|e| e.contains(" Restarting: "))
+        .collect();
+    assert_eq!(restarts.len(), 3, "{events:#?}");
+    assert!(
+        restarts[0].contains(&format!("{p} restarting: new configuration (primary first")),
+        "{events:#?}"
+    );
+    assert_eq!(primary(&s), p, "restarted in place, not switched over");
+    for (name, v, _) in show_everywhere(&s, &password, "max_connections").await {
+        assert_eq!(v, "90", "{name}");
+    }
+    wait_acks(
+        &writer,
+        writer.acked_count(),
+        20,
+        "after the rolling restart",
+    )
+    .await;
+    let acked = writer.stop().await;
+    assert_all_present(&rw, &password, &acked).await;
+    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
+    local.down();
+}

@@ -12,8 +12,10 @@
 //!
 //! Changed live today: the fencing annotation
 //! `stratum.dev/fencedInstances`, `spec.postgresql.parameters` (every
-//! instance's configuration is rewritten and the instances restart one at
-//! a time: replicas first, the primary last, see `ha::Orchestrator`), and
+//! instance's configuration is rewritten and reloaded; instances that need
+//! a restart for it restart one at a time: replicas first, the primary
+//! last, or the primary first when a lowered parameter requires it, see
+//! `ha::Orchestrator`), and
 //! `spec.instances` with `spec.pvcRetentionPolicy` (the running loop adds
 //! or removes instances, see `ha::Resize`). Other spec changes are refused
 //! on a running cluster for now.
@@ -113,17 +115,17 @@ const LIVE_SPEC_FIELDS: [&str; 3] = [
     "spec.instances",
     "spec.pvcRetentionPolicy.",
 ];
-/// Of those, the ones that need the instances to restart.
-const RESTART_SPEC_FIELDS: [&str; 1] = ["spec.postgresql.parameters."];
+/// Of those, the ones that change the instances' configuration.
+const RECONFIGURE_SPEC_FIELDS: [&str; 1] = ["spec.postgresql.parameters."];
 
 /// What a running `up` does with a new, valid CR. Pure.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
     /// The instances fenced from now on.
     pub fenced: BTreeSet<String>,
-    /// The spec fields that changed and need a restart; the instances
-    /// restart one at a time to take them.
-    pub restart_for: Vec<String>,
+    /// The spec fields that changed the instances' configuration: they
+    /// reload it, and those that need a restart restart one at a time.
+    pub reconfigure_for: Vec<String>,
     /// Whether `spec.instances` changed: the caller adds or removes
     /// instances (an engine's loop that cannot must refuse the change).
     pub resized: bool,
@@ -149,9 +151,9 @@ pub fn review(old: &Accepted, new: &Accepted, new_object: &Value) -> Result<Chan
     Ok(Change {
         fenced: fenced_instances(new_object, &new.cluster.instance_names())?,
         resized: spec.iter().any(|f| f == "spec.instances"),
-        restart_for: spec
+        reconfigure_for: spec
             .into_iter()
-            .filter(|f| RESTART_SPEC_FIELDS.iter().any(|p| f.starts_with(p)))
+            .filter(|f| RECONFIGURE_SPEC_FIELDS.iter().any(|p| f.starts_with(p)))
             .collect(),
     })
 }
@@ -254,7 +256,7 @@ pub fn take(
                 input::accept(registry, &label, &text, Some(&old)).map_err(|e| e.to_string())?;
             let object = input::parse_yaml(&label, &text).map_err(|e| e.to_string())?;
             let change = review(current, &new, &object)?;
-            if !change.restart_for.is_empty() {
+            if !change.reconfigure_for.is_empty() {
                 rewrite_instance_configs(
                     dir,
                     new.engine.as_ref(),
@@ -280,10 +282,13 @@ pub fn take(
                     } else {
                         change.fenced.iter().cloned().collect::<Vec<_>>().join(", ")
                     },
-                    if change.restart_for.is_empty() {
-                        "no restart needed".to_string()
+                    if change.reconfigure_for.is_empty() {
+                        "configuration unchanged".to_string()
                     } else {
-                        format!("rolling restart for {}", change.restart_for.join(", "))
+                        format!(
+                            "reload (restarts where needed) for {}",
+                            change.reconfigure_for.join(", ")
+                        )
                     }
                 ) + &if change.resized {
                     format!("; instances: {}", new.cluster.instance_names().join(", "))

@@ -34,8 +34,8 @@ use crate::engine::{Election, Engine, InstanceOps, ObservedMember, ValidatedClus
 use crate::instance::client::InstanceClient;
 use crate::instance::config::PeerEndpoint;
 use crate::instance::protocol::{
-    ACTION_FENCE, ACTION_FOLLOW, ACTION_LEASE, ACTION_PROMOTE, ACTION_SLOTS, ACTION_SYNC_STANDBYS,
-    ACTION_UNFENCE, BODY_LEASE, LeaseGrant, Position, ProcessState, Role,
+    ACTION_FENCE, ACTION_FOLLOW, ACTION_LEASE, ACTION_PROMOTE, ACTION_RECONFIGURE, ACTION_SLOTS,
+    ACTION_SYNC_STANDBYS, ACTION_UNFENCE, BODY_LEASE, LeaseGrant, Position, ProcessState, Role,
 };
 
 /// Environment variable overriding the lease TTL in milliseconds (tests).
@@ -360,6 +360,12 @@ pub struct Orchestrator {
     /// The instance restarting now: its manager's pid before, and since
     /// when.
     rolling_now: Option<(String, Option<u32>, Instant)>,
+    /// Restart the primary first in the rolling restart (a lowered
+    /// parameter that standbys need at least as high as the primary).
+    primary_first: bool,
+    /// A changed engine block to hand every instance
+    /// ([`ACTION_RECONFIGURE`]) on the next healthy tick.
+    reconfigure: Option<serde_json::Value>,
     /// The instances the spec asks for.
     desired: Vec<String>,
     /// A resize decided and not yet taken by `up`.
@@ -429,6 +435,8 @@ impl Orchestrator {
             fenced_done: BTreeSet::new(),
             rolling: Vec::new(),
             rolling_now: None,
+            primary_first: false,
+            reconfigure: None,
             desired,
             resize: None,
         }
@@ -634,13 +642,90 @@ impl Orchestrator {
     /// the primary to an updated replica first, `restart` restarts it in
     /// place; `primaryUpdateStrategy: supervised` waits for `stratum local
     /// promote`).
-    pub fn roll(&mut self, names: &[String]) {
+    ///
+    /// With `primary_first` the primary restarts in place before the
+    /// replicas (a lowered hot-standby parameter: a standby may not run
+    /// with less than its primary, so the primary lowers first).
+    pub fn roll(&mut self, names: &[String], primary_first: bool) {
         self.rolling = names.to_vec();
         self.rolling_now = None;
+        self.primary_first = primary_first;
         self.ha.event(
             "RollingRestart",
-            format!("restarting {} one at a time", names.join(", ")),
+            format!(
+                "restarting {} one at a time{}",
+                names.join(", "),
+                if primary_first {
+                    " (the primary first, in place: a parameter standbys need at least as high as the primary is lowered)"
+                } else {
+                    ""
+                }
+            ),
         );
+    }
+
+    /// The instances' configuration changed (`engine`: the new engine
+    /// block, already in every `instance.json`): on the next healthy tick
+    /// every instance takes it without a restart where it can
+    /// ([`ACTION_RECONFIGURE`]); those that still need one roll.
+    pub fn reconfigure(&mut self, engine: serde_json::Value) {
+        self.reconfigure = Some(engine);
+    }
+
+    /// Hand the changed engine block to every running instance; roll the
+    /// ones that need a restart (or did not take it).
+    async fn reconfigure_all(&mut self, primary: &str, engine: serde_json::Value) {
+        let names = self.member_names();
+        let body = json!({ "engine": engine });
+        let replies = futures::future::join_all(
+            names
+                .iter()
+                .map(|n| self.act.action(n, ACTION_RECONFIGURE, body.clone())),
+        )
+        .await;
+        let mut restart = Vec::new();
+        let mut reloaded = Vec::new();
+        let mut primary_first = false;
+        for (name, reply) in names.iter().zip(replies) {
+            match reply {
+                Ok(r) => {
+                    if r.get("restart").and_then(|v| v.as_bool()) == Some(true) {
+                        restart.push(name.clone());
+                    } else {
+                        reloaded.push(name.clone());
+                    }
+                    primary_first |= r.get("primaryFirst").and_then(|v| v.as_bool()) == Some(true);
+                }
+                Err(e) => {
+                    // No such action, or unreachable: a restart reads the
+                    // rewritten instance.json.
+                    tracing::info!(instance = %name, error = %e, "not reconfigured in place; restarting it");
+                    restart.push(name.clone());
+                }
+            }
+        }
+        self.ha.event(
+            "Reconfigured",
+            format!(
+                "new configuration reloaded on {}; restart needed on {}",
+                if reloaded.is_empty() {
+                    "none".to_string()
+                } else {
+                    reloaded.join(", ")
+                },
+                if restart.is_empty() {
+                    "none".to_string()
+                } else {
+                    restart.join(", ")
+                },
+            ),
+        );
+        if !restart.is_empty() {
+            self.roll(
+                &restart,
+                primary_first && restart.iter().any(|n| n == primary),
+            );
+        }
     }
 
     fn manager_pid(&self, name: &str) -> Option<u32> {
@@ -723,6 +808,10 @@ impl Orchestrator {
         }
         let fenced = self.fenced.clone();
         self.rolling.retain(|n| !fenced.contains(n));
+        if self.primary_first && self.rolling.iter().any(|n| n == primary) {
+            self.restart_manager(primary, "new configuration (primary first, in place)");
+            return None;
+        }
         if let Some(next) = self.rolling.iter().find(|n| *n != primary).cloned() {
             self.restart_manager(&next, "new configuration (replica)");
             return None;
@@ -979,6 +1068,9 @@ impl Orchestrator {
             self.converge(&primary, members);
             if let Some(route) = self.scale_step(&primary, members).await {
                 return route;
+            }
+            if let Some(engine) = self.reconfigure.take() {
+                self.reconfigure_all(&primary, engine).await;
             }
             if (!self.rolling.is_empty() || self.rolling_now.is_some())
                 && let Some(route) = self.roll_step(&primary, members).await

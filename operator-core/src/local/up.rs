@@ -589,8 +589,12 @@ async fn serve(p: Prepared, registry: &EngineRegistry) -> anyhow::Result<()> {
                     accepted = new;
                     orchestrator.set_cluster(accepted.cluster.clone());
                     orchestrator.set_fenced(change.fenced);
-                    if !change.restart_for.is_empty() {
-                        orchestrator.roll(&names);
+                    if !change.reconfigure_for.is_empty() {
+                        match accepted.engine.instance_settings(&accepted.cluster) {
+                            Ok(engine) => orchestrator.reconfigure(engine),
+                            // Validated already; restart as a fallback.
+                            Err(_) => orchestrator.roll(&names, false),
+                        }
                     }
                 }
                 let members = client.observe_all().await;

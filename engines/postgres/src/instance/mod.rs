@@ -25,8 +25,8 @@ use operator_core::engine::{
 use operator_core::instance::config::{InstanceConfig, PeerEndpoint};
 use operator_core::instance::process::{self, RunAs};
 use operator_core::instance::protocol::{
-    ACTION_DEMOTE, ACTION_FOLLOW, ACTION_PROMOTE, ACTION_SLOTS, ACTION_SYNC_STANDBYS, MemberStatus,
-    Role,
+    ACTION_DEMOTE, ACTION_FOLLOW, ACTION_PROMOTE, ACTION_RECONFIGURE, ACTION_SLOTS,
+    ACTION_SYNC_STANDBYS, MemberStatus, Role,
 };
 use serde_json::json;
 
@@ -53,10 +53,157 @@ impl PostgresDriver {
     }
 }
 
-/// The engine block of the instance configuration.
+/// The engine block of the instance configuration, or the one the
+/// operator handed this manager since it started ([`ACTION_RECONFIGURE`]).
 pub fn settings(config: &InstanceConfig) -> Result<PostgresInstanceSettings, InstanceError> {
-    serde_json::from_value(config.engine.clone())
+    let engine = reconfigured(config).unwrap_or_else(|| config.engine.clone());
+    serde_json::from_value(engine)
         .map_err(|e| InstanceError::Settings(format!("engine block of the instance config: {e}")))
+}
+
+/// `reconfigured.json` in the run directory: the engine block a
+/// `reconfigure` handed this manager process. A manager started later
+/// reads its `instance.json` (which the operator rewrote first) instead,
+/// so a stale file never wins.
+const RECONFIGURED_FILE: &str = "reconfigured.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Reconfigured {
+    manager_pid: u32,
+    engine: serde_json::Value,
+}
+
+fn reconfigured(config: &InstanceConfig) -> Option<serde_json::Value> {
+    let text = std::fs::read(config.run_dir.join(RECONFIGURED_FILE)).ok()?;
+    let file: Reconfigured = serde_json::from_slice(&text).ok()?;
+    (file.manager_pid == std::process::id()).then_some(file.engine)
+}
+
+/// Parameters a hot standby needs at least as high as its primary's
+/// (PostgreSQL refuses to run a standby with less).
+const HOT_STANDBY_PARAMETERS: [&str; 5] = [
+    "max_connections",
+    "max_worker_processes",
+    "max_wal_senders",
+    "max_prepared_transactions",
+    "max_locks_per_transaction",
+];
+
+/// The parameters whose value differs between `old` and `new` (added,
+/// changed or removed). Pure.
+pub fn changed_parameters(
+    old: &PostgresInstanceSettings,
+    new: &PostgresInstanceSettings,
+) -> Vec<String> {
+    let keys: std::collections::BTreeSet<&String> =
+        old.parameters.keys().chain(new.parameters.keys()).collect();
+    keys.into_iter()
+        .filter(|k| old.parameters.get(*k) != new.parameters.get(*k))
+        .cloned()
+        .collect()
+}
+
+/// Of `changed`, the hot-standby parameters that `new` sets lower than the
+/// server runs with (`running`: name → current setting). Pure.
+pub fn lowered_hot_standby_parameters(
+    changed: &[String],
+    new: &PostgresInstanceSettings,
+    running: &std::collections::BTreeMap<String, String>,
+) -> Vec<String> {
+    changed
+        .iter()
+        .filter(|n| HOT_STANDBY_PARAMETERS.contains(&n.as_str()))
+        .filter(|n| {
+            // A removed parameter goes back to PostgreSQL's default, which
+            // `running` cannot tell; count it as lowered (the safe order).
+            let Some(want) = new.parameters.get(*n) else {
+                return true;
+            };
+            match (
+                want.trim().parse::<i64>(),
+                running.get(*n).and_then(|v| v.trim().parse::<i64>().ok()),
+            ) {
+                (Ok(want), Some(now)) => want < now,
+                _ => true,
+            }
+        })
+        .cloned()
+        .collect()
+}
+
+/// `reconfigure`: write the configuration files for the new engine block,
+/// reload the server, and say whether a restart is still needed (a changed
+/// parameter of context `postmaster`) and whether the primary must go first
+/// (a lowered hot-standby parameter).
+async fn reconfigure(
+    ctx: &InstanceContext,
+    layout: &Layout,
+    port: u16,
+    body: serde_json::Value,
+) -> Result<ActionReply, InstanceError> {
+    let config = &ctx.config;
+    let engine = body
+        .get("engine")
+        .cloned()
+        .ok_or_else(|| InstanceError::Settings("reconfigure needs {\"engine\": {…}}".into()))?;
+    let new: PostgresInstanceSettings = serde_json::from_value(engine.clone())
+        .map_err(|e| InstanceError::Settings(format!("reconfigure: engine block: {e}")))?;
+    let old = settings(config)?;
+    let changed = changed_parameters(&old, &new);
+    let run_as = RunAs::for_config(config)?;
+    let file = serde_json::to_vec(&Reconfigured {
+        manager_pid: std::process::id(),
+        engine,
+    })
+    .unwrap_or_default();
+    process::write_file(&layout.run_dir.join(RECONFIGURED_FILE), &file, 0o600, None)?;
+    let upstream = layout
+        .standby_signal()
+        .exists()
+        .then(|| upstream_member(config, layout).map(|m| upstream_of(&m)))
+        .flatten();
+    write_config(ctx, &new, layout, run_as.as_ref(), upstream.as_ref())?;
+    let Ok(client) = ha::local_client(ctx, layout, port).await else {
+        // Not running: it starts with the new files.
+        return Ok(ActionReply::done(json!({
+            "reloaded": false, "restart": false, "primaryFirst": false, "changed": changed,
+        })));
+    };
+    let sql = |what: &'static str| {
+        move |e: tokio_postgres::Error| InstanceError::Command {
+            command: what.into(),
+            message: status::describe_error(&e),
+        }
+    };
+    let rows = client
+        .query(
+            "SELECT name, context, setting FROM pg_settings WHERE name = ANY($1)",
+            &[&changed],
+        )
+        .await
+        .map_err(sql("pg_settings"))?;
+    client
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .map_err(sql("pg_reload_conf"))?;
+    let restart_for: Vec<String> = rows
+        .iter()
+        .filter(|r| r.get::<_, String>(1) == "postmaster")
+        .map(|r| r.get(0))
+        .collect();
+    let running: std::collections::BTreeMap<String, String> =
+        rows.iter().map(|r| (r.get(0), r.get(2))).collect();
+    let lowered = lowered_hot_standby_parameters(&changed, &new, &running);
+    tracing::info!(instance = %config.instance, ?changed, ?restart_for, ?lowered, "configuration reloaded");
+    Ok(ActionReply::done(json!({
+        "reloaded": true,
+        "changed": changed,
+        "restart": !restart_for.is_empty(),
+        "restartFor": restart_for,
+        "primaryFirst": !lowered.is_empty(),
+        "lowered": lowered,
+    })))
 }
 
 fn bin_dir(config: &InstanceConfig, version: u32) -> Result<BinDir, InstanceError> {
@@ -475,6 +622,7 @@ impl InstanceDriver for PostgresDriver {
                     json!({ "action": ACTION_CHECKPOINT, "done": true }),
                 )))
             }
+            ACTION_RECONFIGURE => reconfigure(ctx, &layout, port, body).await.map(Some),
             ACTION_PROMOTE => {
                 let replicas = replicas_of(config, &body)?;
                 ha::promote(ctx, &layout, port, &replicas).await.map(Some)
@@ -550,5 +698,52 @@ impl InstanceDriver for PostgresDriver {
         layout.is_initialised()
             && !layout.standby_signal().exists()
             && !layout.follow_pending().exists()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(params: &[(&str, &str)]) -> PostgresInstanceSettings {
+        PostgresInstanceSettings {
+            parameters: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn changed_and_lowered_parameters() {
+        let old = with(&[("work_mem", "4MB"), ("max_connections", "100")]);
+        let new = with(&[("work_mem", "8MB"), ("max_wal_senders", "12")]);
+        let changed = changed_parameters(&old, &new);
+        assert_eq!(changed, ["max_connections", "max_wal_senders", "work_mem"]);
+        let running: std::collections::BTreeMap<String, String> = [
+            ("max_connections", "100"),
+            ("max_wal_senders", "10"),
+            ("work_mem", "4096"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        // max_connections removed (back to a default we cannot compare):
+        // lowered; max_wal_senders raised; work_mem is no hot-standby one.
+        assert_eq!(
+            lowered_hot_standby_parameters(&changed, &new, &running),
+            ["max_connections"]
+        );
+        let lower = with(&[("max_connections", "90")]);
+        assert_eq!(
+            lowered_hot_standby_parameters(&["max_connections".into()], &lower, &running),
+            ["max_connections"]
+        );
+        let higher = with(&[("max_connections", "150")]);
+        assert!(
+            lowered_hot_standby_parameters(&["max_connections".into()], &higher, &running)
+                .is_empty()
+        );
     }
 }
