@@ -1707,3 +1707,81 @@ async fn ha_reloads_parameters_and_lowers_primary_first() {
     eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
     local.down();
 }
+
+/// `up` killed (SIGKILL) in the middle of a scale-down that removes the
+/// primary (3 → 2 with `simple-pg-2` the primary) under a writer, then
+/// started again with the new file: it resumes from the persisted intent
+/// (the switchover step, the instances that ran) and ends with
+/// `simple-pg-0` and `simple-pg-1` only, one primary, no acknowledged write
+/// lost, `simple-pg-2`'s slot gone, and (`pvcRetentionPolicy.whenScaled:
+/// Delete`) its directory and ports too.
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_up_killed_mid_scale_down_resumes() {
+    let t0 = Instant::now();
+    let mut local = Local::new();
+    local.start();
+    let s = local.wait_converged();
+    let rw = s["endpoints"]["rw"].as_str().unwrap().to_string();
+    let password = local.password();
+    create_table(&rw, &password).await;
+    let out = local.run(&["promote", "simple-pg-2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    local.wait_for("simple-pg-2 the primary", |s| {
+        s["currentPrimary"] == "simple-pg-2" && s["primary"] == "simple-pg-2"
+    });
+    local.wait_converged();
+    let writer = Writer::start(rw.clone(), password.clone(), 1000);
+    wait_acks(&writer, 0, 50, "before scaling").await;
+
+    let two = simple_pg_ha(15).replace(
+        "instances: 3\n",
+        "instances: 2\n  pvcRetentionPolicy:\n    whenScaled: Delete\n",
+    );
+    let out = local.apply(&two);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = local.state_json();
+        let events = st["ha"]["events"].to_string();
+        if st["ha"]["step"]["type"] == "switchover" || events.contains("ScalingDown") {
+            eprintln!(
+                "killing `up` at step {}, members {}",
+                st["ha"]["step"], st["ha"]["members"]
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no scale-down started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut up = local.up.take().unwrap();
+    up.kill().unwrap();
+    up.wait().unwrap();
+    std::fs::write(&local.file, &two).unwrap();
+    local.start();
+    let s = local.wait_instances(&["simple-pg-0", "simple-pg-1"]);
+    wait_acks(&writer, writer.acked_count(), 20, "after the restart of up").await;
+    let acked = writer.stop().await;
+    assert_all_present(&rw, &password, &acked).await;
+    insert_ok(&rw, &password, -1).await;
+    assert_replicas_streaming(&local, &s, -1).await;
+    let st = local.state_json();
+    assert_eq!(
+        st["ha"]["members"],
+        serde_json::json!(["simple-pg-0", "simple-pg-1"])
+    );
+    assert!(
+        st["ports"]["instances"].get("simple-pg-2").is_none(),
+        "{st}"
+    );
+    assert!(!local.state.join("instances/simple-pg-2").exists());
+    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
+    local.down();
+}

@@ -363,6 +363,11 @@ pub struct Orchestrator {
     /// Restart the primary first in the rolling restart (a lowered
     /// parameter that standbys need at least as high as the primary).
     primary_first: bool,
+    /// The primary's WAL position once it was back from a primary-first
+    /// restart: a replica restarts only after replaying past it (its
+    /// control file must have seen the primary's lowered value, or it
+    /// refuses to start as a standby).
+    primary_back_lsn: Option<u64>,
     /// A changed engine block to hand every instance
     /// ([`ACTION_RECONFIGURE`]) on the next healthy tick.
     reconfigure: Option<serde_json::Value>,
@@ -436,6 +441,7 @@ impl Orchestrator {
             rolling: Vec::new(),
             rolling_now: None,
             primary_first: false,
+            primary_back_lsn: None,
             reconfigure: None,
             desired,
             resize: None,
@@ -650,6 +656,7 @@ impl Orchestrator {
         self.rolling = names.to_vec();
         self.rolling_now = None;
         self.primary_first = primary_first;
+        self.primary_back_lsn = None;
         self.ha.event(
             "RollingRestart",
             format!(
@@ -774,6 +781,10 @@ impl Orchestrator {
             if restarted && back {
                 self.rolling.retain(|n| *n != name);
                 self.rolling_now = None;
+                if name == primary && self.primary_first {
+                    self.primary_first = false;
+                    self.primary_back_lsn = wal_lsn(members.iter().find(|m| m.name == primary));
+                }
                 self.ha.event(
                     "Restarted",
                     format!("{name} runs with the new configuration"),
@@ -813,6 +824,22 @@ impl Orchestrator {
             return None;
         }
         if let Some(next) = self.rolling.iter().find(|n| *n != primary).cloned() {
+            if let Some(lsn) = self.primary_back_lsn {
+                let replayed = members.iter().any(|m| {
+                    m.name == next
+                        && m.status.as_ref().is_some_and(|s| {
+                            s.ready
+                                && streaming_from(s) == primary_port
+                                && matches!(s.position, Position::Wal { replayed_lsn: Some(r), .. } if r >= lsn)
+                        })
+                });
+                if !replayed {
+                    self.wait_note(format!(
+                        "{next} restarts once it has replayed the restarted primary's WAL (a standby must have seen the lowered value before it runs with it)"
+                    ));
+                    return None;
+                }
+            }
             self.restart_manager(&next, "new configuration (replica)");
             return None;
         }
