@@ -1,8 +1,9 @@
 //! High availability end to end on the local runtime with real PostgreSQL
 //! 15 (Debian) and, for most scenarios, 17 (PyPI wheel): replication, failover under write load with no acknowledged write
 //! lost (synchronous mode), rejoin of the old primary, repeated failures,
-//! switchover, the write lease, bad input, and `up` killed in the middle
-//! of a failover. Every check goes through the `rw` endpoint (or, for the
+//! switchover, the write lease, bad input, `up` killed in the middle
+//! of a failover or of a scale-down, scaling 3 → 5 → 2, and parameters
+//! reloaded in place or rolled. Every check goes through the `rw` endpoint (or, for the
 //! lease, straight to the old primary's port). Each test owns a temporary
 //! state directory and stops its cluster when it ends; none skips.
 
@@ -1456,8 +1457,17 @@ async fn assert_replicas_streaming(local: &Local, s: &Value, n: i64) {
 /// instances: the retained data of the third rejoins.
 #[tokio::test(flavor = "multi_thread")]
 async fn ha_scales_up_and_down_under_writes() {
+    scales_up_and_down_under_writes(15).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_scales_up_and_down_under_writes_on_postgresql_17() {
+    scales_up_and_down_under_writes(17).await;
+}
+
+async fn scales_up_and_down_under_writes(version: u32) {
     let t0 = Instant::now();
-    let mut local = Local::new();
+    let mut local = Local::with_version(version);
     local.start();
     let s = local.wait_converged();
     let rw = s["endpoints"]["rw"].as_str().unwrap().to_string();
@@ -1467,7 +1477,7 @@ async fn ha_scales_up_and_down_under_writes() {
     wait_acks(&writer, 0, 50, "before scaling").await;
 
     // 3 → 5.
-    let five = simple_pg_ha(15).replace("instances: 3", "instances: 5");
+    let five = simple_pg_ha(version).replace("instances: 3", "instances: 5");
     let out = local.apply(&five);
     assert!(
         out.status.success(),
@@ -1504,7 +1514,7 @@ async fn ha_scales_up_and_down_under_writes() {
 
     // Refused: synchronous number 1 with 1 instance; nothing changes.
     let saved = std::fs::read(local.state.join("cluster.yaml")).unwrap();
-    let out = local.apply(&simple_pg_ha(15).replace("instances: 3", "instances: 1"));
+    let out = local.apply(&simple_pg_ha(version).replace("instances: 3", "instances: 1"));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "applied instances: 1");
     assert!(
@@ -1521,7 +1531,7 @@ async fn ha_scales_up_and_down_under_writes() {
     assert_eq!(primary(&s), "simple-pg-4");
 
     // 5 → 2: simple-pg-4 (the primary), -3 and -2 go.
-    let two = simple_pg_ha(15).replace("instances: 3", "instances: 2");
+    let two = simple_pg_ha(version).replace("instances: 3", "instances: 2");
     let out = local.apply(&two);
     assert!(
         out.status.success(),
@@ -1572,7 +1582,7 @@ async fn ha_scales_up_and_down_under_writes() {
     if let Some(mut child) = local.up.take() {
         let _ = child.wait();
     }
-    std::fs::write(&local.file, simple_pg_ha(15)).unwrap();
+    std::fs::write(&local.file, simple_pg_ha(version)).unwrap();
     local.start();
     let s = local.wait_instances(&["simple-pg-0", "simple-pg-1", "simple-pg-2"]);
     insert_ok(&rw, &password, -3).await;
