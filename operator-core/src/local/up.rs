@@ -427,6 +427,26 @@ async fn carry_out_resize(
 ) -> anyhow::Result<String> {
     match resize {
         ha::Resize::Add(added) => {
+            // An instance added again (its data kept) has saved ports;
+            // another process may have taken one since: give it new ones.
+            let listen: IpAddr = state.listen.parse().unwrap_or(IpAddr::from([127, 0, 0, 1]));
+            for name in &added {
+                let Some(p) = state.ports.instances.get(name) else {
+                    continue;
+                };
+                let planned: Vec<PlannedPort> = [p.db, p.api]
+                    .into_iter()
+                    .chain(p.extra.values().copied())
+                    .map(|port| PlannedPort {
+                        port,
+                        purpose: format!("port of {name}"),
+                    })
+                    .collect();
+                if let Err(e) = ports::check_free(listen, &planned) {
+                    tracing::warn!(instance = %name, error = format!("{e:#}"), "a saved port is taken; allocating new ones");
+                    state.ports.instances.remove(name);
+                }
+            }
             let mut all: Vec<String> = names.iter().chain(&added).cloned().collect();
             all.sort_by_key(|n| (ordinal(n), n.clone()));
             all.dedup();
