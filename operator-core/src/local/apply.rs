@@ -348,6 +348,31 @@ mod tests {
     }
 
     #[test]
+    fn review_takes_scaling_and_refuses_other_fields() {
+        use crate::local::input::tests::{manifest, registry};
+        let accept = |text: &str| input::accept(&registry(), "c.yaml", text, None).unwrap();
+        let old = accept(&manifest("3", "1Gi"));
+        let object = |text: &str| input::parse_yaml("c.yaml", text).unwrap();
+
+        let five = manifest("5", "1Gi");
+        let change = review(&old, &accept(&five), &object(&five)).unwrap();
+        assert!(change.resized);
+        assert!(change.reconfigure_for.is_empty());
+        assert!(change.fenced.is_empty());
+
+        let same = manifest("3", "1Gi");
+        let change = review(&old, &accept(&same), &object(&same)).unwrap();
+        assert!(!change.resized);
+
+        let bigger = manifest("3", "2Gi");
+        let e = review(&old, &accept(&bigger), &object(&bigger)).unwrap_err();
+        assert!(
+            e.starts_with("changing spec.storage.size on a running local cluster"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn changed_fields_are_leaf_paths() {
         let old = json!({ "instances": 3, "postgresql": { "parameters": { "a": "1" } } });
         let new = json!({ "instances": 5, "postgresql": { "parameters": { "a": "1", "b": "2" } } });
