@@ -1,8 +1,9 @@
 //! High availability end to end on the local runtime with real PostgreSQL
 //! 15 (Debian) and, for most scenarios, 17 (PyPI wheel): replication, failover under write load with no acknowledged write
 //! lost (synchronous mode), rejoin of the old primary, repeated failures,
-//! switchover, the write lease, bad input, and `up` killed in the middle
-//! of a failover. Every check goes through the `rw` endpoint (or, for the
+//! switchover, the write lease, bad input, `up` killed in the middle
+//! of a failover or of a scale-down, scaling 3 → 5 → 2, and parameters
+//! reloaded in place or rolled. Every check goes through the `rw` endpoint (or, for the
 //! lease, straight to the old primary's port). Each test owns a temporary
 //! state directory and stops its cluster when it ends; none skips.
 
@@ -1002,7 +1003,7 @@ impl Local {
 }
 
 /// A changed CR applied to the running cluster (`up -f` again): invalid
-/// (an operator-owned parameter) or not changeable live (`instances`) is
+/// (an operator-owned parameter) or not changeable live (storage size) is
 /// refused naming the field, the cluster untouched; the fencing annotation
 /// `stratum.dev/fencedInstances` stops a replica (no failover, writes go
 /// on), fences the primary (failover to a replica that is not fenced), and
@@ -1029,8 +1030,8 @@ async fn ha_apply_changed_cr_and_fencing() {
     for (yaml, want) in [
         (bad, "spec.postgresql.parameters.port"),
         (
-            simple_pg_ha(15).replace("instances: 3", "instances: 5"),
-            "changing spec.instances on a running local cluster is not supported yet",
+            simple_pg_ha(15).replace("size: 1Gi", "size: 2Gi"),
+            "changing spec.storage.size on a running local cluster is not supported yet",
         ),
         (
             with_fencing(Some(r#"["simple-pg-7"]"#)),
@@ -1318,6 +1319,479 @@ async fn ha_rolling_restart_primary_in_place() {
             .get(0);
         assert_eq!(v, "150", "{}", instance["name"]);
     }
+    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
+    local.down();
+}
+
+/// `connect` as the superuser (replication views show everything to it).
+async fn connect_superuser(local: &Local, endpoint: &str) -> tokio_postgres::Client {
+    let password = std::fs::read_to_string(local.state.join("secrets/superuser-password")).unwrap();
+    let (host, port) = endpoint.rsplit_once(':').unwrap();
+    let conn = format!(
+        "host={host} port={port} user=postgres password={password} dbname=postgres connect_timeout=2"
+    );
+    let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// The Stratum replication slots on the server at `endpoint`, sorted.
+async fn stratum_slots(local: &Local, endpoint: &str) -> Vec<String> {
+    let c = connect_superuser(local, endpoint).await;
+    c.query(
+        "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name LIKE 'stratum%' ORDER BY 1",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// The replicas streaming from the server at `endpoint`, sorted.
+async fn streaming_from(local: &Local, endpoint: &str) -> Vec<String> {
+    let c = connect_superuser(local, endpoint).await;
+    c.query(
+        "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming' ORDER BY 1",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+impl Local {
+    /// Healthy with exactly `names`: every one ready, one primary (the
+    /// recognised one), the others replicas.
+    fn wait_instances(&mut self, names: &[&str]) -> Value {
+        let want: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        self.wait_for(&format!("converged on {}", want.join(", ")), |s| {
+            let have: Vec<String> = s["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["name"].as_str().unwrap_or_default().to_string())
+                .collect();
+            have == want
+                && s["phase"] == "Healthy"
+                && s["step"] == "idle"
+                && roles(s).iter().filter(|r| *r == "primary").count() == 1
+                && roles(s).iter().filter(|r| *r == "replica").count() == want.len() - 1
+                && s["primary"] == s["currentPrimary"]
+        })
+    }
+
+    fn address(s: &Value, name: &str) -> String {
+        Self::instance(s, name)["address"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+}
+
+/// Wait until every replica of `s` streams from its primary, each has its
+/// slot there and no other Stratum slot is left, and each has the row `n`.
+async fn assert_replicas_streaming(local: &Local, s: &Value, n: i64) {
+    let p = primary(s);
+    let primary_addr = Local::address(s, &p);
+    let mut replicas: Vec<String> = s["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_string())
+        .filter(|name| *name != p)
+        .collect();
+    replicas.sort();
+    let slots: Vec<String> = replicas
+        .iter()
+        .map(|r| format!("stratum_{}", r.replace('-', "_")))
+        .collect();
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    loop {
+        let streaming = streaming_from(local, &primary_addr).await;
+        let have_slots = stratum_slots(local, &primary_addr).await;
+        if streaming == replicas && have_slots == slots {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "on {p}: streaming {streaming:?}, slots {have_slots:?}; want {replicas:?} / {slots:?}\n{}",
+            local.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let password = local.password();
+    for r in &replicas {
+        let addr = Local::address(s, r);
+        let deadline = Instant::now() + CONVERGE_TIMEOUT;
+        loop {
+            let c = connect(&addr, &password).await.unwrap();
+            let found: i64 = c
+                .query_one("SELECT count(*) FROM ha_rows WHERE n = $1", &[&n])
+                .await
+                .unwrap()
+                .get(0);
+            if found == 1 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "row {n} not on {r}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    eprintln!("{p} streams to {replicas:?} through their slots; row {n} on each");
+}
+
+/// Scaling a running cluster under a writer in synchronous mode (issue 3
+/// test 4): 3 → 5 (new replicas cloned from the primary, streaming
+/// through their slots, the rows on them), the primary moved to a new
+/// instance, then 5 → 2 (the primary is among the removed: switched over
+/// to a kept replica first; the removed instances' slots dropped, the
+/// synchronous standbys recomputed). No acknowledged write is lost. A scale
+/// that leaves synchronous `number` >= instances is refused naming the
+/// field, the cluster untouched. Then `up` stopped and started with 3
+/// instances: the retained data of the third rejoins.
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_scales_up_and_down_under_writes() {
+    scales_up_and_down_under_writes(15).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_scales_up_and_down_under_writes_on_postgresql_17() {
+    scales_up_and_down_under_writes(17).await;
+}
+
+async fn scales_up_and_down_under_writes(version: u32) {
+    let t0 = Instant::now();
+    let mut local = Local::with_version(version);
+    local.start();
+    let s = local.wait_converged();
+    let rw = s["endpoints"]["rw"].as_str().unwrap().to_string();
+    let password = local.password();
+    create_table(&rw, &password).await;
+    let writer = Writer::start(rw.clone(), password.clone(), 1000);
+    wait_acks(&writer, 0, 50, "before scaling").await;
+
+    // 3 → 5.
+    let five = simple_pg_ha(version).replace("instances: 3", "instances: 5");
+    let out = local.apply(&five);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let all5 = [
+        "simple-pg-0",
+        "simple-pg-1",
+        "simple-pg-2",
+        "simple-pg-3",
+        "simple-pg-4",
+    ];
+    local.wait_instances(&all5);
+    insert_ok(&rw, &password, -1).await;
+    let s = local.wait_instances(&all5);
+    assert_replicas_streaming(&local, &s, -1).await;
+    wait_acks(&writer, writer.acked_count(), 20, "after scaling up").await;
+
+    // The primary moves to a new instance, so that scaling down has to
+    // move it again.
+    let out = local.run(&["promote", "simple-pg-4"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    local.wait_for("simple-pg-4 the primary", |s| {
+        s["currentPrimary"] == "simple-pg-4" && s["primary"] == "simple-pg-4"
+    });
+    let s = local.wait_instances(&all5);
+    let term = s["term"].as_u64().unwrap();
+    wait_acks(&writer, writer.acked_count(), 20, "on simple-pg-4").await;
+
+    // Refused: synchronous number 1 with 1 instance; nothing changes.
+    let saved = std::fs::read(local.state.join("cluster.yaml")).unwrap();
+    let out = local.apply(&simple_pg_ha(version).replace("instances: 3", "instances: 1"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "applied instances: 1");
+    assert!(
+        stderr.contains("spec.postgresql.synchronous.number")
+            && stderr.contains("less than spec.instances"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(local.state.join("cluster.yaml")).unwrap(),
+        saved
+    );
+    let s = local.wait_instances(&all5);
+    assert_eq!(s["term"].as_u64().unwrap(), term);
+    assert_eq!(primary(&s), "simple-pg-4");
+
+    // 5 → 2: simple-pg-4 (the primary), -3 and -2 go.
+    let two = simple_pg_ha(version).replace("instances: 3", "instances: 2");
+    let out = local.apply(&two);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = local.wait_instances(&["simple-pg-0", "simple-pg-1"]);
+    let p = primary(&s);
+    assert!(p == "simple-pg-0" || p == "simple-pg-1", "{s}");
+    wait_acks(&writer, writer.acked_count(), 20, "after scaling down").await;
+    insert_ok(&rw, &password, -2).await;
+    assert_replicas_streaming(&local, &s, -2).await;
+    let other = if p == "simple-pg-0" {
+        "simple-pg-1"
+    } else {
+        "simple-pg-0"
+    };
+    wait_sync_names(&rw, &password, &format!("ANY 1 (\"{other}\")")).await;
+    let acked = writer.stop().await;
+    assert_all_present(&rw, &password, &acked).await;
+    let events = s["events"].to_string();
+    assert!(
+        events.contains("scaling down removes simple-pg-4"),
+        "{events}"
+    );
+    // pvcRetentionPolicy.whenScaled defaults to Retain.
+    for gone in ["simple-pg-2", "simple-pg-3", "simple-pg-4"] {
+        assert!(
+            local
+                .state
+                .join("instances")
+                .join(gone)
+                .join("data/pgdata/PG_VERSION")
+                .exists(),
+            "{gone}'s data was not kept"
+        );
+    }
+
+    // `up` stopped and started with 3 instances: the two that ran start,
+    // then simple-pg-2 is added again from its kept data (rejoined or
+    // cloned again).
+    let out = local.run(&["down"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if let Some(mut child) = local.up.take() {
+        let _ = child.wait();
+    }
+    std::fs::write(&local.file, simple_pg_ha(version)).unwrap();
+    local.start();
+    let s = local.wait_instances(&["simple-pg-0", "simple-pg-1", "simple-pg-2"]);
+    insert_ok(&rw, &password, -3).await;
+    assert_replicas_streaming(&local, &s, -3).await;
+    assert_all_present(&rw, &password, &acked).await;
+    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
+    local.down();
+}
+
+/// `SHOW name` and `pg_postmaster_start_time()` on every instance of `s`.
+async fn show_everywhere(s: &Value, password: &str, name: &str) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for i in s["instances"].as_array().unwrap() {
+        let c = connect(i["address"].as_str().unwrap(), password)
+            .await
+            .unwrap();
+        let row = c
+            .query_one(
+                &format!("SELECT current_setting('{name}'), pg_postmaster_start_time()::text"),
+                &[],
+            )
+            .await
+            .unwrap();
+        out.push((
+            i["name"].as_str().unwrap().to_string(),
+            row.get(0),
+            row.get(1),
+        ));
+    }
+    out
+}
+
+/// Changed parameters on the running cluster under a writer: reloadable
+/// ones (`work_mem`, `log_min_duration_statement`) are reloaded with no
+/// postgres restarted (same `pg_postmaster_start_time` everywhere, no
+/// rolling restart); a lowered `max_connections` (standbys need at least
+/// the primary's value) restarts the primary first, in place, then the
+/// replicas. No acknowledged write is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_reloads_parameters_and_lowers_primary_first() {
+    let t0 = Instant::now();
+    let mut local = Local::new();
+    local.start();
+    let s = local.wait_converged();
+    let rw = s["endpoints"]["rw"].as_str().unwrap().to_string();
+    let password = local.password();
+    create_table(&rw, &password).await;
+    let writer = Writer::start(rw.clone(), password.clone(), 1000);
+    wait_acks(&writer, 0, 50, "before the change").await;
+    let before = show_everywhere(&s, &password, "work_mem").await;
+
+    let reloadable = simple_pg_ha(15).replace(
+        "    synchronous:\n",
+        "    parameters:\n      work_mem: '8MB'\n      log_min_duration_statement: '250'\n    synchronous:\n",
+    );
+    let out = local.apply(&reloadable);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = local.wait_for("the new configuration reloaded", |s| {
+        s["events"].to_string().contains("Reconfigured")
+    });
+    let events = s["events"].to_string();
+    assert!(
+        events.contains("restart needed on none") && !events.contains("RollingRestart"),
+        "{events}"
+    );
+    // pg_reload_conf() only signals the postmaster: poll briefly.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let after = show_everywhere(&s, &password, "work_mem").await;
+        if after.iter().all(|(_, v, _)| v == "8MB") || Instant::now() > deadline {
+            break after;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for ((name, _, started), (_, value, started_after)) in before.iter().zip(&after) {
+        assert_eq!(value, "8MB", "{name}");
+        assert_eq!(started, started_after, "{name} restarted");
+    }
+    for (name, v, _) in show_everywhere(&s, &password, "log_min_duration_statement").await {
+        assert_eq!(v, "250ms", "{name}");
+    }
+    wait_acks(&writer, writer.acked_count(), 20, "after the reload").await;
+
+    // Lowered max_connections (default 100): the primary first, in place.
+    let p = primary(&s);
+    let lowered = reloadable.replace(
+        "      work_mem: '8MB'\n",
+        "      work_mem: '8MB'\n      max_connections: '90'\n",
+    );
+    let out = local.apply(&lowered);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    local.wait_for("the rolling restart done", |s| {
+        s["events"].to_string().contains("RollingRestartDone")
+    });
+    let s = local.wait_converged();
+    let events: Vec<String> = s["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap().to_string())
+        .collect();
+    let restarts: Vec<&String> = events
+        .iter()
+        .filter(|e| e.contains(" Restarting: "))
+        .collect();
+    assert_eq!(restarts.len(), 3, "{events:#?}");
+    assert!(
+        restarts[0].contains(&format!("{p} restarting: new configuration (primary first")),
+        "{events:#?}"
+    );
+    assert_eq!(primary(&s), p, "restarted in place, not switched over");
+    for (name, v, _) in show_everywhere(&s, &password, "max_connections").await {
+        assert_eq!(v, "90", "{name}");
+    }
+    wait_acks(
+        &writer,
+        writer.acked_count(),
+        20,
+        "after the rolling restart",
+    )
+    .await;
+    let acked = writer.stop().await;
+    assert_all_present(&rw, &password, &acked).await;
+    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
+    local.down();
+}
+
+/// `up` killed (SIGKILL) in the middle of a scale-down that removes the
+/// primary (3 → 2 with `simple-pg-2` the primary) under a writer, then
+/// started again with the new file: it resumes from the persisted intent
+/// (the switchover step, the instances that ran) and ends with
+/// `simple-pg-0` and `simple-pg-1` only, one primary, no acknowledged write
+/// lost, `simple-pg-2`'s slot gone, and (`pvcRetentionPolicy.whenScaled:
+/// Delete`) its directory and ports too.
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_up_killed_mid_scale_down_resumes() {
+    let t0 = Instant::now();
+    let mut local = Local::new();
+    local.start();
+    let s = local.wait_converged();
+    let rw = s["endpoints"]["rw"].as_str().unwrap().to_string();
+    let password = local.password();
+    create_table(&rw, &password).await;
+    let out = local.run(&["promote", "simple-pg-2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    local.wait_for("simple-pg-2 the primary", |s| {
+        s["currentPrimary"] == "simple-pg-2" && s["primary"] == "simple-pg-2"
+    });
+    local.wait_converged();
+    let writer = Writer::start(rw.clone(), password.clone(), 1000);
+    wait_acks(&writer, 0, 50, "before scaling").await;
+
+    let two = simple_pg_ha(15).replace(
+        "instances: 3\n",
+        "instances: 2\n  pvcRetentionPolicy:\n    whenScaled: Delete\n",
+    );
+    let out = local.apply(&two);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = local.state_json();
+        let events = st["ha"]["events"].to_string();
+        if st["ha"]["step"]["type"] == "switchover" || events.contains("ScalingDown") {
+            eprintln!(
+                "killing `up` at step {}, members {}",
+                st["ha"]["step"], st["ha"]["members"]
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no scale-down started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut up = local.up.take().unwrap();
+    up.kill().unwrap();
+    up.wait().unwrap();
+    std::fs::write(&local.file, &two).unwrap();
+    local.start();
+    let s = local.wait_instances(&["simple-pg-0", "simple-pg-1"]);
+    wait_acks(&writer, writer.acked_count(), 20, "after the restart of up").await;
+    let acked = writer.stop().await;
+    assert_all_present(&rw, &password, &acked).await;
+    insert_ok(&rw, &password, -1).await;
+    assert_replicas_streaming(&local, &s, -1).await;
+    let st = local.state_json();
+    assert_eq!(
+        st["ha"]["members"],
+        serde_json::json!(["simple-pg-0", "simple-pg-1"])
+    );
+    assert!(
+        st["ports"]["instances"].get("simple-pg-2").is_none(),
+        "{st}"
+    );
+    assert!(!local.state.join("instances/simple-pg-2").exists());
     eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
     local.down();
 }

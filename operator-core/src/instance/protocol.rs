@@ -228,6 +228,14 @@ pub const ACTION_SLOTS: &str = "slots";
 /// (`{"available": [NAME]}`), so that it chooses its synchronous standbys
 /// among them (engines with synchronous replication).
 pub const ACTION_SYNC_STANDBYS: &str = "syncStandbys";
+/// Engine action: take a changed engine block (`{"engine": …}`, as
+/// `Engine::instance_settings` renders it) without a restart where the
+/// engine can (a configuration reload). The reply says
+/// `{"restart": bool}` (the server must restart to take all of it) and
+/// `{"primaryFirst": bool}` (the primary must restart before the replicas,
+/// e.g. a lowered PostgreSQL hot-standby parameter). An engine without the
+/// action is restarted instead.
+pub const ACTION_RECONFIGURE: &str = "reconfigure";
 /// Key of a [`LeaseGrant`] in any action body: the manager applies it
 /// before the action (a promotion is granted its lease atomically).
 pub const BODY_LEASE: &str = "lease";

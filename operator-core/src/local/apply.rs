@@ -11,11 +11,14 @@
 //! naming the fields, and the running cluster stays as it was.
 //!
 //! Changed live today: the fencing annotation
-//! `stratum.dev/fencedInstances`, and `spec.postgresql.parameters` (every
-//! instance's configuration is rewritten and the instances restart one at
-//! a time: replicas first, the primary last, see `ha::Orchestrator`).
-//! Other spec changes (scaling among them) are refused on a running
-//! cluster for now.
+//! `stratum.dev/fencedInstances`, `spec.postgresql.parameters` (every
+//! instance's configuration is rewritten and reloaded; instances that need
+//! a restart for it restart one at a time: replicas first, the primary
+//! last, or the primary first when a lowered parameter requires it, see
+//! `ha::Orchestrator`), and
+//! `spec.instances` with `spec.pvcRetentionPolicy` (the running loop adds
+//! or removes instances, see `ha::Resize`). Other spec changes are refused
+//! on a running cluster for now.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -105,17 +108,27 @@ pub fn changed_fields(old: &Value, new: &Value, path: &str) -> Vec<String> {
 }
 
 /// Spec fields a running local cluster takes: server parameters (rolled
-/// out by restarting the instances one at a time).
-const LIVE_SPEC_FIELDS: [&str; 1] = ["spec.postgresql.parameters."];
+/// out by restarting the instances one at a time), the number of
+/// instances and what happens to a removed instance's data.
+const LIVE_SPEC_FIELDS: [&str; 3] = [
+    "spec.postgresql.parameters.",
+    "spec.instances",
+    "spec.pvcRetentionPolicy.",
+];
+/// Of those, the ones that change the instances' configuration.
+const RECONFIGURE_SPEC_FIELDS: [&str; 1] = ["spec.postgresql.parameters."];
 
 /// What a running `up` does with a new, valid CR. Pure.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
     /// The instances fenced from now on.
     pub fenced: BTreeSet<String>,
-    /// The spec fields that changed (all of them live-changeable); the
-    /// instances restart one at a time to take them.
-    pub restart_for: Vec<String>,
+    /// The spec fields that changed the instances' configuration: they
+    /// reload it, and those that need a restart restart one at a time.
+    pub reconfigure_for: Vec<String>,
+    /// Whether `spec.instances` changed: the caller adds or removes
+    /// instances (an engine's loop that cannot must refuse the change).
+    pub resized: bool,
 }
 
 /// [`Change`] when only what can change live changed, else why not. Pure.
@@ -137,12 +150,18 @@ pub fn review(old: &Accepted, new: &Accepted, new_object: &Value) -> Result<Chan
     }
     Ok(Change {
         fenced: fenced_instances(new_object, &new.cluster.instance_names())?,
-        restart_for: spec,
+        resized: spec.iter().any(|f| f == "spec.instances"),
+        reconfigure_for: spec
+            .into_iter()
+            .filter(|f| RECONFIGURE_SPEC_FIELDS.iter().any(|p| f.starts_with(p)))
+            .collect(),
     })
 }
 
 /// Rewrite every instance's `instance.json` for `cluster` (the engine
-/// block: parameters), so that a restarted manager runs with it.
+/// block: parameters), so that a restarted manager runs with it. Instances
+/// not laid out yet (a scale-up in the same change) are skipped: they are
+/// laid out with the new CR.
 pub fn rewrite_instance_configs(
     dir: &StateDir,
     engine: &dyn crate::engine::Engine,
@@ -154,7 +173,11 @@ pub fn rewrite_instance_configs(
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     for name in names {
         let path = dir.instance_config_file(name);
-        let text = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
+        let text = match std::fs::read(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+        };
         let mut config: crate::instance::config::InstanceConfig =
             serde_json::from_slice(&text).with_context(|| format!("parse {}", path.display()))?;
         config.engine = block.clone();
@@ -233,7 +256,7 @@ pub fn take(
                 input::accept(registry, &label, &text, Some(&old)).map_err(|e| e.to_string())?;
             let object = input::parse_yaml(&label, &text).map_err(|e| e.to_string())?;
             let change = review(current, &new, &object)?;
-            if !change.restart_for.is_empty() {
+            if !change.reconfigure_for.is_empty() {
                 rewrite_instance_configs(
                     dir,
                     new.engine.as_ref(),
@@ -259,12 +282,19 @@ pub fn take(
                     } else {
                         change.fenced.iter().cloned().collect::<Vec<_>>().join(", ")
                     },
-                    if change.restart_for.is_empty() {
-                        "no restart needed".to_string()
+                    if change.reconfigure_for.is_empty() {
+                        "configuration unchanged".to_string()
                     } else {
-                        format!("rolling restart for {}", change.restart_for.join(", "))
+                        format!(
+                            "reload (restarts where needed) for {}",
+                            change.reconfigure_for.join(", ")
+                        )
                     }
-                ),
+                ) + &if change.resized {
+                    format!("; instances: {}", new.cluster.instance_names().join(", "))
+                } else {
+                    String::new()
+                },
             );
             Some((new, change))
         }
@@ -315,6 +345,31 @@ mod tests {
         );
         let e = fenced_instances(&annotated("pg-1"), &names()).unwrap_err();
         assert!(e.contains("is not a JSON list"), "{e}");
+    }
+
+    #[test]
+    fn review_takes_scaling_and_refuses_other_fields() {
+        use crate::local::input::tests::{manifest, registry};
+        let accept = |text: &str| input::accept(&registry(), "c.yaml", text, None).unwrap();
+        let old = accept(&manifest("3", "1Gi"));
+        let object = |text: &str| input::parse_yaml("c.yaml", text).unwrap();
+
+        let five = manifest("5", "1Gi");
+        let change = review(&old, &accept(&five), &object(&five)).unwrap();
+        assert!(change.resized);
+        assert!(change.reconfigure_for.is_empty());
+        assert!(change.fenced.is_empty());
+
+        let same = manifest("3", "1Gi");
+        let change = review(&old, &accept(&same), &object(&same)).unwrap();
+        assert!(!change.resized);
+
+        let bigger = manifest("3", "2Gi");
+        let e = review(&old, &accept(&bigger), &object(&bigger)).unwrap_err();
+        assert!(
+            e.starts_with("changing spec.storage.size on a running local cluster"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -37,7 +37,7 @@ use super::haproxy::{self, Backend, Haproxy};
 use super::input::Accepted;
 use super::state::{LocalState, StateDir};
 use super::status::{self, Phase, SnapshotInput, StatusSnapshot};
-use super::supervisor::{ManagerSpec, Supervisor};
+use super::supervisor::Supervisor;
 use crate::engine::{Election, Engine, InstanceOps, ObservedMember, Routing, ValidatedCluster};
 use crate::instance::client::InstanceClient;
 use crate::instance::protocol::{MemberStatus, Position, ProcessState, Role};
@@ -655,6 +655,7 @@ pub(super) async fn serve(
     names: Vec<String>,
     mut state: LocalState,
     haproxy_bin: PathBuf,
+    _layout: super::up::Layout,
 ) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
@@ -662,7 +663,7 @@ pub(super) async fn serve(
         .with_context(|| format!("failed to read {}", dir.token_file().display()))?
         .trim()
         .to_string();
-    let exe = std::env::current_exe().context("failed to find the stratum binary")?;
+    std::env::current_exe().context("failed to find the stratum binary")?;
     let endpoints = super::up::members(&state, &names);
     let observe = InstanceClient::new(
         token.clone(),
@@ -691,15 +692,7 @@ pub(super) async fn serve(
     .context("failed to start HAProxy for the rw/ro endpoints")?;
     state.haproxy = hp.pid();
 
-    let specs = names
-        .iter()
-        .map(|name| ManagerSpec {
-            name: name.clone(),
-            exe: exe.clone(),
-            config: dir.instance_config_file(name),
-            log: dir.manager_log(name),
-        })
-        .collect();
+    let specs = super::up::manager_specs(&dir, &names);
     let supervisor = Supervisor::start(specs);
     let rw_addr = status::address(&state.listen, state.ports.rw);
     let ro_addr = status::address(&state.listen, state.ports.ro);

@@ -15,6 +15,11 @@
 //!   pg_rewind when it is back).
 //! - Switchover: stop routing writes → fence the primary (clean stop) →
 //!   wait until the target received everything → promote → repoint.
+//! - Scaling: towards the spec's instances while the primary is healthy:
+//!   new replicas get their slots and are started by `up` ([`Resize`]);
+//!   a primary being removed is switched over to a kept replica first, the
+//!   primary stops waiting for removed synchronous standbys, `up` stops
+//!   them, their slots are dropped.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -29,8 +34,8 @@ use crate::engine::{Election, Engine, InstanceOps, ObservedMember, ValidatedClus
 use crate::instance::client::InstanceClient;
 use crate::instance::config::PeerEndpoint;
 use crate::instance::protocol::{
-    ACTION_FENCE, ACTION_FOLLOW, ACTION_LEASE, ACTION_PROMOTE, ACTION_SLOTS, ACTION_SYNC_STANDBYS,
-    ACTION_UNFENCE, BODY_LEASE, LeaseGrant, Position, ProcessState, Role,
+    ACTION_FENCE, ACTION_FOLLOW, ACTION_LEASE, ACTION_PROMOTE, ACTION_RECONFIGURE, ACTION_SLOTS,
+    ACTION_SYNC_STANDBYS, ACTION_UNFENCE, BODY_LEASE, LeaseGrant, Position, ProcessState, Role,
 };
 
 /// Environment variable overriding the lease TTL in milliseconds (tests).
@@ -101,9 +106,28 @@ pub struct HaState {
     /// so only they are compared in the next failover.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sync_standbys: Vec<String>,
+    /// The instances the cluster runs now (managers started, observed,
+    /// routed to). `up` moves them towards the spec's instances one step
+    /// at a time (see [`Resize`]); a restarted `up` starts these and
+    /// resumes from there. Empty in a state written before scaling
+    /// existed: the spec's instances.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<String>,
     /// The last events, oldest first (`<RFC 3339> <Reason>: <message>`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<String>,
+}
+
+/// A change of the running instances that the orchestrator asks `up` to
+/// make (only `up` starts and stops managers).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resize {
+    /// Lay out and start these instances; they clone from the primary,
+    /// whose slots for them exist already.
+    Add(Vec<String>),
+    /// Stop these instances: none of them is the primary, and the
+    /// primary's synchronous standbys no longer count on them.
+    Remove(Vec<String>),
 }
 
 /// An operation in progress.
@@ -193,6 +217,8 @@ pub fn switchover_refusal(
 /// actions in the decision loop never let the primary's lease lapse.
 struct LeaseKeeper {
     holder: watch::Sender<Option<(String, u64)>>,
+    /// Replaced when the members change (a scaled cluster).
+    client: Arc<Mutex<InstanceClient>>,
     /// When each instance last confirmed a renewal (response time).
     renewed: Arc<Mutex<BTreeMap<String, Instant>>>,
     started: Instant,
@@ -206,10 +232,15 @@ impl LeaseKeeper {
         let renewed: Arc<Mutex<BTreeMap<String, Instant>>> = Arc::default();
         let seen = renewed.clone();
         let period = ttl / 4;
+        let shared = Arc::new(Mutex::new(client));
+        let clients = shared.clone();
         let task = tokio::spawn(async move {
             loop {
                 let current = rx.borrow_and_update().clone();
-                if let Some((name, term)) = current {
+                let client = clients.lock().map(|c| c.clone()).ok();
+                if let Some((name, term)) = current
+                    && let Some(client) = client
+                {
                     let body = json!({ BODY_LEASE: LeaseGrant {
                         holder: name.clone(),
                         term,
@@ -232,6 +263,7 @@ impl LeaseKeeper {
         });
         Self {
             holder,
+            client: shared,
             renewed,
             started: Instant::now(),
             ttl,
@@ -248,6 +280,12 @@ impl LeaseKeeper {
                 true
             }
         });
+    }
+
+    fn set_client(&self, client: InstanceClient) {
+        if let Ok(mut c) = self.client.lock() {
+            *c = client;
+        }
     }
 
     fn note_renewed(&self, name: &str) {
@@ -283,6 +321,8 @@ pub struct Orchestrator {
     engine: Arc<dyn Engine>,
     cluster: ValidatedCluster,
     dir: StateDir,
+    token: String,
+    cluster_id: String,
     /// Every member's endpoints.
     endpoints: Vec<PeerEndpoint>,
     /// Short timeouts: observation.
@@ -297,7 +337,10 @@ pub struct Orchestrator {
     pub ha: HaState,
     failover_delay: Duration,
     primary_down_since: Option<Instant>,
-    slots_done_for: Option<String>,
+    /// The primary whose replication slots were last ensured, and when
+    /// (redone now and then: a removed replica's slot may still have been
+    /// in use the first time).
+    slots_done_for: Option<(String, Instant)>,
     /// The primary and the streaming replicas it was last told of
     /// ([`ACTION_SYNC_STANDBYS`]).
     sync_told: Option<(String, Vec<String>)>,
@@ -317,7 +360,25 @@ pub struct Orchestrator {
     /// The instance restarting now: its manager's pid before, and since
     /// when.
     rolling_now: Option<(String, Option<u32>, Instant)>,
+    /// Restart the primary first in the rolling restart (a lowered
+    /// parameter that standbys need at least as high as the primary).
+    primary_first: bool,
+    /// The primary's WAL position once it was back from a primary-first
+    /// restart: a replica restarts only after replaying past it (its
+    /// control file must have seen the primary's lowered value, or it
+    /// refuses to start as a standby).
+    primary_back_lsn: Option<u64>,
+    /// A changed engine block to hand every instance
+    /// ([`ACTION_RECONFIGURE`]) on the next healthy tick.
+    reconfigure: Option<serde_json::Value>,
+    /// The instances the spec asks for.
+    desired: Vec<String>,
+    /// A resize decided and not yet taken by `up`.
+    resize: Option<Resize>,
 }
+
+/// How often the primary's replication slots are ensured again.
+const SLOTS_EVERY: Duration = Duration::from_secs(10);
 
 /// How long one instance of a rolling restart may take to stream again.
 const ROLL_STEP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -342,6 +403,7 @@ impl Orchestrator {
                 timeout,
             )
         };
+        let desired = cluster.instance_names();
         let failover_delay = cluster
             .spec
             .get("failoverDelay")
@@ -352,10 +414,14 @@ impl Orchestrator {
         let act = client(Duration::from_secs(90));
         let quick = client(Duration::from_secs(3));
         let lease = LeaseKeeper::start(client(ttl / 4), ttl);
+        let mut ha = ha;
+        ha.members = endpoints.iter().map(|e| e.name.clone()).collect();
         Self {
             engine,
             cluster,
             dir,
+            token,
+            cluster_id,
             endpoints,
             observe,
             act,
@@ -374,12 +440,206 @@ impl Orchestrator {
             fenced_done: BTreeSet::new(),
             rolling: Vec::new(),
             rolling_now: None,
+            primary_first: false,
+            primary_back_lsn: None,
+            reconfigure: None,
+            desired,
+            resize: None,
         }
     }
 
-    /// The accepted cluster changed (a CR applied to the running `up`).
+    /// The accepted cluster changed (a CR applied to the running `up`);
+    /// its instances are the ones to move towards.
     pub fn set_cluster(&mut self, cluster: ValidatedCluster) {
+        self.desired = cluster.instance_names();
         self.cluster = cluster;
+    }
+
+    /// The resize the last ticks decided, for `up` to carry out (then
+    /// [`Orchestrator::set_members`]).
+    pub fn take_resize(&mut self) -> Option<Resize> {
+        self.resize.take()
+    }
+
+    /// The running instances changed (`up` added or removed managers):
+    /// observe, act on and fail over among `endpoints` from now on. The
+    /// primary's slots and synchronous standbys are chosen again.
+    pub fn set_members(&mut self, endpoints: Vec<PeerEndpoint>) {
+        let names: Vec<String> = endpoints.iter().map(|e| e.name.clone()).collect();
+        let client = |timeout| {
+            InstanceClient::new(
+                self.token.clone(),
+                self.cluster_id.clone(),
+                endpoints.clone(),
+                timeout,
+            )
+        };
+        self.observe = client(Duration::from_secs(1));
+        self.act = client(Duration::from_secs(90));
+        self.quick = client(Duration::from_secs(3));
+        self.lease.set_client(client(self.lease.ttl / 4));
+        self.endpoints = endpoints;
+        self.slots_done_for = None;
+        self.sync_told = None;
+        self.not_streaming_since.retain(|n, _| names.contains(n));
+        self.last_follow.retain(|n, _| names.contains(n));
+        self.rolling.retain(|n| names.contains(n));
+        if self
+            .rolling_now
+            .as_ref()
+            .is_some_and(|(n, _, _)| !names.contains(n))
+        {
+            self.rolling_now = None;
+        }
+        self.ha.sync_standbys.retain(|n| names.contains(n));
+        self.ha.members = names;
+        self.save();
+    }
+
+    fn member_names(&self) -> Vec<String> {
+        self.endpoints.iter().map(|e| e.name.clone()).collect()
+    }
+
+    /// The members other than `primary`.
+    fn replicas_of(&self, primary: &str) -> Vec<String> {
+        self.endpoints
+            .iter()
+            .filter(|e| e.name != primary)
+            .map(|e| e.name.clone())
+            .collect()
+    }
+
+    /// The most advanced ready replica streaming from `primary`, among
+    /// `eligible` and not fenced.
+    fn switchover_target(
+        &self,
+        primary: &str,
+        members: &[ObservedMember],
+        eligible: &[String],
+    ) -> Option<String> {
+        let primary_port = self.db_port(primary);
+        members
+            .iter()
+            .filter(|m| m.name != primary && !self.fenced.contains(&m.name))
+            .filter(|m| eligible.contains(&m.name))
+            .filter(|m| {
+                m.status.as_ref().is_some_and(|s| {
+                    s.ready && streaming_from(s) == primary_port && primary_port.is_some()
+                })
+            })
+            .max_by_key(|m| wal_lsn(Some(m)))
+            .map(|m| m.name.clone())
+    }
+
+    /// One step towards the spec's instances while `primary` is healthy.
+    /// Returns the route when it started a switchover (a primary being
+    /// removed moves to a kept replica first).
+    async fn scale_step(
+        &mut self,
+        primary: &str,
+        members: &[ObservedMember],
+    ) -> Option<Option<String>> {
+        let current = self.member_names();
+        if self.resize.is_some() || current == self.desired {
+            return None;
+        }
+        let added: Vec<String> = self
+            .desired
+            .iter()
+            .filter(|n| !current.contains(n))
+            .cloned()
+            .collect();
+        let removed: Vec<String> = current
+            .iter()
+            .filter(|n| !self.desired.contains(n))
+            .cloned()
+            .collect();
+        if !added.is_empty() {
+            // Slots first, so that the clones stream through theirs at once.
+            let mut replicas = self.replicas_of(primary);
+            replicas.extend(added.iter().cloned());
+            if let Err(e) = self
+                .act
+                .action(primary, ACTION_SLOTS, json!({ "replicas": replicas }))
+                .await
+            {
+                self.wait_note(format!(
+                    "scaling up: slots for {} not created on {primary} yet: {e}",
+                    added.join(", ")
+                ));
+                return None;
+            }
+            self.ha.event(
+                "ScalingUp",
+                format!(
+                    "adding {} (cloned from the primary {primary})",
+                    added.join(", ")
+                ),
+            );
+            self.resize = Some(Resize::Add(added));
+            return None;
+        }
+        if removed.iter().any(|n| n == primary) {
+            let kept: Vec<String> = current
+                .iter()
+                .filter(|n| !removed.contains(n))
+                .cloned()
+                .collect();
+            let Some(target) = self.switchover_target(primary, members, &kept) else {
+                self.wait_note(format!(
+                    "scaling down removes the primary {primary}: waiting for a streaming replica among {} to switch over to",
+                    kept.join(", ")
+                ));
+                return None;
+            };
+            self.ha.step = Step::Switchover {
+                from: primary.to_string(),
+                to: target.clone(),
+            };
+            self.ha.target_primary = Some(target.clone());
+            self.ha.event(
+                "SwitchoverStarted",
+                format!("switchover from {primary} to {target} (scaling down removes {primary})"),
+            );
+            self.save();
+            return Some(self.switchover(primary, &target, members).await);
+        }
+        // The primary stops counting on the removed replicas before they
+        // stop, so that commits do not wait for them.
+        let kept_replicas: Vec<String> = self
+            .replicas_of(primary)
+            .into_iter()
+            .filter(|n| !removed.contains(n))
+            .collect();
+        let streaming: Vec<String> = members
+            .iter()
+            .find(|m| m.name == primary)
+            .and_then(|m| m.status.as_ref())
+            .map(streaming_replicas)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| kept_replicas.contains(n))
+            .collect();
+        if let Err(e) = self
+            .act
+            .action(
+                primary,
+                ACTION_SYNC_STANDBYS,
+                json!({ "available": streaming, "replicas": kept_replicas }),
+            )
+            .await
+        {
+            tracing::debug!(error = %e, "synchronous standbys not set before scaling down");
+        }
+        self.ha.event(
+            "ScalingDown",
+            format!(
+                "removing {} (the primary {primary} no longer waits for them)",
+                removed.join(", ")
+            ),
+        );
+        self.resize = Some(Resize::Remove(removed));
+        None
     }
 
     /// Restart `names` one at a time so that they take their rewritten
@@ -388,13 +648,91 @@ impl Orchestrator {
     /// the primary to an updated replica first, `restart` restarts it in
     /// place; `primaryUpdateStrategy: supervised` waits for `stratum local
     /// promote`).
-    pub fn roll(&mut self, names: &[String]) {
+    ///
+    /// With `primary_first` the primary restarts in place before the
+    /// replicas (a lowered hot-standby parameter: a standby may not run
+    /// with less than its primary, so the primary lowers first).
+    pub fn roll(&mut self, names: &[String], primary_first: bool) {
         self.rolling = names.to_vec();
         self.rolling_now = None;
+        self.primary_first = primary_first;
+        self.primary_back_lsn = None;
         self.ha.event(
             "RollingRestart",
-            format!("restarting {} one at a time", names.join(", ")),
+            format!(
+                "restarting {} one at a time{}",
+                names.join(", "),
+                if primary_first {
+                    " (the primary first, in place: a parameter standbys need at least as high as the primary is lowered)"
+                } else {
+                    ""
+                }
+            ),
         );
+    }
+
+    /// The instances' configuration changed (`engine`: the new engine
+    /// block, already in every `instance.json`): on the next healthy tick
+    /// every instance takes it without a restart where it can
+    /// ([`ACTION_RECONFIGURE`]); those that still need one roll.
+    pub fn reconfigure(&mut self, engine: serde_json::Value) {
+        self.reconfigure = Some(engine);
+    }
+
+    /// Hand the changed engine block to every running instance; roll the
+    /// ones that need a restart (or did not take it).
+    async fn reconfigure_all(&mut self, primary: &str, engine: serde_json::Value) {
+        let names = self.member_names();
+        let body = json!({ "engine": engine });
+        let replies = futures::future::join_all(
+            names
+                .iter()
+                .map(|n| self.act.action(n, ACTION_RECONFIGURE, body.clone())),
+        )
+        .await;
+        let mut restart = Vec::new();
+        let mut reloaded = Vec::new();
+        let mut primary_first = false;
+        for (name, reply) in names.iter().zip(replies) {
+            match reply {
+                Ok(r) => {
+                    if r.get("restart").and_then(|v| v.as_bool()) == Some(true) {
+                        restart.push(name.clone());
+                    } else {
+                        reloaded.push(name.clone());
+                    }
+                    primary_first |= r.get("primaryFirst").and_then(|v| v.as_bool()) == Some(true);
+                }
+                Err(e) => {
+                    // No such action, or unreachable: a restart reads the
+                    // rewritten instance.json.
+                    tracing::info!(instance = %name, error = %e, "not reconfigured in place; restarting it");
+                    restart.push(name.clone());
+                }
+            }
+        }
+        self.ha.event(
+            "Reconfigured",
+            format!(
+                "new configuration reloaded on {}; restart needed on {}",
+                if reloaded.is_empty() {
+                    "none".to_string()
+                } else {
+                    reloaded.join(", ")
+                },
+                if restart.is_empty() {
+                    "none".to_string()
+                } else {
+                    restart.join(", ")
+                },
+            ),
+        );
+        if !restart.is_empty() {
+            self.roll(
+                &restart,
+                primary_first && restart.iter().any(|n| n == primary),
+            );
+        }
     }
 
     fn manager_pid(&self, name: &str) -> Option<u32> {
@@ -443,6 +781,10 @@ impl Orchestrator {
             if restarted && back {
                 self.rolling.retain(|n| *n != name);
                 self.rolling_now = None;
+                if name == primary && self.primary_first {
+                    self.primary_first = false;
+                    self.primary_back_lsn = wal_lsn(members.iter().find(|m| m.name == primary));
+                }
                 self.ha.event(
                     "Restarted",
                     format!("{name} runs with the new configuration"),
@@ -477,7 +819,27 @@ impl Orchestrator {
         }
         let fenced = self.fenced.clone();
         self.rolling.retain(|n| !fenced.contains(n));
+        if self.primary_first && self.rolling.iter().any(|n| n == primary) {
+            self.restart_manager(primary, "new configuration (primary first, in place)");
+            return None;
+        }
         if let Some(next) = self.rolling.iter().find(|n| *n != primary).cloned() {
+            if let Some(lsn) = self.primary_back_lsn {
+                let replayed = members.iter().any(|m| {
+                    m.name == next
+                        && m.status.as_ref().is_some_and(|s| {
+                            s.ready
+                                && streaming_from(s) == primary_port
+                                && matches!(s.position, Position::Wal { replayed_lsn: Some(r), .. } if r >= lsn)
+                        })
+                });
+                if !replayed {
+                    self.wait_note(format!(
+                        "{next} restarts once it has replayed the restarted primary's WAL (a standby must have seen the lowered value before it runs with it)"
+                    ));
+                    return None;
+                }
+            }
             self.restart_manager(&next, "new configuration (replica)");
             return None;
         }
@@ -503,16 +865,7 @@ impl Orchestrator {
         }
         // Switch over to the most advanced replica streaming from it; the
         // old primary is then restarted as a replica.
-        let target = members
-            .iter()
-            .filter(|m| m.name != primary && !self.fenced.contains(&m.name))
-            .filter(|m| {
-                m.status.as_ref().is_some_and(|s| {
-                    s.ready && streaming_from(s) == primary_port && primary_port.is_some()
-                })
-            })
-            .max_by_key(|m| wal_lsn(Some(m)))
-            .map(|m| m.name.clone());
+        let target = self.switchover_target(primary, members, &self.member_names());
         let Some(target) = target else {
             self.wait_note(format!(
                 "the primary {primary} runs the old configuration: waiting for a streaming replica to switch over to"
@@ -698,19 +1051,18 @@ impl Orchestrator {
             {
                 self.ha.timeline = Some(*timeline);
             }
-            if self.slots_done_for.as_deref() != Some(primary.as_str()) {
-                let replicas: Vec<String> = self
-                    .endpoints
-                    .iter()
-                    .filter(|e| e.name != primary)
-                    .map(|e| e.name.clone())
-                    .collect();
+            if !self
+                .slots_done_for
+                .as_ref()
+                .is_some_and(|(p, at)| *p == primary && at.elapsed() < SLOTS_EVERY)
+            {
+                let replicas = self.replicas_of(&primary);
                 match self
                     .act
                     .action(&primary, ACTION_SLOTS, json!({ "replicas": replicas }))
                     .await
                 {
-                    Ok(_) => self.slots_done_for = Some(primary.clone()),
+                    Ok(_) => self.slots_done_for = Some((primary.clone(), Instant::now())),
                     Err(e) => tracing::warn!(error = %e, "replication slots not ensured yet"),
                 }
             }
@@ -719,12 +1071,8 @@ impl Orchestrator {
                     .await;
             }
             if let Some(req) = request {
-                match switchover_refusal(
-                    &req.target,
-                    &self.cluster.instance_names(),
-                    Some(&primary),
-                    members,
-                ) {
+                match switchover_refusal(&req.target, &self.member_names(), Some(&primary), members)
+                {
                     Some(why) => self.ha.event(
                         "SwitchoverRefused",
                         format!("switchover to {}: {why}", req.target),
@@ -745,6 +1093,12 @@ impl Orchestrator {
                 }
             }
             self.converge(&primary, members);
+            if let Some(route) = self.scale_step(&primary, members).await {
+                return route;
+            }
+            if let Some(engine) = self.reconfigure.take() {
+                self.reconfigure_all(&primary, engine).await;
+            }
             if (!self.rolling.is_empty() || self.rolling_now.is_some())
                 && let Some(route) = self.roll_step(&primary, members).await
             {
@@ -930,11 +1284,14 @@ impl Orchestrator {
         let term = self.ha.term + 1;
         self.ha.term = term;
         self.save();
-        let body = json!({ BODY_LEASE: LeaseGrant {
-            holder: candidate.to_string(),
-            term,
-            ttl_ms: self.lease.ttl.as_millis() as u64,
-        }});
+        let body = json!({
+            BODY_LEASE: LeaseGrant {
+                holder: candidate.to_string(),
+                term,
+                ttl_ms: self.lease.ttl.as_millis() as u64,
+            },
+            "replicas": self.replicas_of(candidate),
+        });
         match self.act.action(candidate, ACTION_PROMOTE, body).await {
             Ok(reply) => {
                 self.lease.note_renewed(candidate);
@@ -960,7 +1317,7 @@ impl Orchestrator {
                 );
                 self.save();
                 self.primary_down_since = None;
-                self.slots_done_for = Some(candidate.to_string());
+                self.slots_done_for = Some((candidate.to_string(), Instant::now()));
                 self.sync_told = None;
                 self.last_wait = None;
                 let others: Vec<String> = self
@@ -1072,11 +1429,8 @@ impl Orchestrator {
         if self.sync_told.as_ref() == Some(&now) {
             return;
         }
-        match self
-            .act
-            .action(primary, ACTION_SYNC_STANDBYS, json!({ "available": now.1 }))
-            .await
-        {
+        let body = json!({ "available": now.1, "replicas": self.replicas_of(primary) });
+        match self.act.action(primary, ACTION_SYNC_STANDBYS, body).await {
             Ok(reply) => {
                 if let Some(names) = reply
                     .get("synchronousStandbyNames")
@@ -1195,9 +1549,11 @@ impl Orchestrator {
         );
         let act = self.act.clone();
         let busy = self.following.clone();
+        // A manager started before `primary` was added does not know it.
+        let endpoint = self.endpoints.iter().find(|e| e.name == primary).cloned();
         let (name, primary) = (name.to_string(), primary.to_string());
         tokio::spawn(async move {
-            let body = json!({ "primary": primary, "rewind": rewind });
+            let body = json!({ "primary": primary, "rewind": rewind, "endpoint": endpoint });
             match act.action(&name, ACTION_FOLLOW, body).await {
                 Ok(reply) => {
                     tracing::info!(instance = %name, %primary, reply = %reply, "following")

@@ -14,7 +14,7 @@ use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
-use tokio::task::JoinSet;
+use tokio::task::JoinHandle;
 
 /// How long managers get to stop after SIGTERM before SIGKILL.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -44,25 +44,51 @@ pub type Pids = Arc<Mutex<BTreeMap<String, u32>>>;
 
 /// The running managers.
 pub struct Supervisor {
-    shutdown: watch::Sender<bool>,
-    tasks: JoinSet<()>,
+    /// Per instance: its own stop signal and its supervising task.
+    managers: BTreeMap<String, (watch::Sender<bool>, JoinHandle<()>)>,
     pids: Pids,
 }
 
 impl Supervisor {
     /// Start one supervised manager per spec.
     pub fn start(specs: Vec<ManagerSpec>) -> Self {
-        let (shutdown, rx) = watch::channel(false);
-        let pids: Pids = Arc::default();
-        let mut tasks = JoinSet::new();
+        let mut sup = Self {
+            managers: BTreeMap::new(),
+            pids: Pids::default(),
+        };
         for spec in specs {
-            tasks.spawn(supervise(spec, rx.clone(), pids.clone()));
+            sup.add(spec);
         }
-        Self {
-            shutdown,
-            tasks,
-            pids,
+        sup
+    }
+
+    /// Start supervising one more manager (a cluster scaled up). A name
+    /// already supervised is left as it is.
+    pub fn add(&mut self, spec: ManagerSpec) {
+        if self.managers.contains_key(&spec.name) {
+            return;
         }
+        let (tx, rx) = watch::channel(false);
+        let name = spec.name.clone();
+        let task = tokio::spawn(supervise(spec, rx, self.pids.clone()));
+        self.managers.insert(name, (tx, task));
+    }
+
+    /// Stop one manager (SIGTERM, then SIGKILL after [`STOP_TIMEOUT`]) and
+    /// stop supervising it (a cluster scaled down). False when `name` was
+    /// not supervised.
+    pub async fn remove(&mut self, name: &str) -> bool {
+        let Some((tx, task)) = self.managers.remove(name) else {
+            return false;
+        };
+        let _ = tx.send(true);
+        let _ = task.await;
+        true
+    }
+
+    /// The supervised instances, running or waiting to restart.
+    pub fn names(&self) -> Vec<String> {
+        self.managers.keys().cloned().collect()
     }
 
     /// Pids of the managers running now.
@@ -72,9 +98,15 @@ impl Supervisor {
 
     /// SIGTERM every manager and wait for them, SIGKILL-ing (with their
     /// process groups) those still there after [`STOP_TIMEOUT`].
-    pub async fn stop(mut self) {
-        let _ = self.shutdown.send(true);
-        while self.tasks.join_next().await.is_some() {}
+    pub async fn stop(self) {
+        let mut tasks = Vec::new();
+        for (_, (tx, task)) in self.managers {
+            let _ = tx.send(true);
+            tasks.push(task);
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
     }
 }
 
@@ -266,7 +298,8 @@ mod tests {
             ),
         );
         let log = tmp.path().join("manager.log");
-        let sup = Supervisor::start(vec![ManagerSpec {
+        let sup_exe = exe.clone();
+        let mut sup = Supervisor::start(vec![ManagerSpec {
             name: "simple-fake-0".into(),
             exe,
             config: tmp.path().join("instance.json"),
@@ -284,6 +317,30 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(sup.pids().len(), 1);
+
+        // One more, then that one alone stopped.
+        let log2 = tmp.path().join("manager-2.log");
+        sup.add(ManagerSpec {
+            name: "simple-fake-1".into(),
+            exe: sup_exe.clone(),
+            config: tmp.path().join("instance-2.json"),
+            log: log2.clone(),
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sup.pids().len() < 2 {
+            assert!(Instant::now() < deadline, "the added manager did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(sup.names(), ["simple-fake-0", "simple-fake-1"]);
+        assert!(sup.remove("simple-fake-1").await);
+        assert!(!sup.remove("simple-fake-1").await);
+        assert_eq!(sup.names(), ["simple-fake-0"]);
+        assert_eq!(sup.pids().keys().collect::<Vec<_>>(), ["simple-fake-0"]);
+        let text2 = std::fs::read_to_string(&log2).unwrap();
+        assert!(
+            text2.contains("instance manager stopped (exit status: 0)"),
+            "{text2}"
+        );
         sup.stop().await;
         let text = std::fs::read_to_string(&log).unwrap();
         assert!(

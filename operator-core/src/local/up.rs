@@ -40,6 +40,18 @@ struct Prepared {
     ro: TcpListener,
     /// The HAProxy binary, for multi-writer engines.
     haproxy: Option<std::path::PathBuf>,
+    /// How instances are laid out, kept to add instances to a running
+    /// cluster.
+    layout: Layout,
+}
+
+/// What laying out an instance needs beyond the CR and the state: kept by
+/// the running `up` so that a scaled-up cluster's new instances are laid
+/// out as the first ones were.
+#[derive(Clone)]
+pub(super) struct Layout {
+    args: UpArgs,
+    db_user: Option<DbUser>,
 }
 
 /// `stratum local up`: see [`super::up`]. Validates and prepares without
@@ -131,7 +143,15 @@ async fn prepare(registry: &EngineRegistry, args: &UpArgs) -> anyhow::Result<Opt
         // state.json survives).
         super::down::stop_orphaned_managers(&dir, prev).await;
     }
-    let names = accepted.cluster.instance_names();
+    // The instances that ran last time start again, even when the file
+    // asks for another number: the running loop then adds or removes
+    // instances as it does for a live change (a primary being removed is
+    // switched over first; new replicas clone from the primary).
+    let names = previous
+        .as_ref()
+        .map(|p| p.ha.members.clone())
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| accepted.cluster.instance_names());
     let listen = args.listen;
     // The engine's non-client ports (Galera replication, IST, SST) get a
     // loopback port per instance, as each pod has its own on Kubernetes.
@@ -197,10 +217,14 @@ async fn prepare(registry: &EngineRegistry, args: &UpArgs) -> anyhow::Result<Opt
         names,
         state,
         configs,
-        db_user,
+        db_user: db_user.clone(),
         rw,
         ro,
         haproxy,
+        layout: Layout {
+            args: args.clone(),
+            db_user,
+        },
     }))
 }
 
@@ -317,19 +341,182 @@ fn write_state_dir(p: &Prepared) -> anyhow::Result<UpLock> {
     }
     state::write_atomic(&p.dir.cluster_file(), p.accepted.text.as_bytes(), 0o644)?;
 
-    state::create_dir(&p.dir.instances_dir(), 0o755)?;
-    for config in &p.configs {
+    lay_out_instances(&p.dir, &p.configs, owner)?;
+    Ok(lock)
+}
+
+/// Each instance's directories (owned by the database user) and its
+/// `instance.json`; existing data is kept, configurations are rewritten.
+fn lay_out_instances(
+    dir: &StateDir,
+    configs: &[InstanceConfig],
+    owner: Option<Owner>,
+) -> anyhow::Result<()> {
+    state::create_dir(&dir.instances_dir(), 0o755)?;
+    for config in configs {
         let name = &config.instance;
-        state::create_dir(&p.dir.instance_dir(name), 0o755)?;
+        state::create_dir(&dir.instance_dir(name), 0o755)?;
         for sub in [&config.data_dir, &config.run_dir] {
             state::create_dir(sub, 0o700)?;
             state::chown(sub, owner)?;
         }
         let mut json = serde_json::to_vec_pretty(config)?;
         json.push(b'\n');
-        state::write_atomic(&p.dir.instance_config_file(name), &json, 0o644)?;
+        state::write_atomic(&dir.instance_config_file(name), &json, 0o644)?;
     }
-    Ok(lock)
+    Ok(())
+}
+
+/// A running cluster's instances become `names` (scaled up or down, as
+/// `accepted` now says): ports for new instances are planned and saved in
+/// `state`, and every instance's `instance.json` is rewritten with the new
+/// member list (new instances laid out). Returns the manager specs of
+/// `names`. Starting and stopping managers, and the engine's order of
+/// doing so, are the caller's.
+pub(super) fn resize_instances(
+    dir: &StateDir,
+    accepted: &Accepted,
+    state: &mut LocalState,
+    names: &[String],
+    layout: &Layout,
+) -> anyhow::Result<Vec<ManagerSpec>> {
+    let extra_ports: Vec<String> = accepted
+        .engine
+        .manifest(&accepted.cluster)
+        .ports
+        .into_iter()
+        .filter(|p| !p.client)
+        .map(|p| p.name)
+        .collect();
+    let listen: IpAddr = state
+        .listen
+        .parse()
+        .with_context(|| format!("bad listen address {:?} in the state", state.listen))?;
+    let mut alloc = PortAllocator::new(listen);
+    let (plan, _) = ports::plan_ports(Some(&state.ports), names, &extra_ports, || alloc.next())
+        .with_context(|| format!("failed to allocate ports on {listen}"))?;
+    drop(alloc);
+    state.ports = plan;
+    let configs = instance_configs(
+        dir,
+        accepted,
+        state,
+        names,
+        &layout.args,
+        layout.db_user.as_ref(),
+    )?;
+    lay_out_instances(dir, &configs, layout.db_user.as_ref().map(|u| u.owner))?;
+    state::write_state(dir, state)?;
+    Ok(manager_specs(dir, names))
+}
+
+/// Carry out a [`ha::Resize`] the orchestrator decided: start the added
+/// instances' managers (laid out with [`resize_instances`]) or stop the
+/// removed ones, rewrite the kept instances' member lists and, with
+/// `spec.pvcRetentionPolicy.whenScaled: Delete`, delete a removed
+/// instance's directory (kept otherwise: a later scale-up reuses it).
+/// `names` becomes the running instances.
+async fn carry_out_resize(
+    dir: &StateDir,
+    accepted: &Accepted,
+    state: &mut LocalState,
+    names: &mut Vec<String>,
+    layout: &Layout,
+    supervisor: &mut Supervisor,
+    resize: ha::Resize,
+) -> anyhow::Result<String> {
+    match resize {
+        ha::Resize::Add(added) => {
+            // An instance added again (its data kept) has saved ports;
+            // another process may have taken one since: give it new ones.
+            let listen: IpAddr = state.listen.parse().unwrap_or(IpAddr::from([127, 0, 0, 1]));
+            for name in &added {
+                let Some(p) = state.ports.instances.get(name) else {
+                    continue;
+                };
+                let planned: Vec<PlannedPort> = [p.db, p.api]
+                    .into_iter()
+                    .chain(p.extra.values().copied())
+                    .map(|port| PlannedPort {
+                        port,
+                        purpose: format!("port of {name}"),
+                    })
+                    .collect();
+                if let Err(e) = ports::check_free(listen, &planned) {
+                    tracing::warn!(instance = %name, error = format!("{e:#}"), "a saved port is taken; allocating new ones");
+                    state.ports.instances.remove(name);
+                }
+            }
+            let mut all: Vec<String> = names.iter().chain(&added).cloned().collect();
+            all.sort_by_key(|n| (ordinal(n), n.clone()));
+            all.dedup();
+            let specs = resize_instances(dir, accepted, state, &all, layout)?;
+            for spec in specs.into_iter().filter(|s| added.contains(&s.name)) {
+                supervisor.add(spec);
+            }
+            *names = all;
+            Ok(format!("started {}", added.join(", ")))
+        }
+        ha::Resize::Remove(removed) => {
+            for name in &removed {
+                supervisor.remove(name).await;
+            }
+            names.retain(|n| !removed.contains(n));
+            resize_instances(dir, accepted, state, names, layout)?;
+            let delete = accepted
+                .cluster
+                .spec
+                .pointer("/pvcRetentionPolicy/whenScaled")
+                .and_then(|v| v.as_str())
+                == Some("Delete");
+            if delete {
+                for name in &removed {
+                    let path = dir.instance_dir(name);
+                    match std::fs::remove_dir_all(&path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            return Err(e)
+                                .with_context(|| format!("failed to delete {}", path.display()));
+                        }
+                    }
+                    state.ports.instances.remove(name);
+                }
+                state::write_state(dir, state)?;
+            }
+            Ok(format!(
+                "stopped {}; data {}",
+                removed.join(", "),
+                if delete {
+                    "deleted (pvcRetentionPolicy.whenScaled: Delete)"
+                } else {
+                    "kept for a later scale-up (pvcRetentionPolicy.whenScaled: Retain)"
+                }
+            ))
+        }
+    }
+}
+
+/// The ordinal an instance name ends in (`u32::MAX` when none).
+fn ordinal(name: &str) -> u32 {
+    name.rsplit('-')
+        .next()
+        .and_then(|o| o.parse().ok())
+        .unwrap_or(u32::MAX)
+}
+
+/// One manager per instance, each with its `instance.json` and log.
+pub(super) fn manager_specs(dir: &StateDir, names: &[String]) -> Vec<ManagerSpec> {
+    let exe = std::env::current_exe().unwrap_or_else(|_| "stratum".into());
+    names
+        .iter()
+        .map(|name| ManagerSpec {
+            name: name.clone(),
+            exe: exe.clone(),
+            config: dir.instance_config_file(name),
+            log: dir.manager_log(name),
+        })
+        .collect()
 }
 
 /// Steps 3 and 4: managers, endpoints, the decision loop; until a signal.
@@ -337,18 +524,19 @@ async fn serve(p: Prepared, registry: &EngineRegistry) -> anyhow::Result<()> {
     let Prepared {
         dir,
         mut accepted,
-        names,
+        mut names,
         mut state,
         configs: _,
         db_user: _,
         rw,
         ro,
         haproxy,
+        layout,
     } = p;
     if let Some(bin) = haproxy {
         // HAProxy binds the endpoints itself.
         drop((rw, ro));
-        return super::galera::serve(dir, accepted, names, state, bin).await;
+        return super::galera::serve(dir, accepted, names, state, bin, layout).await;
     }
     let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
@@ -357,20 +545,13 @@ async fn serve(p: Prepared, registry: &EngineRegistry) -> anyhow::Result<()> {
         .with_context(|| format!("failed to read {}", dir.token_file().display()))?
         .trim()
         .to_string();
-    let exe = std::env::current_exe().context("failed to find the stratum binary")?;
-    let specs = names
-        .iter()
-        .map(|name| ManagerSpec {
-            name: name.clone(),
-            exe: exe.clone(),
-            config: dir.instance_config_file(name),
-            log: dir.manager_log(name),
-        })
-        .collect();
+    std::env::current_exe().context("failed to find the stratum binary")?;
+    let specs = manager_specs(&dir, &names);
 
     let proxy = Proxy::start(rw, ro);
-    let supervisor = Supervisor::start(specs);
-    let client = InstanceClient::new(
+    let mut supervisor = Supervisor::start(specs);
+    let client_token = token.clone();
+    let mut client = InstanceClient::new(
         token.clone(),
         state.cluster_id.clone(),
         members(&state, &names),
@@ -428,13 +609,39 @@ async fn serve(p: Prepared, registry: &EngineRegistry) -> anyhow::Result<()> {
                     accepted = new;
                     orchestrator.set_cluster(accepted.cluster.clone());
                     orchestrator.set_fenced(change.fenced);
-                    if !change.restart_for.is_empty() {
-                        orchestrator.roll(&names);
+                    if !change.reconfigure_for.is_empty() {
+                        match accepted.engine.instance_settings(&accepted.cluster) {
+                            Ok(engine) => orchestrator.reconfigure(engine),
+                            // Validated already; restart as a fallback.
+                            Err(_) => orchestrator.roll(&names, false),
+                        }
                     }
                 }
                 let members = client.observe_all().await;
                 let request = take_switchover_request(&dir);
                 let rw_member = orchestrator.tick(&members, request).await;
+                if let Some(resize) = orchestrator.take_resize() {
+                    match carry_out_resize(
+                        &dir, &accepted, &mut state, &mut names, &layout, &mut supervisor, resize,
+                    )
+                    .await
+                    {
+                        Ok(done) => {
+                            tracing::info!(managers = ?supervisor.names(), "instances resized");
+                            orchestrator.ha.event("Resized", done);
+                        }
+                        Err(e) => orchestrator.ha.event("ResizeFailed", format!("{e:#}")),
+                    }
+                    // Observe, route and act on the instances running now
+                    // (after a failure too: part of it may have happened).
+                    client = InstanceClient::new(
+                        client_token.clone(),
+                        state.cluster_id.clone(),
+                        self::members(&state, &names),
+                        Duration::from_secs(2),
+                    );
+                    orchestrator.set_members(self::members(&state, &names));
+                }
                 let mut routing = accepted.engine.route(&members);
                 // The orchestrator decides where writes go: the primary it
                 // recognises, or nowhere during a failover or switchover.

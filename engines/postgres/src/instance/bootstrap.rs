@@ -246,10 +246,14 @@ impl Bootstrap<'_> {
         let token = config
             .read_token()
             .map_err(InstanceError::io("read the API token", &config.token_file))?;
+        let mut members = config.members.clone();
+        if !members.iter().any(|m| m.name == source.name) {
+            members.push(source.clone());
+        }
         let peers = InstanceClient::new(
             token,
             config.cluster_id.clone(),
-            config.members.clone(),
+            members,
             Duration::from_secs(3),
         );
         let waiting = |detail: String| {

@@ -34,19 +34,26 @@ const PROMOTE_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct UpstreamFile {
     /// The member followed.
     pub primary: String,
+    /// Its endpoints as the operator gave them: a member added after this
+    /// manager started is not in its member list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<PeerEndpoint>,
 }
 
-/// The member this instance was told to follow, if any.
-pub fn read_upstream(layout: &Layout) -> Option<String> {
+/// What `upstream.json` says, if anything.
+pub fn read_upstream_file(layout: &Layout) -> Option<UpstreamFile> {
     let text = std::fs::read_to_string(layout.upstream_file()).ok()?;
-    serde_json::from_str::<UpstreamFile>(&text)
-        .ok()
-        .map(|u| u.primary)
+    serde_json::from_str::<UpstreamFile>(&text).ok()
 }
 
-fn write_upstream(layout: &Layout, primary: &str) -> Result<(), InstanceError> {
+fn write_upstream(
+    layout: &Layout,
+    primary: &str,
+    endpoint: Option<&PeerEndpoint>,
+) -> Result<(), InstanceError> {
     let body = serde_json::to_vec(&UpstreamFile {
         primary: primary.to_string(),
+        endpoint: endpoint.cloned(),
     })
     .unwrap_or_default();
     process::write_file(&layout.upstream_file(), &body, 0o600, None)
@@ -114,22 +121,15 @@ pub(crate) async fn ensure_slots(
     Ok(wanted)
 }
 
-fn other_members(ctx: &InstanceContext) -> Vec<String> {
-    ctx.config
-        .members
-        .iter()
-        .filter(|m| m.name != ctx.config.instance)
-        .map(|m| m.name.clone())
-        .collect()
-}
-
 /// `promote`: leave recovery (`pg_promote`, waiting until the server is out
-/// of recovery), forget the upstream, create the replicas' slots.
-/// Idempotent: a primary answers at once.
+/// of recovery), forget the upstream, create the slots of `replicas`
+/// (dropping other unused Stratum slots). Idempotent: a primary answers
+/// at once.
 pub(crate) async fn promote(
     ctx: &InstanceContext,
     layout: &Layout,
     port: u16,
+    replicas: &[String],
 ) -> Result<ActionReply, InstanceError> {
     let client = local_client(ctx, layout, port).await?;
     let started = Instant::now();
@@ -155,7 +155,7 @@ pub(crate) async fn promote(
     }
     process::remove_file_if_exists(&layout.upstream_file())?;
     process::remove_file_if_exists(&layout.follow_pending())?;
-    let slots = ensure_slots(&client, &other_members(ctx)).await?;
+    let slots = ensure_slots(&client, replicas).await?;
     let timeline: Option<i32> = client
         .query_one(
             "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int",
@@ -185,6 +185,10 @@ struct FollowRequest {
     /// (its timeline diverged from the new primary's).
     #[serde(default)]
     rewind: bool,
+    /// The primary's endpoints, for a primary added after this manager
+    /// started (not in its member list).
+    #[serde(default)]
+    endpoint: Option<PeerEndpoint>,
 }
 
 /// `follow {primary}` / `demote {primary}`: stream from `primary`. A
@@ -205,7 +209,7 @@ pub(crate) async fn follow(
         .map_err(|e| InstanceError::Settings(format!("follow needs {{\"primary\": NAME}}: {e}")))?;
     let config = &ctx.config;
     let Some(primary) = req.primary else {
-        write_upstream(layout, "")?;
+        write_upstream(layout, "", None)?;
         if let Ok(client) = local_client(ctx, layout, port).await
             && in_recovery(&client).await.unwrap_or(false)
         {
@@ -218,17 +222,15 @@ pub(crate) async fn follow(
         tracing::info!(instance = %config.instance, "detached from the primary");
         return Ok(ActionReply::done(json!({ "following": null })));
     };
-    let req = FollowRequest {
-        primary: Some(primary.clone()),
-        rewind: req.rewind,
-    };
     let primary_name = primary;
     if primary_name == config.instance {
         return Err(InstanceError::Settings(format!(
             "{primary_name} cannot follow itself"
         )));
     }
-    let Some(member) = config.members.iter().find(|m| m.name == primary_name) else {
+    let known = config.members.iter().find(|m| m.name == primary_name);
+    let given = req.endpoint.as_ref().filter(|e| e.name == primary_name);
+    let Some(member) = known.or(given) else {
         return Err(InstanceError::Settings(format!(
             "{primary_name} is not a member of cluster {}",
             config.cluster
@@ -238,7 +240,8 @@ pub(crate) async fn follow(
         host: member.host.clone(),
         port: member.db_port,
     };
-    write_upstream(layout, &primary_name)?;
+    // Kept only when this manager would not find the member otherwise.
+    write_upstream(layout, &primary_name, known.is_none().then_some(member))?;
     if !req.rewind && layout.standby_signal().exists() {
         // Already a standby: primary_conninfo and primary_slot_name are
         // reloadable, so a SIGHUP to the postmaster repoints it (no
@@ -392,10 +395,14 @@ pub(crate) async fn rewind(
     let token = config
         .read_token()
         .map_err(InstanceError::io("read the API token", &config.token_file))?;
+    let mut members = config.members.clone();
+    if !members.iter().any(|m| m.name == source.name) {
+        members.push(source.clone());
+    }
     let peers = InstanceClient::new(
         token,
         config.cluster_id.clone(),
-        config.members.clone(),
+        members,
         Duration::from_secs(3),
     );
     let not_ready = match peers.status(&source.name).await {

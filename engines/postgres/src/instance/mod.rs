@@ -25,8 +25,8 @@ use operator_core::engine::{
 use operator_core::instance::config::{InstanceConfig, PeerEndpoint};
 use operator_core::instance::process::{self, RunAs};
 use operator_core::instance::protocol::{
-    ACTION_DEMOTE, ACTION_FOLLOW, ACTION_PROMOTE, ACTION_SLOTS, ACTION_SYNC_STANDBYS, MemberStatus,
-    Role,
+    ACTION_DEMOTE, ACTION_FOLLOW, ACTION_PROMOTE, ACTION_RECONFIGURE, ACTION_SLOTS,
+    ACTION_SYNC_STANDBYS, MemberStatus, Role,
 };
 use serde_json::json;
 
@@ -53,10 +53,157 @@ impl PostgresDriver {
     }
 }
 
-/// The engine block of the instance configuration.
+/// The engine block of the instance configuration, or the one the
+/// operator handed this manager since it started ([`ACTION_RECONFIGURE`]).
 pub fn settings(config: &InstanceConfig) -> Result<PostgresInstanceSettings, InstanceError> {
-    serde_json::from_value(config.engine.clone())
+    let engine = reconfigured(config).unwrap_or_else(|| config.engine.clone());
+    serde_json::from_value(engine)
         .map_err(|e| InstanceError::Settings(format!("engine block of the instance config: {e}")))
+}
+
+/// `reconfigured.json` in the run directory: the engine block a
+/// `reconfigure` handed this manager process. A manager started later
+/// reads its `instance.json` (which the operator rewrote first) instead,
+/// so a stale file never wins.
+const RECONFIGURED_FILE: &str = "reconfigured.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Reconfigured {
+    manager_pid: u32,
+    engine: serde_json::Value,
+}
+
+fn reconfigured(config: &InstanceConfig) -> Option<serde_json::Value> {
+    let text = std::fs::read(config.run_dir.join(RECONFIGURED_FILE)).ok()?;
+    let file: Reconfigured = serde_json::from_slice(&text).ok()?;
+    (file.manager_pid == std::process::id()).then_some(file.engine)
+}
+
+/// Parameters a hot standby needs at least as high as its primary's
+/// (PostgreSQL refuses to run a standby with less).
+const HOT_STANDBY_PARAMETERS: [&str; 5] = [
+    "max_connections",
+    "max_worker_processes",
+    "max_wal_senders",
+    "max_prepared_transactions",
+    "max_locks_per_transaction",
+];
+
+/// The parameters whose value differs between `old` and `new` (added,
+/// changed or removed). Pure.
+pub fn changed_parameters(
+    old: &PostgresInstanceSettings,
+    new: &PostgresInstanceSettings,
+) -> Vec<String> {
+    let keys: std::collections::BTreeSet<&String> =
+        old.parameters.keys().chain(new.parameters.keys()).collect();
+    keys.into_iter()
+        .filter(|k| old.parameters.get(*k) != new.parameters.get(*k))
+        .cloned()
+        .collect()
+}
+
+/// Of `changed`, the hot-standby parameters that `new` sets lower than the
+/// server runs with (`running`: name → current setting). Pure.
+pub fn lowered_hot_standby_parameters(
+    changed: &[String],
+    new: &PostgresInstanceSettings,
+    running: &std::collections::BTreeMap<String, String>,
+) -> Vec<String> {
+    changed
+        .iter()
+        .filter(|n| HOT_STANDBY_PARAMETERS.contains(&n.as_str()))
+        .filter(|n| {
+            // A removed parameter goes back to PostgreSQL's default, which
+            // `running` cannot tell; count it as lowered (the safe order).
+            let Some(want) = new.parameters.get(*n) else {
+                return true;
+            };
+            match (
+                want.trim().parse::<i64>(),
+                running.get(*n).and_then(|v| v.trim().parse::<i64>().ok()),
+            ) {
+                (Ok(want), Some(now)) => want < now,
+                _ => true,
+            }
+        })
+        .cloned()
+        .collect()
+}
+
+/// `reconfigure`: write the configuration files for the new engine block,
+/// reload the server, and say whether a restart is still needed (a changed
+/// parameter of context `postmaster`) and whether the primary must go first
+/// (a lowered hot-standby parameter).
+async fn reconfigure(
+    ctx: &InstanceContext,
+    layout: &Layout,
+    port: u16,
+    body: serde_json::Value,
+) -> Result<ActionReply, InstanceError> {
+    let config = &ctx.config;
+    let engine = body
+        .get("engine")
+        .cloned()
+        .ok_or_else(|| InstanceError::Settings("reconfigure needs {\"engine\": {…}}".into()))?;
+    let new: PostgresInstanceSettings = serde_json::from_value(engine.clone())
+        .map_err(|e| InstanceError::Settings(format!("reconfigure: engine block: {e}")))?;
+    let old = settings(config)?;
+    let changed = changed_parameters(&old, &new);
+    let run_as = RunAs::for_config(config)?;
+    let file = serde_json::to_vec(&Reconfigured {
+        manager_pid: std::process::id(),
+        engine,
+    })
+    .unwrap_or_default();
+    process::write_file(&layout.run_dir.join(RECONFIGURED_FILE), &file, 0o600, None)?;
+    let upstream = layout
+        .standby_signal()
+        .exists()
+        .then(|| upstream_member(config, layout).map(|m| upstream_of(&m)))
+        .flatten();
+    write_config(ctx, &new, layout, run_as.as_ref(), upstream.as_ref())?;
+    let Ok(client) = ha::local_client(ctx, layout, port).await else {
+        // Not running: it starts with the new files.
+        return Ok(ActionReply::done(json!({
+            "reloaded": false, "restart": false, "primaryFirst": false, "changed": changed,
+        })));
+    };
+    let sql = |what: &'static str| {
+        move |e: tokio_postgres::Error| InstanceError::Command {
+            command: what.into(),
+            message: status::describe_error(&e),
+        }
+    };
+    let rows = client
+        .query(
+            "SELECT name, context, setting FROM pg_settings WHERE name = ANY($1)",
+            &[&changed],
+        )
+        .await
+        .map_err(sql("pg_settings"))?;
+    client
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .map_err(sql("pg_reload_conf"))?;
+    let restart_for: Vec<String> = rows
+        .iter()
+        .filter(|r| r.get::<_, String>(1) == "postmaster")
+        .map(|r| r.get(0))
+        .collect();
+    let running: std::collections::BTreeMap<String, String> =
+        rows.iter().map(|r| (r.get(0), r.get(2))).collect();
+    let lowered = lowered_hot_standby_parameters(&changed, &new, &running);
+    tracing::info!(instance = %config.instance, ?changed, ?restart_for, ?lowered, "configuration reloaded");
+    Ok(ActionReply::done(json!({
+        "reloaded": true,
+        "changed": changed,
+        "restart": !restart_for.is_empty(),
+        "restartFor": restart_for,
+        "primaryFirst": !lowered.is_empty(),
+        "lowered": lowered,
+    })))
 }
 
 fn bin_dir(config: &InstanceConfig, version: u32) -> Result<BinDir, InstanceError> {
@@ -79,19 +226,89 @@ fn me(config: &InstanceConfig) -> Result<&PeerEndpoint, InstanceError> {
 }
 
 /// The member a replica clones from and streams from: the one the operator
-/// last said to follow (`upstream.json`), ordinal 0 before any failover.
-fn upstream_member<'a>(config: &'a InstanceConfig, layout: &Layout) -> Option<&'a PeerEndpoint> {
-    let name = ha::read_upstream(layout).unwrap_or_else(|| instance_name(&config.cluster, 0));
+/// last said to follow (`upstream.json`; its endpoint as the operator gave
+/// it when this manager's member list predates that member, after a
+/// scale-up), ordinal 0 before any failover.
+fn upstream_member(config: &InstanceConfig, layout: &Layout) -> Option<PeerEndpoint> {
+    let file = ha::read_upstream_file(layout);
+    let name = file
+        .as_ref()
+        .map(|u| u.primary.clone())
+        .unwrap_or_else(|| instance_name(&config.cluster, 0));
     config
         .members
         .iter()
-        .find(|m| m.name == name && m.name != config.instance)
+        .find(|m| m.name == name)
+        .cloned()
+        .or_else(|| file.and_then(|u| u.endpoint).filter(|e| e.name == name))
+        .filter(|m| m.name != config.instance)
+}
+
+/// The member a new replica clones from: the one it was told to follow,
+/// else the member that reports itself a ready primary (after a failover
+/// or in a scaled-up cluster that is not always ordinal 0), else ordinal 0.
+async fn clone_source(config: &InstanceConfig, layout: &Layout) -> Option<PeerEndpoint> {
+    if ha::read_upstream_file(layout).is_some() {
+        return upstream_member(config, layout);
+    }
+    if let Ok(token) = config.read_token() {
+        let peers = operator_core::instance::client::InstanceClient::new(
+            token,
+            config.cluster_id.clone(),
+            config.members.clone(),
+            std::time::Duration::from_secs(2),
+        );
+        let primary = peers
+            .observe_all()
+            .await
+            .into_iter()
+            .find(|m| {
+                m.name != config.instance
+                    && m.status
+                        .as_ref()
+                        .is_some_and(|s| s.role == Role::Primary && s.ready)
+            })
+            .and_then(|m| config.members.iter().find(|e| e.name == m.name).cloned());
+        if primary.is_some() {
+            return primary;
+        }
+    }
+    upstream_member(config, layout)
 }
 
 fn upstream_of(member: &PeerEndpoint) -> Upstream {
     Upstream {
         host: member.host.clone(),
         port: member.db_port,
+    }
+}
+
+/// The replicas an action is about: `body.replicas` when the operator
+/// names them (its member list is current; this manager's is the one it
+/// started with), else every other member of the instance configuration.
+fn replicas_of(
+    config: &InstanceConfig,
+    body: &serde_json::Value,
+) -> Result<Vec<String>, InstanceError> {
+    match body.get("replicas").filter(|v| !v.is_null()) {
+        Some(v) => serde_json::from_value::<Vec<String>>(v.clone())
+            .map(|names| {
+                names
+                    .into_iter()
+                    .filter(|n| *n != config.instance)
+                    .collect()
+            })
+            .map_err(|e| {
+                InstanceError::Settings(format!(
+                    "\"replicas\" must be a list of instance names: {e}"
+                ))
+            }),
+        None => Ok(config
+            .members
+            .iter()
+            .filter(|m| m.name != config.instance)
+            .map(|m| m.name.clone())
+            .collect()),
     }
 }
 
@@ -207,15 +424,15 @@ impl InstanceDriver for PostgresDriver {
                 write_config(ctx, &settings, &layout, run_as.as_ref(), None)?;
                 boot.init_primary().await?;
             } else {
-                let source = upstream_member(config, &layout).ok_or_else(|| {
+                let source = clone_source(config, &layout).await.ok_or_else(|| {
                     InstanceError::Settings(format!(
                         "no member {} to clone from",
                         instance_name(&config.cluster, 0)
                     ))
                 })?;
-                let upstream = upstream_of(source);
+                let upstream = upstream_of(&source);
                 write_config(ctx, &settings, &layout, run_as.as_ref(), Some(&upstream))?;
-                if let waiting @ Progress::Waiting { .. } = boot.clone_from(source).await? {
+                if let waiting @ Progress::Waiting { .. } = boot.clone_from(&source).await? {
                     return Ok(waiting);
                 }
             }
@@ -256,7 +473,7 @@ impl InstanceDriver for PostgresDriver {
             let source = upstream_member(config, &layout).ok_or_else(|| {
                 InstanceError::Settings("follow is pending but names no other member".into())
             })?;
-            let upstream = upstream_of(source);
+            let upstream = upstream_of(&source);
             write_config(ctx, &settings, &layout, run_as.as_ref(), Some(&upstream))?;
             let boot = bootstrap::Bootstrap {
                 ctx,
@@ -266,8 +483,8 @@ impl InstanceDriver for PostgresDriver {
                 run_as: run_as.as_ref(),
                 port,
             };
-            let progress = ha::rewind(ctx, &layout, &bin, run_as.as_ref(), source, async || {
-                boot.clone_from(source).await
+            let progress = ha::rewind(ctx, &layout, &bin, run_as.as_ref(), &source, async || {
+                boot.clone_from(&source).await
             })
             .await?;
             if let waiting @ Progress::Waiting { .. } = progress {
@@ -285,7 +502,7 @@ impl InstanceDriver for PostgresDriver {
             process::remove_file_if_exists(&layout.run_dir.join(conf::SYNCHRONOUS_CONF))?;
         }
         let upstream = standby
-            .then(|| upstream_member(config, &layout).map(upstream_of))
+            .then(|| upstream_member(config, &layout).map(|m| upstream_of(&m)))
             .flatten();
         write_config(ctx, &settings, &layout, run_as.as_ref(), upstream.as_ref())?;
         Ok(Progress::Done)
@@ -405,7 +622,11 @@ impl InstanceDriver for PostgresDriver {
                     json!({ "action": ACTION_CHECKPOINT, "done": true }),
                 )))
             }
-            ACTION_PROMOTE => ha::promote(ctx, &layout, port).await.map(Some),
+            ACTION_RECONFIGURE => reconfigure(ctx, &layout, port, body).await.map(Some),
+            ACTION_PROMOTE => {
+                let replicas = replicas_of(config, &body)?;
+                ha::promote(ctx, &layout, port, &replicas).await.map(Some)
+            }
             ACTION_FOLLOW | ACTION_DEMOTE => {
                 let run_as = RunAs::for_config(config)?;
                 ha::follow(ctx, &layout, port, body, |upstream| {
@@ -430,12 +651,10 @@ impl InstanceDriver for PostgresDriver {
                         json!({ "synchronousStandbyNames": "" }),
                     )));
                 };
-                let replicas: Vec<String> = config
-                    .members
-                    .iter()
-                    .filter(|m| m.name != config.instance)
-                    .map(|m| m.name.clone())
-                    .collect();
+                // The operator names the current replicas: this manager's
+                // member list is the one it started with (instances may
+                // have been added or removed since).
+                let replicas = replicas_of(config, &body)?;
                 let names = sync.standby_names(&replicas, &available);
                 let run_as = RunAs::for_config(config)?;
                 let line = format!(
@@ -462,19 +681,7 @@ impl InstanceDriver for PostgresDriver {
                 )))
             }
             ACTION_SLOTS => {
-                let replicas: Vec<String> = match body.get("replicas") {
-                    Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
-                        InstanceError::Settings(format!(
-                            "slots needs {{\"replicas\": [NAME]}}: {e}"
-                        ))
-                    })?,
-                    None => config
-                        .members
-                        .iter()
-                        .filter(|m| m.name != config.instance)
-                        .map(|m| m.name.clone())
-                        .collect(),
-                };
+                let replicas = replicas_of(config, &body)?;
                 let client = ha::local_client(ctx, &layout, port).await?;
                 let slots = ha::ensure_slots(&client, &replicas).await?;
                 Ok(Some(ActionReply::done(json!({ "slots": slots }))))
@@ -491,5 +698,52 @@ impl InstanceDriver for PostgresDriver {
         layout.is_initialised()
             && !layout.standby_signal().exists()
             && !layout.follow_pending().exists()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(params: &[(&str, &str)]) -> PostgresInstanceSettings {
+        PostgresInstanceSettings {
+            parameters: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn changed_and_lowered_parameters() {
+        let old = with(&[("work_mem", "4MB"), ("max_connections", "100")]);
+        let new = with(&[("work_mem", "8MB"), ("max_wal_senders", "12")]);
+        let changed = changed_parameters(&old, &new);
+        assert_eq!(changed, ["max_connections", "max_wal_senders", "work_mem"]);
+        let running: std::collections::BTreeMap<String, String> = [
+            ("max_connections", "100"),
+            ("max_wal_senders", "10"),
+            ("work_mem", "4096"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        // max_connections removed (back to a default we cannot compare):
+        // lowered; max_wal_senders raised; work_mem is no hot-standby one.
+        assert_eq!(
+            lowered_hot_standby_parameters(&changed, &new, &running),
+            ["max_connections"]
+        );
+        let lower = with(&[("max_connections", "90")]);
+        assert_eq!(
+            lowered_hot_standby_parameters(&["max_connections".into()], &lower, &running),
+            ["max_connections"]
+        );
+        let higher = with(&[("max_connections", "150")]);
+        assert!(
+            lowered_hot_standby_parameters(&["max_connections".into()], &higher, &running)
+                .is_empty()
+        );
     }
 }

@@ -195,13 +195,17 @@ pub async fn query(
 /// that does not exist (never consistent, so never accepting
 /// connections), or runs without streaming. Only pg_rewind (or a new
 /// clone) helps.
-const DIVERGED: [&str; 3] = [
+const DIVERGED: [&str; 4] = [
     // The startup process, at start: exits.
     "is not a child of this server's history",
     // The startup process, on a new timeline: waits forever.
     "forked off current database system timeline",
     // The WAL receiver: retries forever.
     "is not in this server's history",
+    // The WAL receiver of a replica that was away longer than the
+    // primary keeps WAL (a scaled-down instance's data reused, its slot
+    // dropped): pg_rewind finds nothing to undo, so it is cloned again.
+    "has already been removed",
 ];
 
 /// How much of the end of the server log [`diverged`] reads.
@@ -254,6 +258,8 @@ mod tests {
         );
         let receiver = "FATAL:  could not receive data from WAL stream: ERROR:  requested starting point 0/6000000 on timeline 2 is not in this server's history\n";
         assert!(diverged_in(&format!("{start}{receiver}")).is_some());
+        let gone = "FATAL:  could not receive data from WAL stream: ERROR:  requested WAL segment 000000010000000000000003 has already been removed\n";
+        assert!(diverged_in(&format!("{start}{gone}")).is_some());
         assert_eq!(
             diverged_in(&format!("{start}LOG:  database system is ready\n")),
             None
