@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::{ObjectRef, store::Writer};
 use kube::runtime::watcher;
 use serde_json::{Value, json};
 
@@ -126,6 +127,8 @@ struct Harness {
     server: tokio::task::JoinHandle<()>,
     /// The watch caches' writers: the tests play the watches.
     writers: TestWriters,
+    /// The cluster cache's writer.
+    clusters: Writer<DynamicObject>,
 }
 
 impl Harness {
@@ -142,6 +145,11 @@ impl Harness {
         let mut opts = ControllerOptions::new("example.invalid/stratum-operator:test");
         opts.instance_timeout = Duration::from_millis(200);
         let (caches, mut writers) = Caches::for_tests();
+        let resource = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("stratum.dev", "v1alpha1", "FakeCluster"),
+            "fakeclusters",
+        );
+        let clusters = Writer::new(resource.clone());
         let metrics = Arc::new(Metrics::new());
         let shared = Arc::new(Shared {
             reporter: Reporter::new(client.clone(), metrics.clone()),
@@ -152,15 +160,13 @@ impl Harness {
         });
         let ctx = Arc::new(KindContext {
             engine: Arc::new(FakeEngine),
-            resource: ApiResource::from_gvk_with_plural(
-                &GroupVersionKind::gvk("stratum.dev", "v1alpha1", "FakeCluster"),
-                "fakeclusters",
-            ),
+            resource,
             shared,
             caches,
             memo: AppliedMemo::default(),
             validated: Default::default(),
             written: Default::default(),
+            clusters: clusters.as_reader(),
         });
         writers.ready();
         Self {
@@ -168,6 +174,7 @@ impl Harness {
             ctx,
             server,
             writers,
+            clusters,
         }
     }
 
@@ -633,4 +640,87 @@ async fn a_status_is_not_written_again_from_an_older_cached_object() {
         .await
         .unwrap();
     assert_eq!(status_writes(), 2);
+}
+
+/// The watch plays `events` on the cluster cache, as the controller's
+/// stream does: the store first, then the context.
+fn play(h: &mut Harness, events: Vec<watcher::Event<DynamicObject>>) {
+    for event in events {
+        h.clusters.apply_watcher_event(&event);
+        h.ctx.on_cluster_event(&event);
+    }
+}
+
+/// A cluster deleted before its finalizer landed never runs cleanup: its
+/// records go with the watch's Delete instead.
+#[tokio::test]
+async fn a_cluster_deleted_without_cleanup_is_forgotten() {
+    let mut h = Harness::start().await;
+    let obj = cluster(SIMPLE_PG, false);
+    play(&mut h, vec![watcher::Event::Apply(obj.clone())]);
+    // The first reconcile: finalizer and applies together.
+    reconcile::reconcile(Arc::new(obj.clone()), h.ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(h.ctx.remembered(), 1);
+    let key = ObjectRef::from_obj_with(&obj, h.ctx.resource.clone());
+    h.ctx.forget_if_gone(&key);
+    assert_eq!(h.ctx.remembered(), 1, "forgot a cluster that still exists");
+
+    play(&mut h, vec![watcher::Event::Delete(obj.clone())]);
+    assert_eq!(h.ctx.remembered(), 0, "records kept after the Delete");
+
+    // A reconcile that was running when the Delete came records again;
+    // the check after it forgets.
+    reconcile::reconcile(Arc::new(obj.clone()), h.ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(h.ctx.remembered(), 1);
+    h.ctx.forget_if_gone(&key);
+    assert_eq!(h.ctx.remembered(), 0);
+}
+
+/// A Delete missed while the watch was down: the re-list no longer holds
+/// the cluster, and its records go; the listed clusters' stay.
+#[tokio::test]
+async fn a_relist_forgets_clusters_deleted_meanwhile() {
+    let mut h = Harness::start().await;
+    let gone = cluster(SIMPLE_PG, true);
+    let mut kept = gone.clone();
+    kept.metadata.name = Some("other-pg".into());
+    play(
+        &mut h,
+        vec![
+            watcher::Event::Apply(gone.clone()),
+            watcher::Event::Apply(kept.clone()),
+        ],
+    );
+    for obj in [&gone, &kept] {
+        reconcile::reconcile(Arc::new(obj.clone()), h.ctx.clone())
+            .await
+            .unwrap();
+    }
+    assert_eq!(h.ctx.remembered(), 2);
+    play(
+        &mut h,
+        vec![
+            watcher::Event::Init,
+            watcher::Event::InitApply(kept.clone()),
+            watcher::Event::InitDone,
+        ],
+    );
+    assert_eq!(h.ctx.remembered(), 1);
+    // The one left is the listed cluster's: a reconcile of it changes
+    // nothing, so nothing is applied again.
+    let applies = h.requests().len();
+    h.cache_applied();
+    reconcile::reconcile(Arc::new(kept), h.ctx.clone())
+        .await
+        .unwrap();
+    let again: Vec<_> = h.requests()[applies..]
+        .iter()
+        .filter(|r| r.content_type == "application/apply-patch+yaml")
+        .map(|r| r.path.clone())
+        .collect();
+    assert!(again.is_empty(), "applied again: {again:?}");
 }
