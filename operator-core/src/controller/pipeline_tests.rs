@@ -4,6 +4,7 @@
 //! not Kubernetes semantics; a real kube-apiserver test comes later.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,6 +41,11 @@ struct FakeApi {
     requests: Mutex<Vec<Recorded>>,
     objects: Mutex<HashMap<String, Value>>,
     lists: Mutex<HashMap<String, Vec<Value>>>,
+    /// Paths whose DELETE fails with 500.
+    failing: Mutex<Vec<String>>,
+    /// DELETEs being answered now, and the most at once.
+    deleting: AtomicUsize,
+    most_deleting: AtomicUsize,
 }
 
 const PLURALS: &[&str] = &[
@@ -83,6 +89,20 @@ async fn handle(
             .to_string(),
         body: body.clone(),
     });
+    if method == Method::DELETE {
+        // Held a moment, so deletions sent together overlap here.
+        let now = api.deleting.fetch_add(1, Ordering::SeqCst) + 1;
+        api.most_deleting.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        api.deleting.fetch_sub(1, Ordering::SeqCst);
+        if api.failing.lock().unwrap().contains(&path) {
+            return json_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
+                       "reason": "InternalError", "code": 500, "message": "etcd is down"}),
+            );
+        }
+    }
     let last = path.rsplit('/').next().unwrap_or_default();
     let object_path = path.trim_end_matches("/status").to_string();
     let stored = api.objects.lock().unwrap().get(&object_path).cloned();
@@ -723,4 +743,99 @@ async fn a_relist_forgets_clusters_deleted_meanwhile() {
         .map(|r| r.path.clone())
         .collect();
     assert!(again.is_empty(), "applied again: {again:?}");
+}
+
+/// Children this cluster owns and no longer wants, as the watch caches
+/// would show them: `count` Services and a NetworkPolicy.
+fn cache_orphans(h: &mut Harness, count: usize) {
+    fn meta<K: kube::Resource<DynamicType = ()> + Clone>(name: &str) -> PartialObjectMeta<K> {
+        serde_json::from_value(json!({"metadata": {
+            "name": name, "namespace": "team-a", "uid": format!("uid-{name}"),
+            "labels": {"stratum.dev/cluster": "simple-pg", "stratum.dev/kind": "FakeCluster"},
+            "ownerReferences": [{"apiVersion": "stratum.dev/v1alpha1", "kind": "FakeCluster",
+                "name": "simple-pg", "uid": "6d1f0c52-1b0e-4c39-9d0e-3c0b7e5c2a11",
+                "controller": true}]
+        }}))
+        .unwrap()
+    }
+    for i in 0..count {
+        let svc = meta(&format!("simple-pg-old-{i}"));
+        h.writers
+            .services
+            .apply_watcher_event(&watcher::Event::Apply(svc));
+    }
+    let np = meta("simple-pg");
+    h.writers
+        .network_policies
+        .apply_watcher_event(&watcher::Event::Apply(np));
+}
+
+#[tokio::test]
+async fn orphans_are_deleted_together_a_few_at_a_time() {
+    let mut h = Harness::start().await;
+    cache_orphans(&mut h, 6);
+    reconcile::reconcile(Arc::new(cluster(SIMPLE_PG, true)), h.ctx.clone())
+        .await
+        .unwrap();
+    let mut deleted: Vec<_> = h
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == Method::DELETE)
+        .map(|r| {
+            assert_eq!(r.body["propagationPolicy"], "Background", "{}", r.path);
+            r.path
+        })
+        .collect();
+    deleted.sort();
+    let mut expected: Vec<_> = (0..6)
+        .map(|i| format!("{NS}/services/simple-pg-old-{i}"))
+        .collect();
+    expected.push("/apis/networking.k8s.io/v1/namespaces/team-a/networkpolicies/simple-pg".into());
+    expected.sort();
+    assert_eq!(deleted, expected);
+    let most = h.api.most_deleting.load(Ordering::SeqCst);
+    assert!(
+        (2..=super::apply::ORPHAN_DELETES).contains(&most),
+        "{most} deletions at once"
+    );
+    // Reported (kube's Recorder folds Events of one reason into a series,
+    // so the count of POSTs says nothing).
+    h.ctx.shared.reporter.flush().await;
+    assert!(
+        h.find(Method::POST, EVENTS)
+            .iter()
+            .any(|e| e.body["reason"] == "OrphanDeleted")
+    );
+    let metrics = h.ctx.shared.metrics.encode();
+    assert!(
+        metrics.contains(r#"child="NetworkPolicy",verb="delete""#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn one_failed_orphan_deletion_leaves_the_others_done() {
+    let mut h = Harness::start().await;
+    cache_orphans(&mut h, 3);
+    h.api
+        .failing
+        .lock()
+        .unwrap()
+        .push(format!("{NS}/services/simple-pg-old-1"));
+    let err = reconcile::reconcile(Arc::new(cluster(SIMPLE_PG, true)), h.ctx.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.category(), "PruneFailed");
+    assert!(
+        super::error::error_chain(&err).contains("Service simple-pg-old-1"),
+        "{}",
+        super::error::error_chain(&err)
+    );
+    // Every deletion was sent, none cut off by the failure.
+    let deletes = h
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == Method::DELETE)
+        .count();
+    assert_eq!(deletes, 4);
 }
