@@ -50,6 +50,9 @@
 //! caches ([`cache`]), applies only what changed since this process last
 //! applied it, and is triggered by changes of the cluster, its children
 //! and its pods; at most [`CONCURRENCY`] reconciles of a kind run at once.
+//! What is remembered per cluster (validated spec, applied children,
+//! written status) is dropped when the cluster watch shows it gone, so a
+//! cluster deleted before its finalizer landed leaves nothing behind.
 
 pub mod apply;
 pub mod backoff;
