@@ -1,9 +1,11 @@
 //! Helpers of the control-plane tests (`tests/k8s_*.rs`): clients of the
 //! real kube-apiserver that `scripts/test.sh` (or `scripts/control-plane.sh
-//! start`) runs, one namespace per test, server-side apply of YAML, the
-//! `deploy/` manifests, pre-bound volumes, pod readiness (no kubelet runs),
-//! and the operator in-process under its own ServiceAccount. IO: the
-//! Kubernetes API, and `kubectl` for printer columns.
+//! start`) runs, or else one the test binary starts for itself through
+//! that script and stops at exit; one namespace per test, server-side
+//! apply of YAML, the `deploy/` manifests, pre-bound volumes, pod
+//! readiness (no kubelet runs), and the operator in-process under its own
+//! ServiceAccount. IO: the Kubernetes API, `kubectl` for printer columns,
+//! and `scripts/control-plane.sh` (processes, a temporary directory).
 //!
 //! Every helper panics with a message saying what it waited for or what
 //! the API server answered: these are test helpers.
@@ -43,19 +45,132 @@ pub const LABEL_TEST_NAMESPACE: &str = "stratum.dev/test-namespace";
 pub const OPERATOR_NAMESPACE: &str = "stratum-system";
 pub const OPERATOR_SERVICE_ACCOUNT: &str = "stratum-operator";
 
-const HOW_TO_START: &str = "this test needs the Kubernetes control plane: run scripts/test.sh, \
-     or `scripts/control-plane.sh start DIR && source DIR/env` and then cargo test";
+const HOW_TO_START: &str = "this test needs the Kubernetes control plane: install Go \
+     (https://go.dev/dl, on PATH) and run scripts/setup.sh, which builds and caches its binaries; \
+     cargo test then starts one per test binary (or share one: \
+     `scripts/control-plane.sh start DIR && source DIR/env`)";
 
 /// Path of a file in the repository.
 pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
-/// The admin kubeconfig path; panics (never skips) when it is not set.
+/// A control plane this test binary started because [`KUBECONFIG_ENV`]
+/// was not set.
+struct OwnControlPlane {
+    kubeconfig: PathBuf,
+    bin: PathBuf,
+    /// The stopper, holding the write end of its stdin, never closed by
+    /// hand: the stopper waits for the end of its input, which comes when
+    /// this process exits, whichever way (the test harness runs no
+    /// destructor of a static, and a panic or signal would skip one
+    /// anyway). Never waited for: it outlives this process.
+    _stopper: std::process::Child,
+}
+
+static OWN_CONTROL_PLANE: OnceLock<OwnControlPlane> = OnceLock::new();
+
+/// The control plane of this test binary: `scripts/control-plane.sh start`
+/// in a fresh directory (it builds the binaries first when they are not
+/// cached), stopped and removed by a stopper process when this process
+/// exits. Started once, by the first test that needs it.
+fn own_control_plane() -> &'static OwnControlPlane {
+    OWN_CONTROL_PLANE.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("stratum-test-control-plane.")
+            .tempdir()
+            .expect("temporary directory for the control plane")
+            .keep();
+        let script = repo_path("scripts/control-plane.sh");
+        let log_path = dir.join("start.log");
+        let log = std::fs::File::create(&log_path).expect("control plane start log");
+        eprintln!(
+            "{KUBECONFIG_ENV} is not set: starting a control plane in {} for this test binary",
+            dir.display()
+        );
+        // The stopper first, so the control plane is stopped even if the
+        // start fails half-way. Its own session: Ctrl-C on the tests does
+        // not stop it before it has stopped the control plane (whose
+        // processes run in sessions of their own too).
+        let stopper = std::process::Command::new("setsid")
+            .args([
+                "bash",
+                "-c",
+                r#"cat >/dev/null; bash "$0" stop "$1"; rm -rf "$1""#,
+            ])
+            .arg(&script)
+            .arg(&dir)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run setsid (util-linux) to stop the control plane at exit: {e}")
+            });
+        let status = std::process::Command::new("bash")
+            .arg(&script)
+            .arg("start")
+            .arg(&dir)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        if !status.success() {
+            let out = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<_> = out.lines().rev().take(15).collect();
+            let tail: Vec<_> = tail.into_iter().rev().collect();
+            panic!(
+                "{} start failed ({status}):\n{}\n{HOW_TO_START}",
+                script.display(),
+                tail.join("\n")
+            );
+        }
+        // What the script exported for shells (`DIR/env`).
+        let env = std::fs::read_to_string(dir.join("env")).expect("control plane env file");
+        let exported = |var: &str| {
+            env.lines()
+                .find_map(|l| l.strip_prefix(&format!("export {var}=")))
+                .map(PathBuf::from)
+                .unwrap_or_else(|| panic!("{} has no {var}", dir.join("env").display()))
+        };
+        OwnControlPlane {
+            kubeconfig: exported(KUBECONFIG_ENV),
+            bin: exported(K8S_BIN_ENV),
+            _stopper: stopper,
+        }
+    })
+}
+
+/// The kubeconfig of a control plane already running: [`KUBECONFIG_ENV`]
+/// or the one this binary started; `None` before either.
+fn running_kubeconfig() -> Option<PathBuf> {
+    match std::env::var_os(KUBECONFIG_ENV) {
+        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
+        _ => OWN_CONTROL_PLANE.get().map(|cp| cp.kubeconfig.clone()),
+    }
+}
+
+/// The admin kubeconfig path: [`KUBECONFIG_ENV`] (a control plane shared
+/// by the whole run, as scripts/test.sh starts), else that of a control
+/// plane this test binary starts for itself. Panics (never skips) when
+/// none can be started.
 pub fn kubeconfig_path() -> PathBuf {
     match std::env::var_os(KUBECONFIG_ENV) {
         Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => panic!("{KUBECONFIG_ENV} is not set; {HOW_TO_START}"),
+        _ => own_control_plane().kubeconfig.clone(),
+    }
+}
+
+/// The directory of the control plane's binaries: [`K8S_BIN_ENV`] with
+/// [`KUBECONFIG_ENV`], else those of this binary's own control plane.
+pub fn k8s_bin() -> PathBuf {
+    match std::env::var_os(KUBECONFIG_ENV) {
+        Some(p) if !p.is_empty() => std::env::var_os(K8S_BIN_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                panic!("{K8S_BIN_ENV} is not set (with {KUBECONFIG_ENV}); {HOW_TO_START}")
+            }),
+        _ => own_control_plane().bin.clone(),
     }
 }
 
@@ -273,7 +388,7 @@ impl Drop for TestNamespace {
 /// Delete a test namespace: its clusters first, then its pods without
 /// grace, the namespace, and its volumes.
 async fn delete_namespace(ns: &str) {
-    let Some(path) = std::env::var_os(KUBECONFIG_ENV) else {
+    let Some(path) = running_kubeconfig() else {
         return;
     };
     let Ok(kubeconfig) = Kubeconfig::read_from(path) else {
@@ -543,10 +658,7 @@ pub async fn assert_no_failures(client: &Client, ns: &str) {
 
 /// Run the control plane's kubectl (from [`K8S_BIN_ENV`]) as admin.
 pub fn kubectl(args: &[&str]) -> String {
-    let bin = std::env::var_os(K8S_BIN_ENV)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| panic!("{K8S_BIN_ENV} is not set; {HOW_TO_START}"));
-    let out = std::process::Command::new(bin.join("kubectl"))
+    let out = std::process::Command::new(k8s_bin().join("kubectl"))
         .arg("--kubeconfig")
         .arg(kubeconfig_path())
         .args(args)

@@ -9,12 +9,13 @@ use std::fmt::Debug;
 use std::future::Future;
 use std::time::Instant;
 
+use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Client, Resource};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -275,33 +276,16 @@ impl ApplyTarget<'_> {
         }
     }
 
+    /// Delete the orphan `kind/name` (in the background: its pods and
+    /// other dependents go through garbage collection). One that is gone
+    /// already is not an error.
     async fn delete_child(&self, kind: ChildKind, name: &str) -> Result<(), ApplyError> {
-        let (client, ns) = (self.client, self.ns);
-        let dp = DeleteParams::background();
-        let result = match kind {
-            ChildKind::StatefulSet => namespaced::<StatefulSet>(client, ns)
-                .delete(name, &dp)
-                .await
-                .map(|_| ()),
-            ChildKind::Service => namespaced::<Service>(client, ns)
-                .delete(name, &dp)
-                .await
-                .map(|_| ()),
-            ChildKind::ConfigMap => namespaced::<ConfigMap>(client, ns)
-                .delete(name, &dp)
-                .await
-                .map(|_| ()),
-            ChildKind::PodDisruptionBudget => namespaced::<PodDisruptionBudget>(client, ns)
-                .delete(name, &dp)
-                .await
-                .map(|_| ()),
-            ChildKind::NetworkPolicy => namespaced::<NetworkPolicy>(client, ns)
-                .delete(name, &dp)
-                .await
-                .map(|_| ()),
-        };
-        match result {
-            Ok(()) => Ok(()),
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), self.ns, &child_resource(kind));
+        let params = DeleteParams::background();
+        let request = api.delete(name, &params);
+        match self.timed(kind.as_str(), "delete", request).await {
+            Ok(_) => Ok(()),
             Err(e) if is_status(&e, |s| s.is_not_found()) => Ok(()),
             Err(source) => Err(ApplyError::DeleteOrphan {
                 kind: kind.as_str(),
@@ -309,6 +293,17 @@ impl ApplyTarget<'_> {
                 source,
             }),
         }
+    }
+}
+
+/// Where the API server serves a child kind (its group, version, plural).
+fn child_resource(kind: ChildKind) -> ApiResource {
+    match kind {
+        ChildKind::StatefulSet => ApiResource::erase::<StatefulSet>(&()),
+        ChildKind::Service => ApiResource::erase::<Service>(&()),
+        ChildKind::ConfigMap => ApiResource::erase::<ConfigMap>(&()),
+        ChildKind::PodDisruptionBudget => ApiResource::erase::<PodDisruptionBudget>(&()),
+        ChildKind::NetworkPolicy => ApiResource::erase::<NetworkPolicy>(&()),
     }
 }
 
@@ -383,12 +378,41 @@ pub(crate) async fn apply_all(
 
     outcome.unchanged = desired.len().saturating_sub(outcome.applied);
     let existing = target.caches.children_of(target.ns, target.cluster);
-    for (kind, name) in select_orphans(target.cluster, target.cluster_uid, &desired, &existing) {
-        target.delete_child(kind, &name).await?;
-        outcome.deleted.push((kind, name));
+    let orphans = select_orphans(target.cluster, target.cluster_uid, &desired, &existing);
+    // Independent requests: together, a few at a time. Every deletion
+    // runs to its end before the first failure is returned, so none is
+    // cut off half-way (the retry finds the rest in the cache).
+    let results: Vec<_> = futures::stream::iter(orphans)
+        .map(|(kind, name)| async move {
+            target
+                .delete_child(kind, &name)
+                .await
+                .map(|()| (kind, name))
+        })
+        .buffer_unordered(ORPHAN_DELETES)
+        .collect()
+        .await;
+    let mut failed = None;
+    for result in results {
+        match result {
+            Ok(deleted) => outcome.deleted.push(deleted),
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
+        }
     }
-    Ok(outcome)
+    outcome.deleted.sort();
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(outcome),
+    }
 }
+
+/// Orphan deletions of one reconcile in flight at once. A cluster rarely
+/// has more than a few orphans (a Service or the NetworkPolicy after a
+/// spec change); the bound keeps a reconcile's burst small next to the
+/// other reconciles sharing the API server.
+pub const ORPHAN_DELETES: usize = 4;
 
 #[cfg(test)]
 mod tests {

@@ -442,8 +442,20 @@ impl AppliedMemo {
 
     /// Forget a cluster (deleted).
     pub fn forget(&self, ns: &str, cluster: &str) {
+        self.retain(|n, c| (n, c) != (ns, cluster));
+    }
+
+    /// Keep the clusters `keep(namespace, name)` accepts; forget the others.
+    pub fn retain(&self, keep: impl Fn(&str, &str) -> bool) {
         let mut clusters = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
-        clusters.remove(&(ns.to_string(), cluster.to_string()));
+        clusters.retain(|(ns, name), _| keep(ns, name));
+    }
+
+    /// The clusters remembered (tests).
+    #[cfg(test)]
+    pub(crate) fn clusters(&self) -> std::collections::HashSet<ClusterKey> {
+        let clusters = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
+        clusters.keys().cloned().collect()
     }
 }
 

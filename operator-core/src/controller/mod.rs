@@ -50,6 +50,9 @@
 //! caches ([`cache`]), applies only what changed since this process last
 //! applied it, and is triggered by changes of the cluster, its children
 //! and its pods; at most [`CONCURRENCY`] reconciles of a kind run at once.
+//! What is remembered per cluster (validated spec, applied children,
+//! written status) is dropped when the cluster watch shows it gone, so a
+//! cluster deleted before its finalizer landed leaves nothing behind.
 
 pub mod apply;
 pub mod backoff;
@@ -68,7 +71,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
@@ -228,21 +231,21 @@ async fn shutdown_signal() {
 pub const CONCURRENCY: u16 = 8;
 
 /// The cluster objects of one kind, without `managedFields` (never read,
-/// and often the larger part of a small object).
+/// and often the larger part of a small object): the store, and the watch
+/// events after the store took them in.
 fn cluster_stream(
     api: Api<DynamicObject>,
     resource: &ApiResource,
 ) -> (
     Store<DynamicObject>,
-    impl futures::Stream<Item = Result<DynamicObject, watcher::Error>> + Send + 'static,
+    impl futures::Stream<Item = Result<watcher::Event<DynamicObject>, watcher::Error>> + Send + 'static,
 ) {
     let writer = reflector::store::Writer::new(resource.clone());
     let reader = writer.as_reader();
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
         .modify(|o: &mut DynamicObject| o.metadata.managed_fields = None)
-        .reflect(writer)
-        .applied_objects();
+        .reflect(writer);
     (reader, stream)
 }
 
@@ -272,7 +275,15 @@ async fn run_kind(shared: Arc<reconcile::Shared>, engine: Arc<dyn Engine>, resou
         memo: AppliedMemo::default(),
         validated: Default::default(),
         written: Default::default(),
+        clusters: store.clone(),
     });
+    // Deleted clusters' records go with the watch's Delete (or the next
+    // re-list), whether or not their cleanup ran.
+    let tracker = ctx.clone();
+    let cluster_events = cluster_events
+        .inspect_ok(move |event| tracker.on_cluster_event(event))
+        .applied_objects();
+    let forget_gone = ctx.clone();
     let pod_resource = resource.clone();
     Controller::for_stream_with(cluster_events, store, resource)
         .with_config(controller::Config::default().concurrency(CONCURRENCY))
@@ -286,19 +297,29 @@ async fn run_kind(shared: Arc<reconcile::Shared>, engine: Arc<dyn Engine>, resou
         .watches_stream(triggers.pods, move |pod| pod_owner(&pod, &pod_resource))
         .shutdown_on_signal()
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
-        .for_each(|result| async move {
-            match result {
-                Ok((object, action)) => tracing::trace!(%object, ?action, "reconciled"),
-                // Reconcile errors were reported where they happened.
-                Err(kube::runtime::controller::Error::ReconcilerFailed(_, object)) => {
-                    tracing::trace!(%object, "reconcile failed")
+        .for_each(|result| {
+            use kube::runtime::controller::Error as E;
+            match &result {
+                Ok((object, _)) => forget_gone.forget_if_gone(object),
+                Err(E::ReconcilerFailed(_, object) | E::ObjectNotFound(object)) => {
+                    forget_gone.forget_if_gone(object)
                 }
-                // A child changed after its cluster was deleted (garbage
-                // collection of the children does that every time): normal.
-                Err(kube::runtime::controller::Error::ObjectNotFound(object)) => {
-                    tracing::debug!(%object, "cluster already deleted")
+                Err(_) => {}
+            }
+            async move {
+                match result {
+                    Ok((object, action)) => tracing::trace!(%object, ?action, "reconciled"),
+                    // Reconcile errors were reported where they happened.
+                    Err(E::ReconcilerFailed(_, object)) => {
+                        tracing::trace!(%object, "reconcile failed")
+                    }
+                    // A child changed after its cluster was deleted (garbage
+                    // collection of the children does that every time): normal.
+                    Err(E::ObjectNotFound(object)) => {
+                        tracing::debug!(%object, "cluster already deleted")
+                    }
+                    Err(e) => tracing::warn!(kind, error = %e, "controller error"),
                 }
-                Err(e) => tracing::warn!(kind, error = %e, "controller error"),
             }
         })
         .await;

@@ -4,6 +4,7 @@
 //! not Kubernetes semantics; a real kube-apiserver test comes later.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::{ObjectRef, store::Writer};
 use kube::runtime::watcher;
 use serde_json::{Value, json};
 
@@ -39,6 +41,11 @@ struct FakeApi {
     requests: Mutex<Vec<Recorded>>,
     objects: Mutex<HashMap<String, Value>>,
     lists: Mutex<HashMap<String, Vec<Value>>>,
+    /// Paths whose DELETE fails with 500.
+    failing: Mutex<Vec<String>>,
+    /// DELETEs being answered now, and the most at once.
+    deleting: AtomicUsize,
+    most_deleting: AtomicUsize,
 }
 
 const PLURALS: &[&str] = &[
@@ -82,6 +89,20 @@ async fn handle(
             .to_string(),
         body: body.clone(),
     });
+    if method == Method::DELETE {
+        // Held a moment, so deletions sent together overlap here.
+        let now = api.deleting.fetch_add(1, Ordering::SeqCst) + 1;
+        api.most_deleting.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        api.deleting.fetch_sub(1, Ordering::SeqCst);
+        if api.failing.lock().unwrap().contains(&path) {
+            return json_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
+                       "reason": "InternalError", "code": 500, "message": "etcd is down"}),
+            );
+        }
+    }
     let last = path.rsplit('/').next().unwrap_or_default();
     let object_path = path.trim_end_matches("/status").to_string();
     let stored = api.objects.lock().unwrap().get(&object_path).cloned();
@@ -126,6 +147,8 @@ struct Harness {
     server: tokio::task::JoinHandle<()>,
     /// The watch caches' writers: the tests play the watches.
     writers: TestWriters,
+    /// The cluster cache's writer.
+    clusters: Writer<DynamicObject>,
 }
 
 impl Harness {
@@ -142,6 +165,11 @@ impl Harness {
         let mut opts = ControllerOptions::new("example.invalid/stratum-operator:test");
         opts.instance_timeout = Duration::from_millis(200);
         let (caches, mut writers) = Caches::for_tests();
+        let resource = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("stratum.dev", "v1alpha1", "FakeCluster"),
+            "fakeclusters",
+        );
+        let clusters = Writer::new(resource.clone());
         let metrics = Arc::new(Metrics::new());
         let shared = Arc::new(Shared {
             reporter: Reporter::new(client.clone(), metrics.clone()),
@@ -152,15 +180,13 @@ impl Harness {
         });
         let ctx = Arc::new(KindContext {
             engine: Arc::new(FakeEngine),
-            resource: ApiResource::from_gvk_with_plural(
-                &GroupVersionKind::gvk("stratum.dev", "v1alpha1", "FakeCluster"),
-                "fakeclusters",
-            ),
+            resource,
             shared,
             caches,
             memo: AppliedMemo::default(),
             validated: Default::default(),
             written: Default::default(),
+            clusters: clusters.as_reader(),
         });
         writers.ready();
         Self {
@@ -168,6 +194,7 @@ impl Harness {
             ctx,
             server,
             writers,
+            clusters,
         }
     }
 
@@ -633,4 +660,182 @@ async fn a_status_is_not_written_again_from_an_older_cached_object() {
         .await
         .unwrap();
     assert_eq!(status_writes(), 2);
+}
+
+/// The watch plays `events` on the cluster cache, as the controller's
+/// stream does: the store first, then the context.
+fn play(h: &mut Harness, events: Vec<watcher::Event<DynamicObject>>) {
+    for event in events {
+        h.clusters.apply_watcher_event(&event);
+        h.ctx.on_cluster_event(&event);
+    }
+}
+
+/// A cluster deleted before its finalizer landed never runs cleanup: its
+/// records go with the watch's Delete instead.
+#[tokio::test]
+async fn a_cluster_deleted_without_cleanup_is_forgotten() {
+    let mut h = Harness::start().await;
+    let obj = cluster(SIMPLE_PG, false);
+    play(&mut h, vec![watcher::Event::Apply(obj.clone())]);
+    // The first reconcile: finalizer and applies together.
+    reconcile::reconcile(Arc::new(obj.clone()), h.ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(h.ctx.remembered(), 1);
+    let key = ObjectRef::from_obj_with(&obj, h.ctx.resource.clone());
+    h.ctx.forget_if_gone(&key);
+    assert_eq!(h.ctx.remembered(), 1, "forgot a cluster that still exists");
+
+    play(&mut h, vec![watcher::Event::Delete(obj.clone())]);
+    assert_eq!(h.ctx.remembered(), 0, "records kept after the Delete");
+
+    // A reconcile that was running when the Delete came records again;
+    // the check after it forgets.
+    reconcile::reconcile(Arc::new(obj.clone()), h.ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(h.ctx.remembered(), 1);
+    h.ctx.forget_if_gone(&key);
+    assert_eq!(h.ctx.remembered(), 0);
+}
+
+/// A Delete missed while the watch was down: the re-list no longer holds
+/// the cluster, and its records go; the listed clusters' stay.
+#[tokio::test]
+async fn a_relist_forgets_clusters_deleted_meanwhile() {
+    let mut h = Harness::start().await;
+    let gone = cluster(SIMPLE_PG, true);
+    let mut kept = gone.clone();
+    kept.metadata.name = Some("other-pg".into());
+    play(
+        &mut h,
+        vec![
+            watcher::Event::Apply(gone.clone()),
+            watcher::Event::Apply(kept.clone()),
+        ],
+    );
+    for obj in [&gone, &kept] {
+        reconcile::reconcile(Arc::new(obj.clone()), h.ctx.clone())
+            .await
+            .unwrap();
+    }
+    assert_eq!(h.ctx.remembered(), 2);
+    play(
+        &mut h,
+        vec![
+            watcher::Event::Init,
+            watcher::Event::InitApply(kept.clone()),
+            watcher::Event::InitDone,
+        ],
+    );
+    assert_eq!(h.ctx.remembered(), 1);
+    // The one left is the listed cluster's: a reconcile of it changes
+    // nothing, so nothing is applied again.
+    let applies = h.requests().len();
+    h.cache_applied();
+    reconcile::reconcile(Arc::new(kept), h.ctx.clone())
+        .await
+        .unwrap();
+    let again: Vec<_> = h.requests()[applies..]
+        .iter()
+        .filter(|r| r.content_type == "application/apply-patch+yaml")
+        .map(|r| r.path.clone())
+        .collect();
+    assert!(again.is_empty(), "applied again: {again:?}");
+}
+
+/// Children this cluster owns and no longer wants, as the watch caches
+/// would show them: `count` Services and a NetworkPolicy.
+fn cache_orphans(h: &mut Harness, count: usize) {
+    fn meta<K: kube::Resource<DynamicType = ()> + Clone>(name: &str) -> PartialObjectMeta<K> {
+        serde_json::from_value(json!({"metadata": {
+            "name": name, "namespace": "team-a", "uid": format!("uid-{name}"),
+            "labels": {"stratum.dev/cluster": "simple-pg", "stratum.dev/kind": "FakeCluster"},
+            "ownerReferences": [{"apiVersion": "stratum.dev/v1alpha1", "kind": "FakeCluster",
+                "name": "simple-pg", "uid": "6d1f0c52-1b0e-4c39-9d0e-3c0b7e5c2a11",
+                "controller": true}]
+        }}))
+        .unwrap()
+    }
+    for i in 0..count {
+        let svc = meta(&format!("simple-pg-old-{i}"));
+        h.writers
+            .services
+            .apply_watcher_event(&watcher::Event::Apply(svc));
+    }
+    let np = meta("simple-pg");
+    h.writers
+        .network_policies
+        .apply_watcher_event(&watcher::Event::Apply(np));
+}
+
+#[tokio::test]
+async fn orphans_are_deleted_together_a_few_at_a_time() {
+    let mut h = Harness::start().await;
+    cache_orphans(&mut h, 6);
+    reconcile::reconcile(Arc::new(cluster(SIMPLE_PG, true)), h.ctx.clone())
+        .await
+        .unwrap();
+    let mut deleted: Vec<_> = h
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == Method::DELETE)
+        .map(|r| {
+            assert_eq!(r.body["propagationPolicy"], "Background", "{}", r.path);
+            r.path
+        })
+        .collect();
+    deleted.sort();
+    let mut expected: Vec<_> = (0..6)
+        .map(|i| format!("{NS}/services/simple-pg-old-{i}"))
+        .collect();
+    expected.push("/apis/networking.k8s.io/v1/namespaces/team-a/networkpolicies/simple-pg".into());
+    expected.sort();
+    assert_eq!(deleted, expected);
+    let most = h.api.most_deleting.load(Ordering::SeqCst);
+    assert!(
+        (2..=super::apply::ORPHAN_DELETES).contains(&most),
+        "{most} deletions at once"
+    );
+    // Reported (kube's Recorder folds Events of one reason into a series,
+    // so the count of POSTs says nothing).
+    h.ctx.shared.reporter.flush().await;
+    assert!(
+        h.find(Method::POST, EVENTS)
+            .iter()
+            .any(|e| e.body["reason"] == "OrphanDeleted")
+    );
+    let metrics = h.ctx.shared.metrics.encode();
+    assert!(
+        metrics.contains(r#"child="NetworkPolicy",verb="delete""#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn one_failed_orphan_deletion_leaves_the_others_done() {
+    let mut h = Harness::start().await;
+    cache_orphans(&mut h, 3);
+    h.api
+        .failing
+        .lock()
+        .unwrap()
+        .push(format!("{NS}/services/simple-pg-old-1"));
+    let err = reconcile::reconcile(Arc::new(cluster(SIMPLE_PG, true)), h.ctx.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.category(), "PruneFailed");
+    assert!(
+        super::error::error_chain(&err).contains("Service simple-pg-old-1"),
+        "{}",
+        super::error::error_chain(&err)
+    );
+    // Every deletion was sent, none cut off by the failure.
+    let deletes = h
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == Method::DELETE)
+        .count();
+    assert_eq!(deletes, 4);
 }

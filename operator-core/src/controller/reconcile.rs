@@ -13,6 +13,8 @@ use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use tracing::Instrument;
 
@@ -68,6 +70,10 @@ pub(crate) struct KindContext {
     /// The last status this process wrote for each cluster, until the
     /// watch cache shows it (see [`KindContext::previous`]).
     pub written: Mutex<HashMap<(String, String), WrittenStatus>>,
+    /// The controller's cache of this kind's cluster objects: a cluster
+    /// missing from it is gone, and so are its records above (see
+    /// [`KindContext::on_cluster_event`]).
+    pub clusters: Store<DynamicObject>,
 }
 
 /// A status written by this process, with the `resourceVersion` the write
@@ -129,13 +135,56 @@ impl KindContext {
 
     fn forget(&self, obj: &DynamicObject) {
         let (ns, name) = (obj.namespace().unwrap_or_default(), obj.name_any());
-        self.memo.forget(&ns, &name);
-        let id = (ns, name);
+        self.retain(|n, c| (n, c) != (ns.as_str(), name.as_str()));
+    }
+
+    /// Keep the records (validated spec, applied children, written status)
+    /// of the clusters `keep(namespace, name)` accepts; drop the others.
+    fn retain(&self, keep: impl Fn(&str, &str) -> bool) {
+        self.memo.retain(&keep);
+        let keep_id = |(ns, name): &(String, String)| keep(ns, name);
         let mut validated = self.validated.lock().unwrap_or_else(|e| e.into_inner());
-        validated.remove(&id);
+        validated.retain(|id, _| keep_id(id));
         drop(validated);
         let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
-        written.remove(&id);
+        written.retain(|id, _| keep_id(id));
+    }
+
+    fn cached(&self, ns: &str, name: &str) -> bool {
+        let key = ObjectRef::new_with(name, self.resource.clone()).within(ns);
+        self.clusters.get(&key).is_some()
+    }
+
+    /// Follow the cluster watch (after [`Self::clusters`] has taken the
+    /// event in): forget a deleted cluster, and after a re-list every
+    /// cluster the list no longer holds (deleted while the watch was
+    /// down). Cleanup forgets a cluster too, but only one whose finalizer
+    /// landed; one deleted before that would stay in memory until restart.
+    pub(crate) fn on_cluster_event(&self, event: &watcher::Event<DynamicObject>) {
+        match event {
+            watcher::Event::Delete(obj) => self.forget(obj),
+            watcher::Event::InitDone => self.retain(|ns, name| self.cached(ns, name)),
+            _ => {}
+        }
+    }
+
+    /// After a reconcile of `cluster`: forget it if it is gone from the
+    /// cache. A reconcile still running when the deletion arrived may have
+    /// recorded what it did after [`Self::on_cluster_event`] forgot.
+    pub(crate) fn forget_if_gone(&self, cluster: &ObjectRef<DynamicObject>) {
+        let ns = cluster.namespace.as_deref().unwrap_or_default();
+        if !self.cached(ns, &cluster.name) {
+            self.retain(|n, c| (n, c) != (ns, cluster.name.as_str()));
+        }
+    }
+
+    /// How many clusters have records of any sort (tests).
+    #[cfg(test)]
+    pub(crate) fn remembered(&self) -> usize {
+        let mut ids: std::collections::HashSet<(String, String)> = self.memo.clusters();
+        ids.extend(self.validated.lock().unwrap().keys().cloned());
+        ids.extend(self.written.lock().unwrap().keys().cloned());
+        ids.len()
     }
 
     /// The status `obj` has in the API server, as far as this process
