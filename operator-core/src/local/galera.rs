@@ -15,9 +15,12 @@
 //!   once a member is Synced.
 //! - **Writer.** HAProxy routes `rw` to the writer and fails over to the
 //!   first healthy backup by itself; the loop keeps the writer while it
-//!   is ready and otherwise makes the first ready member (the one HAProxy
-//!   already chose) the writer, rewriting HAProxy's configuration and
-//!   reloading it, so that a returning member does not take writes back.
+//!   is ready and otherwise adopts the server HAProxy chose (read over its
+//!   master CLI; the first ready member when HAProxy has none), rewriting
+//!   HAProxy's configuration and reloading it, so that a returning member
+//!   does not take writes back. Every tick, open `rw` sessions on any
+//!   other server than the one HAProxy sends writes to are cut (in old
+//!   workers too), so all writes go to one node at a time.
 //! - **Status and events**: per-member wsrep state, seqno and cluster
 //!   size; events for bootstrap decisions and orders, joins, leaves and
 //!   writer changes.
@@ -239,24 +242,28 @@ pub fn render_summary(g: &GaleraSummary) -> String {
 }
 
 /// Where `rw` goes: keep `current` while it is ready (or was seen not
-/// ready for fewer than [`WRITER_DOWN_TICKS`] ticks), else the first ready
-/// member in `order` (the order of HAProxy's backups: ordinal order).
-/// `None` when nobody is ready and there is no writer yet. Pure.
+/// ready for fewer than [`WRITER_DOWN_TICKS`] ticks), else `haproxy`
+/// (the server HAProxy sends new `rw` connections to by its own checks)
+/// when it is ready, else the first ready member in `order` (the order of
+/// HAProxy's backups: ordinal order). Adopting HAProxy's choice means the
+/// reload that follows does not move `rw` a second time. `None` when
+/// nobody is ready and there is no writer yet. Pure.
 pub fn choose_writer(
     current: Option<&str>,
     ready: &[String],
     order: &[String],
     current_down_ticks: u32,
+    haproxy: Option<&str>,
 ) -> Option<String> {
     if let Some(c) = current
         && (ready.iter().any(|r| r == c) || current_down_ticks < WRITER_DOWN_TICKS)
     {
         return Some(c.to_string());
     }
-    order
-        .iter()
-        .find(|n| ready.contains(n))
-        .cloned()
+    haproxy
+        .filter(|h| ready.iter().any(|r| r == h))
+        .map(str::to_string)
+        .or_else(|| order.iter().find(|n| ready.contains(n)).cloned())
         .or_else(|| current.map(str::to_string))
 }
 
@@ -506,11 +513,35 @@ impl Loop {
         } else if current.is_some() {
             self.writer_down_ticks += 1;
         }
+        // What HAProxy does by its own checks, read only when the writer
+        // may move.
+        let (worker, haproxy_active) =
+            if current.is_none() || self.writer_down_ticks >= WRITER_DOWN_TICKS {
+                let worker = self
+                    .haproxy
+                    .workers()
+                    .await
+                    .ok()
+                    .and_then(|w| w.first().copied());
+                let active = match worker {
+                    Some(pid) => self
+                        .haproxy
+                        .rw_servers(pid)
+                        .await
+                        .ok()
+                        .and_then(|s| haproxy::rw_active(&s)),
+                    None => None,
+                };
+                (worker, active)
+            } else {
+                (None, None)
+            };
         let chosen = choose_writer(
             current.as_deref(),
             ready,
             &self.names,
             self.writer_down_ticks,
+            haproxy_active.as_deref(),
         );
         if chosen == current || chosen.is_none() {
             return;
@@ -528,8 +559,30 @@ impl Loop {
                 .event("WriterChosen", format!("rw writes go to {to}")),
         }
         self.plan.writer = Some(to);
-        if let Err(e) = self.haproxy.reload(haproxy::render(&self.plan)).await {
-            self.gs.event("HaproxyReloadFailed", format!("{e:#}"));
+        match self.haproxy.reload(haproxy::render(&self.plan)).await {
+            Ok(()) => self.haproxy.wait_new_worker(worker).await,
+            Err(e) => self.gs.event("HaproxyReloadFailed", format!("{e:#}")),
+        }
+    }
+
+    /// Keep every open `rw` session on the server HAProxy sends writes to:
+    /// sessions an old worker kept on the previous writer after a reload,
+    /// or that HAProxy left on a backup when it moved to another one, are
+    /// cut (their clients reconnect to the writer).
+    async fn one_writer(&mut self) {
+        match self.haproxy.single_writer().await {
+            Ok((Some(active), cut)) if !cut.is_empty() => self.gs.event(
+                "RwSessionsCut",
+                format!(
+                    "rw sessions cut on {}: HAProxy sends writes to {active}",
+                    cut.join(", ")
+                ),
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(
+                error = format!("{e:#}"),
+                "could not check HAProxy's rw sessions"
+            ),
         }
     }
 
@@ -762,6 +815,7 @@ pub(super) async fn serve(
                     .cloned()
                     .collect();
                 lp.writer(&ready).await;
+                lp.one_writer().await;
                 let routing = effective_routing(lp.gs.writer.as_deref(), &ready, &names);
                 phase = status::compute_phase(&members, routing.rw.is_some(), seen_all_ready);
                 if phase == Phase::Healthy && !seen_all_ready {
@@ -850,28 +904,39 @@ mod tests {
         let order = names(3);
         // First choice: the lowest ordinal ready member.
         assert_eq!(
-            choose_writer(None, &v(&["db-1", "db-2"]), &order, 0).as_deref(),
+            choose_writer(None, &v(&["db-1", "db-2"]), &order, 0, None).as_deref(),
             Some("db-1")
         );
-        assert_eq!(choose_writer(None, &[], &order, 0), None);
+        assert_eq!(choose_writer(None, &[], &order, 0, None), None);
         // Kept while ready, even when a lower ordinal is back.
         assert_eq!(
-            choose_writer(Some("db-1"), &v(&["db-0", "db-1", "db-2"]), &order, 0).as_deref(),
+            choose_writer(Some("db-1"), &v(&["db-0", "db-1", "db-2"]), &order, 0, None).as_deref(),
             Some("db-1")
         );
         // One blip is tolerated; the second tick moves it to the first
         // ready member in HAProxy's backup order.
         assert_eq!(
-            choose_writer(Some("db-0"), &v(&["db-1", "db-2"]), &order, 1).as_deref(),
+            choose_writer(Some("db-0"), &v(&["db-1", "db-2"]), &order, 1, Some("db-2")).as_deref(),
             Some("db-0")
         );
         assert_eq!(
-            choose_writer(Some("db-0"), &v(&["db-1", "db-2"]), &order, 2).as_deref(),
+            choose_writer(Some("db-0"), &v(&["db-1", "db-2"]), &order, 2, None).as_deref(),
+            Some("db-1")
+        );
+        // HAProxy already sends writes to db-2 (db-1's check was down when
+        // it failed over): the loop adopts that, not its own order.
+        assert_eq!(
+            choose_writer(Some("db-0"), &v(&["db-1", "db-2"]), &order, 2, Some("db-2")).as_deref(),
+            Some("db-2")
+        );
+        // ... unless that member is not ready by the managers' reports.
+        assert_eq!(
+            choose_writer(Some("db-0"), &v(&["db-1"]), &order, 2, Some("db-2")).as_deref(),
             Some("db-1")
         );
         // Nobody ready: keep the configuration as it is.
         assert_eq!(
-            choose_writer(Some("db-0"), &[], &order, 5).as_deref(),
+            choose_writer(Some("db-0"), &[], &order, 5, None).as_deref(),
             Some("db-0")
         );
     }
