@@ -14,8 +14,9 @@
 //! `stratum.dev/fencedInstances`, and `spec.postgresql.parameters` (every
 //! instance's configuration is rewritten and the instances restart one at
 //! a time: replicas first, the primary last, see `ha::Orchestrator`).
-//! Other spec changes (scaling among them) are refused on a running
-//! cluster for now.
+//! A loop may take more fields itself through [`take_with`] (the Galera
+//! loop: `spec.instances`, `spec.pvcRetentionPolicy`). Other spec changes
+//! are refused on a running cluster for now.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -105,8 +106,10 @@ pub fn changed_fields(old: &Value, new: &Value, path: &str) -> Vec<String> {
 }
 
 /// Spec fields a running local cluster takes: server parameters (rolled
-/// out by restarting the instances one at a time).
-const LIVE_SPEC_FIELDS: [&str; 1] = ["spec.postgresql.parameters."];
+/// out by restarting the instances one at a time): PostgreSQL's
+/// `postgresql.parameters`, the my.cnf text `configuration` of engines
+/// that have one (PxcCluster).
+const LIVE_SPEC_FIELDS: [&str; 2] = ["spec.postgresql.parameters.", "spec.configuration"];
 
 /// What a running `up` does with a new, valid CR. Pure.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,11 +122,27 @@ pub struct Change {
 }
 
 /// [`Change`] when only what can change live changed, else why not. Pure.
+// Reached through `take` → `take_with` → `review_with` today; kept for
+// callers that review without taking.
+#[allow(dead_code)]
 pub fn review(old: &Accepted, new: &Accepted, new_object: &Value) -> Result<Change, String> {
+    review_with(old, new, new_object, &[])
+}
+
+/// [`review`] for a loop that also takes the spec fields starting with one
+/// of `extra_live` itself (they are allowed, and not in `restart_for`).
+/// Pure.
+pub fn review_with(
+    old: &Accepted,
+    new: &Accepted,
+    new_object: &Value,
+    extra_live: &[&str],
+) -> Result<Change, String> {
     let spec = changed_fields(&old.cluster.spec, &new.cluster.spec, "spec");
+    let restart = |f: &String| LIVE_SPEC_FIELDS.iter().any(|p| f.starts_with(p));
     let refused: Vec<&String> = spec
         .iter()
-        .filter(|f| !LIVE_SPEC_FIELDS.iter().any(|p| f.starts_with(p)))
+        .filter(|f| !restart(f) && !extra_live.iter().any(|p| f.starts_with(p)))
         .collect();
     if !refused.is_empty() {
         return Err(format!(
@@ -137,7 +156,7 @@ pub fn review(old: &Accepted, new: &Accepted, new_object: &Value) -> Result<Chan
     }
     Ok(Change {
         fenced: fenced_instances(new_object, &new.cluster.instance_names())?,
-        restart_for: spec,
+        restart_for: spec.into_iter().filter(restart).collect(),
     })
 }
 
@@ -222,6 +241,18 @@ pub fn take(
     current: &Accepted,
     ha: &mut HaState,
 ) -> Option<(Accepted, Change)> {
+    take_with(registry, dir, current, ha, &[])
+}
+
+/// [`take`] for a loop that also takes the spec fields starting with one
+/// of `extra_live` itself ([`review_with`]).
+pub fn take_with(
+    registry: &EngineRegistry,
+    dir: &StateDir,
+    current: &Accepted,
+    ha: &mut HaState,
+    extra_live: &[&str],
+) -> Option<(Accepted, Change)> {
     let path = dir.root().join(APPLY_FILE);
     let text = std::fs::read_to_string(&path).ok()?;
     let _ = std::fs::remove_file(&path);
@@ -232,7 +263,7 @@ pub fn take(
             let new =
                 input::accept(registry, &label, &text, Some(&old)).map_err(|e| e.to_string())?;
             let object = input::parse_yaml(&label, &text).map_err(|e| e.to_string())?;
-            let change = review(current, &new, &object)?;
+            let change = review_with(current, &new, &object, extra_live)?;
             if !change.restart_for.is_empty() {
                 rewrite_instance_configs(
                     dir,

@@ -355,8 +355,13 @@ impl Haproxy {
 
     /// The `rw` servers as worker `pid` sees them, in configuration order.
     pub async fn rw_servers(&self, pid: u32) -> anyhow::Result<Vec<ServerStat>> {
+        self.servers(pid, "rw").await
+    }
+
+    /// The servers of `proxy` (`rw`, `ro`) as worker `pid` sees them.
+    pub async fn servers(&self, pid: u32, proxy: &str) -> anyhow::Result<Vec<ServerStat>> {
         let text = master_cli(&self.files, &format!("@!{pid} show stat")).await?;
-        Ok(parse_stat(&text, "rw"))
+        Ok(parse_stat(&text, proxy))
     }
 
     /// Make every open `rw` session go to one server: the one the current
