@@ -6,8 +6,13 @@
 //! acknowledged is lost, the killed node rejoins by IST); a full crash of
 //! every process (recovery from the most advanced node, cluster UUID and
 //! seqno preserved, one bootstrap); loss of quorum (the survivor refuses
-//! writes, recovery when the others return). Each test owns a temporary
-//! state directory and stops its cluster when it ends; none skips.
+//! writes, recovery when the others return); one writer for open `rw`
+//! sessions when HAProxy fails over to another backup than the loop would;
+//! a configuration change rolled out one member at a time, the writer
+//! never restarted while it is the writer; scaling 3 → 5 → 3 → 5 → 3
+//! under write load (clean leaves, quorum kept, Retain and Delete). Each
+//! test owns a temporary state directory and stops its cluster when it
+//! ends; none skips.
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
@@ -382,6 +387,12 @@ struct Writer {
 
 impl Writer {
     fn start(rw: String, password: String, first: i64) -> Self {
+        Self::paced(rw, password, first, Duration::ZERO)
+    }
+
+    /// Like [`Writer::start`], with `pause` after each acknowledged insert
+    /// (a light load).
+    fn paced(rw: String, password: String, first: i64, pause: Duration) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let acked: Arc<Mutex<Vec<(i64, Instant, u16)>>> = Arc::default();
         let (s, a) = (stop.clone(), acked.clone());
@@ -412,7 +423,12 @@ impl Writer {
                     (n, port),
                 );
                 match tokio::time::timeout(Duration::from_secs(10), insert).await {
-                    Ok(Ok(())) => a.lock().unwrap().push((n, Instant::now(), port)),
+                    Ok(Ok(())) => {
+                        a.lock().unwrap().push((n, Instant::now(), port));
+                        if !pause.is_zero() {
+                            tokio::time::sleep(pause).await;
+                        }
+                    }
                     _ => {
                         conn = None;
                         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -657,13 +673,27 @@ async fn pxc_writer_killed_under_load_loses_nothing_and_rejoins_by_ist() {
     let new_writer = after["galera"]["writer"].as_str().unwrap().to_string();
     std::thread::sleep(Duration::from_secs(2));
     let s = local.wait_healthy();
-    assert_eq!(s["galera"]["writer"], new_writer.as_str(), "{s}");
+    // It moves again only if the new writer itself is not Synced for a
+    // moment (e.g. the donor of the returning node's IST).
+    let end_writer = s["galera"]["writer"].as_str().unwrap().to_string();
+    if end_writer != new_writer {
+        let all = local.state_json()["galera"]["events"].to_string();
+        assert!(
+            all.contains(&format!(
+                "moved from {new_writer} (not ready) to {end_writer}"
+            )),
+            "the writer moved from {new_writer} to {end_writer} while {new_writer} was ready: {all}"
+        );
+        eprintln!(
+            "{new_writer} was not Synced for a moment (an IST donor); rw moved to {end_writer}"
+        );
+    }
     let mut c = connect_endpoint(&rw, &password).await;
     let port: Option<u16> = c.query_first("SELECT @@port").await.unwrap();
     assert_eq!(
         port,
         Some(port_of(
-            instance(&s, &new_writer)["address"].as_str().unwrap()
+            instance(&s, &end_writer)["address"].as_str().unwrap()
         ))
     );
     let acked = writer.stop().await;
@@ -677,6 +707,554 @@ async fn pxc_writer_killed_under_load_loses_nothing_and_rejoins_by_ist() {
     eprintln!(
         "writer kill: first write {}ms after the kill; test took {:.1}s",
         first.as_millis(),
+        t0.elapsed().as_secs_f64()
+    );
+    local.down();
+}
+
+/// One command on HAProxy's admin socket (the current worker).
+fn haproxy_admin(state: &Path, command: &str) -> String {
+    use std::io::{Read, Write};
+    let mut sock = std::os::unix::net::UnixStream::connect(state.join("haproxy/admin.sock"))
+        .expect("HAProxy's admin socket");
+    sock.write_all(format!("{command}\n").as_bytes()).unwrap();
+    sock.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = String::new();
+    sock.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The port of the server each still-open connection is on (connections
+/// cut meanwhile are dropped).
+async fn ports_of(conns: Vec<mysql_async::Conn>) -> (Vec<mysql_async::Conn>, Vec<u16>) {
+    let (mut alive, mut ports) = (Vec::new(), Vec::new());
+    for mut c in conns {
+        let q = c.query_first::<u16, _>("SELECT @@port");
+        if let Ok(Ok(Some(p))) = tokio::time::timeout(Duration::from_secs(5), q).await {
+            alive.push(c);
+            ports.push(p);
+        }
+    }
+    (alive, ports)
+}
+
+/// One writer at a time, also for open sessions: HAProxy fails over to
+/// another backup than the loop would pick (the first backup's `rw` check
+/// is held down through the admin socket, as a survivor's check that is
+/// briefly down during the eviction), then that backup comes back. Every
+/// `rw` connection still open at the end is on the one node HAProxy and
+/// the loop send writes to; before the fix, sessions opened during the
+/// failover stayed on one node while new ones went to another.
+#[tokio::test(flavor = "multi_thread")]
+async fn pxc_rw_sessions_stay_on_one_writer_after_a_kill() {
+    let t0 = Instant::now();
+    let mut local = Local::new();
+    local.start();
+    let status = local.wait_healthy();
+    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
+    let password = local.root_password();
+    let port = |s: &Value, name: &str| port_of(instance(s, name)["address"].as_str().unwrap());
+    let old = status["galera"]["writer"].as_str().unwrap().to_string();
+    let others: Vec<String> = instance_names().into_iter().filter(|n| *n != old).collect();
+    let (first_backup, second_backup) = (others[0].clone(), others[1].clone());
+
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect_endpoint(&rw, &password).await);
+    }
+    let (conns, ports) = ports_of(held).await;
+    assert_eq!(ports, vec![port(&status, &old); 3]);
+    held = conns;
+
+    let out = haproxy_admin(
+        &local.state,
+        &format!("set server rw/{first_backup} state maint"),
+    );
+    assert!(out.trim().is_empty(), "HAProxy refused: {out}");
+    let pid = local.mariadbd_pid(&old).expect("the writer's mariadbd");
+    kill(pid, "KILL");
+    // Sessions opened while HAProxy fails over by itself: on the second
+    // backup.
+    for _ in 0..3 {
+        held.push(connect_endpoint(&rw, &password).await);
+    }
+    let moved = local.wait_for("a new writer", |s| {
+        s["galera"]["writer"].is_string() && s["galera"]["writer"] != old.as_str()
+    });
+    eprintln!(
+        "HAProxy failed over to {second_backup}; the loop's writer is {}",
+        moved["galera"]["writer"]
+    );
+    // The first backup is back in HAProxy's rw list.
+    std::thread::sleep(Duration::from_secs(1));
+    let out = haproxy_admin(
+        &local.state,
+        &format!("set server rw/{first_backup} state ready"),
+    );
+    assert!(out.trim().is_empty(), "HAProxy refused: {out}");
+    std::thread::sleep(Duration::from_secs(3));
+    for _ in 0..3 {
+        held.push(connect_endpoint(&rw, &password).await);
+    }
+    // A few ticks for the loop to act on what it sees.
+    std::thread::sleep(Duration::from_secs(2));
+    let s = local.status().unwrap();
+    let writer = s["galera"]["writer"].as_str().unwrap().to_string();
+    let (alive, ports) = ports_of(held).await;
+    let distinct: BTreeSet<u16> = ports.iter().copied().collect();
+    eprintln!(
+        "writer {writer} (port {}); {} of 9 rw sessions open, on ports {distinct:?}; events {}",
+        port(&s, &writer),
+        alive.len(),
+        events(&s)
+    );
+    assert!(
+        alive.len() >= 3,
+        "the last sessions were cut too: {ports:?}"
+    );
+    assert_eq!(
+        distinct,
+        BTreeSet::from([port(&s, &writer)]),
+        "open rw sessions on more than one node (writer {writer}): {}",
+        events(&s)
+    );
+    // New sessions go there too, and writes work.
+    let mut c = connect_endpoint(&rw, &password).await;
+    let p: Option<u16> = c.query_first("SELECT @@port").await.unwrap();
+    assert_eq!(p, Some(port(&s, &writer)));
+    c.query_drop("CREATE DATABASE IF NOT EXISTS app")
+        .await
+        .unwrap();
+    drop(alive);
+    eprintln!("one-writer test took {:.1}s", t0.elapsed().as_secs_f64());
+    local.down();
+}
+
+/// The events of `s` with reason `reason` (their messages).
+fn events_of(s: &Value, reason: &str) -> Vec<String> {
+    let tag = format!(" {reason}: ");
+    s["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e.as_str()?.split_once(&tag).map(|(_, m)| m.to_string()))
+        .collect()
+}
+
+/// 5 (second half). A changed `spec.configuration` handed to the running
+/// cluster with `up -f` under write load: every member restarts once with
+/// the new my.cnf, one at a time, each Synced again before the next, the
+/// writer last after `rw` moved to another member; every acknowledged row
+/// is present. A change the running cluster cannot take is refused naming
+/// the field and changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn pxc_configuration_change_restarts_one_at_a_time_writer_last() {
+    let t0 = Instant::now();
+    let mut local = Local::new();
+    local.start();
+    let status = local.wait_healthy();
+    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
+    let password = local.root_password();
+    create_table(&rw, &password).await;
+    let old_writer = status["galera"]["writer"].as_str().unwrap().to_string();
+    let state_dir = local.state.clone();
+    let up_f = |file: &Path| {
+        stratum()
+            .args(["local", "up", "-f"])
+            .arg(file)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .output()
+            .unwrap()
+    };
+
+    // Refused: a running cluster does not grow its storage.
+    let managers = local.state_json()["managers"].clone();
+    let saved = std::fs::read_to_string(local.state.join("cluster.yaml")).unwrap();
+    let bad = local.tmp.path().join("grown.yaml");
+    std::fs::write(&bad, simple_pxc("").replace("size: 1Gi", "size: 2Gi")).unwrap();
+    let out = up_f(&bad);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a running cluster took storage 2Gi");
+    assert!(stderr.contains("spec.storage.size"), "{stderr}");
+    eprintln!("refused: {}", stderr.trim());
+    assert_eq!(
+        std::fs::read_to_string(local.state.join("cluster.yaml")).unwrap(),
+        saved
+    );
+    assert_eq!(local.state_json()["managers"], managers);
+
+    let writer = Writer::start(rw.clone(), password.clone(), 1000);
+    wait_acks(&writer, 0, 100, "before the change").await;
+    let changed = local.tmp.path().join("changed.yaml");
+    std::fs::write(
+        &changed,
+        simple_pxc("").replace("max_connections = 100", "max_connections = 151"),
+    )
+    .unwrap();
+    let t_apply = Instant::now();
+    let out = up_f(&changed);
+    assert!(
+        out.status.success(),
+        "up -f refused the configuration change: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim());
+    local.wait_for("the rolling restart done", |s| {
+        !events_of(s, "RollingRestartDone").is_empty()
+    });
+    let rolled = t_apply.elapsed();
+    let s = local.wait_healthy();
+    // Every event (the status shows the last 20; state.json keeps 50).
+    let done = local.state_json()["galera"].clone();
+    eprintln!("events: {:#}", done["events"]);
+    let restarting = events_of(&done, "Restarting");
+    let restarted = events_of(&done, "Restarted");
+    eprintln!("restarting: {restarting:?}\nrestarted: {restarted:?}");
+    let order: Vec<String> = restarting
+        .iter()
+        .map(|m| m.split_whitespace().next().unwrap().to_string())
+        .collect();
+    assert_eq!(order.len(), 3, "{order:?}");
+    assert_eq!(
+        order.iter().collect::<BTreeSet<_>>().len(),
+        3,
+        "each member restarts once: {order:?}"
+    );
+    // One at a time: each Restarted before the next Restarting.
+    let seq: Vec<String> = done["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e.as_str())
+        .filter(|e| e.contains(" Restarting: ") || e.contains(" Restarted: "))
+        .map(|e| {
+            e.split_once(": ")
+                .unwrap()
+                .1
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(seq, [0, 0, 1, 1, 2, 2].map(|i| order[i].clone()), "{seq:?}");
+    // Never the writer while it restarts: follow the writer through the
+    // events. `rw` moves off a member before it restarts ("before"), or
+    // earlier by itself (an IST donor is briefly not Synced).
+    let mut writer_now = old_writer.clone();
+    let (mut moved_before, mut moved_by_itself, mut applied) = (false, false, false);
+    let all: Vec<&str> = done["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e.as_str())
+        .collect();
+    for e in all {
+        applied |= e.contains(" Applied: ");
+        if !applied {
+            continue;
+        }
+        if let Some((_, m)) = e.split_once(" WriterChanged: ") {
+            let to = m.split(" to ").nth(1).unwrap();
+            writer_now = to.split_whitespace().next().unwrap().to_string();
+            moved_before |= m.contains(" before ");
+            moved_by_itself |= m.contains("(not ready)");
+        }
+        if let Some((_, m)) = e.split_once(" Restarting: ") {
+            let who = m.split_whitespace().next().unwrap();
+            assert_ne!(who, writer_now, "{who} restarted while it was the writer");
+        }
+    }
+    assert!(
+        moved_before || moved_by_itself,
+        "rw never moved off {old_writer}, yet every member restarted"
+    );
+    for name in instance_names() {
+        let addr = instance(&s, &name)["address"].as_str().unwrap();
+        let mut c = connect(addr, &password).await.unwrap();
+        let mc: Option<u64> = c.query_first("SELECT @@max_connections").await.unwrap();
+        assert_eq!(mc, Some(151), "{name} runs the old configuration");
+    }
+    let acked = writer.stop().await;
+    assert_all_present(&rw, &password, &acked).await;
+    assert_same_rows_everywhere(&s, &password).await;
+    eprintln!(
+        "rolling restart of 3 members: {:.1}s from `up -f`; {} writes acknowledged; test took {:.1}s",
+        rolled.as_secs_f64(),
+        acked.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    local.down();
+}
+
+/// The message of the last event of `s` with reason `reason`.
+fn last_event(s: &Value, reason: &str) -> Option<String> {
+    events_of(s, reason).pop()
+}
+
+/// The first file called `name` under `dir`.
+fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            if let Some(f) = find_file(&p, name) {
+                return Some(f);
+            }
+        } else if entry.file_name() == name {
+            return Some(p);
+        }
+    }
+    None
+}
+
+/// `stratum local status -o json` of `state`, when it answers.
+fn status_of(state: &Path) -> Option<Value> {
+    let out = stratum()
+        .args(["local", "status", "-o", "json", "--state-dir"])
+        .arg(state)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+/// Every member of `s` Synced in one Primary component of `n` members.
+fn synced_group_of(s: &Value, n: usize) -> bool {
+    let members = s["instances"].as_array().unwrap();
+    members.len() == n
+        && members.iter().all(|i| {
+            i["wsrep"]["state"] == "Synced"
+                && i["wsrep"]["clusterSize"] == n as i64
+                && i["wsrep"]["clusterStatus"] == "Primary"
+        })
+}
+
+/// 5. Scale 3 → 5 → 3 under a light write load through `rw`: members are
+/// added one at a time (each Synced and in HAProxy before the next) and
+/// removed from the highest ordinal down with a clean leave (their
+/// `grastate.dat` keeps the seqno); no member ever reports a non-Primary
+/// component; `whenScaled: Retain` keeps the removed members' directories
+/// (a second 3 → 5 reuses them), `Delete` deletes them; every
+/// acknowledged row is present.
+#[tokio::test(flavor = "multi_thread")]
+async fn pxc_scales_3_to_5_to_3_under_load_keeping_quorum() {
+    let t0 = Instant::now();
+    let mut local = Local::new();
+    local.start();
+    let status = local.wait_healthy();
+    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
+    let password = local.root_password();
+    create_table(&rw, &password).await;
+    let state_dir = local.state.clone();
+    let up_f = |file: &Path| {
+        stratum()
+            .args(["local", "up", "-f"])
+            .arg(file)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .output()
+            .unwrap()
+    };
+
+    // Watch every member's component the whole time.
+    let watching = Arc::new(AtomicBool::new(true));
+    let non_primary: Arc<Mutex<Vec<String>>> = Arc::default();
+    let watcher = {
+        let (w, bad, state) = (watching.clone(), non_primary.clone(), local.state.clone());
+        std::thread::spawn(move || {
+            let mut polls = 0u64;
+            while w.load(Ordering::Relaxed) {
+                if let Some(s) = status_of(&state) {
+                    polls += 1;
+                    for i in s["instances"].as_array().into_iter().flatten() {
+                        // A joiner sees a non-primary view until its
+                        // state exchange is done; a member of the group
+                        // (Synced or a donor) must never.
+                        let state = i["wsrep"]["state"].as_str().unwrap_or_default();
+                        let member = state == "Synced" || state.starts_with("Donor");
+                        if i["wsrep"]["clusterStatus"] == "non-Primary" {
+                            let line = format!("{} {}", i["name"], i["wsrep"]);
+                            if member {
+                                bad.lock().unwrap().push(line);
+                            } else {
+                                eprintln!("joiner not in the primary component yet: {line}");
+                            }
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            polls
+        })
+    };
+    let writer = Writer::paced(
+        rw.clone(),
+        password.clone(),
+        1000,
+        Duration::from_millis(20),
+    );
+    wait_acks(&writer, 0, 50, "before scaling").await;
+
+    let five = local.tmp.path().join("five.yaml");
+    std::fs::write(
+        &five,
+        simple_pxc("").replace("instances: 3", "instances: 5"),
+    )
+    .unwrap();
+    let t_up = Instant::now();
+    let out = up_f(&five);
+    assert!(
+        out.status.success(),
+        "up -f refused instances: 5: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let scaled_to = |n: usize| {
+        move |s: &Value| {
+            synced_group_of(s, n)
+                && last_event(s, "Scaled").as_deref()
+                    == Some(&format!("the cluster has {n} members"))
+        }
+    };
+    local.wait_for("5 members Synced", scaled_to(5));
+    // Every event (the status shows the last 20; state.json keeps 50).
+    let s5 = local.state_json()["galera"].clone();
+    let scaled_up = t_up.elapsed();
+    let added = events_of(&s5, "MemberAdded");
+    eprintln!("added: {added:?}");
+    assert_eq!(added.len(), 2, "{added:?}");
+    assert!(added[0].starts_with(&format!("{CLUSTER}-3 ")), "{added:?}");
+    assert!(added[1].starts_with(&format!("{CLUSTER}-4 ")), "{added:?}");
+    // One at a time: the second was started after the first was in.
+    let seq: Vec<&str> = s5["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e.as_str())
+        .filter(|e| e.contains(" AddingMember: ") || e.contains(" MemberAdded: "))
+        .map(|e| {
+            e.split_once(": ")
+                .unwrap()
+                .1
+                .split_whitespace()
+                .next()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        seq,
+        [
+            format!("{CLUSTER}-3"),
+            format!("{CLUSTER}-3"),
+            format!("{CLUSTER}-4"),
+            format!("{CLUSTER}-4")
+        ],
+        "{seq:?}"
+    );
+    let base = writer.acked_count();
+    wait_acks(&writer, base, 20, "with 5 members").await;
+
+    // 5 → 3 with the default whenScaled: Retain.
+    let three = local.tmp.path().join("three.yaml");
+    std::fs::write(&three, simple_pxc("")).unwrap();
+    let t_down = Instant::now();
+    let out = up_f(&three);
+    assert!(
+        out.status.success(),
+        "up -f refused instances: 3: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    local.wait_for("back to 3 members", scaled_to(3));
+    let s3 = local.state_json()["galera"].clone();
+    let scaled_down = t_down.elapsed();
+    let removed = events_of(&s3, "MemberRemoved");
+    eprintln!("removed: {removed:?}");
+    assert_eq!(removed.len(), 2, "{removed:?}");
+    assert!(
+        removed[0].starts_with(&format!("{CLUSTER}-4 ")),
+        "{removed:?}"
+    );
+    assert!(
+        removed[1].starts_with(&format!("{CLUSTER}-3 ")),
+        "{removed:?}"
+    );
+    for gone in [3, 4] {
+        let d = local.instance_dir(&format!("{CLUSTER}-{gone}"));
+        // A clean leave: the server stopped normally, so its grastate.dat
+        // holds its last seqno (an unclean stop leaves -1).
+        let grastate = find_file(&d, "grastate.dat")
+            .unwrap_or_else(|| panic!("{} not kept (whenScaled: Retain)", d.display()));
+        let text = std::fs::read_to_string(&grastate).unwrap();
+        let seqno = text
+            .lines()
+            .find_map(|l| l.strip_prefix("seqno:"))
+            .map(|v| v.trim().parse::<i64>().unwrap());
+        assert!(
+            seqno.is_some_and(|n| n > 0),
+            "{CLUSTER}-{gone} did not stop cleanly: {text}"
+        );
+    }
+    let managers = local.state_json()["managers"].clone();
+    assert_eq!(
+        managers.as_object().unwrap().len(),
+        3,
+        "managers after scaling down: {managers}"
+    );
+    let base = writer.acked_count();
+    wait_acks(&writer, base, 20, "with 3 members").await;
+
+    // Up again: the retained members rejoin; then down with Delete.
+    let out = up_f(&five);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    local.wait_for("5 members Synced again", scaled_to(5));
+    let again = events_of(&local.state_json()["galera"], "MemberAdded");
+    eprintln!("added again: {again:?}");
+    let delete = local.tmp.path().join("three-delete.yaml");
+    std::fs::write(
+        &delete,
+        simple_pxc("  pvcRetentionPolicy:\n    whenScaled: Delete\n"),
+    )
+    .unwrap();
+    let out = up_f(&delete);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    local.wait_for("3 members again", scaled_to(3));
+    for gone in [3, 4] {
+        let d = local.instance_dir(&format!("{CLUSTER}-{gone}"));
+        assert!(
+            !d.exists(),
+            "{} kept despite whenScaled: Delete",
+            d.display()
+        );
+    }
+    let base = writer.acked_count();
+    wait_acks(&writer, base, 20, "with 3 members again").await;
+    let acked = writer.stop().await;
+    watching.store(false, Ordering::Relaxed);
+    let polls = watcher.join().unwrap();
+    let bad = non_primary.lock().unwrap().clone();
+    assert!(
+        bad.is_empty(),
+        "a member reported a non-Primary component: {bad:?}"
+    );
+    let s = local.wait_healthy();
+    assert_all_present(&rw, &password, &acked).await;
+    assert_same_rows_everywhere(&s, &password).await;
+    eprintln!(
+        "scale 3→5 {:.1}s, 5→3 {:.1}s (then 3→5→3 again); {} writes acknowledged, {polls} status polls never non-Primary; test took {:.1}s",
+        scaled_up.as_secs_f64(),
+        scaled_down.as_secs_f64(),
+        acked.len(),
         t0.elapsed().as_secs_f64()
     );
     local.down();

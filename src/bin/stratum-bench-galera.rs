@@ -250,6 +250,29 @@ fn names() -> Vec<String> {
     (0..3).map(|i| format!("{CLUSTER}-{i}")).collect()
 }
 
+/// Wait until the client's writes are acknowledged by the writer (`port`)
+/// before a kill: a kill measures nothing when the client's `rw` session
+/// is on another node (`rw` had two writers before the local runtime cut
+/// sessions off the writer), so that is an error, not a fast failover.
+async fn on_writer(acks: &Acks, writer: &str, port: u16) -> anyhow::Result<()> {
+    let t = Instant::now();
+    loop {
+        let last = acks.lock().unwrap().last().map(|(_, at, p)| (*at, *p));
+        if let Some((at, p)) = last
+            && p == port
+            && at.elapsed() < Duration::from_secs(1)
+        {
+            return Ok(());
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            anyhow::bail!(
+                "the client's rw writes are not acknowledged by the writer {writer} (port {port}) after 30 s; last acknowledgement: {last:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Wait until an acknowledgement after `t` by another server than `port`.
 async fn first_ack_elsewhere(acks: &Acks, t: Instant, port: u16) -> anyhow::Result<Duration> {
     loop {
@@ -374,6 +397,7 @@ spec:
             .unwrap_or_default()
             .to_string();
         let old_port = port_of(&s, &old);
+        on_writer(&acks, &old, old_port).await?;
         let pid = cluster.mariadbd_pid(&old)?;
         let t = Instant::now();
         kill(pid, "KILL")?;

@@ -17,8 +17,10 @@
 //! last, or the primary first when a lowered parameter requires it, see
 //! `ha::Orchestrator`), and
 //! `spec.instances` with `spec.pvcRetentionPolicy` (the running loop adds
-//! or removes instances, see `ha::Resize`). Other spec changes are refused
-//! on a running cluster for now.
+//! or removes instances, see `ha::Resize`; the Galera loop one member at a
+//! time, see `galera`), and a PxcCluster's `spec.configuration` (a rolling
+//! restart, one member at a time, the writer last). Other spec changes are
+//! refused on a running cluster for now.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -107,16 +109,19 @@ pub fn changed_fields(old: &Value, new: &Value, path: &str) -> Vec<String> {
     }
 }
 
-/// Spec fields a running local cluster takes: server parameters (rolled
-/// out by restarting the instances one at a time), the number of
+/// Spec fields a running local cluster takes: server configuration (rolled
+/// out by reloading or restarting the instances one at a time), the number of
 /// instances and what happens to a removed instance's data.
-const LIVE_SPEC_FIELDS: [&str; 3] = [
+const LIVE_SPEC_FIELDS: [&str; 4] = [
     "spec.postgresql.parameters.",
+    "spec.configuration",
     "spec.instances",
     "spec.pvcRetentionPolicy.",
 ];
-/// Of those, the ones that change the instances' configuration.
-const RECONFIGURE_SPEC_FIELDS: [&str; 1] = ["spec.postgresql.parameters."];
+/// Of those, the ones that change the instances' configuration:
+/// PostgreSQL's `postgresql.parameters`, the my.cnf text `configuration`
+/// of engines that have one (PxcCluster).
+const RECONFIGURE_SPEC_FIELDS: [&str; 2] = ["spec.postgresql.parameters.", "spec.configuration"];
 
 /// What a running `up` does with a new, valid CR. Pure.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -15,12 +15,31 @@
 //!   once a member is Synced.
 //! - **Writer.** HAProxy routes `rw` to the writer and fails over to the
 //!   first healthy backup by itself; the loop keeps the writer while it
-//!   is ready and otherwise makes the first ready member (the one HAProxy
-//!   already chose) the writer, rewriting HAProxy's configuration and
-//!   reloading it, so that a returning member does not take writes back.
+//!   is ready and otherwise adopts the server HAProxy chose (read over its
+//!   master CLI; the first ready member when HAProxy has none), rewriting
+//!   HAProxy's configuration and reloading it, so that a returning member
+//!   does not take writes back. Every tick, open `rw` sessions on any
+//!   other server than the one HAProxy sends writes to are cut (in old
+//!   workers too), so all writes go to one node at a time.
+//! - **Live changes.** A changed CR handed over by `stratum local up -f`
+//!   (`apply.yaml`, see [`super::apply`]) is checked again; a changed
+//!   `spec.configuration` rewrites every instance's configuration and
+//!   restarts the members one at a time (a clean stop: the group shrinks
+//!   and the member rejoins by IST), each Synced in a Primary component
+//!   before the next, the writer last, after `rw` was moved to a Synced
+//!   member. Anything else is refused naming the field; nothing changes.
+//! - **Scaling.** A changed `spec.instances` adds members one at a time
+//!   (laid out, its manager started, Synced in a Primary component and up
+//!   in HAProxy's lists before the next) or removes the highest ordinals
+//!   one at a time (`rw` moved off it first, out of HAProxy, its manager
+//!   stopped, which stops mariadbd cleanly: the group shrinks by a leave,
+//!   not an eviction; the others report the smaller size before the
+//!   next), only while every member is Synced, so quorum holds at each
+//!   step. `spec.pvcRetentionPolicy.whenScaled: Delete` deletes a removed
+//!   member's directory; `Retain` (default) keeps it for a later scale-up.
 //! - **Status and events**: per-member wsrep state, seqno and cluster
-//!   size; events for bootstrap decisions and orders, joins, leaves and
-//!   writer changes.
+//!   size; events for bootstrap decisions and orders, joins, leaves,
+//!   writer changes, applied or refused changes and restarts.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -33,6 +52,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
 
+use super::apply;
+use super::ha::HaState;
 use super::haproxy::{self, Backend, Haproxy};
 use super::input::Accepted;
 use super::state::{LocalState, StateDir};
@@ -41,6 +62,12 @@ use super::supervisor::Supervisor;
 use crate::engine::{Election, Engine, InstanceOps, ObservedMember, Routing, ValidatedCluster};
 use crate::instance::client::InstanceClient;
 use crate::instance::protocol::{MemberStatus, Position, ProcessState, Role};
+use crate::registry::EngineRegistry;
+
+/// How long one member of a rolling restart may take to be Synced again
+/// before the loop says so (it keeps waiting: moving on would restart a
+/// second member while the first is out of the group).
+const RESTART_SLOW_AFTER: Duration = Duration::from_secs(300);
 
 /// The instance action that makes a member bootstrap a new primary
 /// component (`--wsrep-new-cluster`, or `pc.bootstrap` when running).
@@ -79,6 +106,10 @@ pub struct GaleraState {
     /// sent again to the same member is the same bootstrap).
     #[serde(default)]
     pub bootstraps: u64,
+    /// The instance count a scaling in progress goes to (the CR in
+    /// `cluster.yaml` says so too: a restarted `up` starts that many).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_to: Option<usize>,
     /// The last events, oldest first (`<RFC 3339> <Reason>: <message>`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<String>,
@@ -239,24 +270,28 @@ pub fn render_summary(g: &GaleraSummary) -> String {
 }
 
 /// Where `rw` goes: keep `current` while it is ready (or was seen not
-/// ready for fewer than [`WRITER_DOWN_TICKS`] ticks), else the first ready
-/// member in `order` (the order of HAProxy's backups: ordinal order).
-/// `None` when nobody is ready and there is no writer yet. Pure.
+/// ready for fewer than [`WRITER_DOWN_TICKS`] ticks), else `haproxy`
+/// (the server HAProxy sends new `rw` connections to by its own checks)
+/// when it is ready, else the first ready member in `order` (the order of
+/// HAProxy's backups: ordinal order). Adopting HAProxy's choice means the
+/// reload that follows does not move `rw` a second time. `None` when
+/// nobody is ready and there is no writer yet. Pure.
 pub fn choose_writer(
     current: Option<&str>,
     ready: &[String],
     order: &[String],
     current_down_ticks: u32,
+    haproxy: Option<&str>,
 ) -> Option<String> {
     if let Some(c) = current
         && (ready.iter().any(|r| r == c) || current_down_ticks < WRITER_DOWN_TICKS)
     {
         return Some(c.to_string());
     }
-    order
-        .iter()
-        .find(|n| ready.contains(n))
-        .cloned()
+    haproxy
+        .filter(|h| ready.iter().any(|r| r == h))
+        .map(str::to_string)
+        .or_else(|| order.iter().find(|n| ready.contains(n)).cloned())
         .or_else(|| current.map(str::to_string))
 }
 
@@ -345,10 +380,55 @@ fn in_primary(m: &ObservedMember) -> bool {
         .is_some_and(|w| w.cluster_status.as_deref() == Some("Primary"))
 }
 
+/// The order of a rolling restart: every member but the writer in
+/// ordinal order, the writer last. Pure.
+pub fn restart_order(names: &[String], writer: Option<&str>) -> Vec<String> {
+    let mut out: Vec<String> = names
+        .iter()
+        .filter(|n| Some(n.as_str()) != writer)
+        .cloned()
+        .collect();
+    if let Some(w) = writer.filter(|w| names.iter().any(|n| n == w)) {
+        out.push(w.to_string());
+    }
+    out
+}
+
+/// A rolling restart in progress (in memory: a restarted `up` starts
+/// every manager with the rewritten configuration anyway).
+#[derive(Debug, Default)]
+struct Rolling {
+    /// Members still to restart, in order.
+    queue: Vec<String>,
+    /// The member restarting now: its manager's pid before, and since.
+    now: Option<(String, Option<u32>, Instant)>,
+    /// Whether "slow" was said for the member restarting now.
+    slow_noted: bool,
+}
+
+/// A scaling in progress.
+#[derive(Debug)]
+struct Scaling {
+    /// The members at the end.
+    target: Vec<String>,
+    /// The member being added, and since when.
+    adding: Option<(String, Instant)>,
+    /// The member removed last, and since when (the others have not
+    /// reported the smaller group yet).
+    removing: Option<(String, Instant)>,
+}
+
 /// The decision loop's memory and hands.
 struct Loop {
     engine: Arc<dyn Engine>,
     cluster: ValidatedCluster,
+    /// The CR in force (changed by a live change).
+    accepted: Accepted,
+    rolling: Option<Rolling>,
+    scaling: Option<Scaling>,
+    observe: InstanceClient,
+    token: String,
+    cluster_id: String,
     dir: StateDir,
     names: Vec<String>,
     act: InstanceClient,
@@ -506,11 +586,35 @@ impl Loop {
         } else if current.is_some() {
             self.writer_down_ticks += 1;
         }
+        // What HAProxy does by its own checks, read only when the writer
+        // may move.
+        let (worker, haproxy_active) =
+            if current.is_none() || self.writer_down_ticks >= WRITER_DOWN_TICKS {
+                let worker = self
+                    .haproxy
+                    .workers()
+                    .await
+                    .ok()
+                    .and_then(|w| w.first().copied());
+                let active = match worker {
+                    Some(pid) => self
+                        .haproxy
+                        .rw_servers(pid)
+                        .await
+                        .ok()
+                        .and_then(|s| haproxy::rw_active(&s)),
+                    None => None,
+                };
+                (worker, active)
+            } else {
+                (None, None)
+            };
         let chosen = choose_writer(
             current.as_deref(),
             ready,
             &self.names,
             self.writer_down_ticks,
+            haproxy_active.as_deref(),
         );
         if chosen == current || chosen.is_none() {
             return;
@@ -528,8 +632,30 @@ impl Loop {
                 .event("WriterChosen", format!("rw writes go to {to}")),
         }
         self.plan.writer = Some(to);
-        if let Err(e) = self.haproxy.reload(haproxy::render(&self.plan)).await {
-            self.gs.event("HaproxyReloadFailed", format!("{e:#}"));
+        match self.haproxy.reload(haproxy::render(&self.plan)).await {
+            Ok(()) => self.haproxy.wait_new_worker(worker).await,
+            Err(e) => self.gs.event("HaproxyReloadFailed", format!("{e:#}")),
+        }
+    }
+
+    /// Keep every open `rw` session on the server HAProxy sends writes to:
+    /// sessions an old worker kept on the previous writer after a reload,
+    /// or that HAProxy left on a backup when it moved to another one, are
+    /// cut (their clients reconnect to the writer).
+    async fn one_writer(&mut self) {
+        match self.haproxy.single_writer().await {
+            Ok((Some(active), cut)) if !cut.is_empty() => self.gs.event(
+                "RwSessionsCut",
+                format!(
+                    "rw sessions cut on {}: HAProxy sends writes to {active}",
+                    cut.join(", ")
+                ),
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(
+                error = format!("{e:#}"),
+                "could not check HAProxy's rw sessions"
+            ),
         }
     }
 
@@ -589,6 +715,395 @@ impl Loop {
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// Take a CR handed over by `up -f`, if any: refused (an event, nothing
+    /// changes) or applied; a changed configuration starts a rolling
+    /// restart. The outcome goes to `ha`'s events too, which is where `up
+    /// -f` looks for it.
+    fn take_change(&mut self, ha: &mut HaState) {
+        if self.rolling.is_some() || self.scaling.is_some() {
+            // One change at a time: the file waits until this one is
+            // done (`up -f` says so if that takes long).
+            return;
+        }
+        let registry = EngineRegistry::new().with(self.engine.clone());
+        let before = ha.events.len();
+        let taken = apply::take(&registry, &self.dir, &self.accepted, ha);
+        for e in ha.events.iter().skip(before) {
+            tracing::info!("{e}");
+            self.gs.events.push(e.clone());
+        }
+        if self.gs.events.len() > MAX_EVENTS {
+            let extra = self.gs.events.len() - MAX_EVENTS;
+            self.gs.events.drain(..extra);
+        }
+        let Some((new, change)) = taken else { return };
+        self.cluster = new.cluster.clone();
+        self.accepted = new;
+        let target = self.accepted.cluster.instance_names();
+        if target != self.names {
+            self.gs.event(
+                "Scaling",
+                format!(
+                    "from {} to {} members, one at a time",
+                    self.names.len(),
+                    target.len()
+                ),
+            );
+            self.gs.scale_to = Some(target.len());
+            self.scaling = Some(Scaling {
+                target,
+                adding: None,
+                removing: None,
+            });
+        }
+        if change.reconfigure_for.is_empty() {
+            return;
+        }
+        let queue = restart_order(&self.names, self.gs.writer.as_deref());
+        self.gs.event(
+            "RollingRestart",
+            format!(
+                "restarting {} one at a time for {}",
+                queue.join(", "),
+                change.reconfigure_for.join(", ")
+            ),
+        );
+        self.rolling = Some(Rolling {
+            queue,
+            ..Default::default()
+        });
+    }
+
+    /// One step of a rolling restart: wait for the member restarting now
+    /// to be Synced in a Primary component again (a new manager, `ready`),
+    /// then, with every member ready, restart the next; the writer's `rw`
+    /// is moved to a Synced member before it is restarted.
+    async fn roll(&mut self, ready: &[String], pids: &BTreeMap<String, u32>) {
+        if self.scaling.is_some() {
+            return;
+        }
+        let names = self.names.clone();
+        let Some(r) = self.rolling.as_mut() else {
+            return;
+        };
+        // Members removed by a scaling meanwhile.
+        r.queue.retain(|n| names.contains(n));
+        if let Some((name, old_pid, since)) = r.now.clone() {
+            let new_manager = pids.get(&name).is_some_and(|p| Some(*p) != old_pid);
+            if new_manager && ready.contains(&name) {
+                r.now = None;
+                r.slow_noted = false;
+                self.gs.event(
+                    "Restarted",
+                    format!(
+                        "{name} is Synced again with the new configuration after {:.1}s",
+                        since.elapsed().as_secs_f64()
+                    ),
+                );
+            } else {
+                if since.elapsed() > RESTART_SLOW_AFTER && !r.slow_noted {
+                    r.slow_noted = true;
+                    self.gs.event(
+                        "RestartSlow",
+                        format!(
+                            "{name} is not Synced again after {}s; the rolling restart waits for it",
+                            since.elapsed().as_secs()
+                        ),
+                    );
+                }
+                return;
+            }
+        }
+        let Some(r) = self.rolling.as_mut() else {
+            return;
+        };
+        if r.queue.is_empty() {
+            self.rolling = None;
+            self.gs.event(
+                "RollingRestartDone",
+                "every member runs the new configuration",
+            );
+            return;
+        }
+        // Quorum: nobody else out of the group while one member restarts.
+        if !self.names.iter().all(|n| ready.contains(n)) {
+            return;
+        }
+        // The writer last: it may have moved since the queue was made (a
+        // donor of an IST is briefly not Synced, so `rw` moves off it).
+        let writer = self.gs.writer.clone();
+        let at = r
+            .queue
+            .iter()
+            .position(|n| Some(n) != writer.as_ref())
+            .unwrap_or(0);
+        let next = r.queue.remove(at);
+        if self.gs.writer.as_deref() == Some(next.as_str())
+            && !self.move_writer_off(&next, ready, "restarts").await
+        {
+            if let Some(r) = self.rolling.as_mut() {
+                r.queue.insert(0, next);
+            }
+            return;
+        }
+        let pid = pids.get(&next).copied();
+        if let Some(pid) = pid {
+            // The manager stops mariadbd cleanly (the member leaves the
+            // group) and exits; the supervisor starts it again with the
+            // rewritten instance.json.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        self.gs.event(
+            "Restarting",
+            format!("{next} restarting: new configuration"),
+        );
+        if let Some(r) = self.rolling.as_mut() {
+            r.now = Some((next, pid, Instant::now()));
+        }
+    }
+
+    /// Move `rw` off `from` (about to stop) to another ready member: the
+    /// configuration reloaded and the sessions still open on `from` cut.
+    /// False when no other member is ready.
+    async fn move_writer_off(&mut self, from: &str, ready: &[String], why: &str) -> bool {
+        let Some(to) = self
+            .names
+            .iter()
+            .find(|n| *n != from && ready.contains(n))
+            .cloned()
+        else {
+            return false;
+        };
+        self.gs.event(
+            "WriterChanged",
+            format!("rw writer moved from {from} to {to} before {from} {why}"),
+        );
+        self.gs.writer = Some(to.clone());
+        self.plan.writer = Some(to);
+        self.reload_haproxy().await;
+        // Sessions still open on the member about to stop go now.
+        self.one_writer().await;
+        true
+    }
+
+    /// Reload HAProxy with the current plan and wait for its new worker.
+    async fn reload_haproxy(&mut self) {
+        let worker = self
+            .haproxy
+            .workers()
+            .await
+            .ok()
+            .and_then(|w| w.first().copied());
+        match self.haproxy.reload(haproxy::render(&self.plan)).await {
+            Ok(()) => self.haproxy.wait_new_worker(worker).await,
+            Err(e) => self.gs.event("HaproxyReloadFailed", format!("{e:#}")),
+        }
+    }
+
+    /// The members are `names` from now on: the clients, HAProxy's
+    /// configuration.
+    async fn set_members(&mut self, names: Vec<String>, state: &LocalState) {
+        self.names = names;
+        let endpoints = super::up::members(state, &self.names);
+        self.observe = InstanceClient::new(
+            self.token.clone(),
+            self.cluster_id.clone(),
+            endpoints.clone(),
+            Duration::from_secs(2),
+        );
+        self.act = InstanceClient::new(
+            self.token.clone(),
+            self.cluster_id.clone(),
+            endpoints,
+            Duration::from_secs(10),
+        );
+        match plan(state, &self.dir, &self.names, self.gs.writer.clone()) {
+            Ok(p) => {
+                self.plan = p;
+                self.reload_haproxy().await;
+            }
+            Err(e) => self.gs.event("HaproxyReloadFailed", format!("{e:#}")),
+        }
+    }
+
+    /// Whether HAProxy's current worker has `name` up in both `rw` (as a
+    /// backup or the writer) and `ro`.
+    async fn in_haproxy(&self, name: &str) -> bool {
+        let Ok(workers) = self.haproxy.workers().await else {
+            return false;
+        };
+        let Some(pid) = workers.first() else {
+            return false;
+        };
+        let mut ok = true;
+        for proxy in ["rw", "ro"] {
+            ok &= self
+                .haproxy
+                .servers(*pid, proxy)
+                .await
+                .is_ok_and(|s| s.iter().any(|s| s.name == name && s.up()));
+        }
+        ok
+    }
+
+    /// One step of a scaling: see the module documentation.
+    async fn scale(
+        &mut self,
+        ready: &[String],
+        members: &[ObservedMember],
+        supervisor: &mut Supervisor,
+        state: &mut LocalState,
+        layout: &super::up::Layout,
+    ) {
+        let Some(sc) = self.scaling.as_ref() else {
+            return;
+        };
+        if let Some((name, since)) = sc.adding.clone() {
+            if !(ready.contains(&name) && self.in_haproxy(&name).await) {
+                return;
+            }
+            self.gs.event(
+                "MemberAdded",
+                format!(
+                    "{name} is Synced in the primary component and in HAProxy's rw/ro lists after {:.1}s ({} members)",
+                    since.elapsed().as_secs_f64(),
+                    self.names.len()
+                ),
+            );
+        }
+        if let Some((name, since)) = sc.removing.clone() {
+            let size = self.names.len() as i64;
+            let shrunk = self.names.iter().all(|n| {
+                ready.contains(n)
+                    && members.iter().any(|m| {
+                        m.name == *n
+                            && m.status.as_ref().and_then(wsrep_status).is_some_and(|w| {
+                                w.cluster_size == Some(size)
+                                    && w.cluster_status.as_deref() == Some("Primary")
+                            })
+                    })
+            });
+            if !shrunk {
+                return;
+            }
+            self.gs.event(
+                "MemberRemoved",
+                format!(
+                    "{name} left the group; the others report {size} members after {:.1}s",
+                    since.elapsed().as_secs_f64()
+                ),
+            );
+        }
+        let Some(sc) = self.scaling.as_mut() else {
+            return;
+        };
+        sc.adding = None;
+        sc.removing = None;
+        let target = sc.target.clone();
+        if self.names == target {
+            self.scaling = None;
+            self.gs.scale_to = None;
+            self.gs.event(
+                "Scaled",
+                format!("the cluster has {} members", target.len()),
+            );
+            return;
+        }
+        // Quorum: the group changes only while every member is Synced.
+        if !self.names.iter().all(|n| ready.contains(n)) {
+            return;
+        }
+        if target.len() > self.names.len() {
+            let next = target[self.names.len()].clone();
+            let mut names = self.names.clone();
+            names.push(next.clone());
+            match super::up::resize_instances(&self.dir, &self.accepted, state, &names, layout) {
+                Ok(specs) => {
+                    for spec in specs.into_iter().filter(|s| s.name == next) {
+                        supervisor.add(spec);
+                    }
+                }
+                Err(e) => {
+                    self.gs
+                        .event("ScalingFailed", format!("could not add {next}: {e:#}"));
+                    self.scaling = None;
+                    self.gs.scale_to = None;
+                    return;
+                }
+            }
+            self.set_members(names, state).await;
+            self.gs.event(
+                "AddingMember",
+                format!("{next} started; it joins by SST or IST"),
+            );
+            if let Some(sc) = self.scaling.as_mut() {
+                sc.adding = Some((next, Instant::now()));
+            }
+            return;
+        }
+        let Some(victim) = self.names.last().cloned() else {
+            return;
+        };
+        if self.gs.writer.as_deref() == Some(victim.as_str())
+            && !self.move_writer_off(&victim, ready, "is removed").await
+        {
+            return;
+        }
+        let names: Vec<String> = self
+            .names
+            .iter()
+            .filter(|n| **n != victim)
+            .cloned()
+            .collect();
+        // Out of HAProxy first, then a clean stop: the manager stops
+        // mariadbd, which leaves the group.
+        self.set_members(names.clone(), state).await;
+        self.one_writer().await;
+        self.gs.event(
+            "RemovingMember",
+            format!("{victim} out of HAProxy; stopping it cleanly so that it leaves the group"),
+        );
+        let t = Instant::now();
+        supervisor.remove(&victim).await;
+        if let Err(e) =
+            super::up::resize_instances(&self.dir, &self.accepted, state, &names, layout)
+        {
+            self.gs.event(
+                "ScalingFailed",
+                format!("could not rewrite the members' configuration: {e:#}"),
+            );
+        }
+        if self
+            .accepted
+            .cluster
+            .common
+            .pvc_retention_policy
+            .when_scaled
+            == crate::api::common::PvcRetention::Delete
+        {
+            let d = self.dir.instance_dir(&victim);
+            match std::fs::remove_dir_all(&d) {
+                Ok(()) => self.gs.event(
+                    "DataDeleted",
+                    format!(
+                        "{} deleted (pvcRetentionPolicy.whenScaled: Delete)",
+                        d.display()
+                    ),
+                ),
+                Err(e) => self.gs.event(
+                    "DataDeleteFailed",
+                    format!("could not delete {}: {e}", d.display()),
+                ),
+            }
+        }
+        if let Some(sc) = self.scaling.as_mut() {
+            sc.removing = Some((victim, t));
         }
     }
 
@@ -655,7 +1170,7 @@ pub(super) async fn serve(
     names: Vec<String>,
     mut state: LocalState,
     haproxy_bin: PathBuf,
-    _layout: super::up::Layout,
+    layout: super::up::Layout,
 ) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
@@ -672,15 +1187,26 @@ pub(super) async fn serve(
         Duration::from_secs(2),
     );
     let act = InstanceClient::new(
-        token,
+        token.clone(),
         state.cluster_id.clone(),
         endpoints,
         Duration::from_secs(10),
     );
 
-    let gs = state.galera.clone().unwrap_or_default();
+    let mut gs = state.galera.clone().unwrap_or_default();
     if let Some(p) = &gs.bootstrap {
         tracing::info!(member = %p.member, "resuming: a bootstrap from this member is pending");
+    }
+    if let Some(n) = gs.scale_to.take() {
+        // `cluster.yaml` already says `n`: its members start now, together
+        // (the ones removed are not started).
+        gs.event(
+            "ScalingResumed",
+            format!(
+                "a scaling to {n} members was under way when `up` stopped; the {} members of the CR start now",
+                names.len()
+            ),
+        );
     }
     let plan = plan(&state, &dir, &names, gs.writer.clone())?;
     let hp = Haproxy::start(
@@ -693,7 +1219,7 @@ pub(super) async fn serve(
     state.haproxy = hp.pid();
 
     let specs = super::up::manager_specs(&dir, &names);
-    let supervisor = Supervisor::start(specs);
+    let mut supervisor = Supervisor::start(specs);
     let rw_addr = status::address(&state.listen, state.ports.rw);
     let ro_addr = status::address(&state.listen, state.ports.ro);
     tracing::info!(cluster = %state.cluster, kind = %state.kind, rw = %rw_addr, ro = %ro_addr,
@@ -709,6 +1235,12 @@ pub(super) async fn serve(
     let mut lp = Loop {
         engine: accepted.engine.clone(),
         cluster: accepted.cluster.clone(),
+        accepted: accepted.clone(),
+        rolling: None,
+        scaling: None,
+        observe,
+        token,
+        cluster_id: state.cluster_id.clone(),
         dir: dir.clone(),
         names: names.clone(),
         act,
@@ -742,7 +1274,8 @@ pub(super) async fn serve(
     let signal_name = loop {
         tokio::select! {
             _ = ticker.tick() => {
-                let members = observe.observe_all().await;
+                let names = lp.names.clone();
+                let members = lp.observe.observe_all().await;
                 let election = lp.engine.elect(&lp.cluster, &members);
                 lp.note_wait(&election);
                 {
@@ -762,6 +1295,11 @@ pub(super) async fn serve(
                     .cloned()
                     .collect();
                 lp.writer(&ready).await;
+                lp.one_writer().await;
+                lp.take_change(&mut state.ha);
+                lp.scale(&ready, &members, &mut supervisor, &mut state, &layout).await;
+                lp.roll(&ready, &supervisor.pids()).await;
+                let names = lp.names.clone();
                 let routing = effective_routing(lp.gs.writer.as_deref(), &ready, &names);
                 phase = status::compute_phase(&members, routing.rw.is_some(), seen_all_ready);
                 if phase == Phase::Healthy && !seen_all_ready {
@@ -850,30 +1388,56 @@ mod tests {
         let order = names(3);
         // First choice: the lowest ordinal ready member.
         assert_eq!(
-            choose_writer(None, &v(&["db-1", "db-2"]), &order, 0).as_deref(),
+            choose_writer(None, &v(&["db-1", "db-2"]), &order, 0, None).as_deref(),
             Some("db-1")
         );
-        assert_eq!(choose_writer(None, &[], &order, 0), None);
+        assert_eq!(choose_writer(None, &[], &order, 0, None), None);
         // Kept while ready, even when a lower ordinal is back.
         assert_eq!(
-            choose_writer(Some("db-1"), &v(&["db-0", "db-1", "db-2"]), &order, 0).as_deref(),
+            choose_writer(Some("db-1"), &v(&["db-0", "db-1", "db-2"]), &order, 0, None).as_deref(),
             Some("db-1")
         );
         // One blip is tolerated; the second tick moves it to the first
         // ready member in HAProxy's backup order.
         assert_eq!(
-            choose_writer(Some("db-0"), &v(&["db-1", "db-2"]), &order, 1).as_deref(),
+            choose_writer(Some("db-0"), &v(&["db-1", "db-2"]), &order, 1, Some("db-2")).as_deref(),
             Some("db-0")
         );
         assert_eq!(
-            choose_writer(Some("db-0"), &v(&["db-1", "db-2"]), &order, 2).as_deref(),
+            choose_writer(Some("db-0"), &v(&["db-1", "db-2"]), &order, 2, None).as_deref(),
+            Some("db-1")
+        );
+        // HAProxy already sends writes to db-2 (db-1's check was down when
+        // it failed over): the loop adopts that, not its own order.
+        assert_eq!(
+            choose_writer(Some("db-0"), &v(&["db-1", "db-2"]), &order, 2, Some("db-2")).as_deref(),
+            Some("db-2")
+        );
+        // ... unless that member is not ready by the managers' reports.
+        assert_eq!(
+            choose_writer(Some("db-0"), &v(&["db-1"]), &order, 2, Some("db-2")).as_deref(),
             Some("db-1")
         );
         // Nobody ready: keep the configuration as it is.
         assert_eq!(
-            choose_writer(Some("db-0"), &[], &order, 5).as_deref(),
+            choose_writer(Some("db-0"), &[], &order, 5, None).as_deref(),
             Some("db-0")
         );
+    }
+
+    #[test]
+    fn rolling_restart_order_puts_the_writer_last() {
+        let order = names(3);
+        assert_eq!(
+            restart_order(&order, Some("db-0")),
+            v(&["db-1", "db-2", "db-0"])
+        );
+        assert_eq!(
+            restart_order(&order, Some("db-1")),
+            v(&["db-0", "db-2", "db-1"])
+        );
+        assert_eq!(restart_order(&order, None), order);
+        assert_eq!(restart_order(&order, Some("gone")), order);
     }
 
     #[test]

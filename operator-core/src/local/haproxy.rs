@@ -16,11 +16,19 @@
 //!   component; `inter 500ms fall 2 rise 2`; a member marked down has its
 //!   sessions shut (`on-marked-down shutdown-sessions`), so no client
 //!   keeps writing to a dead or evicted writer.
-//! - Process: master-worker mode (`haproxy -W -db`); a reload (SIGUSR2)
-//!   starts a new worker on the same listeners while the old one finishes
-//!   its open connections. Check states survive the reload through
-//!   `server-state-file`, dumped over the admin socket just before.
+//! - Process: master-worker mode (`haproxy -W -db -S master.sock`); a
+//!   reload (SIGUSR2) starts a new worker on the same listeners while the
+//!   old one finishes its open connections. Check states survive the
+//!   reload through `server-state-file`, dumped over the admin socket just
+//!   before.
+//! - One writer at a time, also for open sessions: neither a graceful
+//!   reload nor HAProxy's move between backups closes the `rw` sessions
+//!   already open on another server, so [`Haproxy::single_writer`] reads
+//!   every worker's `show stat` through the master CLI (old workers
+//!   included) and shuts the `rw` sessions of every server but the one
+//!   HAProxy sends new connections to (`shutdown sessions server`).
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -241,6 +249,9 @@ pub struct Files {
     pub socket: PathBuf,
     /// `haproxy/server-state`.
     pub state_file: PathBuf,
+    /// `haproxy/master.sock`: the master CLI, which reaches every worker,
+    /// also old ones still serving sessions after a reload.
+    pub master: PathBuf,
 }
 
 impl Files {
@@ -252,6 +263,7 @@ impl Files {
             log: d.join("haproxy.log"),
             socket: d.join("admin.sock"),
             state_file: d.join("server-state"),
+            master: d.join("master.sock"),
             dir: d,
         }
     }
@@ -334,6 +346,219 @@ impl Haproxy {
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
     }
+
+    /// The workers (pids) of HAProxy, the current one first, then the old
+    /// ones still serving sessions opened before a reload.
+    pub async fn workers(&self) -> anyhow::Result<Vec<u32>> {
+        Ok(parse_workers(&master_cli(&self.files, "show proc").await?))
+    }
+
+    /// The `rw` servers as worker `pid` sees them, in configuration order.
+    pub async fn rw_servers(&self, pid: u32) -> anyhow::Result<Vec<ServerStat>> {
+        self.servers(pid, "rw").await
+    }
+
+    /// The servers of `proxy` (`rw`, `ro`) as worker `pid` sees them.
+    pub async fn servers(&self, pid: u32, proxy: &str) -> anyhow::Result<Vec<ServerStat>> {
+        let text = master_cli(&self.files, &format!("@!{pid} show stat")).await?;
+        Ok(parse_stat(&text, proxy))
+    }
+
+    /// Make every open `rw` session go to one server: the one the current
+    /// worker sends new connections to ([`rw_active`]). The `rw` sessions
+    /// of every other server are shut, in every worker (an old worker's
+    /// proxies are stopped, so sessions are shut one by one: `show sess`,
+    /// `shutdown session`). Returns that server (`None`: no server is up,
+    /// nothing is cut) and the cuts made (`<server> (<n> sessions)`).
+    pub async fn single_writer(&self) -> anyhow::Result<(Option<String>, Vec<String>)> {
+        let workers = self.workers().await?;
+        let Some(current) = workers.first() else {
+            anyhow::bail!("HAProxy has no worker");
+        };
+        let Some(active) = rw_active(&self.rw_servers(*current).await?) else {
+            return Ok((None, Vec::new()));
+        };
+        let mut cut: BTreeMap<String, usize> = BTreeMap::new();
+        for pid in &workers {
+            let sessions = match master_cli(&self.files, &format!("@!{pid} show sess")).await {
+                Ok(t) => parse_sessions(&t, "rw"),
+                // An old worker that ended meanwhile.
+                Err(_) if pid != current => continue,
+                Err(e) => return Err(e),
+            };
+            for (id, server) in sessions.into_iter().filter(|(_, s)| *s != active) {
+                // A session that ended meanwhile is not an error.
+                let _ = master_cli(&self.files, &format!("@!{pid} shutdown session {id}")).await;
+                *cut.entry(server).or_default() += 1;
+            }
+        }
+        let cut = cut
+            .into_iter()
+            .map(|(s, n)| format!("{s} ({n} sessions)"))
+            .collect();
+        Ok((Some(active), cut))
+    }
+
+    /// Wait (up to 5 s) until the current worker is not `old` any more
+    /// (a reload has started its new worker).
+    pub async fn wait_new_worker(&self, old: Option<u32>) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(w) = self.workers().await
+                && w.first().is_some_and(|p| Some(*p) != old)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// One server of a proxy in `show stat`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerStat {
+    /// Server (member) name.
+    pub name: String,
+    /// `status`: `UP`, `DOWN`, `MAINT`, `UP 1/2` (going down), …
+    pub status: String,
+    /// A `backup` server.
+    pub backup: bool,
+    /// Open sessions (`scur`).
+    pub sessions: u64,
+}
+
+impl ServerStat {
+    /// Whether HAProxy may send new connections to it (`UP`, also while
+    /// a failing check has not reached `fall` yet).
+    pub fn up(&self) -> bool {
+        self.status.starts_with("UP")
+    }
+}
+
+/// The server a `balance first` proxy sends new connections to: the first
+/// active server that is up, else the first backup that is up (HAProxy
+/// uses one backup at a time without `option allbackups`). Pure.
+pub fn rw_active(servers: &[ServerStat]) -> Option<String> {
+    servers
+        .iter()
+        .find(|s| !s.backup && s.up())
+        .or_else(|| servers.iter().find(|s| s.backup && s.up()))
+        .map(|s| s.name.clone())
+}
+
+/// Worker pids from the master CLI's `show proc`: the current worker(s)
+/// first, then old ones. Pure.
+pub fn parse_workers(text: &str) -> Vec<u32> {
+    let (mut current, mut old) = (Vec::new(), Vec::new());
+    let mut section = "";
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(h) = line.strip_prefix('#') {
+            if !h.starts_with('<') {
+                section = if h.trim() == "workers" {
+                    "workers"
+                } else if h.trim() == "old workers" {
+                    "old"
+                } else {
+                    ""
+                };
+            }
+            continue;
+        }
+        let Some(pid) = line.split_whitespace().next().and_then(|p| p.parse().ok()) else {
+            continue;
+        };
+        match section {
+            "workers" => current.push(pid),
+            "old" => old.push(pid),
+            _ => {}
+        }
+    }
+    current.extend(old);
+    current
+}
+
+/// The servers of `proxy` in a `show stat` CSV, in configuration order.
+/// Pure.
+pub fn parse_stat(text: &str, proxy: &str) -> Vec<ServerStat> {
+    let mut lines = text.lines();
+    let Some(header) = lines.find_map(|l| l.strip_prefix("# ")) else {
+        return Vec::new();
+    };
+    let cols: Vec<&str> = header.split(',').collect();
+    let col = |name: &str| cols.iter().position(|c| *c == name);
+    let (Some(px), Some(sv), Some(scur), Some(status), Some(bck)) = (
+        col("pxname"),
+        col("svname"),
+        col("scur"),
+        col("status"),
+        col("bck"),
+    ) else {
+        return Vec::new();
+    };
+    lines
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .filter(|f| {
+            f.get(px) == Some(&proxy)
+                && f.get(sv)
+                    .is_some_and(|s| *s != "FRONTEND" && *s != "BACKEND")
+        })
+        .map(|f| ServerStat {
+            name: f[sv].to_string(),
+            status: f.get(status).copied().unwrap_or_default().to_string(),
+            backup: f.get(bck) == Some(&"1"),
+            sessions: f.get(scur).and_then(|v| v.parse().ok()).unwrap_or(0),
+        })
+        .collect()
+}
+
+/// The sessions of backend `backend` bound to a server, from `show sess`:
+/// (session id, server). Pure.
+pub fn parse_sessions(text: &str, backend: &str) -> Vec<(String, String)> {
+    let be = format!("be={backend}");
+    text.lines()
+        .filter_map(|l| {
+            let (id, rest) = l.split_once(": ")?;
+            let mut fields = rest.split_whitespace();
+            fields.find(|f| *f == be)?;
+            let server = rest
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("srv="))?;
+            (server != "<none>").then(|| (id.to_string(), server.to_string()))
+        })
+        .collect()
+}
+
+/// One command on the master CLI (`-S`): `@!<pid> <command>` reaches a
+/// worker, old ones included. Returns the answer.
+async fn master_cli(files: &Files, command: &str) -> anyhow::Result<String> {
+    // The master's listener is briefly gone while it re-executes itself
+    // on a reload: a few tries.
+    let mut tries = 0;
+    let mut sock = loop {
+        match tokio::net::UnixStream::connect(&files.master).await {
+            Ok(s) => break s,
+            Err(_) if tries < 10 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("failed to connect to {}", files.master.display()));
+            }
+        }
+    };
+    sock.write_all(format!("{command}\n").as_bytes()).await?;
+    // The master answers once the client has said everything.
+    sock.shutdown().await?;
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(2), sock.read_to_string(&mut text))
+        .await
+        .context("HAProxy's master did not answer")??;
+    if text.starts_with("Can't find") || text.starts_with("Unknown command") {
+        anyhow::bail!("HAProxy refused `{command}`: {}", text.trim());
+    }
+    Ok(text)
 }
 
 /// Check `config` with `haproxy -c` and write it atomically.
@@ -403,9 +628,13 @@ async fn supervise(
                 .create(true)
                 .append(true)
                 .open(&files.log)?;
+            let mut master = files.master.clone().into_os_string();
+            master.push(",mode,600");
             Command::new(&bin)
                 .arg("-W")
                 .arg("-db")
+                .arg("-S")
+                .arg(master)
                 .arg("-f")
                 .arg(&files.config)
                 .stdin(Stdio::null())
@@ -711,6 +940,132 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Whether `c` is still open (no EOF within 300 ms).
+    async fn still_open(c: &mut tokio::net::TcpStream) -> bool {
+        let mut buf = [0u8; 16];
+        tokio::time::timeout(Duration::from_millis(300), c.read(&mut buf))
+            .await
+            .is_err()
+    }
+
+    /// A graceful reload to another writer leaves the old worker's `rw`
+    /// sessions on the previous server (two writers at once);
+    /// `single_writer` finds them through the master CLI and cuts them,
+    /// leaving the sessions on the server HAProxy now uses.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn real_haproxy_cuts_rw_sessions_off_the_writer() {
+        let bin = find_binary().expect("haproxy (Debian package `haproxy`) is required");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path()).unwrap();
+        let files = Files::new(&dir);
+        let members = [
+            fake_member("m-0").await,
+            fake_member("m-1").await,
+            fake_member("m-2").await,
+        ];
+        let mut p = Plan {
+            cluster: "FakeCluster m".into(),
+            listen: "127.0.0.1".parse().unwrap(),
+            rw_port: free_port().await,
+            ro_port: free_port().await,
+            members: members.iter().map(|m| m.backend.clone()).collect(),
+            writer: Some("m-0".into()),
+            socket: files.socket.clone(),
+            state_file: files.state_file.clone(),
+        };
+        let mut hp = Haproxy::start(bin, files.clone(), render(&p))
+            .await
+            .unwrap();
+        eventually_reach(p.rw_port, "m-0").await;
+        let mut on_m0 = tokio::net::TcpStream::connect(("127.0.0.1", p.rw_port))
+            .await
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let n = on_m0.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"m-0");
+        let before = hp.workers().await.unwrap();
+        assert_eq!(before.len(), 1, "{before:?}");
+        let (active, cut) = hp.single_writer().await.unwrap();
+        assert_eq!(active.as_deref(), Some("m-0"));
+        assert!(cut.is_empty(), "{cut:?}");
+
+        p.writer = Some("m-1".into());
+        hp.reload(render(&p)).await.unwrap();
+        hp.wait_new_worker(before.first().copied()).await;
+        eventually_reach(p.rw_port, "m-1").await;
+        let mut on_m1 = tokio::net::TcpStream::connect(("127.0.0.1", p.rw_port))
+            .await
+            .unwrap();
+        let n = on_m1.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"m-1");
+        // The defect: the old worker still holds a writer session on m-0.
+        assert!(
+            still_open(&mut on_m0).await,
+            "the reload closed the session"
+        );
+        let workers = hp.workers().await.unwrap();
+        assert_eq!(workers.len(), 2, "new and old worker: {workers:?}");
+        let old = hp.rw_servers(workers[1]).await.unwrap();
+        assert_eq!(
+            old.iter().find(|s| s.name == "m-0").map(|s| s.sessions),
+            Some(1),
+            "{old:?}"
+        );
+
+        let (active, cut) = hp.single_writer().await.unwrap();
+        assert_eq!(active.as_deref(), Some("m-1"));
+        assert_eq!(cut, ["m-0 (1 sessions)"]);
+        let n = tokio::time::timeout(Duration::from_secs(5), on_m0.read(&mut buf))
+            .await
+            .expect("the session on m-0 was not cut")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "session on m-0 still open");
+        assert!(still_open(&mut on_m1).await, "the writer's session was cut");
+        hp.stop().await;
+    }
+
+    #[test]
+    fn master_cli_answers_are_parsed() {
+        let proc = "#<PID>          <type>          <reloads>       <uptime>        <version>
+31784           master          1 [failed: 0]   0d00h00m02s     2.6.12
+# workers
+31833           worker          0               0d00h00m01s     2.6.12
+# old workers
+31787           worker          1               0d00h00m03s     2.6.12
+# programs
+
+";
+        assert_eq!(parse_workers(proc), [31833, 31787]);
+        let stat = "# pxname,svname,qcur,qmax,scur,smax,status,weight,act,bck
+rw,FRONTEND,,,2,2,OPEN,,,
+rw,m-1,0,0,0,1,DOWN,1,1,0
+rw,m-0,0,0,1,1,UP,1,0,1
+rw,m-2,0,0,1,1,UP 1/2,1,0,1
+rw,BACKEND,0,0,2,2,UP,1,1,1
+ro,m-0,0,0,5,5,UP,1,1,0
+";
+        let rw = parse_stat(stat, "rw");
+        assert_eq!(
+            rw.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+            ["m-1", "m-0", "m-2"]
+        );
+        assert!(rw[1].backup && !rw[0].backup && rw[2].up());
+        assert_eq!(rw[1].sessions, 1);
+        // The active server is down: the first backup that is up.
+        assert_eq!(rw_active(&rw).as_deref(), Some("m-0"));
+        assert_eq!(rw_active(&rw[..1]), None);
+        assert_eq!(parse_stat("garbage", "rw"), []);
+        let sess = "0x5610: proto=tcpv4 src=127.0.0.1:48872 fe=rw be=rw srv=m-0 ts=00 age=2s
+0x5611: proto=tcpv4 src=127.0.0.1:48873 fe=ro be=ro srv=m-1 ts=00 age=2s
+0x5612: proto=tcpv4 src=127.0.0.1:48874 fe=rw be=rw srv=<none> ts=00
+0x5613: proto=sockpair src=unix:2 fe=GLOBAL be=<NONE> srv=<none> ts=00
+";
+        assert_eq!(
+            parse_sessions(sess, "rw"),
+            [("0x5610".to_string(), "m-0".to_string())]
+        );
     }
 
     /// The real HAProxy in front of stand-in members: rw goes to the

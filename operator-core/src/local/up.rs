@@ -99,16 +99,21 @@ async fn prepare(registry: &EngineRegistry, args: &UpArgs) -> anyhow::Result<Opt
     }
 
     if let Some(pid) = state::running_pid(&dir) {
-        // Only the PostgreSQL decision loop takes changes while it runs
-        // (the Galera loop has no apply step yet): say so rather than wait
-        // for a hand-over nobody will take.
+        // The Galera loop takes configuration changes but does not fence
+        // members: refuse the annotation here rather than report it
+        // applied.
         if accepted.engine.topology(&accepted.cluster, None).model == ReplicationModel::MultiWriter
+            && !apply::fenced_instances(
+                &input::parse_yaml(&file_label, &text)?,
+                &accepted.cluster.instance_names(),
+            )
+            .unwrap_or_default()
+            .is_empty()
         {
             anyhow::bail!(
-                "{file_label}: a running {} cannot take changes yet (`up` pid {pid}); \
-                 stop it with `stratum local down --state-dir {}` and run `up` again",
+                "{file_label}: metadata.annotations[{}]: a running {} does not fence members; remove the annotation (stop a member with `stratum local down` of the whole cluster instead)",
+                apply::FENCED_ANNOTATION,
                 accepted.cluster.meta.kind,
-                dir.root().display()
             );
         }
         apply::hand_over(&dir, &accepted, pid).await?;
