@@ -207,7 +207,11 @@ impl SstMethod {
     }
 }
 
-/// The proxy in front of the cluster.
+/// The proxy in front of the cluster. Locally (`stratum local up`) one
+/// HAProxy serves the `rw`/`ro` endpoints whatever this says. On Kubernetes
+/// the proxy pods are not deployed yet: the `-rw` Service sends writes to
+/// the one member the operator labels as writer (a Synced member, kept
+/// while it stays Synced) and `-ro` to the other Synced members.
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxySpec {
@@ -217,7 +221,8 @@ pub struct ProxySpec {
     #[serde(default, rename = "type")]
     pub type_: ProxyType,
 
-    /// Number of proxy pods (Percona's `haproxy.size`). Default 2.
+    /// Number of proxy pods (Percona's `haproxy.size`). Default 2. Not
+    /// acted on yet (see the type's description).
     #[serde(default = "default_proxy_instances")]
     #[schemars(range(min = 0))]
     pub instances: i32,

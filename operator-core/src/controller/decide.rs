@@ -70,9 +70,24 @@ pub fn decide_routing(
     members: &[ObservedMember],
     pods: &[PodInfo],
     previous_primary: Option<&str>,
+    multi_writer: bool,
 ) -> Routing {
     let live = |name: &str| pods.iter().any(|p| p.name == name && !p.deleting);
     if members.iter().any(|m| m.status.is_some()) {
+        let mut engine_routing = engine_routing;
+        // Any routable member of a multi-writer group (Galera) can take
+        // writes: keep the writer where it is while the engine still routes
+        // to it, so that a returning lower ordinal does not take writes
+        // back (sessions on two writers conflict at certification).
+        if multi_writer
+            && let Some(prev) = previous_primary.filter(|p| live(p))
+            && engine_routing.rw.as_deref() != Some(prev)
+            && engine_routing.ro.iter().any(|r| r == prev)
+        {
+            let old = engine_routing.rw.replace(prev.to_string());
+            engine_routing.ro.retain(|r| r != prev);
+            engine_routing.ro.extend(old);
+        }
         let rw = engine_routing.rw.filter(|n| live(n));
         let mut ro: Vec<String> = Vec::new();
         for name in engine_routing.ro {
@@ -205,16 +220,59 @@ mod tests {
             rw: Some("simple-pg-1".into()),
             ro: vec!["simple-pg-0".into(), "simple-pg-1".into(), "gone-9".into()],
         };
-        let r = decide_routing("simple-pg", engine, &members, &pods, Some("simple-pg-0"));
+        let r = decide_routing(
+            "simple-pg",
+            engine,
+            &members,
+            &pods,
+            Some("simple-pg-0"),
+            false,
+        );
         assert_eq!(r.rw.as_deref(), Some("simple-pg-1"));
         assert_eq!(r.ro, ["simple-pg-0"]);
+    }
+
+    #[test]
+    fn a_multi_writer_group_keeps_its_writer() {
+        let pods = [pod("db-0", true), pod("db-1", true), pod("db-2", true)];
+        let members = [
+            reporting("db-0", Role::Primary),
+            reporting("db-1", Role::Primary),
+            reporting("db-2", Role::Primary),
+        ];
+        // The engine prefers the lowest ordinal, back after a restart.
+        let engine = || Routing {
+            rw: Some("db-0".into()),
+            ro: vec!["db-1".into(), "db-2".into()],
+        };
+        let r = decide_routing("db", engine(), &members, &pods, Some("db-1"), true);
+        assert_eq!(r.rw.as_deref(), Some("db-1"));
+        assert_eq!(r.ro, ["db-2", "db-0"]);
+        // Not for a single-primary engine: its routing is the primary.
+        let r = decide_routing("db", engine(), &members, &pods, Some("db-1"), false);
+        assert_eq!(r.rw.as_deref(), Some("db-0"));
+        // Nor when the previous writer is no longer routable.
+        let unroutable = Routing {
+            rw: Some("db-0".into()),
+            ro: vec!["db-2".into()],
+        };
+        let r = decide_routing("db", unroutable, &members, &pods, Some("db-1"), true);
+        assert_eq!(r.rw.as_deref(), Some("db-0"));
+        assert_eq!(r.ro, ["db-2"]);
     }
 
     #[test]
     fn fallback_prefers_previous_writer_then_ordinal_zero() {
         let members = [unreachable("simple-pg-0"), unreachable("simple-pg-1")];
         let pods = [pod("simple-pg-0", true), pod("simple-pg-1", true)];
-        let r = decide_routing("simple-pg", Routing::default(), &members, &pods, None);
+        let r = decide_routing(
+            "simple-pg",
+            Routing::default(),
+            &members,
+            &pods,
+            None,
+            false,
+        );
         assert_eq!(r.rw.as_deref(), Some("simple-pg-0"));
         assert_eq!(r.ro, ["simple-pg-1"]);
 
@@ -224,13 +282,21 @@ mod tests {
             &members,
             &pods,
             Some("simple-pg-1"),
+            false,
         );
         assert_eq!(r.rw.as_deref(), Some("simple-pg-1"));
         assert_eq!(r.ro, ["simple-pg-0"]);
 
         // Ordinal 0 not ready: no writer, readers only.
         let pods = [pod("simple-pg-0", false), pod("simple-pg-1", true)];
-        let r = decide_routing("simple-pg", Routing::default(), &members, &pods, None);
+        let r = decide_routing(
+            "simple-pg",
+            Routing::default(),
+            &members,
+            &pods,
+            None,
+            false,
+        );
         assert_eq!(r.rw, None);
         assert_eq!(r.ro, ["simple-pg-1"]);
     }

@@ -556,6 +556,7 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
         &seen.members,
         &seen.pods,
         previous_primary.as_deref(),
+        engine.topology(&cluster, None).model == crate::engine::ReplicationModel::MultiWriter,
     );
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let label_patches = decide::label_patches(&seen.pods, &routing, &seen.members);
