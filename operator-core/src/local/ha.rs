@@ -1,15 +1,17 @@
 //! Failover, switchover and the write lease on the local runtime: the
 //! decision loop's actions on `Engine::elect`. Network IO (instance
-//! manager API) and the state directory (intent persisted in `state.json`
-//! before each action). The rule that prevents two writers is described
-//! in `docs/failover.md`.
+//! manager API), the state directory (intent persisted in `state.json`
+//! before each action) and signals to a failed primary's processes. The
+//! rule that prevents two writers is described in `docs/failover.md`.
 //!
 //! - The operator names the primary (`currentPrimary`) and renews its write
 //!   lease every [`lease_ttl`]/4. A manager stops a writer whose lease
 //!   expired and will not start one without a valid lease.
 //! - Failover: the primary is down → stop routing writes to it → fence it
 //!   (manager reachable) or wait until its lease has certainly expired
-//!   (last renewal + TTL + [`LEASE_MARGIN`]) → persist `targetPrimary` →
+//!   (last renewal + TTL + [`LEASE_MARGIN`]) and kill its manager and
+//!   server on the host (signals: a frozen manager cannot stop its server)
+//!   → persist `targetPrimary` →
 //!   promote the engine's candidate, granting it a lease in the same call →
 //!   `currentPrimary` → the others follow it (the old primary through
 //!   pg_rewind when it is back).
@@ -1187,8 +1189,13 @@ impl Orchestrator {
             Ok(_) => Some(format!("{from} fenced (server stopped)")),
             Err(e) => {
                 if self.lease.expired(from) {
+                    // Its manager may be frozen (SIGSTOP) with its server
+                    // still running and writable to clients that connect
+                    // to its port directly: this process is the host, so
+                    // it kills both before anything is promoted.
+                    let killed = self.kill_on_host(from).await;
                     Some(format!(
-                        "{from} unreachable ({e}); its write lease has expired"
+                        "{from} unreachable ({e}); its write lease has expired; {killed}"
                     ))
                 } else {
                     self.wait_note(format!(
@@ -1198,6 +1205,66 @@ impl Orchestrator {
                 }
             }
         }
+    }
+
+    /// Kill `name`'s instance manager (its process group, so that a
+    /// frozen one cannot restart or keep its server when thawed; `up`
+    /// starts a new one, which finds its lease expired and waits) and the
+    /// server it started, which runs in a process group of its own: found
+    /// through the engine's pid file and checked to be that server (its
+    /// working directory is the pid file's directory). Waits up to 5 s for
+    /// the server to be gone. Returns what was done, for the event.
+    async fn kill_on_host(&mut self, name: &str) -> String {
+        use nix::sys::signal::{Signal, killpg};
+        use nix::unistd::Pid;
+        let mut done = Vec::new();
+        if let Some(pid) = self.manager_pid(name) {
+            match killpg(Pid::from_raw(pid as i32), Signal::SIGKILL) {
+                Ok(()) => done.push(format!("its instance manager (pid {pid}) killed")),
+                Err(e) => done.push(format!("its instance manager (pid {pid}) not killed: {e}")),
+            }
+        }
+        let data_dir = self.dir.instance_paths(name, &[]).data_dir;
+        let pid_file = self
+            .engine
+            .instance_driver()
+            .and_then(|d| d.server_pid_file(&data_dir));
+        if let Some(pid_file) = pid_file {
+            match server_pid(&pid_file) {
+                Some(pid) => {
+                    // The server leads its own process group (its
+                    // backends are in it too); a plain kill when not.
+                    let group = nix::unistd::getpgid(Some(Pid::from_raw(pid)))
+                        .is_ok_and(|g| g.as_raw() == pid);
+                    let sent = if group {
+                        killpg(Pid::from_raw(pid), Signal::SIGKILL)
+                    } else {
+                        nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL)
+                    };
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    while server_pid(&pid_file) == Some(pid) && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    match sent {
+                        Ok(()) if server_pid(&pid_file) != Some(pid) => {
+                            done.push(format!("its server (pid {pid}) killed"))
+                        }
+                        Ok(()) => {
+                            done.push(format!("its server (pid {pid}) still runs after SIGKILL"))
+                        }
+                        Err(e) => done.push(format!("its server (pid {pid}) not killed: {e}")),
+                    }
+                }
+                None => done.push("no server of it runs".into()),
+            }
+        }
+        let text = if done.is_empty() {
+            "nothing of it found to kill on this host".to_string()
+        } else {
+            done.join(", ")
+        };
+        self.ha.event("KilledOnHost", format!("{name}: {text}"));
+        text
     }
 
     fn wait_note(&mut self, why: String) {
@@ -1571,6 +1638,20 @@ impl Orchestrator {
 /// `details.replicas[]` entries with `syncState` `sync` or `quorum` (the
 /// PostgreSQL driver reports `pg_stat_replication` so; engines without
 /// the notion report none).
+/// The pid in the first line of `pid_file` when that process is alive and
+/// works in the pid file's directory (the server that wrote it: not a
+/// reused pid, not a zombie, whose working directory cannot be read).
+fn server_pid(pid_file: &std::path::Path) -> Option<i32> {
+    let text = std::fs::read_to_string(pid_file).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    if pid <= 0 {
+        return None;
+    }
+    let dir = std::fs::canonicalize(pid_file.parent()?).ok()?;
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
+    (cwd == dir).then_some(pid)
+}
+
 fn sync_standbys(s: &crate::instance::protocol::MemberStatus) -> Vec<String> {
     s.details
         .get("replicas")
@@ -1626,6 +1707,31 @@ fn streaming_from(s: &crate::instance::protocol::MemberStatus) -> Option<u16> {
 mod tests {
     use super::*;
     use crate::instance::protocol::MemberStatus;
+
+    #[test]
+    fn server_pid_is_the_live_process_working_in_the_pid_files_directory() {
+        let data = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .current_dir(data.path())
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let file = data.path().join("postmaster.pid");
+        std::fs::write(&file, format!("{pid}\n{}\n", data.path().display())).unwrap();
+        assert_eq!(server_pid(&file), Some(pid));
+        // The same pid named by a pid file elsewhere: not that server.
+        let elsewhere = other.path().join("postmaster.pid");
+        std::fs::write(&elsewhere, format!("{pid}\n")).unwrap();
+        assert_eq!(server_pid(&elsewhere), None);
+        std::fs::write(&elsewhere, "garbage\n").unwrap();
+        assert_eq!(server_pid(&elsewhere), None);
+        assert_eq!(server_pid(&other.path().join("missing.pid")), None);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(server_pid(&file), None, "a dead server");
+    }
 
     fn member(name: &str, role: Role, ready: bool) -> ObservedMember {
         ObservedMember {
