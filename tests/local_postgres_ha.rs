@@ -1911,3 +1911,89 @@ async fn ha_frozen_primary_manager_is_killed_before_failover() {
     eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
     local.down();
 }
+
+/// `up` SIGKILLed in the middle of a rolling restart (a restart-only
+/// parameter changed, the first instance restarting) and started again
+/// with the new file: the rolling restart is in `state.json`
+/// (`ha.rolling`), the new `up` (which starts every manager anew, with the
+/// new configuration) resumes it, waits for the remaining instances and
+/// finishes it; every instance runs the new value, one primary, no
+/// acknowledged write lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_up_killed_mid_rolling_restart_resumes() {
+    let t0 = Instant::now();
+    let mut local = Local::new();
+    local.start();
+    let s = local.wait_converged();
+    let rw = s["endpoints"]["rw"].as_str().unwrap().to_string();
+    let password = local.password();
+    create_table(&rw, &password).await;
+    let writer = Writer::start(rw.clone(), password.clone(), 1000);
+    wait_acks(&writer, 0, 50, "before the change").await;
+
+    let changed = simple_pg_ha(15).replace(
+        "    synchronous:\n",
+        "    parameters:\n      max_connections: '150'\n    synchronous:\n",
+    );
+    let out = local.apply(&changed);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rolling = loop {
+        let st = local.state_json();
+        if st["ha"]["rolling"]["restarting"].is_string() {
+            break st["ha"]["rolling"].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no rolling restart persisted: {}",
+            st["ha"]
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    eprintln!("killing `up` during the rolling restart: {rolling}");
+    assert_eq!(
+        rolling["remaining"].as_array().unwrap().len(),
+        3,
+        "{rolling}"
+    );
+    let mut up = local.up.take().unwrap();
+    up.kill().unwrap();
+    up.wait().unwrap();
+    std::fs::write(&local.file, &changed).unwrap();
+    local.start();
+    local.wait_for("the resumed rolling restart done", |s| {
+        let events = s["events"].to_string();
+        events
+            .split("RollingRestartResumed")
+            .nth(1)
+            .is_some_and(|after| after.contains("RollingRestartDone"))
+    });
+    let s = local.wait_converged();
+    assert_eq!(
+        roles(&s).iter().filter(|r| *r == "primary").count(),
+        1,
+        "{s}"
+    );
+    wait_acks(&writer, writer.acked_count(), 20, "after the restart of up").await;
+    let acked = writer.stop().await;
+    assert_all_present(&rw, &password, &acked).await;
+    for instance in s["instances"].as_array().unwrap() {
+        let c = connect(instance["address"].as_str().unwrap(), &password)
+            .await
+            .unwrap();
+        let v: String = c
+            .query_one("SHOW max_connections", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(v, "150", "{}", instance["name"]);
+    }
+    let st = local.state_json();
+    assert!(st["ha"]["rolling"].is_null(), "{}", st["ha"]);
+    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
+    local.down();
+}

@@ -115,9 +115,27 @@ pub struct HaState {
     /// existed: the spec's instances.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<String>,
+    /// A rolling restart in progress, so that a restarted `up` knows of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolling: Option<RollingState>,
     /// The last events, oldest first (`<RFC 3339> <Reason>: <message>`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<String>,
+}
+
+/// A rolling restart in progress (`ha.rolling` in `state.json`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RollingState {
+    /// The instances that do not run the new configuration yet, in order
+    /// (the one restarting now included).
+    pub remaining: Vec<String>,
+    /// The instance restarting now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarting: Option<String>,
+    /// The primary restarts first (a lowered hot-standby parameter).
+    #[serde(default)]
+    pub primary_first: bool,
 }
 
 /// A change of the running instances that the orchestrator asks `up` to
@@ -365,6 +383,10 @@ pub struct Orchestrator {
     /// Restart the primary first in the rolling restart (a lowered
     /// parameter that standbys need at least as high as the primary).
     primary_first: bool,
+    /// The rolling restart was in progress when this `up` started: this
+    /// `up` started every manager anew, with the new configuration, so the
+    /// remaining instances are only waited for, not restarted again.
+    rolling_resumed: Option<Instant>,
     /// The primary's WAL position once it was back from a primary-first
     /// restart: a replica restarts only after replaying past it (its
     /// control file must have seen the primary's lowered value, or it
@@ -418,6 +440,20 @@ impl Orchestrator {
         let lease = LeaseKeeper::start(client(ttl / 4), ttl);
         let mut ha = ha;
         ha.members = endpoints.iter().map(|e| e.name.clone()).collect();
+        let resumed = ha.rolling.take().filter(|r| !r.remaining.is_empty());
+        if let Some(r) = &resumed {
+            ha.event(
+                "RollingRestartResumed",
+                format!(
+                    "a rolling restart was in progress ({} left{}); every instance was started again by this `up` with the new configuration: waiting for them to be back",
+                    r.remaining.join(", "),
+                    r.restarting
+                        .as_deref()
+                        .map(|n| format!(", {n} restarting"))
+                        .unwrap_or_default()
+                ),
+            );
+        }
         Self {
             engine,
             cluster,
@@ -440,9 +476,13 @@ impl Orchestrator {
             last_wait: None,
             fenced: BTreeSet::new(),
             fenced_done: BTreeSet::new(),
-            rolling: Vec::new(),
+            rolling: resumed
+                .as_ref()
+                .map(|r| r.remaining.clone())
+                .unwrap_or_default(),
             rolling_now: None,
-            primary_first: false,
+            primary_first: resumed.as_ref().is_some_and(|r| r.primary_first),
+            rolling_resumed: resumed.as_ref().map(|_| Instant::now()),
             primary_back_lsn: None,
             reconfigure: None,
             desired,
@@ -657,6 +697,7 @@ impl Orchestrator {
     pub fn roll(&mut self, names: &[String], primary_first: bool) {
         self.rolling = names.to_vec();
         self.rolling_now = None;
+        self.rolling_resumed = None;
         self.primary_first = primary_first;
         self.primary_back_lsn = None;
         self.ha.event(
@@ -671,6 +712,8 @@ impl Orchestrator {
                 }
             ),
         );
+        self.note_rolling();
+        self.save();
     }
 
     /// The instances' configuration changed (`engine`: the new engine
@@ -748,15 +791,81 @@ impl Orchestrator {
     /// again with the rewritten configuration.
     fn restart_manager(&mut self, name: &str, why: &str) {
         let pid = self.manager_pid(name);
+        self.ha
+            .event("Restarting", format!("{name} restarting: {why}"));
+        self.rolling_now = Some((name.to_string(), pid, Instant::now()));
+        // Persisted before the restart, like every other step.
+        self.note_rolling();
+        self.save();
         if let Some(pid) = pid {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGTERM,
             );
         }
-        self.ha
-            .event("Restarting", format!("{name} restarting: {why}"));
-        self.rolling_now = Some((name.to_string(), pid, Instant::now()));
+    }
+
+    /// Mirror the rolling restart into `ha.rolling` (persisted).
+    fn note_rolling(&mut self) {
+        let restarting = self.rolling_now.as_ref().map(|(n, _, _)| n.clone());
+        self.ha.rolling =
+            (!self.rolling.is_empty() || restarting.is_some()).then(|| RollingState {
+                remaining: self.rolling.clone(),
+                restarting,
+                primary_first: self.primary_first,
+            });
+    }
+
+    /// The rolling restart a restarted `up` found: every remaining
+    /// instance was restarted by it; each counts once back (ready; a
+    /// replica streaming from the primary).
+    fn resumed_roll_step(&mut self, primary: &str, members: &[ObservedMember], since: Instant) {
+        let primary_port = self.db_port(primary);
+        let back: Vec<String> = self
+            .rolling
+            .iter()
+            .filter(|name| {
+                members.iter().any(|m| {
+                    m.name == **name
+                        && m.status.as_ref().is_some_and(|s| {
+                            s.ready
+                                && if *name == primary {
+                                    s.role == Role::Primary
+                                } else {
+                                    primary_port.is_some() && streaming_from(s) == primary_port
+                                }
+                        })
+                })
+            })
+            .cloned()
+            .collect();
+        for name in back {
+            self.rolling.retain(|n| *n != name);
+            self.ha.event(
+                "Restarted",
+                format!("{name} runs with the new configuration (started again by this `up`)"),
+            );
+        }
+        if self.rolling.is_empty() {
+            self.rolling_resumed = None;
+            self.primary_first = false;
+            self.ha.event(
+                "RollingRestartDone",
+                "every instance runs with the new configuration",
+            );
+        } else if since.elapsed() > ROLL_STEP_TIMEOUT {
+            self.ha.event(
+                "RollingRestartStopped",
+                format!(
+                    "{} not back within {}s with the new configuration",
+                    self.rolling.join(", "),
+                    ROLL_STEP_TIMEOUT.as_secs()
+                ),
+            );
+            self.rolling.clear();
+            self.rolling_resumed = None;
+            self.primary_first = false;
+        }
     }
 
     /// One step of a rolling restart while `primary` is healthy. Returns
@@ -766,6 +875,10 @@ impl Orchestrator {
         primary: &str,
         members: &[ObservedMember],
     ) -> Option<Option<String>> {
+        if let Some(since) = self.rolling_resumed {
+            self.resumed_roll_step(primary, members, since);
+            return None;
+        }
         let primary_port = self.db_port(primary);
         if let Some((name, old_pid, since)) = self.rolling_now.clone() {
             let restarted = self.manager_pid(&name).is_some_and(|p| Some(p) != old_pid);
@@ -967,6 +1080,16 @@ impl Orchestrator {
     /// One tick: act on the observation and return the member `rw` routes
     /// to (`None`: writes go nowhere, open `rw` connections are closed).
     pub async fn tick(
+        &mut self,
+        members: &[ObservedMember],
+        request: Option<SwitchoverRequest>,
+    ) -> Option<String> {
+        let route = self.tick_inner(members, request).await;
+        self.note_rolling();
+        route
+    }
+
+    async fn tick_inner(
         &mut self,
         members: &[ObservedMember],
         request: Option<SwitchoverRequest>,
@@ -1781,6 +1904,11 @@ mod tests {
             step: Step::Failover {
                 from: "simple-pg-0".into(),
             },
+            rolling: Some(RollingState {
+                remaining: vec!["simple-pg-1".into(), "simple-pg-0".into()],
+                restarting: Some("simple-pg-1".into()),
+                primary_first: false,
+            }),
             ..Default::default()
         };
         for i in 0..(MAX_EVENTS + 5) {
@@ -1791,7 +1919,12 @@ mod tests {
         let v = serde_json::to_value(&ha).unwrap();
         assert_eq!(v["step"]["type"], "failover");
         assert_eq!(v["step"]["from"], "simple-pg-0");
+        assert_eq!(v["rolling"]["restarting"], "simple-pg-1");
+        assert_eq!(v["rolling"]["primaryFirst"], false);
         assert_eq!(serde_json::from_value::<HaState>(v).unwrap(), ha);
+        // A state without a rolling restart has no `rolling` key.
+        let idle = serde_json::to_value(HaState::default()).unwrap();
+        assert!(idle.get("rolling").is_none(), "{idle}");
     }
 
     #[test]
