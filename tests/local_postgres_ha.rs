@@ -188,6 +188,20 @@ impl Local {
                 "==== {name} manager.log (tail)\n{}\n",
                 lines[from..].join("\n")
             );
+            // PostgreSQL's own words (a standby that never reaches
+            // consistency says why only here).
+            let log = self
+                .state
+                .join("instances")
+                .join(&name)
+                .join("run/server.log");
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let from = lines.len().saturating_sub(30);
+            out += &format!(
+                "==== {name} server.log (tail)\n{}\n",
+                lines[from..].join("\n")
+            );
         }
         out
     }
