@@ -1900,7 +1900,35 @@ async fn ha_frozen_primary_manager_is_killed_before_failover() {
     );
 
     wait_acks(&writer, writer.acked_count(), 20, "on the new primary").await;
+    let detail = writer.acked.lock().unwrap().clone();
     let acked = writer.stop().await;
+    let client = connect(&rw, &password).await.unwrap();
+    let present: std::collections::BTreeSet<i64> = client
+        .query("SELECT n FROM ha_rows", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let lost: Vec<String> = detail
+        .iter()
+        .filter(|(n, _, _)| !present.contains(n))
+        .map(|(n, at, port)| {
+            format!(
+                "{n} (port {port}, {}ms after the freeze)",
+                at.saturating_duration_since(frozen_at).as_millis()
+            )
+        })
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged and missing: {lost:?}; old primary at {address}; events {}\n{}",
+        local
+            .status()
+            .map(|s| s["events"].to_string())
+            .unwrap_or_default(),
+        local.logs()
+    );
     assert_all_present(&rw, &password, &acked).await;
 
     // Thaw: the process is gone (kill(1) fails); `up` runs a new manager.

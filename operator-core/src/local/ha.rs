@@ -387,6 +387,9 @@ pub struct Orchestrator {
     /// `up` started every manager anew, with the new configuration, so the
     /// remaining instances are only waited for, not restarted again.
     rolling_resumed: Option<Instant>,
+    /// The failed primary killed on the host, and the term then: once per
+    /// failover (the next ticks may fence the manager `up` started again).
+    killed_on_host: Option<(String, u64)>,
     /// The primary's WAL position once it was back from a primary-first
     /// restart: a replica restarts only after replaying past it (its
     /// control file must have seen the primary's lowered value, or it
@@ -483,6 +486,7 @@ impl Orchestrator {
             rolling_now: None,
             primary_first: resumed.as_ref().is_some_and(|r| r.primary_first),
             rolling_resumed: resumed.as_ref().map(|_| Instant::now()),
+            killed_on_host: None,
             primary_back_lsn: None,
             reconfigure: None,
             desired,
@@ -1300,6 +1304,12 @@ impl Orchestrator {
                 ),
             );
             self.save();
+            // A manager that does not answer: its server may still run,
+            // and `rw` must stop reaching it now, not after the fence has
+            // waited for that manager (routes change when a tick returns).
+            // The failover goes on from the next tick (it waits for the
+            // lease to expire anyway).
+            status?;
             return self.failover(&primary).await;
         }
         Some(primary)
@@ -1340,8 +1350,19 @@ impl Orchestrator {
     async fn kill_on_host(&mut self, name: &str) -> String {
         use nix::sys::signal::{Signal, killpg};
         use nix::unistd::Pid;
+        let once = Some((name.to_string(), self.ha.term));
+        if self.killed_on_host == once {
+            return "killed on the host already".into();
+        }
+        self.killed_on_host = once;
         let mut done = Vec::new();
-        if let Some(pid) = self.manager_pid(name) {
+        // Only the process that runs this instance's manager (not a pid
+        // reused since state.json was written).
+        let config = self.dir.instance_config_file(name);
+        if let Some(pid) = self
+            .manager_pid(name)
+            .filter(|p| super::down::is_our_manager(*p, &config))
+        {
             match killpg(Pid::from_raw(pid as i32), Signal::SIGKILL) {
                 Ok(()) => done.push(format!("its instance manager (pid {pid}) killed")),
                 Err(e) => done.push(format!("its instance manager (pid {pid}) not killed: {e}")),
