@@ -1,7 +1,8 @@
 //! High availability end to end on the local runtime with real PostgreSQL
 //! 15 (Debian) and, for most scenarios, 17 (PyPI wheel): replication, failover under write load with no acknowledged write
 //! lost (synchronous mode), rejoin of the old primary, repeated failures,
-//! switchover, the write lease, bad input, `up` killed in the middle
+//! switchover, the write lease, a frozen primary manager killed on the
+//! host before the failover, bad input, `up` killed in the middle
 //! of a failover or of a scale-down, scaling 3 → 5 → 2, and parameters
 //! reloaded in place or rolled. Every check goes through the `rw` endpoint (or, for the
 //! lease, straight to the old primary's port). Each test owns a temporary
@@ -164,7 +165,18 @@ impl Local {
             let from = tail.len().saturating_sub(80);
             out += &format!("==== up-{n}.log (tail)\n{}\n", tail[from..].join("\n"));
         }
-        for name in instance_names() {
+        // Every instance that has a directory: also those added by
+        // scaling, and removed ones whose directory was kept.
+        let mut names: Vec<String> = std::fs::read_dir(self.state.join("instances"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        for name in names {
             let log = self.state.join("instances").join(&name).join("manager.log");
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             let lines: Vec<&str> = text
@@ -174,6 +186,20 @@ impl Local {
             let from = lines.len().saturating_sub(60);
             out += &format!(
                 "==== {name} manager.log (tail)\n{}\n",
+                lines[from..].join("\n")
+            );
+            // PostgreSQL's own words (a standby that never reaches
+            // consistency says why only here).
+            let log = self
+                .state
+                .join("instances")
+                .join(&name)
+                .join("run/server.log");
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let from = lines.len().saturating_sub(30);
+            out += &format!(
+                "==== {name} server.log (tail)\n{}\n",
                 lines[from..].join("\n")
             );
         }
@@ -1792,6 +1818,224 @@ async fn ha_up_killed_mid_scale_down_resumes() {
         "{st}"
     );
     assert!(!local.state.join("instances/simple-pg-2").exists());
+    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
+    local.down();
+}
+
+/// A frozen primary instance manager (SIGSTOP) in an asynchronous cluster,
+/// under a writer, with a client connected straight to the primary's own
+/// port: the manager cannot stop its server when its lease expires, so
+/// `up` (the host) kills the manager's process group and the server before
+/// it promotes. The old port then takes no writes (the direct client's
+/// connection is gone), every acknowledged row is there, and after SIGCONT
+/// (a no-op: the frozen manager was killed; `up` started a new one) the old
+/// instance rejoins as a replica, never as a second primary.
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_frozen_primary_manager_is_killed_before_failover() {
+    let t0 = Instant::now();
+    let yaml = simple_pg_ha(15).replace(
+        "  postgresql:\n    synchronous:\n      method: any\n      number: 1\n",
+        "",
+    );
+    assert!(!yaml.contains("synchronous"), "{yaml}");
+    let mut local = Local::with_spec(15, &yaml);
+    local.start();
+    let status = local.wait_converged();
+    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
+    let password = local.password();
+    create_table(&rw, &password).await;
+    let old = primary(&status);
+    let address = Local::address(&status, &old);
+    let direct = connect(&address, &password).await.unwrap();
+    let writer = Writer::start(rw.clone(), password.clone(), 1000);
+    wait_acks(&writer, 0, 50, "before the freeze").await;
+
+    let (manager, postmaster) = (local.manager_pid(&old), local.postmaster_pid(&old));
+    kill(manager, "STOP");
+    let frozen_at = Instant::now();
+    // The gap this closes: frozen manager, server still writable directly.
+    direct
+        .execute("INSERT INTO ha_rows (n) VALUES (-1)", &[])
+        .await
+        .expect("the server of a frozen manager still runs");
+    let after = local.wait_for("a new primary", |s| {
+        s["currentPrimary"].is_string() && s["currentPrimary"] != old.as_str()
+    });
+    eprintln!(
+        "{} promoted {:.1}s after {old}'s manager was frozen",
+        primary(&after),
+        frozen_at.elapsed().as_secs_f64()
+    );
+    let events = after["events"].to_string();
+    assert!(
+        events.contains(&format!("its server (pid {postmaster}) killed")),
+        "no KilledOnHost event for postmaster {postmaster}: {events}"
+    );
+    // The old postmaster and its backends are gone: the direct client's
+    // connection is dead, and a new connection to the old port either is
+    // refused or (once the instance is back as a standby) cannot write.
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        direct.execute("INSERT INTO ha_rows (n) VALUES (-2)", &[]),
+    )
+    .await;
+    assert!(
+        !matches!(r, Ok(Ok(_))),
+        "the old primary took a write on a direct connection after the failover"
+    );
+    let r = match connect(&address, &password).await {
+        Ok(c) => c
+            .execute("INSERT INTO ha_rows (n) VALUES (-3)", &[])
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    assert!(r.is_err(), "the old primary's port took a write: {r:?}");
+    eprintln!("old port after the failover: {}", r.unwrap_err());
+    assert!(
+        !Path::new(&format!("/proc/{manager}")).exists()
+            || std::fs::read_to_string(format!("/proc/{manager}/stat"))
+                .is_ok_and(|t| t.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z'))),
+        "the frozen manager {manager} still exists"
+    );
+
+    wait_acks(&writer, writer.acked_count(), 20, "on the new primary").await;
+    let detail = writer.acked.lock().unwrap().clone();
+    let acked = writer.stop().await;
+    let client = connect(&rw, &password).await.unwrap();
+    let present: std::collections::BTreeSet<i64> = client
+        .query("SELECT n FROM ha_rows", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let lost: Vec<String> = detail
+        .iter()
+        .filter(|(n, _, _)| !present.contains(n))
+        .map(|(n, at, port)| {
+            format!(
+                "{n} (port {port}, {}ms after the freeze)",
+                at.saturating_duration_since(frozen_at).as_millis()
+            )
+        })
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged and missing: {lost:?}; old primary at {address}; events {}\n{}",
+        local
+            .status()
+            .map(|s| s["events"].to_string())
+            .unwrap_or_default(),
+        local.logs()
+    );
+    assert_all_present(&rw, &password, &acked).await;
+
+    // Thaw: the process is gone (kill(1) fails); `up` runs a new manager.
+    let _ = Command::new("kill")
+        .args(["-CONT", &manager.to_string()])
+        .status();
+    let s = local.wait_converged();
+    assert_ne!(primary(&s), old, "{s}");
+    assert_eq!(
+        roles(&s).iter().filter(|r| *r == "primary").count(),
+        1,
+        "{s}"
+    );
+    let rejoined = Local::instance(&s, &old);
+    assert_eq!(rejoined["role"], "replica", "{s}");
+    assert_ne!(local.manager_pid(&old), manager);
+    let client = connect(&rw, &password).await.unwrap();
+    client
+        .execute("INSERT INTO ha_rows (n) VALUES (-100000)", &[])
+        .await
+        .unwrap();
+    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
+    local.down();
+}
+
+/// `up` SIGKILLed in the middle of a rolling restart (a restart-only
+/// parameter changed, the first instance restarting) and started again
+/// with the new file: the rolling restart is in `state.json`
+/// (`ha.rolling`), the new `up` (which starts every manager anew, with the
+/// new configuration) resumes it, waits for the remaining instances and
+/// finishes it; every instance runs the new value, one primary, no
+/// acknowledged write lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_up_killed_mid_rolling_restart_resumes() {
+    let t0 = Instant::now();
+    let mut local = Local::new();
+    local.start();
+    let s = local.wait_converged();
+    let rw = s["endpoints"]["rw"].as_str().unwrap().to_string();
+    let password = local.password();
+    create_table(&rw, &password).await;
+    let writer = Writer::start(rw.clone(), password.clone(), 1000);
+    wait_acks(&writer, 0, 50, "before the change").await;
+
+    let changed = simple_pg_ha(15).replace(
+        "    synchronous:\n",
+        "    parameters:\n      max_connections: '150'\n    synchronous:\n",
+    );
+    let out = local.apply(&changed);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rolling = loop {
+        let st = local.state_json();
+        if st["ha"]["rolling"]["restarting"].is_string() {
+            break st["ha"]["rolling"].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no rolling restart persisted: {}",
+            st["ha"]
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    eprintln!("killing `up` during the rolling restart: {rolling}");
+    assert_eq!(
+        rolling["remaining"].as_array().unwrap().len(),
+        3,
+        "{rolling}"
+    );
+    let mut up = local.up.take().unwrap();
+    up.kill().unwrap();
+    up.wait().unwrap();
+    std::fs::write(&local.file, &changed).unwrap();
+    local.start();
+    local.wait_for("the resumed rolling restart done", |s| {
+        let events = s["events"].to_string();
+        events
+            .split("RollingRestartResumed")
+            .nth(1)
+            .is_some_and(|after| after.contains("RollingRestartDone"))
+    });
+    let s = local.wait_converged();
+    assert_eq!(
+        roles(&s).iter().filter(|r| *r == "primary").count(),
+        1,
+        "{s}"
+    );
+    wait_acks(&writer, writer.acked_count(), 20, "after the restart of up").await;
+    let acked = writer.stop().await;
+    assert_all_present(&rw, &password, &acked).await;
+    for instance in s["instances"].as_array().unwrap() {
+        let c = connect(instance["address"].as_str().unwrap(), &password)
+            .await
+            .unwrap();
+        let v: String = c
+            .query_one("SHOW max_connections", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(v, "150", "{}", instance["name"]);
+    }
+    let st = local.state_json();
+    assert!(st["ha"]["rolling"].is_null(), "{}", st["ha"]);
     eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
     local.down();
 }

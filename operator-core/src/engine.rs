@@ -545,6 +545,17 @@ pub trait InstanceDriver: Send + Sync {
     fn needs_write_lease(&self, _ctx: &InstanceContext) -> bool {
         false
     }
+
+    /// The pid file the server keeps under the instance's data volume
+    /// `data_dir` (PostgreSQL's `<data_dir>/pgdata/postmaster.pid`): its
+    /// first line is the server's pid, and the server runs with the file's
+    /// directory as its working directory. The local runtime, which is the
+    /// host, kills that server (its process group) when a failed primary's
+    /// instance manager does not answer a fence, e.g. a frozen manager (see
+    /// `docs/failover.md`). `None` (the default): no such file.
+    fn server_pid_file(&self, _data_dir: &std::path::Path) -> Option<std::path::PathBuf> {
+        None
+    }
 }
 
 /// What an [`InstanceDriver::action`] answers, and what the manager must do

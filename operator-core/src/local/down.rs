@@ -90,7 +90,7 @@ async fn stop_up(dir: &StateDir, pid: u32) -> anyhow::Result<()> {
 }
 
 /// Whether `pid` runs `stratum instance --config <config>`.
-fn is_our_manager(pid: u32, config: &std::path::Path) -> bool {
+pub(super) fn is_our_manager(pid: u32, config: &std::path::Path) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };

@@ -1,15 +1,17 @@
 //! Failover, switchover and the write lease on the local runtime: the
 //! decision loop's actions on `Engine::elect`. Network IO (instance
-//! manager API) and the state directory (intent persisted in `state.json`
-//! before each action). The rule that prevents two writers is described
-//! in `docs/failover.md`.
+//! manager API), the state directory (intent persisted in `state.json`
+//! before each action) and signals to a failed primary's processes. The
+//! rule that prevents two writers is described in `docs/failover.md`.
 //!
 //! - The operator names the primary (`currentPrimary`) and renews its write
 //!   lease every [`lease_ttl`]/4. A manager stops a writer whose lease
 //!   expired and will not start one without a valid lease.
 //! - Failover: the primary is down → stop routing writes to it → fence it
 //!   (manager reachable) or wait until its lease has certainly expired
-//!   (last renewal + TTL + [`LEASE_MARGIN`]) → persist `targetPrimary` →
+//!   (last renewal + TTL + [`LEASE_MARGIN`]) and kill its manager and
+//!   server on the host (signals: a frozen manager cannot stop its server)
+//!   → persist `targetPrimary` →
 //!   promote the engine's candidate, granting it a lease in the same call →
 //!   `currentPrimary` → the others follow it (the old primary through
 //!   pg_rewind when it is back).
@@ -113,9 +115,27 @@ pub struct HaState {
     /// existed: the spec's instances.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<String>,
+    /// A rolling restart in progress, so that a restarted `up` knows of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolling: Option<RollingState>,
     /// The last events, oldest first (`<RFC 3339> <Reason>: <message>`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<String>,
+}
+
+/// A rolling restart in progress (`ha.rolling` in `state.json`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RollingState {
+    /// The instances that do not run the new configuration yet, in order
+    /// (the one restarting now included).
+    pub remaining: Vec<String>,
+    /// The instance restarting now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarting: Option<String>,
+    /// The primary restarts first (a lowered hot-standby parameter).
+    #[serde(default)]
+    pub primary_first: bool,
 }
 
 /// A change of the running instances that the orchestrator asks `up` to
@@ -363,6 +383,13 @@ pub struct Orchestrator {
     /// Restart the primary first in the rolling restart (a lowered
     /// parameter that standbys need at least as high as the primary).
     primary_first: bool,
+    /// The rolling restart was in progress when this `up` started: this
+    /// `up` started every manager anew, with the new configuration, so the
+    /// remaining instances are only waited for, not restarted again.
+    rolling_resumed: Option<Instant>,
+    /// The failed primary killed on the host, and the term then: once per
+    /// failover (the next ticks may fence the manager `up` started again).
+    killed_on_host: Option<(String, u64)>,
     /// The primary's WAL position once it was back from a primary-first
     /// restart: a replica restarts only after replaying past it (its
     /// control file must have seen the primary's lowered value, or it
@@ -416,6 +443,20 @@ impl Orchestrator {
         let lease = LeaseKeeper::start(client(ttl / 4), ttl);
         let mut ha = ha;
         ha.members = endpoints.iter().map(|e| e.name.clone()).collect();
+        let resumed = ha.rolling.take().filter(|r| !r.remaining.is_empty());
+        if let Some(r) = &resumed {
+            ha.event(
+                "RollingRestartResumed",
+                format!(
+                    "a rolling restart was in progress ({} left{}); every instance was started again by this `up` with the new configuration: waiting for them to be back",
+                    r.remaining.join(", "),
+                    r.restarting
+                        .as_deref()
+                        .map(|n| format!(", {n} restarting"))
+                        .unwrap_or_default()
+                ),
+            );
+        }
         Self {
             engine,
             cluster,
@@ -438,9 +479,14 @@ impl Orchestrator {
             last_wait: None,
             fenced: BTreeSet::new(),
             fenced_done: BTreeSet::new(),
-            rolling: Vec::new(),
+            rolling: resumed
+                .as_ref()
+                .map(|r| r.remaining.clone())
+                .unwrap_or_default(),
             rolling_now: None,
-            primary_first: false,
+            primary_first: resumed.as_ref().is_some_and(|r| r.primary_first),
+            rolling_resumed: resumed.as_ref().map(|_| Instant::now()),
+            killed_on_host: None,
             primary_back_lsn: None,
             reconfigure: None,
             desired,
@@ -655,6 +701,7 @@ impl Orchestrator {
     pub fn roll(&mut self, names: &[String], primary_first: bool) {
         self.rolling = names.to_vec();
         self.rolling_now = None;
+        self.rolling_resumed = None;
         self.primary_first = primary_first;
         self.primary_back_lsn = None;
         self.ha.event(
@@ -669,6 +716,8 @@ impl Orchestrator {
                 }
             ),
         );
+        self.note_rolling();
+        self.save();
     }
 
     /// The instances' configuration changed (`engine`: the new engine
@@ -746,15 +795,81 @@ impl Orchestrator {
     /// again with the rewritten configuration.
     fn restart_manager(&mut self, name: &str, why: &str) {
         let pid = self.manager_pid(name);
+        self.ha
+            .event("Restarting", format!("{name} restarting: {why}"));
+        self.rolling_now = Some((name.to_string(), pid, Instant::now()));
+        // Persisted before the restart, like every other step.
+        self.note_rolling();
+        self.save();
         if let Some(pid) = pid {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGTERM,
             );
         }
-        self.ha
-            .event("Restarting", format!("{name} restarting: {why}"));
-        self.rolling_now = Some((name.to_string(), pid, Instant::now()));
+    }
+
+    /// Mirror the rolling restart into `ha.rolling` (persisted).
+    fn note_rolling(&mut self) {
+        let restarting = self.rolling_now.as_ref().map(|(n, _, _)| n.clone());
+        self.ha.rolling =
+            (!self.rolling.is_empty() || restarting.is_some()).then(|| RollingState {
+                remaining: self.rolling.clone(),
+                restarting,
+                primary_first: self.primary_first,
+            });
+    }
+
+    /// The rolling restart a restarted `up` found: every remaining
+    /// instance was restarted by it; each counts once back (ready; a
+    /// replica streaming from the primary).
+    fn resumed_roll_step(&mut self, primary: &str, members: &[ObservedMember], since: Instant) {
+        let primary_port = self.db_port(primary);
+        let back: Vec<String> = self
+            .rolling
+            .iter()
+            .filter(|name| {
+                members.iter().any(|m| {
+                    m.name == **name
+                        && m.status.as_ref().is_some_and(|s| {
+                            s.ready
+                                && if *name == primary {
+                                    s.role == Role::Primary
+                                } else {
+                                    primary_port.is_some() && streaming_from(s) == primary_port
+                                }
+                        })
+                })
+            })
+            .cloned()
+            .collect();
+        for name in back {
+            self.rolling.retain(|n| *n != name);
+            self.ha.event(
+                "Restarted",
+                format!("{name} runs with the new configuration (started again by this `up`)"),
+            );
+        }
+        if self.rolling.is_empty() {
+            self.rolling_resumed = None;
+            self.primary_first = false;
+            self.ha.event(
+                "RollingRestartDone",
+                "every instance runs with the new configuration",
+            );
+        } else if since.elapsed() > ROLL_STEP_TIMEOUT {
+            self.ha.event(
+                "RollingRestartStopped",
+                format!(
+                    "{} not back within {}s with the new configuration",
+                    self.rolling.join(", "),
+                    ROLL_STEP_TIMEOUT.as_secs()
+                ),
+            );
+            self.rolling.clear();
+            self.rolling_resumed = None;
+            self.primary_first = false;
+        }
     }
 
     /// One step of a rolling restart while `primary` is healthy. Returns
@@ -764,6 +879,10 @@ impl Orchestrator {
         primary: &str,
         members: &[ObservedMember],
     ) -> Option<Option<String>> {
+        if let Some(since) = self.rolling_resumed {
+            self.resumed_roll_step(primary, members, since);
+            return None;
+        }
         let primary_port = self.db_port(primary);
         if let Some((name, old_pid, since)) = self.rolling_now.clone() {
             let restarted = self.manager_pid(&name).is_some_and(|p| Some(p) != old_pid);
@@ -965,6 +1084,16 @@ impl Orchestrator {
     /// One tick: act on the observation and return the member `rw` routes
     /// to (`None`: writes go nowhere, open `rw` connections are closed).
     pub async fn tick(
+        &mut self,
+        members: &[ObservedMember],
+        request: Option<SwitchoverRequest>,
+    ) -> Option<String> {
+        let route = self.tick_inner(members, request).await;
+        self.note_rolling();
+        route
+    }
+
+    async fn tick_inner(
         &mut self,
         members: &[ObservedMember],
         request: Option<SwitchoverRequest>,
@@ -1175,6 +1304,12 @@ impl Orchestrator {
                 ),
             );
             self.save();
+            // A manager that does not answer: its server may still run,
+            // and `rw` must stop reaching it now, not after the fence has
+            // waited for that manager (routes change when a tick returns).
+            // The failover goes on from the next tick (it waits for the
+            // lease to expire anyway).
+            status?;
             return self.failover(&primary).await;
         }
         Some(primary)
@@ -1187,8 +1322,13 @@ impl Orchestrator {
             Ok(_) => Some(format!("{from} fenced (server stopped)")),
             Err(e) => {
                 if self.lease.expired(from) {
+                    // Its manager may be frozen (SIGSTOP) with its server
+                    // still running and writable to clients that connect
+                    // to its port directly: this process is the host, so
+                    // it kills both before anything is promoted.
+                    let killed = self.kill_on_host(from).await;
                     Some(format!(
-                        "{from} unreachable ({e}); its write lease has expired"
+                        "{from} unreachable ({e}); its write lease has expired; {killed}"
                     ))
                 } else {
                     self.wait_note(format!(
@@ -1198,6 +1338,77 @@ impl Orchestrator {
                 }
             }
         }
+    }
+
+    /// Kill `name`'s instance manager (its process group, so that a
+    /// frozen one cannot restart or keep its server when thawed; `up`
+    /// starts a new one, which finds its lease expired and waits) and the
+    /// server it started, which runs in a process group of its own: found
+    /// through the engine's pid file and checked to be that server (its
+    /// working directory is the pid file's directory). Waits up to 5 s for
+    /// the server to be gone. Returns what was done, for the event.
+    async fn kill_on_host(&mut self, name: &str) -> String {
+        use nix::sys::signal::{Signal, killpg};
+        use nix::unistd::Pid;
+        let once = Some((name.to_string(), self.ha.term));
+        if self.killed_on_host == once {
+            return "killed on the host already".into();
+        }
+        self.killed_on_host = once;
+        let mut done = Vec::new();
+        // Only the process that runs this instance's manager (not a pid
+        // reused since state.json was written).
+        let config = self.dir.instance_config_file(name);
+        if let Some(pid) = self
+            .manager_pid(name)
+            .filter(|p| super::down::is_our_manager(*p, &config))
+        {
+            match killpg(Pid::from_raw(pid as i32), Signal::SIGKILL) {
+                Ok(()) => done.push(format!("its instance manager (pid {pid}) killed")),
+                Err(e) => done.push(format!("its instance manager (pid {pid}) not killed: {e}")),
+            }
+        }
+        let data_dir = self.dir.instance_paths(name, &[]).data_dir;
+        let pid_file = self
+            .engine
+            .instance_driver()
+            .and_then(|d| d.server_pid_file(&data_dir));
+        if let Some(pid_file) = pid_file {
+            match server_pid(&pid_file) {
+                Some(pid) => {
+                    // The server leads its own process group (its
+                    // backends are in it too); a plain kill when not.
+                    let group = nix::unistd::getpgid(Some(Pid::from_raw(pid)))
+                        .is_ok_and(|g| g.as_raw() == pid);
+                    let sent = if group {
+                        killpg(Pid::from_raw(pid), Signal::SIGKILL)
+                    } else {
+                        nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL)
+                    };
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    while server_pid(&pid_file) == Some(pid) && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    match sent {
+                        Ok(()) if server_pid(&pid_file) != Some(pid) => {
+                            done.push(format!("its server (pid {pid}) killed"))
+                        }
+                        Ok(()) => {
+                            done.push(format!("its server (pid {pid}) still runs after SIGKILL"))
+                        }
+                        Err(e) => done.push(format!("its server (pid {pid}) not killed: {e}")),
+                    }
+                }
+                None => done.push("no server of it runs".into()),
+            }
+        }
+        let text = if done.is_empty() {
+            "nothing of it found to kill on this host".to_string()
+        } else {
+            done.join(", ")
+        };
+        self.ha.event("KilledOnHost", format!("{name}: {text}"));
+        text
     }
 
     fn wait_note(&mut self, why: String) {
@@ -1571,6 +1782,20 @@ impl Orchestrator {
 /// `details.replicas[]` entries with `syncState` `sync` or `quorum` (the
 /// PostgreSQL driver reports `pg_stat_replication` so; engines without
 /// the notion report none).
+/// The pid in the first line of `pid_file` when that process is alive and
+/// works in the pid file's directory (the server that wrote it: not a
+/// reused pid, not a zombie, whose working directory cannot be read).
+fn server_pid(pid_file: &std::path::Path) -> Option<i32> {
+    let text = std::fs::read_to_string(pid_file).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    if pid <= 0 {
+        return None;
+    }
+    let dir = std::fs::canonicalize(pid_file.parent()?).ok()?;
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
+    (cwd == dir).then_some(pid)
+}
+
 fn sync_standbys(s: &crate::instance::protocol::MemberStatus) -> Vec<String> {
     s.details
         .get("replicas")
@@ -1627,6 +1852,31 @@ mod tests {
     use super::*;
     use crate::instance::protocol::MemberStatus;
 
+    #[test]
+    fn server_pid_is_the_live_process_working_in_the_pid_files_directory() {
+        let data = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .current_dir(data.path())
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let file = data.path().join("postmaster.pid");
+        std::fs::write(&file, format!("{pid}\n{}\n", data.path().display())).unwrap();
+        assert_eq!(server_pid(&file), Some(pid));
+        // The same pid named by a pid file elsewhere: not that server.
+        let elsewhere = other.path().join("postmaster.pid");
+        std::fs::write(&elsewhere, format!("{pid}\n")).unwrap();
+        assert_eq!(server_pid(&elsewhere), None);
+        std::fs::write(&elsewhere, "garbage\n").unwrap();
+        assert_eq!(server_pid(&elsewhere), None);
+        assert_eq!(server_pid(&other.path().join("missing.pid")), None);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(server_pid(&file), None, "a dead server");
+    }
+
     fn member(name: &str, role: Role, ready: bool) -> ObservedMember {
         ObservedMember {
             name: name.into(),
@@ -1675,6 +1925,11 @@ mod tests {
             step: Step::Failover {
                 from: "simple-pg-0".into(),
             },
+            rolling: Some(RollingState {
+                remaining: vec!["simple-pg-1".into(), "simple-pg-0".into()],
+                restarting: Some("simple-pg-1".into()),
+                primary_first: false,
+            }),
             ..Default::default()
         };
         for i in 0..(MAX_EVENTS + 5) {
@@ -1685,7 +1940,12 @@ mod tests {
         let v = serde_json::to_value(&ha).unwrap();
         assert_eq!(v["step"]["type"], "failover");
         assert_eq!(v["step"]["from"], "simple-pg-0");
+        assert_eq!(v["rolling"]["restarting"], "simple-pg-1");
+        assert_eq!(v["rolling"]["primaryFirst"], false);
         assert_eq!(serde_json::from_value::<HaState>(v).unwrap(), ha);
+        // A state without a rolling restart has no `rolling` key.
+        let idle = serde_json::to_value(HaState::default()).unwrap();
+        assert!(idle.get("rolling").is_none(), "{idle}");
     }
 
     #[test]

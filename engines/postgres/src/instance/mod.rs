@@ -690,6 +690,10 @@ impl InstanceDriver for PostgresDriver {
         }
     }
 
+    fn server_pid_file(&self, data_dir: &std::path::Path) -> Option<std::path::PathBuf> {
+        Some(data_dir.join(layout::PGDATA).join("postmaster.pid"))
+    }
+
     fn needs_write_lease(&self, ctx: &InstanceContext) -> bool {
         let Ok(settings) = settings(&ctx.config) else {
             return false;
