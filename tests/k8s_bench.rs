@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, ListParams};
@@ -294,7 +294,9 @@ async fn operator_at_many_clusters() {
     let create_time = started.elapsed();
 
     // Until every cluster's objects exist: StatefulSet, 4 Services, PDB,
-    // ConfigMap, Secret. Latency: creation → its StatefulSet seen.
+    // ConfigMap, Secret, and for each PxcCluster (`proxy.type: haproxy`)
+    // the HAProxy ConfigMap and Deployment. Latency: creation → its
+    // StatefulSet seen.
     let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
     let mut seen: BTreeMap<String, Duration> = BTreeMap::new();
     let lp = ListParams::default().labels("stratum.dev/cluster");
@@ -337,15 +339,22 @@ async fn operator_at_many_clusters() {
             .unwrap()
             .items
             .len();
+        let deployments = Api::<Deployment>::namespaced(client.clone(), &ns.name)
+            .list_metadata(&lp)
+            .await
+            .unwrap()
+            .items
+            .len();
         progress = format!(
-            "{} StatefulSets, {services} Services, {pdbs} PDBs, {cms} ConfigMaps, {secrets} Secrets of {total} clusters",
+            "{} StatefulSets, {services} Services, {pdbs} PDBs, {cms} ConfigMaps, {secrets} Secrets, {deployments} Deployments of {total} clusters",
             seen.len()
         );
         if seen.len() == total
             && services == 4 * total
             && pdbs == total
-            && cms == total
+            && cms == total + others
             && secrets == total
+            && deployments == others
         {
             complete = true;
             break;

@@ -5,7 +5,8 @@
 //! ConfigMaps and Secrets that the StatefulSet controller and the scheduler
 //! act on; status follows pod readiness (the tests play the kubelet);
 //! deletion runs the finalizer and garbage collection; spec changes update
-//! the StatefulSet in place; orphans are pruned; the RBAC table of
+//! the StatefulSet in place; orphans are pruned; a PxcCluster's HAProxy
+//! Deployment follows `spec.proxy`; the RBAC table of
 //! operator-core/src/controller/mod.rs is what deploy/ grants.
 //!
 //! Needs the control plane of scripts/test.sh (`STRATUM_TEST_KUBECONFIG`);
@@ -16,7 +17,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
@@ -166,7 +167,12 @@ async fn run_pods(client: &Client, ns: &str, cluster: &str, replicas: usize) -> 
         Duration::from_secs(120),
         || async {
             let list = pods
-                .list(&ListParams::default().labels(&format!("stratum.dev/cluster={cluster}")))
+                // Database pods only (they carry the kind label; the
+                // HAProxy pods of a Galera cluster do not).
+                .list(
+                    &ListParams::default()
+                        .labels(&format!("stratum.dev/cluster={cluster},stratum.dev/kind")),
+                )
                 .await
                 .map_err(|e| e.to_string())?
                 .items;
@@ -597,6 +603,173 @@ async fn orphaned_network_policy_is_deleted() {
     .await;
     // The rest stays.
     get::<StatefulSet>(&client, &ns.name, "pg-single")
+        .await
+        .unwrap();
+    assert_no_failures(&client, &ns.name).await;
+}
+
+/// `spec.proxy.type: haproxy` (the pxc example): a Deployment and a
+/// ConfigMap `<cluster>-haproxy` owned by the cluster, the `-rw`/`-ro`
+/// Services on the HAProxy pods; a changed proxy spec updates the
+/// Deployment in place; `type: none` deletes both and points the Services
+/// back at the members' route label.
+#[tokio::test]
+async fn pxc_haproxy_deployment_follows_spec_proxy() {
+    let client = admin().await;
+    start_operator();
+    let ns = TestNamespace::create(&client, "pxc-proxy").await;
+    let (api, doc) = create_example(&client, &ns.name, "pxc.yaml", "PxcCluster").await;
+    let name = doc["metadata"]["name"].as_str().unwrap().to_string();
+    let proxy = format!("{name}-haproxy");
+    let cluster = eventually("the cluster's uid", WAIT, || async {
+        api.get(&name).await.map_err(|e| e.to_string())
+    })
+    .await;
+
+    let deployment: Deployment = wait_get(&client, &ns.name, &proxy).await;
+    assert_owned(&deployment.metadata, &cluster, "HAProxy Deployment");
+    let spec = deployment.spec.clone().unwrap();
+    assert_eq!(spec.replicas, Some(2));
+    let pod = spec.template.spec.clone().unwrap();
+    let container = &pod.containers[0];
+    assert_eq!(container.image.as_deref(), Some("haproxy:2.8"));
+    let mount = &container.volume_mounts.as_ref().unwrap()[0];
+    assert_eq!(mount.mount_path, "/usr/local/etc/haproxy");
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .expect("the mounted volume");
+    assert_eq!(volume.config_map.as_ref().unwrap().name, proxy);
+    let hash = spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .annotations
+        .as_ref()
+        .unwrap()["stratum.dev/haproxy-config-sha256"]
+        .clone();
+
+    let cm: ConfigMap = wait_get(&client, &ns.name, &proxy).await;
+    assert_owned(&cm.metadata, &cluster, "HAProxy ConfigMap");
+    let cfg = cm.data.as_ref().unwrap()["haproxy.cfg"].clone();
+    let server = |i: u32, backup: &str| {
+        format!(
+            "server {name}-{i} {name}-{i}.{name}-headless.{}.svc.cluster.local:3306 check port 8000{backup}\n",
+            ns.name
+        )
+    };
+    assert!(cfg.contains(&server(0, "")), "{cfg}");
+    assert!(cfg.contains(&server(2, " backup")), "{cfg}");
+
+    let proxy_selector = BTreeMap::from([
+        ("stratum.dev/cluster".to_string(), name.clone()),
+        ("stratum.dev/component".to_string(), "haproxy".to_string()),
+    ]);
+    for (suffix, target) in [("rw", "rw"), ("ro", "ro")] {
+        let svc: Service = wait_get(&client, &ns.name, &format!("{name}-{suffix}")).await;
+        let spec = svc.spec.unwrap();
+        assert_eq!(spec.selector.as_ref(), Some(&proxy_selector), "-{suffix}");
+        let port = &spec.ports.unwrap()[0];
+        assert_eq!(port.port, 3306);
+        assert_eq!(
+            port.target_port,
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(target.into()))
+        );
+    }
+    // The Deployment is valid for the Deployment controller: its pods
+    // exist and carry what the Services select.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    eventually("2 HAProxy pods", WAIT, || async {
+        let n = pods
+            .list(&ListParams::default().labels("stratum.dev/component=haproxy"))
+            .await
+            .map_err(|e| e.to_string())?
+            .items
+            .len();
+        if n == 2 {
+            Ok(())
+        } else {
+            Err(format!("{n} pods"))
+        }
+    })
+    .await;
+
+    // More proxies and another image: the same Deployment, updated; more
+    // members: a new configuration, so the pod template changes.
+    let patch = json!({"spec": {
+        "instances": 5,
+        "proxy": {"instances": 3, "image": "example.invalid/haproxy:2.9"},
+    }});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let deploy_api: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    eventually("3 proxies, the new image and config", WAIT, || async {
+        let d = deploy_api.get(&proxy).await.map_err(|e| e.to_string())?;
+        let spec = d.spec.unwrap();
+        let image = spec.template.spec.as_ref().unwrap().containers[0]
+            .image
+            .clone();
+        let new_hash = spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()["stratum.dev/haproxy-config-sha256"]
+            .clone();
+        if spec.replicas == Some(3)
+            && image.as_deref() == Some("example.invalid/haproxy:2.9")
+            && new_hash != hash
+        {
+            assert_eq!(d.metadata.uid, deployment.metadata.uid, "replaced");
+            Ok(())
+        } else {
+            Err(format!("{:?} {image:?} {new_hash}", spec.replicas))
+        }
+    })
+    .await;
+
+    // No proxy: both go, the Services select the members again.
+    let patch = json!({"spec": {"proxy": {"type": "none"}}});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    wait_gone::<Deployment>(&client, &ns.name, &proxy).await;
+    wait_gone::<ConfigMap>(&client, &ns.name, &proxy).await;
+    let svc_api: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+    for route in ["rw", "ro"] {
+        eventually(&format!("-{route} on the members"), WAIT, || async {
+            let svc = svc_api
+                .get(&format!("{name}-{route}"))
+                .await
+                .map_err(|e| e.to_string())?;
+            let spec = svc.spec.unwrap();
+            let selector = spec.selector.unwrap_or_default();
+            let target = spec.ports.unwrap_or_default()[0].target_port.clone();
+            let want = BTreeMap::from([
+                ("stratum.dev/cluster".to_string(), name.clone()),
+                ("stratum.dev/kind".to_string(), "PxcCluster".to_string()),
+                ("stratum.dev/route".to_string(), route.to_string()),
+            ]);
+            let mysql = Some(
+                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("mysql".into()),
+            );
+            if selector == want && target == mysql {
+                Ok(())
+            } else {
+                Err(format!("{selector:?} {target:?}"))
+            }
+        })
+        .await;
+    }
+    // The cluster's own children stay.
+    get::<StatefulSet>(&client, &ns.name, &name).await.unwrap();
+    get::<ConfigMap>(&client, &ns.name, &format!("{name}-config"))
         .await
         .unwrap();
     assert_no_failures(&client, &ns.name).await;

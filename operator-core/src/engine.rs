@@ -173,6 +173,17 @@ pub struct EngineManifest {
     pub generated_secrets: Vec<String>,
 }
 
+/// The proxy pods an engine asks for in front of its members on
+/// Kubernetes (a Galera cluster's HAProxy): operator-core builds their
+/// ConfigMap and Deployment and points the `-rw`/`-ro` Services at them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyPods {
+    /// Number of proxy pods (at least 1).
+    pub instances: i32,
+    /// Image; [`crate::build::DEFAULT_PROXY_IMAGE`] when `None`.
+    pub image: Option<String>,
+}
+
 /// Decision of an election: a pure function of the observed members.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Election {
@@ -287,6 +298,13 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Where reads and writes go, given the observed members. Pure.
     fn route(&self, members: &[ObservedMember]) -> Routing;
+
+    /// The proxy pods in front of the members on Kubernetes, when the
+    /// spec asks for them. Default: none (the `-rw`/`-ro` Services select
+    /// the members by the operator's route label).
+    fn proxy(&self, _cluster: &ValidatedCluster) -> Option<ProxyPods> {
+        None
+    }
 
     /// StatefulSet pod management when the spec does not choose one.
     /// Engines whose members must start together to form a quorum (Galera

@@ -208,26 +208,31 @@ impl SstMethod {
 }
 
 /// The proxy in front of the cluster. Locally (`stratum local up`) one
-/// HAProxy serves the `rw`/`ro` endpoints whatever this says. On Kubernetes
-/// the proxy pods are not deployed yet: the `-rw` Service sends writes to
-/// the one member the operator labels as writer (a Synced member, kept
-/// while it stays Synced) and `-ro` to the other Synced members.
+/// HAProxy serves the `rw`/`ro` endpoints whatever this says. On Kubernetes,
+/// `haproxy` runs a Deployment `<cluster>-haproxy` of `instances` HAProxy
+/// pods: writes go to one member at a time (the first member, in ordinal
+/// order, whose instance manager reports it Synced in a Primary component;
+/// the others are backups in that order), reads round robin over the
+/// healthy members; the `-rw` and `-ro` Services select the HAProxy pods.
+/// With `none` the Deployment is deleted and `-rw`
+/// sends writes to the one member the operator labels as writer (a Synced
+/// member, kept while it stays Synced), `-ro` to the other Synced members.
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxySpec {
-    /// `haproxy` (default): HAProxy sends writes to one Synced member and
-    /// reads to the others; `none`: clients use the `-rw`/`-ro` Services
-    /// directly.
+    /// `haproxy` (default): HAProxy pods send writes to one Synced member
+    /// and reads to every Synced member; `none`: the `-rw`/`-ro` Services
+    /// select the members themselves.
     #[serde(default, rename = "type")]
     pub type_: ProxyType,
 
-    /// Number of proxy pods (Percona's `haproxy.size`). Default 2. Not
-    /// acted on yet (see the type's description).
+    /// Number of HAProxy pods on Kubernetes (Percona's `haproxy.size`).
+    /// Default 2.
     #[serde(default = "default_proxy_instances")]
     #[schemars(range(min = 0))]
     pub instances: i32,
 
-    /// Proxy image; the operator's default HAProxy image when unset.
+    /// Proxy image; `haproxy:2.8` when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
 }

@@ -9,8 +9,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 use operator_core::api::common::PodManagementPolicy;
 use operator_core::engine::{
-    Election, Engine, EngineManifest, EnginePort, InstanceDriver, ObservedMember, ReplicationModel,
-    Routing, Topology, ValidatedCluster,
+    Election, Engine, EngineManifest, EnginePort, InstanceDriver, ObservedMember, ProxyPods,
+    ReplicationModel, Routing, Topology, ValidatedCluster,
 };
 use operator_core::error::SpecError;
 use operator_core::validate::typed_cluster;
@@ -182,6 +182,14 @@ impl Engine for PxcEngine {
             .map(str::to_string)
             .to_vec(),
         }
+    }
+
+    fn proxy(&self, cluster: &ValidatedCluster) -> Option<ProxyPods> {
+        let spec = Self::spec(cluster).ok()?;
+        (spec.proxy.type_ == ProxyType::Haproxy && spec.proxy.instances >= 1).then_some(ProxyPods {
+            instances: spec.proxy.instances,
+            image: spec.proxy.image,
+        })
     }
 
     fn instance_settings(
@@ -501,6 +509,31 @@ spec:
         let mut obj = object(SIMPLE);
         obj.as_object_mut().unwrap().remove("spec");
         assert_eq!(PxcEngine.validate(&obj).unwrap_err().field, "spec");
+    }
+
+    #[test]
+    fn haproxy_pods_follow_spec_proxy() {
+        let c = PxcEngine.validate(&object(SIMPLE)).unwrap();
+        assert_eq!(
+            PxcEngine.proxy(&c),
+            Some(ProxyPods {
+                instances: 2,
+                image: None
+            })
+        );
+        let custom =
+            format!("{SIMPLE}  proxy: {{instances: 3, image: example.invalid/haproxy:2.9}}\n");
+        let c = PxcEngine.validate(&object(&custom)).unwrap();
+        assert_eq!(
+            PxcEngine.proxy(&c),
+            Some(ProxyPods {
+                instances: 3,
+                image: Some("example.invalid/haproxy:2.9".into())
+            })
+        );
+        let none = format!("{SIMPLE}  proxy: {{type: none}}\n");
+        let c = PxcEngine.validate(&object(&none)).unwrap();
+        assert_eq!(PxcEngine.proxy(&c), None);
     }
 
     #[test]

@@ -15,11 +15,15 @@
 //!   `<cluster>-r`;
 //! - PodDisruptionBudget `<cluster>`;
 //! - Secret `<cluster>-credentials` (create-if-absent only);
-//! - NetworkPolicy `<cluster>` when [`BuildContext::network_policy`] is set.
+//! - NetworkPolicy `<cluster>` when [`BuildContext::network_policy`] is set;
+//! - ConfigMap and Deployment `<cluster>-haproxy` when the engine asks for
+//!   proxy pods ([`Engine::proxy`]); the `-rw`/`-ro` Services then select
+//!   the HAProxy pods instead of the members.
 
 mod config;
 mod meta;
 mod policy;
+mod proxy;
 mod services;
 mod statefulset;
 
@@ -28,7 +32,7 @@ pub(crate) mod tests;
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -38,6 +42,11 @@ use crate::error::SpecError;
 
 pub use config::{SECRET_VALUE_LEN, SecretAction, generate_secret_value, secret_action};
 pub use meta::{app_name, container_name, network_policy_enabled};
+pub use proxy::{
+    ANNOTATION_CONFIG_HASH, CLUSTER_DOMAIN, COMPONENT_HAPROXY, DEFAULT_PROXY_IMAGE,
+    LABEL_COMPONENT, PROXY_CONFIG_DIR, PROXY_CONFIG_KEY, ProxyConfig, RO_PORT_NAME, RW_PORT_NAME,
+    proxy_selector, render as render_proxy_config, ro_port,
+};
 pub use statefulset::{
     INIT_CONTAINER, SECRET_DEFAULT_MODE, SECRET_MODE_WITHOUT_FS_GROUP, TERMINATION_GRACE_SECONDS,
 };
@@ -106,6 +115,10 @@ pub mod names {
     pub fn config_map(cluster: &str) -> String {
         format!("{cluster}-config")
     }
+    /// The HAProxy ConfigMap and Deployment.
+    pub fn proxy(cluster: &str) -> String {
+        format!("{cluster}-haproxy")
+    }
     /// The generated credentials Secret.
     pub fn credentials_secret(cluster: &str) -> String {
         format!("{cluster}-credentials")
@@ -149,16 +162,19 @@ pub enum ChildKind {
     PodDisruptionBudget,
     /// `networking.k8s.io/v1` NetworkPolicy.
     NetworkPolicy,
+    /// `apps/v1` Deployment (the proxy pods).
+    Deployment,
 }
 
 impl ChildKind {
     /// Every prunable kind.
-    pub const ALL: [ChildKind; 5] = [
+    pub const ALL: [ChildKind; 6] = [
         Self::StatefulSet,
         Self::Service,
         Self::ConfigMap,
         Self::PodDisruptionBudget,
         Self::NetworkPolicy,
+        Self::Deployment,
     ];
 
     /// The Kubernetes kind name.
@@ -169,6 +185,7 @@ impl ChildKind {
             Self::ConfigMap => "ConfigMap",
             Self::PodDisruptionBudget => "PodDisruptionBudget",
             Self::NetworkPolicy => "NetworkPolicy",
+            Self::Deployment => "Deployment",
         }
     }
 }
@@ -187,6 +204,9 @@ pub struct ClusterObjects {
     pub pod_disruption_budget: PodDisruptionBudget,
     /// The NetworkPolicy `<cluster>`, when enabled.
     pub network_policy: Option<NetworkPolicy>,
+    /// The HAProxy ConfigMap and Deployment `<cluster>-haproxy`, when the
+    /// engine asks for proxy pods.
+    pub proxy: Option<(ConfigMap, Deployment)>,
     /// The credentials Secret with freshly generated values. Create it only
     /// when no Secret of that name exists and never overwrite one (the
     /// values are random on every build): see [`secret_action`].
@@ -213,6 +233,10 @@ impl ClusterObjects {
                 .iter()
                 .map(|s| (ChildKind::Service, name(&s.metadata))),
         );
+        if let Some((cm, deployment)) = &self.proxy {
+            out.push((ChildKind::ConfigMap, name(&cm.metadata)));
+            out.push((ChildKind::Deployment, name(&deployment.metadata)));
+        }
         if let Some(np) = &self.network_policy {
             out.push((ChildKind::NetworkPolicy, name(&np.metadata)));
         }
@@ -263,18 +287,24 @@ pub fn build(
 ) -> Result<ClusterObjects, BuildError> {
     let manifest = engine.manifest(cluster);
     let meta = meta::MetaBuilder::new(cluster, engine.kind())?;
-    client_port(&manifest).ok_or_else(|| BuildError::NoPorts {
+    let port = client_port(&manifest).ok_or_else(|| BuildError::NoPorts {
         kind: engine.kind().to_string(),
     })?;
     let config_map = config::config_map(&meta, cluster, engine, &manifest)?;
+    let proxy = engine
+        .proxy(cluster)
+        .filter(|p| p.instances >= 1)
+        .map(|p| proxy::proxy_objects(&meta, cluster, &p, port));
+    let proxied = proxy.is_some();
     Ok(ClusterObjects {
         stateful_set: statefulset::stateful_set(&meta, cluster, engine, &manifest, ctx),
         config_map,
-        services: services::services(&meta, &manifest),
+        services: services::services(&meta, &manifest, proxied),
+        proxy,
         pod_disruption_budget: policy::pod_disruption_budget(&meta),
         network_policy: ctx
             .network_policy
-            .then(|| policy::network_policy(&meta, &manifest)),
+            .then(|| policy::network_policy(&meta, &manifest, proxied)),
         secret_if_absent: config::credentials_secret(&meta, &manifest),
     })
 }

@@ -37,7 +37,13 @@ pub(super) fn pod_disruption_budget(meta: &MetaBuilder) -> PodDisruptionBudget {
 /// and the operator (pods labelled `app.kubernetes.io/name: stratum` in any
 /// namespace, as the operator usually runs in its own). Kubelet probes are
 /// not affected by NetworkPolicies in common CNIs.
-pub(super) fn network_policy(meta: &MetaBuilder, manifest: &EngineManifest) -> NetworkPolicy {
+/// With `proxy`, the HAProxy pods may also reach the instance API (their
+/// `/readyz` health checks).
+pub(super) fn network_policy(
+    meta: &MetaBuilder,
+    manifest: &EngineManifest,
+    proxy: bool,
+) -> NetworkPolicy {
     let port = |p: u16| NetworkPolicyPort {
         port: Some(IntOrString::Int(i32::from(p))),
         protocol: Some("TCP".into()),
@@ -64,6 +70,18 @@ pub(super) fn network_policy(meta: &MetaBuilder, manifest: &EngineManifest) -> N
             from: Some(vec![NetworkPolicyPeer {
                 // An empty pod selector: every pod of this namespace.
                 pod_selector: Some(LabelSelector::default()),
+                ..Default::default()
+            }]),
+        });
+    }
+    if proxy {
+        ingress.push(NetworkPolicyIngressRule {
+            ports: Some(vec![port(POD_API_PORT)]),
+            from: Some(vec![NetworkPolicyPeer {
+                pod_selector: Some(LabelSelector {
+                    match_labels: Some(super::proxy_selector(&meta.cluster)),
+                    match_expressions: None,
+                }),
                 ..Default::default()
             }]),
         });

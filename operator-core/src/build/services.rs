@@ -1,4 +1,6 @@
 //! The headless Service and the `-rw`/`-ro`/`-r` client Services. Pure.
+//! `-rw`/`-ro` select the members by the operator's route label, or the
+//! HAProxy pods when the cluster has them.
 
 use std::collections::BTreeMap;
 
@@ -6,11 +8,15 @@ use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::meta::MetaBuilder;
+use super::proxy::{RO_PORT_NAME, RW_PORT_NAME, proxy_selector};
 use super::{API_PORT_NAME, LABEL_ROUTE, ROUTE_RO, ROUTE_RW, names};
 use crate::engine::{EngineManifest, EnginePort};
 use crate::plan::POD_API_PORT;
 
-pub(super) fn services(meta: &MetaBuilder, manifest: &EngineManifest) -> Vec<Service> {
+/// With `proxy`, `-rw` and `-ro` go to the HAProxy pods' `rw` and `ro`
+/// ports, both exposed on the client port so that clients see no
+/// difference.
+pub(super) fn services(meta: &MetaBuilder, manifest: &EngineManifest, proxy: bool) -> Vec<Service> {
     let mut all_ports: Vec<ServicePort> = manifest.ports.iter().map(service_port).collect();
     all_ports.push(service_port(&EnginePort {
         name: API_PORT_NAME.into(),
@@ -47,10 +53,32 @@ pub(super) fn services(meta: &MetaBuilder, manifest: &EngineManifest) -> Vec<Ser
         }
         client_service(meta, name, selector, client_ports.clone())
     };
+    let proxied = |name: String, target: &str| {
+        let ports = client_ports
+            .iter()
+            .take(1)
+            .map(|p| ServicePort {
+                target_port: Some(IntOrString::String(target.to_string())),
+                ..p.clone()
+            })
+            .collect();
+        client_service(meta, name, proxy_selector(&meta.cluster), ports)
+    };
+    let (rw, ro) = if proxy {
+        (
+            proxied(names::rw_service(&meta.cluster), RW_PORT_NAME),
+            proxied(names::ro_service(&meta.cluster), RO_PORT_NAME),
+        )
+    } else {
+        (
+            routed(names::rw_service(&meta.cluster), Some(ROUTE_RW)),
+            routed(names::ro_service(&meta.cluster), Some(ROUTE_RO)),
+        )
+    };
     vec![
         headless,
-        routed(names::rw_service(&meta.cluster), Some(ROUTE_RW)),
-        routed(names::ro_service(&meta.cluster), Some(ROUTE_RO)),
+        rw,
+        ro,
         routed(names::r_service(&meta.cluster), None),
     ]
 }

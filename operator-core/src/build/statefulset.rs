@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::{
     WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::meta::{MetaBuilder, container_name};
@@ -194,8 +194,11 @@ fn pod_template(
             node_selector: (!affinity.node_selector.is_empty())
                 .then(|| affinity.node_selector.clone()),
             tolerations: (!affinity.tolerations.is_empty()).then(|| affinity.tolerations.clone()),
-            affinity: pod_affinity(meta, cluster),
-            topology_spread_constraints: topology_spread(meta, &common.topology_spread_constraints),
+            affinity: pod_affinity(&meta.label_selector(), cluster),
+            topology_spread_constraints: topology_spread(
+                &meta.label_selector(),
+                &common.topology_spread_constraints,
+            ),
             ..Default::default()
         }),
     }
@@ -324,7 +327,7 @@ fn database_container(
     }
 }
 
-fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+pub(super) fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
     VolumeMount {
         name: name.to_string(),
         mount_path: path.to_string(),
@@ -389,7 +392,7 @@ fn pod_security_context(run_as_user: Option<i64>) -> PodSecurityContext {
     }
 }
 
-fn container_security_context() -> SecurityContext {
+pub(super) fn container_security_context() -> SecurityContext {
     SecurityContext {
         run_as_non_root: Some(true),
         allow_privilege_escalation: Some(false),
@@ -402,11 +405,16 @@ fn container_security_context() -> SecurityContext {
     }
 }
 
-fn pod_affinity(meta: &MetaBuilder, cluster: &ValidatedCluster) -> Option<Affinity> {
+/// The spec's affinity; the anti-affinity term keeps apart the pods that
+/// `selector` matches.
+pub(super) fn pod_affinity(
+    selector: &LabelSelector,
+    cluster: &ValidatedCluster,
+) -> Option<Affinity> {
     let spec = &cluster.common.affinity;
     let pod_anti_affinity = spec.enable_pod_anti_affinity.then(|| {
         let term = PodAffinityTerm {
-            label_selector: Some(meta.label_selector()),
+            label_selector: Some(selector.clone()),
             topology_key: spec.topology_key.clone(),
             ..Default::default()
         };
@@ -438,8 +446,8 @@ fn pod_affinity(meta: &MetaBuilder, cluster: &ValidatedCluster) -> Option<Affini
 
 /// The spec's constraints, with the cluster's pod selector filled in where
 /// a constraint has none (a constraint without a selector counts nothing).
-fn topology_spread(
-    meta: &MetaBuilder,
+pub(super) fn topology_spread(
+    selector: &LabelSelector,
     constraints: &[TopologySpreadConstraint],
 ) -> Option<Vec<TopologySpreadConstraint>> {
     if constraints.is_empty() {
@@ -451,7 +459,7 @@ fn topology_spread(
             .cloned()
             .map(|mut c| {
                 if c.label_selector.is_none() {
-                    c.label_selector = Some(meta.label_selector());
+                    c.label_selector = Some(selector.clone());
                 }
                 c
             })

@@ -101,6 +101,15 @@ impl Engine for FakeEngine {
         Election::Native
     }
 
+    /// Proxy pods when the spec has `fakeProxy: {instances, image}`.
+    fn proxy(&self, cluster: &ValidatedCluster) -> Option<crate::engine::ProxyPods> {
+        let p = cluster.spec.get("fakeProxy")?;
+        Some(crate::engine::ProxyPods {
+            instances: p.get("instances")?.as_i64()? as i32,
+            image: p.get("image").and_then(|i| i.as_str()).map(String::from),
+        })
+    }
+
     fn route(&self, members: &[ObservedMember]) -> Routing {
         Routing {
             rw: members
@@ -842,4 +851,181 @@ fn desired_children_lists_applied_objects() {
             (ChildKind::PodDisruptionBudget, "tiny-pg".to_string()),
         ]
     );
+}
+
+const PROXIED: &str =
+    "  instances: 3\n  fakeProxy: {instances: 2, image: example.invalid/haproxy:9}\n";
+
+#[test]
+fn proxy_pods_get_a_configmap_a_deployment_and_the_rw_ro_services() {
+    let o = objects(&SIMPLE_PG.replace("  instances: 3\n", PROXIED));
+    let (cm, deployment) = o.proxy.as_ref().expect("proxy objects");
+    assert_eq!(cm.metadata.name.as_deref(), Some("simple-pg-haproxy"));
+    let cfg = &cm.data.as_ref().unwrap()[PROXY_CONFIG_KEY];
+    assert!(cfg.contains("server simple-pg-2 simple-pg-2.simple-pg-headless.team-a.svc.cluster.local:7000 check port 8000 backup"), "{cfg}");
+    assert_eq!(
+        deployment.metadata.name.as_deref(),
+        Some("simple-pg-haproxy")
+    );
+    let owner = &deployment.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(owner.uid, "6d1f0c52-1b0e-4c39-9d0e-3c0b7e5c2a11");
+    assert_eq!(owner.controller, Some(true));
+    // The object carries the kind label (watched, pruned); the pods do not
+    // (never taken for members).
+    let labels = deployment.metadata.labels.as_ref().unwrap();
+    assert_eq!(labels[LABEL_KIND], "FakeCluster");
+    let spec = deployment.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(2));
+    let selector = proxy_selector("simple-pg");
+    assert_eq!(spec.selector.match_labels.as_ref(), Some(&selector));
+    let meta = spec.template.metadata.as_ref().unwrap();
+    let pod_labels = meta.labels.as_ref().unwrap();
+    assert!(!pod_labels.contains_key(LABEL_KIND), "{pod_labels:?}");
+    assert!(selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)));
+    let hash = &meta.annotations.as_ref().unwrap()[ANNOTATION_CONFIG_HASH];
+    assert_eq!(hash.len(), 64);
+    let pod = spec.template.spec.as_ref().unwrap();
+    let c = &pod.containers[0];
+    assert_eq!(c.image.as_deref(), Some("example.invalid/haproxy:9"));
+    let ports: Vec<_> = c
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.as_deref().unwrap(), p.container_port))
+        .collect();
+    assert_eq!(ports, [(RW_PORT_NAME, 7000), (RO_PORT_NAME, 7001)]);
+    let probe = c
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .tcp_socket
+        .as_ref()
+        .unwrap();
+    assert_eq!(probe.port, IntOrString::String(RW_PORT_NAME.into()));
+    let mount = &c.volume_mounts.as_ref().unwrap()[0];
+    assert_eq!(mount.mount_path, PROXY_CONFIG_DIR);
+    let volume = &pod.volumes.as_ref().unwrap()[0];
+    assert_eq!(
+        volume.config_map.as_ref().unwrap().name,
+        "simple-pg-haproxy"
+    );
+    // Spread like the database pods, counting the proxy pods.
+    let anti = pod
+        .affinity
+        .as_ref()
+        .unwrap()
+        .pod_anti_affinity
+        .as_ref()
+        .unwrap();
+    let term = &anti
+        .required_during_scheduling_ignored_during_execution
+        .as_ref()
+        .unwrap()[0];
+    assert_eq!(
+        term.label_selector.as_ref().unwrap().match_labels.as_ref(),
+        Some(&selector)
+    );
+    assert_eq!(term.topology_key, "topology.kubernetes.io/zone");
+    let spread = pod.topology_spread_constraints.as_ref().unwrap();
+    assert_eq!(
+        spread[0]
+            .label_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref(),
+        Some(&selector)
+    );
+    assert_eq!(pod.node_selector.as_ref().unwrap()["disktype"], "ssd");
+
+    for (name, target) in [
+        ("simple-pg-rw", RW_PORT_NAME),
+        ("simple-pg-ro", RO_PORT_NAME),
+    ] {
+        let svc = service(&o, name).spec.as_ref().unwrap();
+        assert_eq!(svc.selector.as_ref(), Some(&selector), "{name}");
+        let ports = svc.ports.as_ref().unwrap();
+        assert_eq!(ports.len(), 1);
+        assert_eq!(ports[0].port, 7000);
+        assert_eq!(
+            ports[0].target_port,
+            Some(IntOrString::String(target.into()))
+        );
+    }
+    // `-r` still reaches the members directly.
+    let r = service(&o, "simple-pg-r").spec.as_ref().unwrap();
+    assert_eq!(r.selector.as_ref().unwrap()[LABEL_KIND], "FakeCluster");
+
+    let desired = o.desired_children();
+    assert!(desired.contains(&(ChildKind::Deployment, "simple-pg-haproxy".into())));
+    assert!(desired.contains(&(ChildKind::ConfigMap, "simple-pg-haproxy".into())));
+}
+
+#[test]
+fn proxy_config_change_changes_the_pod_template_hash() {
+    let hash = |yaml: &str| {
+        let o = objects(yaml);
+        let (_, d) = o.proxy.unwrap();
+        d.spec
+            .unwrap()
+            .template
+            .metadata
+            .unwrap()
+            .annotations
+            .unwrap()[ANNOTATION_CONFIG_HASH]
+            .clone()
+    };
+    let three = hash(&SIMPLE_PG.replace("  instances: 3\n", PROXIED));
+    let five = hash(&SIMPLE_PG.replace(
+        "  instances: 3\n",
+        &PROXIED.replace("instances: 3", "instances: 5"),
+    ));
+    assert_ne!(three, five);
+    assert_eq!(three, hash(&SIMPLE_PG.replace("  instances: 3\n", PROXIED)));
+}
+
+#[test]
+fn without_proxy_the_services_select_members_by_route() {
+    let o = objects(SIMPLE_PG);
+    assert!(o.proxy.is_none());
+    let rw = service(&o, "simple-pg-rw").spec.as_ref().unwrap();
+    assert_eq!(rw.selector.as_ref().unwrap()[LABEL_ROUTE], ROUTE_RW);
+    assert!(
+        !o.desired_children()
+            .iter()
+            .any(|(k, _)| *k == ChildKind::Deployment)
+    );
+    // The NetworkPolicy lets the HAProxy pods check the instance API only
+    // when they exist.
+    let np = |o: &ClusterObjects| {
+        let spec = o.network_policy.clone().unwrap().spec.unwrap();
+        spec.ingress
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.from.clone().unwrap_or_default())
+            .any(|peer| {
+                peer.pod_selector.and_then(|s| s.match_labels) == Some(proxy_selector("simple-pg"))
+            })
+    };
+    let with_np = |yaml: &str| {
+        build(
+            &validated(yaml),
+            &FakeEngine,
+            &BuildContext {
+                network_policy: true,
+                ..ctx()
+            },
+        )
+        .unwrap()
+    };
+    assert!(!np(&with_np(SIMPLE_PG)));
+    assert!(np(&with_np(
+        &SIMPLE_PG.replace("  instances: 3\n", PROXIED)
+    )));
+    // Zero proxy instances: no proxy either.
+    let zero = objects(&SIMPLE_PG.replace(
+        "  instances: 3\n",
+        "  instances: 3\n  fakeProxy: {instances: 0}\n",
+    ));
+    assert!(zero.proxy.is_none());
 }

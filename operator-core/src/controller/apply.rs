@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -304,6 +304,7 @@ fn child_resource(kind: ChildKind) -> ApiResource {
         ChildKind::ConfigMap => ApiResource::erase::<ConfigMap>(&()),
         ChildKind::PodDisruptionBudget => ApiResource::erase::<PodDisruptionBudget>(&()),
         ChildKind::NetworkPolicy => ApiResource::erase::<NetworkPolicy>(&()),
+        ChildKind::Deployment => ApiResource::erase::<Deployment>(&()),
     }
 }
 
@@ -345,10 +346,11 @@ pub(crate) async fn apply_all(
         services,
         pod_disruption_budget,
         network_policy,
+        proxy,
         secret_if_absent,
     } = objects;
 
-    let (config_map, secret, services, sts, pdb, np) = futures::join!(
+    let (config_map, secret, services, sts, pdb, np, proxy) = futures::join!(
         target.apply(ChildKind::ConfigMap, &config_map),
         target.ensure_secret(&secret_if_absent),
         futures::future::try_join_all(
@@ -364,6 +366,18 @@ pub(crate) async fn apply_all(
                 None => Ok(false),
             }
         },
+        async {
+            match &proxy {
+                Some((cm, deployment)) => {
+                    let (cm, deployment) = futures::join!(
+                        target.apply(ChildKind::ConfigMap, cm),
+                        target.apply(ChildKind::Deployment, deployment),
+                    );
+                    Ok::<_, ApplyError>(usize::from(cm?) + usize::from(deployment?))
+                }
+                None => Ok(0),
+            }
+        },
     );
     let count = |b: bool| usize::from(b);
     outcome.applied += count(config_map?);
@@ -373,7 +387,7 @@ pub(crate) async fn apply_all(
         outcome.secret = Some(secret);
     }
     let (applied, immutable_changes) = sts?;
-    outcome.applied += count(applied) + count(pdb?) + count(np?);
+    outcome.applied += count(applied) + count(pdb?) + count(np?) + proxy?;
     outcome.immutable_changes = immutable_changes;
 
     outcome.unchanged = desired.len().saturating_sub(outcome.applied);

@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodStatus, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -88,6 +88,7 @@ pub(crate) struct Caches {
     config_maps: Store<PartialObjectMeta<ConfigMap>>,
     pod_disruption_budgets: Store<PartialObjectMeta<PodDisruptionBudget>>,
     network_policies: Store<PartialObjectMeta<NetworkPolicy>>,
+    deployments: Store<PartialObjectMeta<Deployment>>,
     secrets: Store<Secret>,
     pods: Store<Pod>,
 }
@@ -104,6 +105,7 @@ pub(crate) struct Triggers {
     pub config_maps: Trigger<PartialObjectMeta<ConfigMap>>,
     pub pod_disruption_budgets: Trigger<PartialObjectMeta<PodDisruptionBudget>>,
     pub network_policies: Trigger<PartialObjectMeta<NetworkPolicy>>,
+    pub deployments: Trigger<PartialObjectMeta<Deployment>>,
     pub secrets: Trigger<Secret>,
     pub pods: Trigger<Pod>,
 }
@@ -191,6 +193,7 @@ impl Caches {
         let (pod_disruption_budgets, pdb_t) =
             meta_only::<PodDisruptionBudget>(client, namespace, &config);
         let (network_policies, np_t) = meta_only::<NetworkPolicy>(client, namespace, &config);
+        let (deployments, deploy_t) = meta_only::<Deployment>(client, namespace, &config);
         let (secrets, secret_t) = cached(
             scoped::<Secret>(client, namespace),
             config.clone(),
@@ -204,6 +207,7 @@ impl Caches {
                 config_maps,
                 pod_disruption_budgets,
                 network_policies,
+                deployments,
                 secrets,
                 pods,
             },
@@ -213,6 +217,7 @@ impl Caches {
                 config_maps: cm_t,
                 pod_disruption_budgets: pdb_t,
                 network_policies: np_t,
+                deployments: deploy_t,
                 secrets: secret_t,
                 pods: pod_t,
             },
@@ -227,6 +232,7 @@ impl Caches {
         self.config_maps.wait_until_ready().await?;
         self.pod_disruption_budgets.wait_until_ready().await?;
         self.network_policies.wait_until_ready().await?;
+        self.deployments.wait_until_ready().await?;
         self.secrets.wait_until_ready().await?;
         self.pods.wait_until_ready().await
     }
@@ -249,6 +255,7 @@ impl Caches {
             ChildKind::ConfigMap => pick(&self.config_maps, kind, &keep),
             ChildKind::PodDisruptionBudget => pick(&self.pod_disruption_budgets, kind, &keep),
             ChildKind::NetworkPolicy => pick(&self.network_policies, kind, &keep),
+            ChildKind::Deployment => pick(&self.deployments, kind, &keep),
         }
     }
 
@@ -301,6 +308,7 @@ pub(crate) struct TestWriters {
     pub config_maps: reflector::store::Writer<PartialObjectMeta<ConfigMap>>,
     pub pod_disruption_budgets: reflector::store::Writer<PartialObjectMeta<PodDisruptionBudget>>,
     pub network_policies: reflector::store::Writer<PartialObjectMeta<NetworkPolicy>>,
+    pub deployments: reflector::store::Writer<PartialObjectMeta<Deployment>>,
     pub secrets: reflector::store::Writer<Secret>,
     pub pods: reflector::store::Writer<Pod>,
 }
@@ -322,6 +330,7 @@ impl TestWriters {
             config_maps,
             pod_disruption_budgets,
             network_policies,
+            deployments,
             secrets,
             pods
         );
@@ -337,6 +346,7 @@ impl Caches {
         let (config_maps, cm) = reflector::store();
         let (pod_disruption_budgets, pdb) = reflector::store();
         let (network_policies, np) = reflector::store();
+        let (deployments, deploy) = reflector::store();
         let (secrets, secret) = reflector::store();
         let (pods, pod) = reflector::store();
         (
@@ -346,6 +356,7 @@ impl Caches {
                 config_maps,
                 pod_disruption_budgets,
                 network_policies,
+                deployments,
                 secrets,
                 pods,
             },
@@ -355,6 +366,7 @@ impl Caches {
                 config_maps: cm,
                 pod_disruption_budgets: pdb,
                 network_policies: np,
+                deployments: deploy,
                 secrets: secret,
                 pods: pod,
             },

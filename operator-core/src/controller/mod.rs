@@ -26,6 +26,7 @@
 //! | `stratum.dev`       | `<plural>/status`       | get, patch                              | status (merge patch) |
 //! | `stratum.dev`       | `<plural>/finalizers`   | update                                  | owner references with `blockOwnerDeletion` (OwnerReferencesPermissionEnforcement) |
 //! | `apps`              | `statefulsets`          | get, list, watch, create, patch, delete | read before apply (immutable fields), server-side apply, metadata watch (cache, owned), prune |
+//! | `apps`              | `deployments`           | list, watch, create, patch, delete      | HAProxy pods ([`Engine::proxy`](crate::engine::Engine::proxy)): server-side apply, metadata watch (cache, owned), prune |
 //! | `""`                | `services`              | list, watch, create, patch, delete      | server-side apply, metadata watch (cache, owned), prune |
 //! | `""`                | `configmaps`            | list, watch, create, patch, delete      | server-side apply, metadata watch (cache, owned), prune |
 //! | `policy`            | `poddisruptionbudgets`  | list, watch, create, patch, delete      | server-side apply, metadata watch (cache, owned), prune |
@@ -292,6 +293,7 @@ async fn run_kind(shared: Arc<reconcile::Shared>, engine: Arc<dyn Engine>, resou
         .owns_stream(triggers.config_maps)
         .owns_stream(triggers.pod_disruption_budgets)
         .owns_stream(triggers.network_policies)
+        .owns_stream(triggers.deployments)
         .owns_stream(triggers.secrets)
         // Pods are owned by the StatefulSet: map them by label.
         .watches_stream(triggers.pods, move |pod| pod_owner(&pod, &pod_resource))

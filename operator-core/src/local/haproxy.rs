@@ -44,7 +44,7 @@ use tokio::process::Command;
 use tokio::sync::watch;
 
 use super::state::{self, StateDir};
-use crate::instance::protocol::PATH_READYZ;
+use crate::haproxy_config::{self, Server};
 
 /// Directory of the HAProxy files inside the state directory.
 pub const DIR: &str = "haproxy";
@@ -54,10 +54,6 @@ pub const BIN_ENV: &str = "STRATUM_HAPROXY";
 
 /// Health-check period of a server.
 pub const CHECK_INTER: Duration = Duration::from_millis(500);
-/// Consecutive failed checks before a server is marked down.
-pub const CHECK_FALL: u32 = 2;
-/// Consecutive passed checks before a server is marked up.
-pub const CHECK_RISE: u32 = 2;
 
 /// How long HAProxy gets to stop after SIGTERM before SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -119,7 +115,6 @@ fn addr(ip: IpAddr, port: u16) -> String {
 /// The HAProxy configuration for `plan`. Pure.
 pub fn render(plan: &Plan) -> String {
     let mut out = String::new();
-    let inter = CHECK_INTER.as_millis();
     let active = plan.active().unwrap_or_default().to_string();
     let _ = write!(
         out,
@@ -140,69 +135,30 @@ defaults
     retries 2
     option redispatch
     load-server-state-from-file global
-    # Members are checked through their instance manager: 200 only when
-    # Synced in a Primary component. A member marked down has its sessions
-    # cut so that no client keeps writing to it.
-    default-server inter {inter}ms fastinter {inter}ms downinter {inter}ms fall {CHECK_FALL} rise {CHECK_RISE} on-marked-down shutdown-sessions
-
+{default_server}
 ",
         cluster = plan.cluster,
         socket = plan.socket.display(),
         state_file = plan.state_file.display(),
+        default_server = haproxy_config::default_server(CHECK_INTER, ""),
     );
-    let check = format!(
-        "    option httpchk
-    http-check send meth GET uri {PATH_READYZ} ver HTTP/1.1 hdr Host stratum-local
-    http-check expect status 200
-"
+    let servers: Vec<Server> = plan
+        .members
+        .iter()
+        .map(|m| Server {
+            name: m.name.clone(),
+            addr: addr(plan.listen, m.db_port),
+            check_port: m.api_port,
+        })
+        .collect();
+    haproxy_config::listen_sections(
+        &mut out,
+        &addr(plan.listen, plan.rw_port),
+        &addr(plan.listen, plan.ro_port),
+        "stratum-local",
+        &servers,
+        &active,
     );
-    let _ = write!(
-        out,
-        "# Writes: one member at a time, the others take over in this order.
-listen rw
-    bind {bind}
-    balance first
-{check}",
-        bind = addr(plan.listen, plan.rw_port),
-    );
-    let ordered = std::iter::once(active.as_str()).chain(
-        plan.members
-            .iter()
-            .map(|m| m.name.as_str())
-            .filter(|n| *n != active),
-    );
-    for name in ordered {
-        let Some(m) = plan.members.iter().find(|m| m.name == name) else {
-            continue;
-        };
-        let _ = writeln!(
-            out,
-            "    server {} {} check port {}{}",
-            m.name,
-            addr(plan.listen, m.db_port),
-            m.api_port,
-            if m.name == active { "" } else { " backup" }
-        );
-    }
-    let _ = write!(
-        out,
-        "
-# Reads: round robin over the healthy members.
-listen ro
-    bind {bind}
-    balance roundrobin
-{check}",
-        bind = addr(plan.listen, plan.ro_port),
-    );
-    for m in &plan.members {
-        let _ = writeln!(
-            out,
-            "    server {} {} check port {}",
-            m.name,
-            addr(plan.listen, m.db_port),
-            m.api_port
-        );
-    }
     out
 }
 
@@ -1120,7 +1076,7 @@ ro,m-0,0,0,5,5,UP,1,1,0
         hp.reload(render(&p)).await.unwrap();
         assert_eq!(hp.pid(), Some(pid), "a reload keeps the master");
         members[0].healthy.store(true, Ordering::SeqCst);
-        tokio::time::sleep(CHECK_INTER * (CHECK_RISE + 3)).await;
+        tokio::time::sleep(CHECK_INTER * (crate::haproxy_config::CHECK_RISE + 3)).await;
         for _ in 0..5 {
             assert_eq!(reach(p.rw_port).await.as_deref(), Some("m-1"));
         }
