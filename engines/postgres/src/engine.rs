@@ -12,6 +12,7 @@ use operator_core::engine::{
 };
 use operator_core::error::SpecError;
 use operator_core::instance::protocol::{Position, ProcessState, Role};
+use operator_core::topology::ordinal;
 use operator_core::validate::typed_cluster;
 
 use crate::api::{PostgresCluster, PostgresClusterSpec, SyncMethod};
@@ -249,12 +250,6 @@ pub fn synchronous_standby_names(spec: &PostgresClusterSpec, instances: &[String
         SyncMethod::First => "FIRST",
     };
     format!("{method} {} ({list})", sync.number)
-}
-
-fn ordinal(name: &str) -> u32 {
-    name.rsplit_once('-')
-        .and_then(|(_, o)| o.parse().ok())
-        .unwrap_or(u32::MAX)
 }
 
 fn wal_position(m: &ObservedMember) -> Option<(u32, u64, u64)> {

@@ -1079,28 +1079,16 @@ impl Loop {
                 format!("could not rewrite the members' configuration: {e:#}"),
             );
         }
-        if self
-            .accepted
-            .cluster
-            .common
-            .pvc_retention_policy
-            .when_scaled
-            == crate::api::common::PvcRetention::Delete
-        {
-            let d = self.dir.instance_dir(&victim);
-            match std::fs::remove_dir_all(&d) {
-                Ok(()) => self.gs.event(
-                    "DataDeleted",
-                    format!(
-                        "{} deleted (pvcRetentionPolicy.whenScaled: Delete)",
-                        d.display()
-                    ),
+        match super::up::delete_scaled_away_data(&self.dir, &self.accepted, &victim) {
+            Ok(false) => {}
+            Ok(true) => self.gs.event(
+                "DataDeleted",
+                format!(
+                    "{} deleted (pvcRetentionPolicy.whenScaled: Delete)",
+                    self.dir.instance_dir(&victim).display()
                 ),
-                Err(e) => self.gs.event(
-                    "DataDeleteFailed",
-                    format!("could not delete {}: {e}", d.display()),
-                ),
-            }
+            ),
+            Err(e) => self.gs.event("DataDeleteFailed", format!("{e:#}")),
         }
         if let Some(sc) = self.scaling.as_mut() {
             sc.removing = Some((victim, t));

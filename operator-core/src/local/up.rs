@@ -19,6 +19,7 @@ use super::state::{self, LocalState, Owner, StateDir, UpLock};
 use super::status::{self, Phase, SnapshotInput};
 use super::supervisor::{ManagerSpec, Supervisor};
 use super::{TICK_ENV, UpArgs};
+use crate::api::common::PvcRetention;
 use crate::engine::{Election, InstanceContext, InstanceDriver, ReplicationModel, Routing};
 use crate::instance::client::InstanceClient;
 use crate::instance::config::{InstanceConfig, PeerEndpoint};
@@ -453,7 +454,7 @@ async fn carry_out_resize(
                 }
             }
             let mut all: Vec<String> = names.iter().chain(&added).cloned().collect();
-            all.sort_by_key(|n| (ordinal(n), n.clone()));
+            all.sort_by_key(|n| (crate::topology::ordinal(n), n.clone()));
             all.dedup();
             let specs = resize_instances(dir, accepted, state, &all, layout)?;
             for spec in specs.into_iter().filter(|s| added.contains(&s.name)) {
@@ -468,25 +469,14 @@ async fn carry_out_resize(
             }
             names.retain(|n| !removed.contains(n));
             resize_instances(dir, accepted, state, names, layout)?;
-            let delete = accepted
-                .cluster
-                .spec
-                .pointer("/pvcRetentionPolicy/whenScaled")
-                .and_then(|v| v.as_str())
-                == Some("Delete");
-            if delete {
-                for name in &removed {
-                    let path = dir.instance_dir(name);
-                    match std::fs::remove_dir_all(&path) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => {
-                            return Err(e)
-                                .with_context(|| format!("failed to delete {}", path.display()));
-                        }
-                    }
+            let mut delete = false;
+            for name in &removed {
+                if delete_scaled_away_data(dir, accepted, name)? {
+                    delete = true;
                     state.ports.instances.remove(name);
                 }
+            }
+            if delete {
                 state::write_state(dir, state)?;
             }
             Ok(format!(
@@ -502,12 +492,23 @@ async fn carry_out_resize(
     }
 }
 
-/// The ordinal an instance name ends in (`u32::MAX` when none).
-fn ordinal(name: &str) -> u32 {
-    name.rsplit('-')
-        .next()
-        .and_then(|o| o.parse().ok())
-        .unwrap_or(u32::MAX)
+/// With `spec.pvcRetentionPolicy.whenScaled: Delete`, delete the directory
+/// of `name`, an instance scaled away (already gone is fine); true when
+/// deleted. With `Retain` it is kept for a later scale-up: false.
+pub(super) fn delete_scaled_away_data(
+    dir: &StateDir,
+    accepted: &Accepted,
+    name: &str,
+) -> anyhow::Result<bool> {
+    if accepted.cluster.common.pvc_retention_policy.when_scaled != PvcRetention::Delete {
+        return Ok(false);
+    }
+    let path = dir.instance_dir(name);
+    match std::fs::remove_dir_all(&path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(e).with_context(|| format!("failed to delete {}", path.display())),
+    }
 }
 
 /// One manager per instance, each with its `instance.json` and log.
