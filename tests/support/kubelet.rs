@@ -33,7 +33,8 @@
 //!   (deleted without grace); the StatefulSet controller recreates it and
 //!   it starts again on the same data and IP.
 //!
-//! Test hooks: [`Kubelet::pod_ip`], [`Kubelet::kill_server`] (kill -9 the
+//! Test hooks: [`Kubelet::pod_ip`], [`Kubelet::instance_client`] (the
+//! managers' API, as the operator reaches it), [`Kubelet::kill_server`] (kill -9 the
 //! postmaster / mariadbd), [`Kubelet::crash`] and [`Kubelet::recover`]
 //! (the node of a pod is lost, with the manager and server, and comes
 //! back), [`Kubelet::manager_log`] and [`Kubelet::server_log`]. Dropping
@@ -55,6 +56,7 @@ use kube::{Client, ResourceExt};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use operator_core::build::{CONFIG_KEY, LABEL_CLUSTER, LABEL_KIND, names};
+use operator_core::instance::client::InstanceClient;
 use operator_core::instance::config::InstanceConfig;
 use operator_core::instance::manager::SERVER_LOG;
 use operator_core::instance::protocol::{PATH_READYZ, SECRET_KEY_API_TOKEN};
@@ -206,6 +208,31 @@ impl Kubelet {
     /// data and IP) and its status is reported again.
     pub fn recover(&self, pod: &str) {
         self.shared.state.lock().unwrap().crashed.remove(pod);
+    }
+
+    /// A client of the instance managers' API (status and actions through
+    /// `operator_core::engine::InstanceOps`), as the operator has: every
+    /// member at its pod IP, authenticated with the cluster's API token.
+    /// Panics before the first pod started (the config is not known yet).
+    pub fn instance_client(&self) -> InstanceClient {
+        let file = std::fs::read_dir(&self.shared.root)
+            .ok()
+            .and_then(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.path().join("instance.json"))
+                    .find(|p| p.is_file())
+            })
+            .unwrap_or_else(|| panic!("no pod of {} started yet", self.shared.cluster));
+        let config: InstanceConfig =
+            serde_json::from_slice(&std::fs::read(&file).expect("instance.json"))
+                .expect("instance.json");
+        let token = config.read_token().expect("API token file");
+        InstanceClient::new(
+            token,
+            config.cluster_id,
+            config.members,
+            Duration::from_secs(5),
+        )
     }
 
     /// Whether the manager process of `pod` runs now.
