@@ -9,7 +9,8 @@
 //!   Healthy with ordinal 0 as primary; rows written through the `-rw`
 //!   Service reach both replicas (through the `-ro` selection);
 //! - a deleted replica pod comes back on its volume and IP and streams
-//!   again;
+//!   again; the kubelet's hooks work: a killed postmaster is restarted by
+//!   its manager, a replica whose node crashed catches up when it is back;
 //! - a 3-instance `PxcCluster` (MariaDB Galera, `proxy.type: none`)
 //!   becomes Healthy and rows written through `-rw` reach every node. The
 //!   controller does not yet order the bootstrap of a new Galera group on
@@ -316,6 +317,31 @@ async fn postgres_cluster_runs_real_instances_and_a_deleted_replica_rejoins() {
         1,
         "{log}"
     );
+
+    // The test hooks the failover tests use: a replica's postmaster killed
+    // (its manager restarts it), then its node lost and back.
+    let pid = kubelet.kill_server("simple-pg-1");
+    eventually("a new postmaster on simple-pg-1", WAIT, || async {
+        let killed = kubelet.server_pid("simple-pg-1");
+        match killed {
+            Some(p) if p != pid => Ok(()),
+            other => Err(format!("pid file says {other:?}")),
+        }
+    })
+    .await;
+    kubelet.crash("simple-pg-2");
+    assert!(!kubelet.is_running("simple-pg-2"));
+    insert_via_rw(&client, &ns, &password, 3).await;
+    kubelet.recover("simple-pg-2");
+    replicas_have(&client, &ns, &password, &[1, 2, 3]).await;
+    wait_status(
+        &api,
+        "simple-pg",
+        "phase Healthy after the hooks",
+        WAIT,
+        |s| s["phase"] == "Healthy" && s["ready"] == "3/3",
+    )
+    .await;
     assert_no_failures(&client, &ns).await;
 }
 

@@ -167,6 +167,18 @@ impl Kubelet {
         self.shared.pod_dir(pod)
     }
 
+    /// The pid in the database server's pid file of `pod`, if any (the
+    /// file may outlive a killed server until the manager restarts it).
+    pub fn server_pid(&self, pod: &str) -> Option<i32> {
+        std::fs::read_to_string(self.shared.server_pid_file(pod))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// SIGKILL the database server of `pod` (the postmaster / mariadbd
     /// from its pid file), leaving the instance manager running; returns
     /// the pid killed. Panics when no server runs.
