@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use self::binaries::{Binaries, Lookup};
-use self::conf::{AccountPasswords, MyCnfInputs, Network};
+use self::conf::{AccountPasswords, MyCnfInputs, Network, TlsFiles};
 use self::status::{GraState, Recovered};
 use crate::api::Flavor;
 use crate::settings::{PxcInstanceSettings, secret_keys, users};
@@ -259,6 +259,22 @@ fn write_my_cnf(
         // PXC 8.0 removed wsrep_sst_auth: it creates its SST user itself.
         Flavor::PerconaXtraDB => None,
     };
+    let tls = match &s.tls {
+        None => None,
+        Some(t) => {
+            let dir = config.tls_dir.as_deref().ok_or_else(|| {
+                InstanceError::Settings(format!(
+                    "cluster traffic is encrypted with TLS Secret {} but the instance configuration has no tlsDir",
+                    t.secret_name
+                ))
+            })?;
+            // A user's Secret is mounted as given: name what it lacks
+            // rather than let the server or the SST fail on a path.
+            operator_core::tls::check_dir(dir, &t.secret_name)
+                .map_err(|e| InstanceError::Settings(e.to_string()))?;
+            Some(TlsFiles::in_dir(dir))
+        }
+    };
     let text = conf::render_my_cnf(&MyCnfInputs {
         settings: s,
         instance: &config.instance,
@@ -276,6 +292,7 @@ fn write_my_cnf(
             peers,
         },
         sst_auth,
+        tls,
     });
     process::write_file(&layout.my_cnf(), text.as_bytes(), 0o600, run_as)
 }
