@@ -14,8 +14,9 @@
 //! cluster encrypts its traffic with the generated TLS Secret (the
 //! default): the writer-kill test checks the provider's TLS settings on
 //! every node, a TLS handshake on a Galera port with the generated CA,
-//! and the encrypted SST; a user's TLS Secret missing a key is refused
-//! before anything starts. Each test owns a temporary state directory and
+//! and the encrypted SST; the quorum-loss test runs on a user's TLS Secret
+//! (RSA certificates made with openssl); a user's TLS Secret missing a key
+//! is refused before anything starts. Each test owns a temporary state directory and
 //! stops its cluster when it ends; none skips.
 
 use std::collections::BTreeSet;
@@ -1516,14 +1517,57 @@ async fn pxc_full_crash_recovers_from_the_most_advanced_node() {
     local.down();
 }
 
+/// A user's TLS Secret made the way an administrator would with the
+/// openssl tool (RSA keys, a CA, a certificate for `localhost` and
+/// 127.0.0.1), put where the local runtime looks for the Secret `my-certs`,
+/// and the cluster file pointed at it. Returns the Secret's directory.
+fn use_own_tls_secret(local: &Local) -> PathBuf {
+    let dir = local.state.join("tls").join("my-certs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let openssl = |args: &str| {
+        let out = Command::new("openssl")
+            .args(args.split_whitespace())
+            .current_dir(&dir)
+            .output()
+            .expect("openssl not found: apt-get install openssl (scripts/setup.sh)");
+        assert!(
+            out.status.success(),
+            "openssl {args}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    openssl(
+        "req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=test-admin-CA",
+    );
+    openssl("req -newkey rsa:2048 -nodes -keyout tls.key -out tls.csr -subj /CN=localhost");
+    openssl(
+        "x509 -req -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out tls.crt -days 2 -extfile san.ext",
+    );
+    std::fs::write(
+        &local.file,
+        simple_pxc("  tls:\n    secretName: my-certs\n"),
+    )
+    .unwrap();
+    dir
+}
+
 /// 4. Two of three nodes lost (frozen with SIGSTOP, then killed): the
 /// survivor leaves the Primary component and refuses writes rather than
 /// diverge, and `rw` routes nowhere; when the others return, the cluster
-/// recovers with every row.
+/// recovers with every row. The cluster runs with a user's TLS Secret
+/// (`spec.tls.secretName`, RSA certificates made with openssl), used as
+/// given.
 #[tokio::test(flavor = "multi_thread")]
 async fn pxc_quorum_loss_refuses_writes_then_recovers() {
     let t0 = Instant::now();
     let mut local = Local::new();
+    let own_tls = use_own_tls_secret(&local);
+    let own_cert = std::fs::read(own_tls.join("tls.crt")).unwrap();
     local.start();
     let status = local.wait_healthy();
     let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
@@ -1587,6 +1631,27 @@ async fn pxc_quorum_loss_refuses_writes_then_recovers() {
         .unwrap();
     assert_eq!(n, Some(100));
     assert_same_rows_everywhere(&s, &password).await;
+    // Every member ran, and rejoined, with the user's certificate, which
+    // nothing replaced.
+    for name in instance_names() {
+        let address = instance(&s, &name)["address"].as_str().unwrap().to_string();
+        let mut c = connect(&address, &password).await.unwrap();
+        let (_, opts): (String, String) = c
+            .query_first("SHOW GLOBAL VARIABLES LIKE 'wsrep_provider_options'")
+            .await
+            .unwrap()
+            .unwrap();
+        let want = format!("socket.ssl_cert = {}", own_tls.join("tls.crt").display());
+        assert!(
+            opts.split("; ").any(|o| o == want) && opts.contains("socket.ssl = YES"),
+            "{name}: not on the user's certificate: {opts}"
+        );
+    }
+    assert_eq!(std::fs::read(own_tls.join("tls.crt")).unwrap(), own_cert);
+    assert!(
+        !tls_dir(&local.state).exists(),
+        "a Secret was generated anyway"
+    );
     eprintln!("events: {}", events(&s));
     eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
     local.down();
