@@ -856,13 +856,40 @@ async fn ports_of(conns: Vec<mysql_async::Conn>) -> (Vec<mysql_async::Conn>, Vec
 /// briefly down during the eviction), then that backup comes back. Every
 /// `rw` connection still open at the end is on the one node HAProxy and
 /// the loop send writes to; before the fix, sessions opened during the
-/// failover stayed on one node while new ones went to another.
+/// failover stayed on one node while new ones went to another. The
+/// cluster uses rsync SST, which under TLS (the default) goes through
+/// stunnel with the generated certificate.
 #[tokio::test(flavor = "multi_thread")]
 async fn pxc_rw_sessions_stay_on_one_writer_after_a_kill() {
     let t0 = Instant::now();
     let mut local = Local::new();
+    assert!(
+        Path::new("/usr/bin/stunnel").exists(),
+        "/usr/bin/stunnel is required for rsync SST under TLS: install the Debian package stunnel4 (scripts/setup.sh does)"
+    );
+    std::fs::write(&local.file, simple_pxc("  sstMethod: rsync\n")).unwrap();
     local.start();
     let status = local.wait_healthy();
+    // Both joiners received their copy through stunnel, the chain
+    // checked against the generated CA.
+    let ca = tls_dir(&local.state).join("ca.crt");
+    let tunnelled = instance_names()
+        .iter()
+        .filter(|n| {
+            std::fs::read_to_string(local.instance_dir(n).join("run").join("server.log")).is_ok_and(
+                |log| {
+                    log.contains(&format!(
+                        "Using stunnel for SSL encryption: CA: '{}'",
+                        ca.display()
+                    ))
+                },
+            )
+        })
+        .count();
+    assert!(
+        tunnelled >= 2,
+        "rsync SST did not go through stunnel with the generated CA ({tunnelled} logs say so)"
+    );
     let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
     let password = local.root_password();
     let port = |s: &Value, name: &str| port_of(instance(s, name)["address"].as_str().unwrap());

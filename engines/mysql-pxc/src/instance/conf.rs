@@ -269,7 +269,9 @@ pub fn render_my_cnf(inputs: &MyCnfInputs<'_>) -> String {
             ]),
             // rsync through stunnel (the SST fails, rather than copy in
             // clear text, when the stunnel binary is missing); the peer's
-            // chain is checked against the CA.
+            // chain is checked against the CA (the script's default,
+            // VERIFY_CA: its VERIFY_IDENTITY makes stunnel want the peer's
+            // own certificate in the CA file, which a shared CA is not).
             (Flavor::MariaDB, _) => sst.extend([
                 ("tca", file(&tls.ca)),
                 ("tcert", file(&tls.cert)),
