@@ -14,9 +14,10 @@
 //! cluster encrypts its traffic with the generated TLS Secret (the
 //! default): the writer-kill test checks the provider's TLS settings on
 //! every node, a TLS handshake on a Galera port with the generated CA,
-//! and the encrypted SST; the quorum-loss test runs on a user's TLS Secret
-//! (RSA certificates made with openssl); a user's TLS Secret missing a key
-//! is refused before anything starts. Each test owns a temporary state directory and
+//! and the encrypted SST; the one-writer test uses rsync SST, tunnelled
+//! through stunnel; the quorum-loss test runs on a user's TLS Secret (RSA
+//! certificates made with openssl); a user's TLS Secret missing a key is
+//! refused before anything starts. Each test owns a temporary state directory and
 //! stops its cluster when it ends; none skips.
 
 use std::collections::BTreeSet;
@@ -45,7 +46,7 @@ fn require_galera() {
     ] {
         assert!(
             Path::new(path).exists(),
-            "{path} is required: install the Debian package {package} (scripts/setup.sh installs mariadb-server galera-4 mariadb-backup rsync haproxy)"
+            "{path} is required: install the Debian package {package} (scripts/setup.sh installs mariadb-server galera-4 mariadb-backup rsync stunnel4 haproxy)"
         );
     }
 }
