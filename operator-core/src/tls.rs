@@ -104,7 +104,14 @@ pub fn generate(cluster: &str, names: &[String]) -> Result<TlsFiles, GenerateErr
     let mut leaf = CertificateParams::new(names.to_vec()).map_err(err)?;
     // The CN must differ from the CA's (OpenSSL refuses a chain whose
     // subject and issuer names are equal as self-signed).
-    leaf.distinguished_name = dn(names.first().map_or(cluster, String::as_str));
+    // Not a wildcard: rsync's SST sends the CN to the donor inside its
+    // `CN:secret@host` auth string, which the server refuses with a `*` in
+    // it ("Bad remote auth string").
+    let cn = names
+        .iter()
+        .find(|n| !n.contains('*'))
+        .map_or(cluster, String::as_str);
+    leaf.distinguished_name = dn(cn);
     leaf.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,
@@ -287,6 +294,19 @@ mod tests {
         }
         let (ok, _) = verify(&["-verify_hostname", "other-0.other-headless.db.svc"]);
         assert!(!ok, "a name outside the certificate must not verify");
+        // rsync's SST sends the subject's CN to the donor, which refuses
+        // a wildcard in it.
+        let subject = std::process::Command::new("openssl")
+            .args(["x509", "-noout", "-subject", "-in"])
+            .arg(dir.path().join(KEY_CERT))
+            .output()
+            .unwrap();
+        let subject = String::from_utf8_lossy(&subject.stdout).to_string();
+        assert!(
+            subject.contains("CN = simple-pxc-0.simple-pxc-headless.db.svc")
+                || subject.contains("CN=simple-pxc-0.simple-pxc-headless.db.svc"),
+            "{subject}"
+        );
     }
 
     #[test]
