@@ -59,6 +59,16 @@ const NOT_READY_GRACE: Duration = Duration::from_secs(3);
 /// as failed (a loaded machine answers late; a dead one is fenced or waits
 /// for its lease anyway).
 const UNREACHABLE_GRACE: Duration = Duration::from_secs(5);
+/// How long a primary that this `up` has not seen ready yet may stay
+/// unready (its manager not answering, its server starting, waiting for
+/// its lease) before it counts as failed. `up` starts every manager anew,
+/// so after a restart of `up` the primary restarts too: on a loaded
+/// machine that took more than [`NOT_READY_GRACE`], and the failover this
+/// started (promoting a replica that was itself just restarting, rewinding
+/// the others) once left a replica unready for over a minute in
+/// `ha_up_killed_mid_rolling_restart_resumes`. A server that exited, or is
+/// fenced, still counts at once.
+const STARTUP_GRACE: Duration = Duration::from_secs(30);
 /// A replica not streaming from the primary this long is told to follow.
 const NOT_STREAMING_GRACE: Duration = Duration::from_secs(2);
 /// … and this long (or failing to start this long), to follow through
@@ -133,7 +143,11 @@ pub struct RollingState {
     /// The instance restarting now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restarting: Option<String>,
-    /// The primary restarts first (a lowered hot-standby parameter).
+    /// The primary restarts first (a lowered hot-standby parameter); kept
+    /// for the whole rolling restart, so that an `up` started again in the
+    /// middle knows that the replicas still to restart must wait until
+    /// they replayed past the primary's restart (the primary is done when
+    /// it is no longer in `remaining`).
     #[serde(default)]
     pub primary_first: bool,
 }
@@ -357,6 +371,8 @@ pub struct Orchestrator {
     pub ha: HaState,
     failover_delay: Duration,
     primary_down_since: Option<Instant>,
+    /// This `up` has seen a ready primary (see [`STARTUP_GRACE`]).
+    primary_seen_ready: bool,
     /// The primary whose replication slots were last ensured, and when
     /// (redone now and then: a removed replica's slot may still have been
     /// in use the first time).
@@ -381,7 +397,8 @@ pub struct Orchestrator {
     /// when.
     rolling_now: Option<(String, Option<u32>, Instant)>,
     /// Restart the primary first in the rolling restart (a lowered
-    /// parameter that standbys need at least as high as the primary).
+    /// parameter that standbys need at least as high as the primary); the
+    /// whole rolling restart long (persisted as `ha.rolling.primaryFirst`).
     primary_first: bool,
     /// The rolling restart was in progress when this `up` started: this
     /// `up` started every manager anew, with the new configuration, so the
@@ -448,12 +465,17 @@ impl Orchestrator {
             ha.event(
                 "RollingRestartResumed",
                 format!(
-                    "a rolling restart was in progress ({} left{}); every instance was started again by this `up` with the new configuration: waiting for them to be back",
+                    "a rolling restart was in progress ({} left{}); every instance was started again by this `up` with the new configuration: {}",
                     r.remaining.join(", "),
                     r.restarting
                         .as_deref()
                         .map(|n| format!(", {n} restarting"))
-                        .unwrap_or_default()
+                        .unwrap_or_default(),
+                    if r.primary_first {
+                        "once the primary is back, the replicas left restart again one at a time, each after replaying past it (a lowered parameter: until then they keep the value their control file asks for)"
+                    } else {
+                        "waiting for them to be back"
+                    }
                 ),
             );
         }
@@ -471,6 +493,7 @@ impl Orchestrator {
             ha,
             failover_delay,
             primary_down_since: None,
+            primary_seen_ready: false,
             slots_done_for: None,
             sync_told: None,
             not_streaming_since: BTreeMap::new(),
@@ -820,10 +843,47 @@ impl Orchestrator {
             });
     }
 
+    /// The rolling restart is over: every instance runs the new
+    /// configuration.
+    fn roll_done(&mut self) {
+        self.primary_first = false;
+        self.primary_back_lsn = None;
+        self.ha.event(
+            "RollingRestartDone",
+            "every instance runs with the new configuration",
+        );
+    }
+
     /// The rolling restart a restarted `up` found: every remaining
     /// instance was restarted by it; each counts once back (ready; a
     /// replica streaming from the primary).
+    ///
+    /// A primary-first one (a lowered hot-standby parameter) is different:
+    /// a replica this `up` started before it replayed the primary's
+    /// announcement of the lower value keeps the value its control file
+    /// asks for (the driver raises it: PostgreSQL refuses to start a
+    /// standby below it), so once the primary is back the replicas still
+    /// to restart are restarted again, one at a time, each after it
+    /// replayed past the primary's position then (the normal
+    /// [`Orchestrator::roll_step`] path).
     fn resumed_roll_step(&mut self, primary: &str, members: &[ObservedMember], since: Instant) {
+        if self.primary_first {
+            // Called on a healthy primary only: it runs what this `up`
+            // started it with, the new configuration.
+            self.rolling.retain(|n| n != primary);
+            self.rolling_resumed = None;
+            self.primary_back_lsn = wal_lsn(members.iter().find(|m| m.name == primary));
+            self.ha.event(
+                "Restarted",
+                format!(
+                    "{primary} runs with the new configuration (started again by this `up`, primary first)"
+                ),
+            );
+            if self.rolling.is_empty() {
+                self.roll_done();
+            }
+            return;
+        }
         let primary_port = self.db_port(primary);
         let back: Vec<String> = self
             .rolling
@@ -852,11 +912,7 @@ impl Orchestrator {
         }
         if self.rolling.is_empty() {
             self.rolling_resumed = None;
-            self.primary_first = false;
-            self.ha.event(
-                "RollingRestartDone",
-                "every instance runs with the new configuration",
-            );
+            self.roll_done();
         } else if since.elapsed() > ROLL_STEP_TIMEOUT {
             self.ha.event(
                 "RollingRestartStopped",
@@ -901,7 +957,6 @@ impl Orchestrator {
                 self.rolling.retain(|n| *n != name);
                 self.rolling_now = None;
                 if name == primary && self.primary_first {
-                    self.primary_first = false;
                     self.primary_back_lsn = wal_lsn(members.iter().find(|m| m.name == primary));
                 }
                 self.ha.event(
@@ -909,10 +964,7 @@ impl Orchestrator {
                     format!("{name} runs with the new configuration"),
                 );
                 if self.rolling.is_empty() {
-                    self.ha.event(
-                        "RollingRestartDone",
-                        "every instance runs with the new configuration",
-                    );
+                    self.roll_done();
                 }
             } else if since.elapsed() > ROLL_STEP_TIMEOUT {
                 // Do not take more instances down with a configuration the
@@ -933,6 +985,7 @@ impl Orchestrator {
                 );
                 self.rolling.clear();
                 self.rolling_now = None;
+                self.primary_first = false;
             }
             return None;
         }
@@ -965,6 +1018,7 @@ impl Orchestrator {
         if !self.rolling.iter().any(|n| n == primary) {
             // Only fenced instances were left.
             self.rolling.clear();
+            self.primary_first = false;
             self.ha.event(
                 "RollingRestartDone",
                 "every instance that runs has the new configuration",
@@ -1167,6 +1221,7 @@ impl Orchestrator {
         let healthy = status.is_some_and(|s| s.role == Role::Primary && s.ready);
         if healthy {
             self.primary_down_since = None;
+            self.primary_seen_ready = true;
             if let Some(s) = status {
                 for name in sync_standbys(s) {
                     if !self.ha.sync_standbys.contains(&name) {
@@ -1265,19 +1320,7 @@ impl Orchestrator {
             return None;
         }
         let since = *self.primary_down_since.get_or_insert_with(Instant::now);
-        // A server that exited (or was fenced) is down for sure; a manager
-        // that missed one observation may only be slow.
-        let grace = match status {
-            None => UNREACHABLE_GRACE,
-            Some(s)
-                if matches!(s.process, ProcessState::Exited | ProcessState::Stopping)
-                    || (s.fenced && !s.awaiting_lease) =>
-            {
-                Duration::ZERO
-            }
-            Some(s) if s.awaiting_lease => AWAITING_LEASE_GRACE,
-            Some(_) => NOT_READY_GRACE,
-        };
+        let grace = failure_grace(status, self.primary_seen_ready);
         if since.elapsed() >= self.failover_delay + grace && members.len() > 1 {
             let why = match (pm, status) {
                 (Some(m), None) => format!(
@@ -1528,6 +1571,7 @@ impl Orchestrator {
                 );
                 self.save();
                 self.primary_down_since = None;
+                self.primary_seen_ready = true;
                 self.slots_done_for = Some((candidate.to_string(), Instant::now()));
                 self.sync_told = None;
                 self.last_wait = None;
@@ -1796,6 +1840,33 @@ fn server_pid(pid_file: &std::path::Path) -> Option<i32> {
     (cwd == dir).then_some(pid)
 }
 
+/// How long the primary may look as it does in `status` (`None`: its
+/// manager did not answer) before it counts as failed. A server that
+/// exited (or was fenced) is down for sure; a manager that missed one
+/// observation may only be slow; a primary this `up` has not seen ready
+/// yet (`seen_ready`) is still starting, as `up` started it. Pure.
+fn failure_grace(
+    status: Option<&crate::instance::protocol::MemberStatus>,
+    seen_ready: bool,
+) -> Duration {
+    let grace = match status {
+        None => UNREACHABLE_GRACE,
+        Some(s)
+            if matches!(s.process, ProcessState::Exited | ProcessState::Stopping)
+                || (s.fenced && !s.awaiting_lease) =>
+        {
+            Duration::ZERO
+        }
+        Some(s) if s.awaiting_lease => AWAITING_LEASE_GRACE,
+        Some(_) => NOT_READY_GRACE,
+    };
+    if seen_ready || grace.is_zero() {
+        grace
+    } else {
+        grace.max(STARTUP_GRACE)
+    }
+}
+
 fn sync_standbys(s: &crate::instance::protocol::MemberStatus) -> Vec<String> {
     s.details
         .get("replicas")
@@ -1888,6 +1959,33 @@ mod tests {
                 ..Default::default()
             }),
             error: None,
+        }
+    }
+
+    #[test]
+    fn a_primary_started_by_this_up_gets_its_start_time() {
+        let status = |process, awaiting_lease, fenced| MemberStatus {
+            process,
+            awaiting_lease,
+            fenced,
+            ..Default::default()
+        };
+        let starting = status(ProcessState::Starting, false, false);
+        let awaiting = status(ProcessState::Fenced, true, false);
+        let exited = status(ProcessState::Exited, false, false);
+        let fenced = status(ProcessState::Exited, false, true);
+        // Seen ready by this `up`: the usual graces.
+        assert_eq!(failure_grace(None, true), UNREACHABLE_GRACE);
+        assert_eq!(failure_grace(Some(&starting), true), NOT_READY_GRACE);
+        assert_eq!(failure_grace(Some(&awaiting), true), AWAITING_LEASE_GRACE);
+        // Not yet: it is starting because this `up` started it.
+        for s in [None, Some(&starting), Some(&awaiting)] {
+            assert_eq!(failure_grace(s, false), STARTUP_GRACE);
+        }
+        // A server that exited or is fenced: at once, either way.
+        for seen in [true, false] {
+            assert_eq!(failure_grace(Some(&exited), seen), Duration::ZERO);
+            assert_eq!(failure_grace(Some(&fenced), seen), Duration::ZERO);
         }
     }
 
