@@ -2039,3 +2039,112 @@ async fn ha_up_killed_mid_rolling_restart_resumes() {
     eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
     local.down();
 }
+
+/// `up` SIGKILLed in the middle of a primary-first rolling restart (a
+/// lowered `max_connections`: standbys may not run with less than their
+/// primary announced), just as the primary's restart began, and started
+/// again with the new file. The new `up` starts every manager at once
+/// from the rewritten configuration: each replica, whose control file
+/// still holds the primary's old value, starts with that value instead of
+/// refusing to start (it says so in its manager log), and once the primary
+/// is back the resumed rolling restart restarts the replicas one at a
+/// time, each after replaying past the primary's restart. Every instance
+/// ends with the lowered value, one primary, no acknowledged write lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_up_killed_mid_primary_first_roll_resumes() {
+    let t0 = Instant::now();
+    let mut local = Local::new();
+    local.start();
+    let s = local.wait_converged();
+    let rw = s["endpoints"]["rw"].as_str().unwrap().to_string();
+    let password = local.password();
+    let p = primary(&s);
+    create_table(&rw, &password).await;
+    let writer = Writer::start(rw.clone(), password.clone(), 1000);
+    wait_acks(&writer, 0, 50, "before the change").await;
+
+    let lowered = simple_pg_ha(15).replace(
+        "    synchronous:\n",
+        "    parameters:\n      max_connections: '90'\n    synchronous:\n",
+    );
+    let out = local.apply(&lowered);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rolling = loop {
+        let st = local.state_json();
+        if st["ha"]["rolling"]["restarting"] == p.as_str() {
+            break st["ha"]["rolling"].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the primary's restart never began: {}",
+            st["ha"]
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    eprintln!("killing `up` as the primary restarts: {rolling}");
+    assert_eq!(rolling["primaryFirst"], true, "{rolling}");
+    let mut up = local.up.take().unwrap();
+    up.kill().unwrap();
+    up.wait().unwrap();
+    std::fs::write(&local.file, &lowered).unwrap();
+    local.start();
+    local.wait_for("the resumed rolling restart done", |s| {
+        let events = s["events"].to_string();
+        events
+            .split("RollingRestartResumed")
+            .nth(1)
+            .is_some_and(|after| after.contains("RollingRestartDone"))
+    });
+    let s = local.wait_converged();
+    assert_eq!(primary(&s), p, "restarted in place, no failover: {s}");
+    // The replicas ran with the control file's value until their turn.
+    for name in instance_names().into_iter().filter(|n| *n != p) {
+        let log = std::fs::read_to_string(
+            local
+                .state
+                .join("instances")
+                .join(&name)
+                .join("manager.log"),
+        )
+        .unwrap();
+        assert!(
+            log.contains("max_connections: 90 -> 100"),
+            "{name} did not start with the control file's max_connections:\n{}",
+            local.logs()
+        );
+    }
+    let events: Vec<String> = s["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap().to_string())
+        .collect();
+    let resumed = events
+        .iter()
+        .position(|e| e.contains("RollingRestartResumed"))
+        .unwrap();
+    let restarts: Vec<&String> = events[resumed..]
+        .iter()
+        .filter(|e| e.contains(" Restarting: "))
+        .collect();
+    assert_eq!(
+        restarts.len(),
+        2,
+        "both replicas restarted again: {events:#?}"
+    );
+    wait_acks(&writer, writer.acked_count(), 20, "after the restart of up").await;
+    let acked = writer.stop().await;
+    assert_all_present(&rw, &password, &acked).await;
+    for (name, v, _) in show_everywhere(&s, &password, "max_connections").await {
+        assert_eq!(v, "90", "{name}");
+    }
+    let st = local.state_json();
+    assert!(st["ha"]["rolling"].is_null(), "{}", st["ha"]);
+    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
+    local.down();
+}
