@@ -24,6 +24,13 @@ pub const ACTION_BOOTSTRAP: &str = "bootstrap";
 /// answers or stops.
 pub const UNKNOWN_COMPONENT_GRACE: Duration = Duration::from_secs(30);
 
+/// How long a new bootstrap decision waits for members whose instance
+/// manager does not answer, when the others (a majority) reported: the
+/// missing one may hold the most advanced position (a write acknowledged
+/// by it alone may not be committed on the others yet), and after a full
+/// crash the members' managers come back within seconds of each other.
+pub const STRAGGLER_GRACE: Duration = Duration::from_secs(15);
+
 /// The Galera facts of a member report, when it has a Galera position.
 pub fn wsrep_status(s: &MemberStatus) -> Option<WsrepStatus> {
     let Position::Galera {
@@ -165,6 +172,9 @@ pub struct ComponentWatch {
     seen_primary: BTreeMap<String, bool>,
     /// Since when each member's component has been unknown.
     unknown_since: BTreeMap<String, Instant>,
+    /// Since when the election has named a member to bootstrap while
+    /// some member did not answer.
+    promote_since: Option<Instant>,
 }
 
 impl ComponentWatch {
@@ -202,6 +212,40 @@ impl ComponentWatch {
             }
         }
         out
+    }
+
+    /// The members a new decision waits for, each with why: while the
+    /// election names a member to bootstrap and some members' managers do
+    /// not answer, for up to [`STRAGGLER_GRACE`] from the first such round.
+    pub fn stragglers(
+        &mut self,
+        election: &Election,
+        members: &[ObservedMember],
+        now: Instant,
+    ) -> Vec<String> {
+        let missing: Vec<&ObservedMember> = members.iter().filter(|m| m.status.is_none()).collect();
+        if !matches!(election, Election::Promote { .. }) || missing.is_empty() {
+            self.promote_since = None;
+            return Vec::new();
+        }
+        let since = *self.promote_since.get_or_insert(now);
+        let left = STRAGGLER_GRACE.saturating_sub(now.duration_since(since));
+        if left.is_zero() {
+            return Vec::new();
+        }
+        missing
+            .iter()
+            .map(|m| {
+                format!(
+                    "waiting up to {}s more for {} to report its position too ({})",
+                    left.as_secs().max(1),
+                    m.name,
+                    m.error
+                        .as_deref()
+                        .unwrap_or("its instance manager does not answer")
+                )
+            })
+            .collect()
     }
 }
 
@@ -427,6 +471,59 @@ mod tests {
                 .blockers(&busy, t1 + UNKNOWN_COMPONENT_GRACE)
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_new_decision_waits_a_while_for_members_that_do_not_answer() {
+        let t0 = Instant::now();
+        let promote = Election::Promote {
+            candidate: "db-1".into(),
+            reason: "highest seqno".into(),
+        };
+        let down = ObservedMember {
+            name: "db-2".into(),
+            status: None,
+            error: Some("connection refused".into()),
+        };
+        let up = galera_member("db-1", ProcessState::Preparing, json!({}));
+        let mut watch = ComponentWatch::default();
+        let why = watch.stragglers(&promote, &[up.clone(), down.clone()], t0);
+        assert_eq!(why.len(), 1);
+        assert!(
+            why[0].contains("db-2") && why[0].contains("connection refused"),
+            "{why:?}"
+        );
+        let later = t0 + STRAGGLER_GRACE - Duration::from_secs(1);
+        assert_eq!(
+            watch
+                .stragglers(&promote, &[up.clone(), down.clone()], later)
+                .len(),
+            1
+        );
+        // The grace is over: a majority suffices.
+        let over = t0 + STRAGGLER_GRACE;
+        assert!(
+            watch
+                .stragglers(&promote, &[up.clone(), down.clone()], over)
+                .is_empty()
+        );
+        // Everyone answers, or the election does not promote: no wait, and
+        // the grace starts again next time.
+        assert!(
+            watch
+                .stragglers(&promote, std::slice::from_ref(&up), over)
+                .is_empty()
+        );
+        let wait = Election::Wait {
+            reason: "r".into(),
+            retry_after: Duration::ZERO,
+        };
+        assert!(
+            watch
+                .stragglers(&wait, &[up.clone(), down.clone()], over)
+                .is_empty()
+        );
+        assert_eq!(watch.stragglers(&promote, &[up, down], over).len(), 1);
     }
 
     #[test]

@@ -336,7 +336,9 @@ pub(crate) async fn recover(
     let now_instant = Instant::now();
     let pending = previous.as_ref().and_then(|s| s.bootstrap.clone());
     let (blockers, last_attempt) = ctx.galera.with(ns, name, |m| {
-        (m.components.blockers(members, now_instant), m.last_attempt)
+        let mut blockers = m.components.blockers(members, now_instant);
+        blockers.extend(m.components.stragglers(&election, members, now_instant));
+        (blockers, m.last_attempt)
     });
     let due = pending.as_ref().is_some_and(|p| {
         order_due(
