@@ -31,7 +31,10 @@ use super::reconcile::{KindContext, write_status};
 use crate::api::status::{BootstrapStatus, ClusterStatus, condition_type, set_condition};
 use crate::build::names;
 use crate::engine::{Election, InstanceOps, ObservedMember, ReplicationModel, ValidatedCluster};
-use crate::galera::{ACTION_BOOTSTRAP, BootstrapStep, ComponentWatch, bootstrap_step, position_of};
+use crate::galera::{
+    ACTION_BOOTSTRAP, BootstrapStep, ComponentWatch, bootstrap_step, in_primary, position_of,
+    wsrep_status,
+};
 use crate::instance::client::InstanceClient;
 use crate::instance::config::PeerEndpoint;
 use crate::instance::protocol::{ProcessState, SECRET_KEY_API_TOKEN};
@@ -49,6 +52,21 @@ pub const REORDER_AFTER: Duration = Duration::from_secs(10);
 pub const REQUEUE_RECOVERING: Duration = Duration::from_secs(2);
 /// Bounds the `bootstrap` request (the manager answers at once).
 const ORDER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Event action of a bootstrap of a new group (no member had state).
+pub const ACTION_NEW_CLUSTER: &str = "BootstrapNewCluster";
+/// Event action of a bootstrap from a recovered position (a full crash).
+pub const ACTION_FROM_POSITION: &str = "BootstrapFromPosition";
+
+/// The Event action of the bootstrap `d`: a new group's events and a
+/// recovery's are different series even on the same member.
+pub fn action_of(d: &BootstrapStatus) -> &'static str {
+    if d.uuid.is_none() {
+        ACTION_NEW_CLUSTER
+    } else {
+        ACTION_FROM_POSITION
+    }
+}
 
 /// Condition reasons of `PrimaryComponent`.
 pub mod reason {
@@ -216,7 +234,8 @@ pub fn plan(
             let (uuid, seqno) = position_of(members, &member).unzip();
             let decision = BootstrapStatus {
                 instance: member,
-                uuid: uuid.filter(|u| !u.is_empty()),
+                // No state (a new cluster): empty or the nil UUID.
+                uuid: uuid.filter(|u| u.chars().any(|c| c != '0' && c != '-')),
                 seqno: seqno.filter(|s| *s >= 0),
                 reason,
                 decided_at: now,
@@ -242,10 +261,19 @@ pub fn plan(
                     reason: reason::NO_CANDIDATE,
                     message: reason.clone(),
                 },
-                (Election::Wait { reason, .. }, None) => Standing {
-                    primary: false,
-                    reason: reason::WAITING,
-                    message: reason.clone(),
+                (Election::Wait { reason, .. }, None) => match in_component(members) {
+                    // Not Synced yet, but the group runs (a lone member
+                    // donating a state transfer).
+                    Some(m) => Standing {
+                        primary: true,
+                        reason: reason::PRIMARY,
+                        message: format!("{m} in a Primary component; no member is Synced yet"),
+                    },
+                    None => Standing {
+                        primary: false,
+                        reason: reason::WAITING,
+                        message: reason.clone(),
+                    },
                 },
                 // Promote without a decision is always `Decide`; native
                 // elections are not multi-writer.
@@ -258,6 +286,20 @@ pub fn plan(
             (Plan::Nothing, standing)
         }
     }
+}
+
+/// The first member reporting itself in a Primary component, as `name is
+/// state`.
+fn in_component(members: &[ObservedMember]) -> Option<String> {
+    members.iter().find(|m| in_primary(m)).map(|m| {
+        let state = m
+            .status
+            .as_ref()
+            .and_then(wsrep_status)
+            .map(|w| w.state)
+            .unwrap_or_default();
+        format!("{} is {state}", m.name)
+    })
 }
 
 /// The condition while the decision `p` stands. Pure.
@@ -367,13 +409,19 @@ pub(crate) async fn recover(
                 m.last_attempt = None;
                 m.last_error = None;
             });
-            reporter.note(
+            let decision = pending.as_ref();
+            let what = if decision.is_some_and(|d| d.uuid.is_none()) {
+                "the new group is Primary"
+            } else {
+                "the group is Primary again"
+            };
+            reporter.note_about(
                 &object_ref,
+                &bootstrapped,
+                decision.map_or(ACTION_FROM_POSITION, action_of),
                 false,
                 "Bootstrapped",
-                format!(
-                    "the group is Primary again: bootstrapped from {bootstrapped}; {primary} is Synced"
-                ),
+                format!("{what}: bootstrapped from {bootstrapped}; {primary} is Synced"),
             );
             None
         }
@@ -385,8 +433,10 @@ pub(crate) async fn recover(
             write_status(ctx, obj, previous_value.as_ref(), &base).await?;
             *previous_value = serde_json::to_value(&base).ok();
             *previous = Some(base.clone());
-            reporter.note(
+            reporter.note_about(
                 &object_ref,
+                &decision.instance,
+                action_of(&decision),
                 false,
                 reason::DECIDED,
                 format!(
@@ -452,6 +502,10 @@ async fn send_order(
     ctx.galera
         .with(ns, name, |m| m.last_attempt = Some(Instant::now()));
     let reporter = &ctx.shared.reporter;
+    let action = base
+        .bootstrap
+        .as_ref()
+        .map_or(ACTION_FROM_POSITION, action_of);
     let result = match client(ctx, cluster, seen) {
         Some(client) => client
             .action(member, ACTION_BOOTSTRAP, serde_json::json!({}))
@@ -468,8 +522,10 @@ async fn send_order(
                 p.ordered_at = Some(now);
             }
             ctx.galera.with(ns, name, |m| m.last_error = None);
-            reporter.note(
+            reporter.note_about(
                 object_ref,
+                member,
+                action,
                 false,
                 reason::ORDERED,
                 format!("{member} ordered to bootstrap a new primary component ({reply})"),
@@ -483,7 +539,14 @@ async fn send_order(
                 new
             });
             if new {
-                reporter.note(object_ref, true, "BootstrapOrderFailed", note);
+                reporter.note_about(
+                    object_ref,
+                    member,
+                    action,
+                    true,
+                    "BootstrapOrderRefused",
+                    note,
+                );
             } else {
                 tracing::debug!("{note}");
             }
@@ -609,7 +672,18 @@ mod tests {
         }];
         let (p, _) = plan(&promote("pxc-0"), None, &[], &fresh, false, t(5));
         let Plan::Decide(d) = p else { panic!("{p:?}") };
-        assert_eq!((d.uuid, d.seqno), (None, None));
+        assert_eq!((d.uuid.as_deref(), d.seqno), (None, None));
+        assert_eq!(action_of(&d), ACTION_NEW_CLUSTER);
+        let mut nil = fresh[0].clone();
+        nil.status.as_mut().unwrap().position = Position::Galera {
+            cluster_uuid: "00000000-0000-0000-0000-000000000000".into(),
+            seqno: -1,
+            state: "Recovered".into(),
+        };
+        let (p, _) = plan(&promote("pxc-0"), None, &[], &[nil], false, t(5));
+        let Plan::Decide(d) = p else { panic!("{p:?}") };
+        assert_eq!(d.uuid, None, "the nil UUID is no state");
+        assert_eq!(action_of(&decision("pxc-1", None)), ACTION_FROM_POSITION);
     }
 
     #[test]
@@ -717,6 +791,27 @@ mod tests {
             assert_eq!(standing.reason, c.reason, "case {i}");
             assert_eq!(standing.primary, c.reason == reason::PRIMARY, "case {i}");
         }
+        // A lone member donating an SST: the group runs, nothing is Synced.
+        let donor = ObservedMember {
+            name: "pxc-0".into(),
+            status: Some(MemberStatus {
+                position: Position::Galera {
+                    cluster_uuid: U1.into(),
+                    seqno: 3,
+                    state: "Donor/Desynced".into(),
+                },
+                details: serde_json::json!({"wsrepClusterStatus": "Primary"}),
+                ..Default::default()
+            }),
+            error: None,
+        };
+        let (p, standing) = plan(&wait, None, &[], &[donor], true, t(9));
+        assert_eq!(p, Plan::Nothing);
+        assert!(standing.primary, "{standing:?}");
+        assert_eq!(
+            standing.message,
+            "pxc-0 is Donor/Desynced in a Primary component; no member is Synced yet"
+        );
         // The waiting reason is the election's, word for word.
         let (_, standing) = plan(&wait, None, &[], &members, true, t(9));
         assert!(standing.message.contains("1 of 3"), "{}", standing.message);

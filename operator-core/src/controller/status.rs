@@ -295,6 +295,16 @@ impl StateChange {
         }
     }
 
+    /// The instance the change is about, if one.
+    pub fn instance(&self) -> Option<&str> {
+        match self {
+            Self::MemberJoined { instance, .. } | Self::MemberLeft { instance, .. } => {
+                Some(instance)
+            }
+            Self::Phase { .. } | Self::Primary { .. } => None,
+        }
+    }
+
     /// PascalCase Event reason.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -865,6 +875,8 @@ mod tests {
             diffs[5]
         );
         let changes = state_changes(Some(&statuses[4]), &statuses[5]);
+        // Each names its instance (the Event's related pod).
+        assert_eq!(changes[0].instance(), Some("simple-galera-0"));
         assert!(
             changes
                 .iter()

@@ -393,7 +393,7 @@ impl Loop {
             Err(e) => {
                 let note = format!("bootstrap order to {member} failed: {e}");
                 if self.last_wait.as_deref() != Some(note.as_str()) {
-                    self.gs.event("BootstrapOrderFailed", note.clone());
+                    self.gs.event("BootstrapOrderRefused", note.clone());
                     self.last_wait = Some(note);
                     persist(&self.gs);
                 }
