@@ -26,7 +26,7 @@ use kube::Resource;
 use kube::api::DynamicObject;
 
 use super::error::ReconcileError;
-use super::observe::Observation;
+use super::observe::{Observation, reachable_endpoints};
 use super::reconcile::{KindContext, write_status};
 use crate::api::status::{BootstrapStatus, ClusterStatus, condition_type, set_condition};
 use crate::build::names;
@@ -36,9 +36,8 @@ use crate::galera::{
     wsrep_status,
 };
 use crate::instance::client::InstanceClient;
-use crate::instance::config::PeerEndpoint;
 use crate::instance::protocol::{ProcessState, SECRET_KEY_API_TOKEN};
-use crate::plan::{POD_API_PORT, kubernetes_members};
+use crate::plan::kubernetes_members;
 
 /// Least time between two `bootstrap` requests while none was accepted.
 pub const RETRY_ORDER_EVERY: Duration = Duration::from_secs(2);
@@ -554,8 +553,8 @@ async fn send_order(
     }
 }
 
-/// A client for the cluster's instance managers, by pod IP (the pods'
-/// DNS names resolve only inside the cluster network).
+/// A client for the cluster's instance managers, reached as observe
+/// reaches them (by pod IP, [`reachable_endpoints`]).
 fn client(
     ctx: &KindContext,
     cluster: &ValidatedCluster,
@@ -570,15 +569,7 @@ fn client(
         .map(|t| t.trim().to_string())
         .filter(|t| !t.is_empty())?;
     let manifest = ctx.engine.manifest(cluster);
-    let members: Vec<PeerEndpoint> = kubernetes_members(cluster, &manifest)
-        .into_iter()
-        .filter_map(|mut m| {
-            let pod = seen.pods.iter().find(|p| p.name == m.name)?;
-            m.host = pod.pod_ip.clone()?;
-            m.api_port = POD_API_PORT;
-            Some(m)
-        })
-        .collect();
+    let members = reachable_endpoints(&kubernetes_members(cluster, &manifest), &seen.pods);
     Some(InstanceClient::new(
         token,
         cluster.meta.uid.clone().unwrap_or_default(),

@@ -381,13 +381,15 @@ pub fn state_changes(previous: Option<&ClusterStatus>, new: &ClusterStatus) -> V
 /// `wsrep` facts. An instance without `wsrep` facts in either status is
 /// not a Galera member and never counts. A member has joined when it is
 /// Synced and was not a full member before (Synced, or a donor in a
-/// Primary component); it has left when it was not outside before (see
-/// [`galera::in_group`]) and is now. A member whose server runs without
-/// saying whether it is in a primary component (a busy joiner or donor)
-/// counts as outside for a join and inside for a leave: a joiner busy
-/// receiving an SST still gets its `MemberJoined` when it is Synced, and a
-/// busy member that then goes down its `MemberLeft` (so a donor busy
-/// during an SST is reported joining again when it is Synced).
+/// Primary component); it has left when it said it was in the group
+/// before (see [`galera::in_group`]) and is outside now. A member whose
+/// server runs without saying whether it is in a primary component (a
+/// busy joiner or donor) counts as outside for both: a joiner busy
+/// receiving an SST gets its `MemberJoined` when it is Synced, a joiner
+/// whose server keeps failing is never reported leaving a group it never
+/// joined, and a donor busy during an SST is reported joining again when
+/// it is Synced (a busy member that then goes down is not reported
+/// leaving).
 fn membership_changes(previous: Option<&ClusterStatus>, new: &ClusterStatus) -> Vec<StateChange> {
     let mut out = Vec::new();
     for now in &new.instances_status {
@@ -410,7 +412,7 @@ fn membership_changes(previous: Option<&ClusterStatus>, new: &ClusterStatus) -> 
                 instance: now.name.clone(),
                 wsrep: now.wsrep.clone().unwrap_or_default(),
             });
-        } else if was_in != Some(false) && galera::in_group(now.wsrep.as_ref()) == Some(false) {
+        } else if was_in == Some(true) && galera::in_group(now.wsrep.as_ref()) == Some(false) {
             let why = match &now.wsrep {
                 Some(w) => format!(
                     "{}{}",
@@ -882,6 +884,40 @@ mod tests {
                 .iter()
                 .filter(|c| c.reason() == "MemberLeft")
                 .all(StateChange::is_warning)
+        );
+    }
+
+    #[test]
+    fn a_joiner_that_keeps_failing_never_leaves() {
+        let g = |i: usize| format!("simple-galera-{i}");
+        let synced = |i: usize| galera_member(&g(i), "Synced", Some("Primary"));
+        let statuses = galera_statuses(&[
+            vec![
+                synced(0),
+                galera_member(&g(1), "Recovered", None),
+                synced(2),
+            ],
+            vec![synced(0), galera_member(&g(1), "Starting", None), synced(2)],
+            vec![
+                synced(0),
+                galera_member(&g(1), "Recovered", None),
+                synced(2),
+            ],
+            vec![synced(0), galera_member(&g(1), "Starting", None), synced(2)],
+            vec![synced(0), synced(1), synced(2)],
+        ]);
+        for pair in statuses.windows(2) {
+            let changes = membership(&state_changes(Some(&pair[0]), &pair[1]));
+            assert!(
+                changes.iter().all(|c| !c.starts_with("MemberLeft")),
+                "{changes:?}"
+            );
+        }
+        let last = membership(&state_changes(Some(&statuses[3]), &statuses[4]));
+        assert_eq!(last.len(), 1, "{last:?}");
+        assert!(
+            last[0].starts_with("MemberJoined simple-galera-1"),
+            "{last:?}"
         );
     }
 
