@@ -12,10 +12,9 @@
 //!   again; the kubelet's hooks work: a killed postmaster is restarted by
 //!   its manager, a replica whose node crashed catches up when it is back;
 //! - a 3-instance `PxcCluster` (MariaDB Galera, `proxy.type: none`)
-//!   becomes Healthy and rows written through `-rw` reach every node. The
-//!   controller does not yet order the bootstrap of a new Galera group on
-//!   Kubernetes (branch galerak8s), so this test orders it on ordinal 0
-//!   itself, marked as such.
+//!   becomes Healthy (the controller orders the bootstrap of the new
+//!   group) and rows written through `-rw` reach every node
+//!   (tests/k8s_pxc.rs goes on to a full crash).
 //!
 //! Uses the control plane of `STRATUM_TEST_KUBECONFIG`, or starts one for
 //! this binary (scripts/control-plane.sh); fails when it cannot, or when
@@ -360,7 +359,10 @@ fn galera() -> Value {
             // operator's certificate, which names each member's headless
             // DNS name. Under the fake kubelet members address each other
             // by loopback IP: mariabackup's SST checks the joiner's name
-            // and would refuse; rsync's (through stunnel) checks the chain.
+            // and would refuse (and its socat listens on 0.0.0.0:4444, where
+            // two joiners in the one network namespace of every pod would
+            // collide); rsync's (through stunnel) checks the chain and binds
+            // the joiner's pod IP.
             "sstMethod": "rsync",
             // No HAProxy pods run here: -rw/-ro select the writer label.
             "proxy": {"type": "none"},
@@ -385,7 +387,6 @@ async fn mariadb(ip: Ipv4Addr, password: &str) -> Result<mysql_async::Conn, Stri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pxc_cluster_runs_real_instances_once_bootstrapped() {
     use mysql_async::prelude::Queryable;
-    use operator_core::engine::InstanceOps;
 
     assert!(
         Path::new("/usr/sbin/mariadbd").is_file(),
@@ -404,26 +405,8 @@ async fn pxc_cluster_runs_real_instances_once_bootstrapped() {
     let api: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), &ns, &stratum_resource("PxcCluster"));
 
-    // The three members start (Parallel) and wait for the bootstrap order.
-    // NOT YET THE CONTROLLER'S: on Kubernetes nothing orders the bootstrap
-    // of a new group yet (the local runtime's galera.rs does; the
-    // controller's turn is branch galerak8s), so the test orders it on
-    // ordinal 0 as the operator will. Remove this step once it does.
-    eventually("galera-0 waiting for the bootstrap order", WAIT, || async {
-        let log = kubelet.manager_log("galera-0");
-        if log.contains("waiting for the operator to choose the bootstrap member") {
-            Ok(())
-        } else {
-            Err(log.lines().last().unwrap_or_default().to_string())
-        }
-    })
-    .await;
-    kubelet
-        .instance_client()
-        .action("galera-0", "bootstrap", json!({}))
-        .await
-        .unwrap_or_else(|e| panic!("bootstrap order to galera-0: {e}"));
-
+    // The three members start (Parallel) and wait for the bootstrap
+    // order, which the controller sends to one of them.
     let status = wait_status(&api, "galera", "phase Healthy", START, |s| {
         s["phase"] == "Healthy"
     })

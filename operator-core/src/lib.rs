@@ -7,6 +7,7 @@ pub mod build;
 pub mod controller;
 pub mod engine;
 pub mod error;
+pub mod galera;
 pub mod haproxy_config;
 pub mod instance;
 pub mod local;

@@ -21,7 +21,9 @@
 //!   ([`POD_API_PORT`]), which is why each pod needs an IP of its own;
 //! - containers: `stratum instance --config <tmp>/<pod>/instance.json`, the
 //!   ConfigMap's config with this pod's name, addresses and directories;
-//!   the credentials Secret written as files; run as root with the
+//!   the credentials Secret written as files, and a Secret volume the
+//!   instance config points at (`tlsDir`: the cluster's TLS Secret)
+//!   projected into `<tmp>/<pod>/<volume>`; run as root with the
 //!   database under an unprivileged user (PostgreSQL refuses root); a
 //!   manager that exits is restarted (restartPolicy Always); the run
 //!   directory is an emptyDir: emptied when a new pod (UID) starts;
@@ -390,29 +392,27 @@ impl Shared {
         for (name, path) in config.volumes.iter_mut() {
             *path = dir.join(name);
         }
+        if let Some(mount) = config.tls_dir.clone() {
+            config.tls_dir = Some(self.project_secret_volume(pod, &mount, &dir).await?);
+        }
         config.run_dir = run;
         config.token_file = secrets.join(SECRET_KEY_API_TOKEN);
         config.secrets_dir = secrets;
         config.run_as_user = self.run_as_user.clone();
-        if let Some(mount) = config.tls_dir.clone() {
-            config.tls_dir = Some(
-                self.write_secret_volume(pod, &mount, &dir.join("tls"))
-                    .await?,
-            );
-        }
         let file = dir.join("instance.json");
         std::fs::write(&file, serde_json::to_vec_pretty(&config).unwrap())
             .map_err(|e| e.to_string())?;
         Ok(file)
     }
 
-    /// Write the Secret the pod mounts at `mount` (its volume's
-    /// `secretName`) into `into`, as the kubelet's Secret volume would.
-    async fn write_secret_volume(
+    /// Write the Secret volume the pod mounts at `mount` (e.g. the
+    /// cluster's TLS Secret) into `<pod dir>/<volume name>` as a kubelet
+    /// projects it; returns that directory.
+    async fn project_secret_volume(
         &self,
         pod: &str,
         mount: &Path,
-        into: &Path,
+        dir: &Path,
     ) -> Result<PathBuf, String> {
         let spec = self
             .pods()
@@ -434,20 +434,23 @@ impl Shared {
             .flatten()
             .find(|v| v.name == volume)
             .and_then(|v| v.secret.as_ref()?.secret_name.clone())
-            .ok_or_else(|| format!("pod {pod}: volume {volume} is not a Secret volume"))?;
+            .ok_or_else(|| format!("volume {volume} of pod {pod} is not a Secret"))?;
         let secret: Secret = Api::namespaced(self.client.clone(), &self.ns)
             .get(&secret_name)
             .await
             .map_err(|e| format!("Secret {secret_name}: {}", api_message(&e)))?;
-        std::fs::create_dir_all(into).map_err(|e| e.to_string())?;
-        set_mode(into, 0o755);
+        let out = dir.join(&volume);
+        std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
         for (key, value) in secret.data.iter().flatten() {
-            let file = into.join(key);
-            std::fs::write(&file, &value.0).map_err(|e| e.to_string())?;
-            // The database runs unprivileged and must read the key.
-            set_mode(&file, 0o644);
+            std::fs::write(out.join(key), &value.0).map_err(|e| e.to_string())?;
         }
-        Ok(into.to_path_buf())
+        // The database user reads them (a kubelet projects with fsGroup).
+        set_mode(&out, 0o755);
+        for entry in std::fs::read_dir(&out).map_err(|e| e.to_string())? {
+            let path = entry.map_err(|e| e.to_string())?.path();
+            set_mode(&path, 0o644);
+        }
+        Ok(out)
     }
 
     /// Start `pod`'s instance manager.

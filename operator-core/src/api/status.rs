@@ -71,6 +71,40 @@ pub struct ClusterStatus {
     /// visible rather than silently skipped.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unsupported_capabilities: Vec<String>,
+
+    /// Multi-writer (Galera) clusters: the bootstrap the operator decided
+    /// after a full crash (or for a new cluster) and has not seen complete
+    /// yet. Written *before* the member is ordered to bootstrap, so a
+    /// restarted operator orders the same member again and never another
+    /// one; removed once a member is Synced in a Primary component again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<BootstrapStatus>,
+}
+
+/// A bootstrap of a multi-writer (Galera) group decided by the operator:
+/// the member that starts a new Primary component (`--wsrep-new-cluster`)
+/// from its own data, which the other members then join.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BootstrapStatus {
+    /// The member ordered to bootstrap (only ever this one while the
+    /// decision stands).
+    pub instance: String,
+    /// The cluster UUID of its recovered position, when it reported one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// Its recovered seqno (the highest of the majority's cluster UUID,
+    /// unless `spec.bootstrap.forceBootstrapFrom` chose it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seqno: Option<i64>,
+    /// Why it was chosen (the election's words).
+    #[serde(default)]
+    pub reason: String,
+    /// When the operator decided it.
+    pub decided_at: DateTime<Utc>,
+    /// When its instance manager last accepted the order; unset until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordered_at: Option<DateTime<Utc>>,
 }
 
 /// Coarse state of a cluster.
@@ -133,7 +167,46 @@ pub struct InstanceStatus {
     /// Why the instance is not ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Galera members: wsrep state, cluster UUID and seqno, cluster size
+    /// and status, flow control, last state transfer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wsrep: Option<WsrepStatus>,
 }
+
+/// One Galera member's facts, as its instance manager reports them.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WsrepStatus {
+    /// `wsrep_local_state_comment` (`Synced`, `Joining`, `Donor/Desynced`,
+    /// …), `Recovered` when the server is down with a known position,
+    /// `Starting` when it runs but does not answer yet.
+    pub state: String,
+    /// `wsrep_cluster_state_uuid` (or the recovered one).
+    pub cluster_uuid: String,
+    /// Last committed (or recovered) seqno; -1 unknown.
+    pub seqno: i64,
+    /// `wsrep_cluster_size`, while running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_size: Option<i64>,
+    /// `wsrep_cluster_status` (`Primary`, `non-Primary`), while running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_status: Option<String>,
+    /// `wsrep_flow_control_paused`: the fraction of time replication was
+    /// paused by flow control.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_control_paused: Option<f64>,
+    /// How the member last received state: `ist` (missing write-sets) or
+    /// `sst` (a full copy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_state_transfer: Option<String>,
+    /// `safe_to_bootstrap` of its `grastate.dat`, when reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safe_to_bootstrap: Option<bool>,
+}
+
+// Statuses are compared whole (`Eq` in the local runtime's snapshot); the
+// one float, a fraction reported by the server, is never NaN.
+impl Eq for WsrepStatus {}
 
 /// A standard Kubernetes condition.
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -168,6 +241,11 @@ pub mod condition_type {
     pub const CONTINUOUS_ARCHIVING: &str = "ContinuousArchiving";
     /// The last backup succeeded.
     pub const LAST_BACKUP_SUCCEEDED: &str = "LastBackupSucceeded";
+    /// Multi-writer (Galera) clusters: a member runs in a Primary
+    /// component. False with the reason while the operator waits to
+    /// bootstrap the group (positions missing, a bootstrap decided or
+    /// ordered, no safe candidate).
+    pub const PRIMARY_COMPONENT: &str = "PrimaryComponent";
 }
 
 /// Set or update a condition in place. `last_transition_time` changes only

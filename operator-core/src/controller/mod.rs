@@ -60,6 +60,7 @@ pub mod backoff;
 pub mod cache;
 pub mod decide;
 pub mod error;
+pub mod galera;
 pub mod leader;
 pub mod metrics;
 pub mod observe;
@@ -277,6 +278,7 @@ async fn run_kind(shared: Arc<reconcile::Shared>, engine: Arc<dyn Engine>, resou
         validated: Default::default(),
         written: Default::default(),
         clusters: store.clone(),
+        galera: Default::default(),
     });
     // Deleted clusters' records go with the watch's Delete (or the next
     // re-list), whether or not their cleanup ran.

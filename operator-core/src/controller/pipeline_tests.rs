@@ -187,6 +187,7 @@ impl Harness {
             validated: Default::default(),
             written: Default::default(),
             clusters: clusters.as_reader(),
+            galera: Default::default(),
         });
         writers.ready();
         Self {

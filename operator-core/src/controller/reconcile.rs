@@ -26,6 +26,7 @@ use super::decide;
 use super::error::{
     ApplyError, DecideError, ReconcileError, StatusError, ValidateError, error_chain,
 };
+use super::galera;
 use super::metrics::{Metrics, Step};
 use super::observe;
 use super::report::Reporter;
@@ -74,6 +75,8 @@ pub(crate) struct KindContext {
     /// missing from it is gone, and so are its records above (see
     /// [`KindContext::on_cluster_event`]).
     pub clusters: Store<DynamicObject>,
+    /// What the Galera bootstrap step remembers between reconciles.
+    pub galera: galera::Memory,
 }
 
 /// A status written by this process, with the `resourceVersion` the write
@@ -148,6 +151,8 @@ impl KindContext {
         drop(validated);
         let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
         written.retain(|id, _| keep_id(id));
+        drop(written);
+        self.galera.retain(&keep);
     }
 
     fn cached(&self, ns: &str, name: &str) -> bool {
@@ -386,7 +391,7 @@ fn previous_status(obj: &DynamicObject) -> Option<ClusterStatus> {
 
 /// Merge-patch the status subresource from `old` (the JSON status the
 /// patch is computed against) to `new`, and remember what was written.
-async fn write_status(
+pub(super) async fn write_status(
     ctx: &KindContext,
     obj: &DynamicObject,
     old: Option<&serde_json::Value>,
@@ -456,7 +461,7 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
     let client = &shared.client;
     let kind = engine.kind();
     let object_ref: ObjectReference = obj.object_ref(&ctx.resource);
-    let (previous, previous_value) = ctx.previous(obj);
+    let (mut previous, mut previous_value) = ctx.previous(obj);
 
     // validate: the API server already ran the schema and CEL rules.
     let cluster = match ctx.validate(obj) {
@@ -548,6 +553,18 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
     )
     .await;
 
+    // galera: bootstrap after a full crash (multi-writer engines only);
+    // the decision is written to status before the order.
+    let recovery = galera::recover(
+        ctx,
+        obj,
+        &cluster,
+        &seen,
+        &mut previous,
+        &mut previous_value,
+    )
+    .await?;
+
     // decide: routing and pod labels.
     let previous_primary = previous.as_ref().and_then(|s| s.current_primary.clone());
     let routing = decide::decide_routing(
@@ -586,7 +603,7 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
     // status.
     let instance_names = cluster.instance_names();
     let new = status::compute_status(
-        previous.as_ref(),
+        recovery.base(previous.as_ref()),
         &StatusInput {
             cluster: &name,
             generation: cluster.meta.generation,
@@ -604,11 +621,14 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
     for change in status::state_changes(previous.as_ref(), &new) {
         reporter.state_change(&object_ref, &change);
     }
-    Ok(if new.phase == Some(Phase::Healthy) {
-        Action::requeue(REQUEUE_HEALTHY)
+    let requeue = if new.phase == Some(Phase::Healthy) {
+        REQUEUE_HEALTHY
     } else {
-        Action::requeue(REQUEUE_WAITING)
-    })
+        REQUEUE_WAITING
+    };
+    Ok(Action::requeue(
+        recovery.requeue.map_or(requeue, |r| r.min(requeue)),
+    ))
 }
 
 /// Deletion: owned children go with the cluster through garbage

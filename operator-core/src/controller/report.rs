@@ -34,6 +34,22 @@ pub fn truncate_note(note: &str, max: usize) -> String {
     format!("{}{ellipsis}", &note[..end])
 }
 
+/// The Event `action` of everything the reconcile reports, unless said
+/// otherwise.
+pub const ACTION: &str = "Reconcile";
+
+/// The pod of `instance` (same namespace as the cluster `object`): the
+/// related object of an Event about one instance.
+pub fn pod_reference(object: &ObjectReference, instance: &str) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        namespace: object.namespace.clone(),
+        name: Some(instance.to_string()),
+        ..Default::default()
+    }
+}
+
 /// Events sent to the API server at once; the rest wait in their tasks.
 /// Bounded so that a burst of new clusters (two or three Events each)
 /// does not add hundreds of concurrent requests to the API server's load.
@@ -75,19 +91,36 @@ impl Reporter {
         }
     }
 
-    /// Report a state change (phase transition, new primary, rejected spec).
+    /// Report a state change (phase transition, new primary, rejected spec,
+    /// a Galera member joining or leaving). A change about one instance
+    /// names its pod as the Event's related object.
     pub fn state_change(&self, object: &ObjectReference, change: &StateChange) {
         let type_ = if change.is_warning() {
             EventType::Warning
         } else {
             EventType::Normal
         };
-        self.publish(object, type_, change.reason(), change.note());
+        let related = change.instance().map(|i| pod_reference(object, i));
+        self.publish(
+            object,
+            related,
+            ACTION,
+            type_,
+            change.reason(),
+            change.note(),
+        );
     }
 
     /// Report a failed reconcile: reason = the error's category.
     pub fn error(&self, object: &ObjectReference, err: &ReconcileError) {
-        self.publish(object, EventType::Warning, err.category(), error_chain(err));
+        self.publish(
+            object,
+            None,
+            ACTION,
+            EventType::Warning,
+            err.category(),
+            error_chain(err),
+        );
     }
 
     /// Report anything else worth an Event.
@@ -97,7 +130,30 @@ impl Reporter {
         } else {
             EventType::Normal
         };
-        self.publish(object, type_, reason, note);
+        self.publish(object, None, ACTION, type_, reason, note);
+    }
+
+    /// Report something the operator did to one instance of the cluster:
+    /// its pod is the Event's related object, and `action` says what was
+    /// done (e.g. `BootstrapFromPosition`). Events with the same reason,
+    /// action and related object within a few minutes are one series (a
+    /// count, the first note), so both tell different happenings apart.
+    pub fn note_about(
+        &self,
+        object: &ObjectReference,
+        instance: &str,
+        action: &str,
+        warning: bool,
+        reason: &str,
+        note: String,
+    ) {
+        let type_ = if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        let related = Some(pod_reference(object, instance));
+        self.publish(object, related, action, type_, reason, note);
     }
 
     /// Wait until every Event reported so far was sent (or failed). For
@@ -112,7 +168,15 @@ impl Reporter {
         }
     }
 
-    fn publish(&self, object: &ObjectReference, type_: EventType, reason: &str, note: String) {
+    fn publish(
+        &self,
+        object: &ObjectReference,
+        related: Option<ObjectReference>,
+        action: &str,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
         let note = truncate_note(&note, MAX_NOTE);
         let name = object.name.as_deref().unwrap_or_default();
         let namespace = object.namespace.as_deref().unwrap_or_default();
@@ -129,8 +193,8 @@ impl Reporter {
             type_,
             reason: reason.to_string(),
             note: Some(note),
-            action: "Reconcile".into(),
-            secondary: None,
+            action: action.into(),
+            secondary: related,
         };
         let (recorder, metrics, slots, pending) = (
             self.recorder.clone(),

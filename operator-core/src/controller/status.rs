@@ -7,10 +7,11 @@ use serde_json::Value;
 
 use super::decide::PodInfo;
 use crate::api::status::{
-    ClusterStatus, InstanceStatus, Phase, condition_type, get_condition, set_condition,
+    ClusterStatus, InstanceStatus, Phase, WsrepStatus, condition_type, get_condition, set_condition,
 };
 use crate::build::names;
 use crate::engine::{ObservedMember, Routing};
+use crate::galera;
 use crate::instance::protocol::Role;
 
 /// Longest per-instance message kept in status.
@@ -86,6 +87,7 @@ fn instance_status(name: &str, pods: &[PodInfo], members: &[ObservedMember]) -> 
         ready: pod.is_some_and(|p| p.ready && !p.deleting),
         position: report.and_then(|r| r.position.describe()),
         message: message.map(|m| truncate(&m, MAX_INSTANCE_MESSAGE)),
+        wsrep: report.and_then(galera::wsrep_status),
     }
 }
 
@@ -266,6 +268,20 @@ pub enum StateChange {
         /// After.
         to: Option<String>,
     },
+    /// A Galera member became Synced in the group it was not part of.
+    MemberJoined {
+        /// The instance.
+        instance: String,
+        /// Its facts now (cluster size, seqno, last state transfer).
+        wsrep: WsrepStatus,
+    },
+    /// A Galera member dropped out of the group.
+    MemberLeft {
+        /// The instance.
+        instance: String,
+        /// What it reports now (or why it reports nothing).
+        why: String,
+    },
 }
 
 impl StateChange {
@@ -274,6 +290,18 @@ impl StateChange {
         match self {
             Self::Phase { to, .. } => matches!(to, Phase::Degraded | Phase::Failed),
             Self::Primary { to, .. } => to.is_none(),
+            Self::MemberJoined { .. } => false,
+            Self::MemberLeft { .. } => true,
+        }
+    }
+
+    /// The instance the change is about, if one.
+    pub fn instance(&self) -> Option<&str> {
+        match self {
+            Self::MemberJoined { instance, .. } | Self::MemberLeft { instance, .. } => {
+                Some(instance)
+            }
+            Self::Phase { .. } | Self::Primary { .. } => None,
         }
     }
 
@@ -285,6 +313,8 @@ impl StateChange {
                 other => other.as_str(),
             },
             Self::Primary { .. } => "PrimaryChanged",
+            Self::MemberJoined { .. } => "MemberJoined",
+            Self::MemberLeft { .. } => "MemberLeft",
         }
     }
 
@@ -299,13 +329,31 @@ impl StateChange {
             Self::Primary { from, to } => {
                 format!("primary {} -> {}", or_none(from), or_none(to))
             }
+            Self::MemberJoined { instance, wsrep } => {
+                let size = wsrep
+                    .cluster_size
+                    .map_or_else(|| "?".to_string(), |s| s.to_string());
+                let transfer = match wsrep.last_state_transfer.as_deref() {
+                    Some("ist") => ", after an IST (missing write-sets only)".to_string(),
+                    Some("sst") => ", after an SST (a full copy)".to_string(),
+                    Some(other) => format!(", after state transfer {other}"),
+                    None => String::new(),
+                };
+                format!(
+                    "{instance} is Synced in the primary component (cluster size {size}, seqno {}{transfer})",
+                    wsrep.seqno
+                )
+            }
+            Self::MemberLeft { instance, why } => format!("{instance} left the group: {why}"),
         }
     }
 }
 
 /// The changes between two statuses that deserve an Event: a phase
-/// transition, a new primary. A rejected spec shows as a transition to
-/// `Failed`, reported as `InvalidSpec`.
+/// transition, a new primary, a Galera member joining (Synced, with the
+/// state transfer it received) or leaving the group. A rejected spec shows
+/// as a transition to `Failed`, reported as `InvalidSpec`. Only
+/// transitions count, so a steady cluster produces none.
 pub fn state_changes(previous: Option<&ClusterStatus>, new: &ClusterStatus) -> Vec<StateChange> {
     let mut out = Vec::new();
     let old_phase = previous.and_then(|s| s.phase);
@@ -325,7 +373,75 @@ pub fn state_changes(previous: Option<&ClusterStatus>, new: &ClusterStatus) -> V
             to: new.current_primary.clone(),
         });
     }
+    out.extend(membership_changes(previous, new));
     out
+}
+
+/// Galera joins and leaves between two statuses, from the instances'
+/// `wsrep` facts. An instance without `wsrep` facts in either status is
+/// not a Galera member and never counts. A member has joined when it is
+/// Synced and was not a full member before (Synced, or a donor in a
+/// Primary component); it has left when it said it was in the group
+/// before (see [`galera::in_group`]) and is outside now. A member whose
+/// server runs without saying whether it is in a primary component (a
+/// busy joiner or donor) counts as outside for both: a joiner busy
+/// receiving an SST gets its `MemberJoined` when it is Synced, a joiner
+/// whose server keeps failing is never reported leaving a group it never
+/// joined, and a donor busy during an SST is reported joining again when
+/// it is Synced (a busy member that then goes down is not reported
+/// leaving).
+fn membership_changes(previous: Option<&ClusterStatus>, new: &ClusterStatus) -> Vec<StateChange> {
+    let mut out = Vec::new();
+    for now in &new.instances_status {
+        let before = previous.and_then(|p| p.instances_status.iter().find(|i| i.name == now.name));
+        let before_wsrep = before.and_then(|b| b.wsrep.as_ref());
+        if now.wsrep.is_none() && before_wsrep.is_none() {
+            continue;
+        }
+        let synced = now.wsrep.as_ref().is_some_and(is_synced);
+        let was_full_member = before_wsrep.is_some_and(|w| {
+            let state = galera_state(w);
+            state == "synced"
+                || (w.cluster_status.as_deref() == Some("Primary")
+                    && (state.starts_with("donor") || state.starts_with("desync")))
+        });
+        // A first sighting counts as outside.
+        let was_in = before.map_or(Some(false), |b| galera::in_group(b.wsrep.as_ref()));
+        if synced && !was_full_member {
+            out.push(StateChange::MemberJoined {
+                instance: now.name.clone(),
+                wsrep: now.wsrep.clone().unwrap_or_default(),
+            });
+        } else if was_in == Some(true) && galera::in_group(now.wsrep.as_ref()) == Some(false) {
+            let why = match &now.wsrep {
+                Some(w) => format!(
+                    "{}{}",
+                    w.state,
+                    w.cluster_status
+                        .as_deref()
+                        .map(|c| format!(", {c}"))
+                        .unwrap_or_default()
+                ),
+                None => now
+                    .message
+                    .clone()
+                    .unwrap_or_else(|| "its instance manager does not answer".into()),
+            };
+            out.push(StateChange::MemberLeft {
+                instance: now.name.clone(),
+                why,
+            });
+        }
+    }
+    out
+}
+
+fn galera_state(w: &WsrepStatus) -> String {
+    w.state.trim().to_ascii_lowercase()
+}
+
+fn is_synced(w: &WsrepStatus) -> bool {
+    galera_state(w) == "synced"
 }
 
 /// The `Degraded` condition's message, if the condition is true.
@@ -586,6 +702,222 @@ mod tests {
             status_patch(&new, None)["status"]
                 .get("currentPrimary")
                 .is_none()
+        );
+    }
+
+    fn galera_member(name: &str, state: &str, cluster_status: Option<&str>) -> ObservedMember {
+        let mut details = json!({"wsrepClusterSize": 3, "lastStateTransfer": "ist",
+                                 "wsrepFlowControlPaused": 0.0});
+        if let Some(cs) = cluster_status {
+            details["wsrepClusterStatus"] = json!(cs);
+        }
+        ObservedMember {
+            name: name.into(),
+            status: Some(MemberStatus {
+                name: name.into(),
+                role: if cluster_status == Some("Primary") {
+                    Role::Member
+                } else {
+                    Role::Unknown
+                },
+                ready: state == "Synced",
+                position: Position::Galera {
+                    cluster_uuid: "u1".into(),
+                    seqno: 42,
+                    state: state.into(),
+                },
+                details,
+                ..Default::default()
+            }),
+            error: None,
+        }
+    }
+
+    fn unreachable(name: &str) -> ObservedMember {
+        ObservedMember {
+            name: name.into(),
+            status: None,
+            error: Some("connection refused".into()),
+        }
+    }
+
+    /// Statuses of a 3-member Galera cluster from rows of members.
+    fn galera_statuses(rounds: &[Vec<ObservedMember>]) -> Vec<ClusterStatus> {
+        let names: Vec<String> = (0..3).map(|i| format!("simple-galera-{i}")).collect();
+        let pods: Vec<_> = names.iter().map(|n| pod(n, true)).collect();
+        let mut out: Vec<ClusterStatus> = Vec::new();
+        for (i, members) in rounds.iter().enumerate() {
+            let s = compute_status(
+                out.last(),
+                &input(&names, &pods, members, &Routing::default(), t(i as i64)),
+            );
+            out.push(s);
+        }
+        out
+    }
+
+    fn membership(changes: &[StateChange]) -> Vec<String> {
+        changes
+            .iter()
+            .filter(|c| {
+                matches!(
+                    c,
+                    StateChange::MemberJoined { .. } | StateChange::MemberLeft { .. }
+                )
+            })
+            .map(|c| format!("{} {}", c.reason(), c.note()))
+            .collect()
+    }
+
+    #[test]
+    fn galera_facts_are_in_instance_status() {
+        let members = vec![
+            galera_member("simple-galera-0", "Synced", Some("Primary")),
+            galera_member("simple-galera-1", "Recovered", None),
+            unreachable("simple-galera-2"),
+        ];
+        let s = &galera_statuses(&[members])[0];
+        let w = s.instances_status[0].wsrep.as_ref().unwrap();
+        assert_eq!(
+            (
+                w.state.as_str(),
+                w.seqno,
+                w.cluster_size,
+                w.cluster_status.as_deref()
+            ),
+            ("Synced", 42, Some(3), Some("Primary"))
+        );
+        assert_eq!(w.flow_control_paused, Some(0.0));
+        assert_eq!(w.last_state_transfer.as_deref(), Some("ist"));
+        let v = serde_json::to_value(s).unwrap();
+        assert_eq!(v["instancesStatus"][0]["wsrep"]["clusterSize"], 3);
+        assert_eq!(v["instancesStatus"][1]["wsrep"]["state"], "Recovered");
+        assert!(v["instancesStatus"][2].get("wsrep").is_none());
+        // Other engines' instances carry none.
+        let names = names();
+        let pods: Vec<_> = names.iter().map(|n| pod(n, true)).collect();
+        let pg = [member("simple-pg-0", Role::Primary)];
+        let s = compute_status(None, &input(&names, &pods, &pg, &Routing::default(), t(1)));
+        assert!(s.instances_status[0].wsrep.is_none());
+    }
+
+    #[test]
+    fn galera_joins_and_leaves_are_events_once() {
+        let g = |i: usize| format!("simple-galera-{i}");
+        let synced = |i: usize| galera_member(&g(i), "Synced", Some("Primary"));
+        let statuses = galera_statuses(&[
+            // 0: all Synced.
+            vec![synced(0), synced(1), synced(2)],
+            // 1: the same again.
+            vec![synced(0), synced(1), synced(2)],
+            // 2: 2 killed (unreachable), 1 busy donor (no answer).
+            vec![
+                synced(0),
+                galera_member(&g(1), "Starting", None),
+                unreachable(&g(2)),
+            ],
+            // 3: 2 recovered and joining, 1 a donor that answers.
+            vec![
+                synced(0),
+                galera_member(&g(1), "Donor/Desynced", Some("Primary")),
+                galera_member(&g(2), "Joining", Some("Primary")),
+            ],
+            // 4: all Synced again.
+            vec![synced(0), synced(1), synced(2)],
+            // 5: quorum lost: 0 and 1 non-Primary.
+            vec![
+                galera_member(&g(0), "Initialized", Some("non-Primary")),
+                galera_member(&g(1), "Initialized", Some("non-Primary")),
+                synced(2),
+            ],
+        ]);
+        let diffs: Vec<Vec<String>> = std::iter::once(None)
+            .chain(statuses.iter().map(Some))
+            .zip(&statuses)
+            .map(|(before, after)| membership(&state_changes(before, after)))
+            .collect();
+        // First status: every Synced member joined.
+        assert_eq!(diffs[0].len(), 3, "{:?}", diffs[0]);
+        assert!(
+            diffs[0][0].starts_with(
+                "MemberJoined simple-galera-0 is Synced in the primary component (cluster size 3, seqno 42, after an IST"
+            ),
+            "{:?}",
+            diffs[0]
+        );
+        // Steady: nothing.
+        assert!(diffs[1].is_empty(), "{:?}", diffs[1]);
+        // The killed member left; the busy donor did not.
+        assert_eq!(diffs[2].len(), 1, "{:?}", diffs[2]);
+        assert!(
+            diffs[2][0].starts_with("MemberLeft simple-galera-2 left the group"),
+            "{:?}",
+            diffs[2]
+        );
+        // Joining is not joined yet; the donor answering is no change.
+        assert!(diffs[3].is_empty(), "{:?}", diffs[3]);
+        // Synced again: 2 joined; the donor back to Synced counts once.
+        assert!(
+            diffs[4]
+                .iter()
+                .any(|d| d.starts_with("MemberJoined simple-galera-2")),
+            "{:?}",
+            diffs[4]
+        );
+        assert!(
+            diffs[4].iter().all(|d| !d.contains("simple-galera-0")),
+            "{:?}",
+            diffs[4]
+        );
+        // Quorum lost: two leaves, as warnings.
+        assert_eq!(diffs[5].len(), 2, "{:?}", diffs[5]);
+        assert!(
+            diffs[5][0].contains("Initialized, non-Primary"),
+            "{:?}",
+            diffs[5]
+        );
+        let changes = state_changes(Some(&statuses[4]), &statuses[5]);
+        // Each names its instance (the Event's related pod).
+        assert_eq!(changes[0].instance(), Some("simple-galera-0"));
+        assert!(
+            changes
+                .iter()
+                .filter(|c| c.reason() == "MemberLeft")
+                .all(StateChange::is_warning)
+        );
+    }
+
+    #[test]
+    fn a_joiner_that_keeps_failing_never_leaves() {
+        let g = |i: usize| format!("simple-galera-{i}");
+        let synced = |i: usize| galera_member(&g(i), "Synced", Some("Primary"));
+        let statuses = galera_statuses(&[
+            vec![
+                synced(0),
+                galera_member(&g(1), "Recovered", None),
+                synced(2),
+            ],
+            vec![synced(0), galera_member(&g(1), "Starting", None), synced(2)],
+            vec![
+                synced(0),
+                galera_member(&g(1), "Recovered", None),
+                synced(2),
+            ],
+            vec![synced(0), galera_member(&g(1), "Starting", None), synced(2)],
+            vec![synced(0), synced(1), synced(2)],
+        ]);
+        for pair in statuses.windows(2) {
+            let changes = membership(&state_changes(Some(&pair[0]), &pair[1]));
+            assert!(
+                changes.iter().all(|c| !c.starts_with("MemberLeft")),
+                "{changes:?}"
+            );
+        }
+        let last = membership(&state_changes(Some(&statuses[3]), &statuses[4]));
+        assert_eq!(last.len(), 1, "{last:?}");
+        assert!(
+            last[0].starts_with("MemberJoined simple-galera-1"),
+            "{last:?}"
         );
     }
 

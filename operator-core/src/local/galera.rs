@@ -60,8 +60,9 @@ use super::state::{LocalState, StateDir};
 use super::status::{self, Phase, SnapshotInput, StatusSnapshot};
 use super::supervisor::Supervisor;
 use crate::engine::{Election, Engine, InstanceOps, ObservedMember, Routing, ValidatedCluster};
+use crate::galera::{ComponentWatch, in_primary};
 use crate::instance::client::InstanceClient;
-use crate::instance::protocol::{MemberStatus, Position, ProcessState, Role};
+use crate::instance::protocol::Role;
 use crate::registry::EngineRegistry;
 
 /// How long one member of a rolling restart may take to be Synced again
@@ -69,9 +70,10 @@ use crate::registry::EngineRegistry;
 /// second member while the first is out of the group).
 const RESTART_SLOW_AFTER: Duration = Duration::from_secs(300);
 
-/// The instance action that makes a member bootstrap a new primary
-/// component (`--wsrep-new-cluster`, or `pc.bootstrap` when running).
-pub const ACTION_BOOTSTRAP: &str = "bootstrap";
+pub use crate::api::status::WsrepStatus;
+pub use crate::galera::{
+    ACTION_BOOTSTRAP, BootstrapStep, bootstrap_step, component_unknown, wsrep_status,
+};
 /// Events kept in `state.json`.
 const MAX_EVENTS: usize = 50;
 /// Least time between two `bootstrap` requests to the chosen member when
@@ -84,12 +86,6 @@ const REORDER_AFTER: Duration = Duration::from_secs(60);
 /// moves it (HAProxy has already moved new connections by then; this
 /// only keeps an observation blip from rewriting the configuration).
 const WRITER_DOWN_TICKS: u32 = 2;
-/// How long a member whose server runs without saying whether it is in a
-/// primary component holds a bootstrap decision back, when it was not seen
-/// in a primary component since its server started (a server blocked in
-/// its start-up). One seen in a primary component holds it back until it
-/// answers or stops.
-const UNKNOWN_COMPONENT_GRACE: Duration = Duration::from_secs(30);
 
 /// What the Galera loop decided and saw, persisted in `state.json`
 /// (`galera`) before each action.
@@ -145,74 +141,6 @@ impl GaleraState {
 
 fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-/// One member's Galera facts in `stratum local status`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct WsrepStatus {
-    /// `wsrep_local_state_comment` (`Synced`, `Joining`, …), `Recovered`
-    /// or `Down` when the server is not running.
-    pub state: String,
-    /// `wsrep_cluster_state_uuid` (or the recovered one).
-    pub cluster_uuid: String,
-    /// Last committed (or recovered) seqno; -1 unknown.
-    pub seqno: i64,
-    /// `wsrep_cluster_size`, while running.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cluster_size: Option<i64>,
-    /// `wsrep_cluster_status` (`Primary`, `non-Primary`), while running.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cluster_status: Option<String>,
-    /// `wsrep_flow_control_paused`: fraction of time replication was
-    /// paused by flow control.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub flow_control_paused: Option<f64>,
-    /// How the member last received state: `ist` or `sst`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_state_transfer: Option<String>,
-    /// `safe_to_bootstrap` of its `grastate.dat`, when reported.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub safe_to_bootstrap: Option<bool>,
-}
-
-// The status snapshot is compared whole (`Eq`); the one float, a
-// fraction reported by the server, is never NaN.
-impl Eq for WsrepStatus {}
-
-/// The Galera facts of a member report, when it has a Galera position.
-/// Pure.
-pub fn wsrep_status(s: &MemberStatus) -> Option<WsrepStatus> {
-    let Position::Galera {
-        cluster_uuid,
-        seqno,
-        state,
-    } = &s.position
-    else {
-        return None;
-    };
-    let d = &s.details;
-    let int = |k: &str| {
-        d.get(k)
-            .and_then(|v| v.as_i64().or_else(|| v.as_str()?.parse().ok()))
-    };
-    let text = |k: &str| d.get(k).and_then(|v| v.as_str()).map(str::to_string);
-    Some(WsrepStatus {
-        state: state.clone(),
-        cluster_uuid: cluster_uuid.clone(),
-        seqno: *seqno,
-        cluster_size: int("wsrepClusterSize"),
-        cluster_status: text("wsrepClusterStatus"),
-        flow_control_paused: d
-            .get("wsrepFlowControlPaused")
-            .and_then(|v| v.as_f64().or_else(|| v.as_str()?.parse().ok())),
-        last_state_transfer: text("lastStateTransfer"),
-        safe_to_bootstrap: d.get("safeToBootstrap").and_then(|v| {
-            v.as_bool()
-                .or_else(|| v.as_i64().map(|i| i != 0))
-                .or_else(|| v.as_str().map(|s| s == "1" || s == "true"))
-        }),
-    })
 }
 
 /// The Galera part of `stratum local status`.
@@ -313,73 +241,6 @@ pub fn effective_routing(writer: Option<&str>, ready: &[String], order: &[String
     }
 }
 
-/// What to do about a bootstrap this tick. Pure.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum BootstrapStep {
-    /// Nothing (the group runs, or the election waits).
-    None,
-    /// A member is Synced: the pending bootstrap is complete.
-    Completed(String),
-    /// Record this decision (then order it).
-    Decide {
-        /// The member.
-        member: String,
-        /// Why.
-        reason: String,
-    },
-    /// Send (again) the order to the decided member.
-    Order(String),
-}
-
-/// The bootstrap step from the election and the persisted decision:
-/// a pending decision is only ever ordered to its own member, whatever
-/// the election says now. `order_due` says whether an order may be sent
-/// (none accepted yet and the last attempt long enough ago, or the
-/// accepted one is stale). Pure.
-pub fn bootstrap_step(
-    election: &Election,
-    pending: Option<&BootstrapDecision>,
-    order_due: bool,
-) -> BootstrapStep {
-    match (election, pending) {
-        (Election::Keep { .. }, Some(p)) => BootstrapStep::Completed(p.member.clone()),
-        (Election::Keep { .. }, None) => BootstrapStep::None,
-        (Election::Promote { candidate, reason }, None) => BootstrapStep::Decide {
-            member: candidate.clone(),
-            reason: reason.clone(),
-        },
-        // Decided before (maybe by a previous `up`): the same member, or
-        // nobody. Also when the election now waits: the members'
-        // positions have not changed since nobody runs.
-        (
-            Election::Promote { .. } | Election::Wait { .. } | Election::NoCandidate { .. },
-            Some(p),
-        ) if order_due => BootstrapStep::Order(p.member.clone()),
-        _ => BootstrapStep::None,
-    }
-}
-
-/// Whether `m`'s server process is up but its report does not say whether
-/// it is in a primary component (no `wsrepClusterStatus`: the server did
-/// not answer the manager's query, e.g. a donor busy with a state
-/// transfer). Such a member may well be in a primary component, so no
-/// bootstrap may be decided while it is. Pure.
-pub fn component_unknown(m: &ObservedMember) -> bool {
-    let Some(s) = &m.status else { return false };
-    matches!(
-        s.process,
-        ProcessState::Starting | ProcessState::Running | ProcessState::Stopping
-    ) && wsrep_status(s).is_none_or(|w| w.cluster_status.is_none())
-}
-
-/// Whether `m` reports itself in a primary component. Pure.
-fn in_primary(m: &ObservedMember) -> bool {
-    m.status
-        .as_ref()
-        .and_then(wsrep_status)
-        .is_some_and(|w| w.cluster_status.as_deref() == Some("Primary"))
-}
-
 /// The order of a rolling restart: every member but the writer in
 /// ordinal order, the writer last. Pure.
 pub fn restart_order(names: &[String], writer: Option<&str>) -> Vec<String> {
@@ -441,50 +302,11 @@ struct Loop {
     last_order_attempt: Option<Instant>,
     ordered: Option<Instant>,
     last_wait: Option<String>,
-    /// Members seen in a primary component since their server started.
-    seen_primary: BTreeMap<String, bool>,
-    /// Since when each member's component has been unknown.
-    unknown_since: BTreeMap<String, Instant>,
+    /// Members whose unknown component holds a bootstrap decision back.
+    components: ComponentWatch,
 }
 
 impl Loop {
-    /// Members that hold a bootstrap decision back now (see
-    /// [`component_unknown`]), with why.
-    fn blockers(&mut self, members: &[ObservedMember]) -> Vec<String> {
-        let mut out = Vec::new();
-        for m in members {
-            let s = m.status.as_ref();
-            if in_primary(m) {
-                self.seen_primary.insert(m.name.clone(), true);
-            } else if s.is_some_and(|s| {
-                matches!(
-                    s.process,
-                    ProcessState::Preparing | ProcessState::Exited | ProcessState::Fenced
-                )
-            }) {
-                // Its server is down: a later start is a new one.
-                self.seen_primary.insert(m.name.clone(), false);
-            }
-            if !component_unknown(m) {
-                self.unknown_since.remove(&m.name);
-                continue;
-            }
-            let since = *self
-                .unknown_since
-                .entry(m.name.clone())
-                .or_insert_with(Instant::now);
-            let was_primary = self.seen_primary.get(&m.name).copied().unwrap_or(false);
-            if was_primary || since.elapsed() < UNKNOWN_COMPONENT_GRACE {
-                out.push(format!(
-                    "{}'s server runs but did not say whether it is in a primary component{}",
-                    m.name,
-                    if was_primary { " (it was in one)" } else { "" }
-                ));
-            }
-        }
-        out
-    }
-
     fn order_due(&self) -> bool {
         let pending = self.gs.bootstrap.as_ref();
         match (pending.and_then(|p| p.ordered_at.as_ref()), self.ordered) {
@@ -510,7 +332,8 @@ impl Loop {
         blockers: &[String],
         persist: &mut impl FnMut(&GaleraState),
     ) {
-        match bootstrap_step(election, self.gs.bootstrap.as_ref(), self.order_due()) {
+        let pending = self.gs.bootstrap.as_ref().map(|p| p.member.clone());
+        match bootstrap_step(election, pending.as_deref(), self.order_due()) {
             BootstrapStep::Decide { .. } if !blockers.is_empty() => {
                 self.note_wait(&Election::Wait {
                     reason: format!("not bootstrapping yet: {}", blockers.join("; ")),
@@ -570,7 +393,7 @@ impl Loop {
             Err(e) => {
                 let note = format!("bootstrap order to {member} failed: {e}");
                 if self.last_wait.as_deref() != Some(note.as_str()) {
-                    self.gs.event("BootstrapOrderFailed", note.clone());
+                    self.gs.event("BootstrapOrderRefused", note.clone());
                     self.last_wait = Some(note);
                     persist(&self.gs);
                 }
@@ -1240,8 +1063,7 @@ pub(super) async fn serve(
         last_order_attempt: None,
         ordered: None,
         last_wait: None,
-        seen_primary: BTreeMap::new(),
-        unknown_since: BTreeMap::new(),
+        components: ComponentWatch::default(),
     };
     let mut phase = Phase::Creating;
     let mut seen_all_ready = false;
@@ -1273,7 +1095,7 @@ pub(super) async fn serve(
                         s.galera = Some(gs.clone());
                         super::up::persist(dir, &s);
                     };
-                    let blockers = lp.blockers(&members);
+                    let blockers = lp.components.blockers(&members, Instant::now());
                     lp.bootstrap(&election, &blockers, &mut persist).await;
                 }
                 lp.membership(&members);
@@ -1363,6 +1185,7 @@ fn snapshot(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::instance::protocol::{MemberStatus, Position};
 
     fn names(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("db-{i}")).collect()
@@ -1451,122 +1274,18 @@ mod tests {
     }
 
     #[test]
-    fn bootstrap_is_decided_once_and_only_ordered_to_that_member() {
-        let promote = |c: &str| Election::Promote {
-            candidate: c.into(),
-            reason: "highest seqno".into(),
-        };
-        let keep = Election::Keep {
-            primary: "db-2".into(),
-        };
-        let wait = Election::Wait {
-            reason: "positions missing".into(),
-            retry_after: Duration::from_secs(5),
-        };
-        assert_eq!(
-            bootstrap_step(&promote("db-1"), None, true),
-            BootstrapStep::Decide {
-                member: "db-1".into(),
-                reason: "highest seqno".into()
-            }
-        );
-        // A pending decision wins over what the election says now.
-        let pending = decision("db-1", false);
-        assert_eq!(
-            bootstrap_step(&promote("db-2"), Some(&pending), true),
-            BootstrapStep::Order("db-1".into())
-        );
-        assert_eq!(
-            bootstrap_step(&wait, Some(&pending), true),
-            BootstrapStep::Order("db-1".into())
-        );
-        assert_eq!(
-            bootstrap_step(&promote("db-2"), Some(&pending), false),
-            BootstrapStep::None
-        );
-        // Waiting without a decision: nothing.
-        assert_eq!(bootstrap_step(&wait, None, true), BootstrapStep::None);
-        // The group runs: the decision is complete.
-        assert_eq!(
-            bootstrap_step(&keep, Some(&decision("db-1", true)), false),
-            BootstrapStep::Completed("db-1".into())
-        );
-        assert_eq!(bootstrap_step(&keep, None, true), BootstrapStep::None);
-    }
-
-    #[test]
-    fn wsrep_facts_from_a_report() {
+    fn wsrep_facts_in_words() {
         let s = MemberStatus {
             position: Position::Galera {
                 cluster_uuid: "u".into(),
                 seqno: 42,
                 state: "Synced".into(),
             },
-            details: json!({
-                "wsrepClusterSize": "3",
-                "wsrepClusterStatus": "Primary",
-                "wsrepFlowControlPaused": 0.25,
-                "lastStateTransfer": "ist",
-                "safeToBootstrap": false,
-            }),
+            details: json!({"wsrepClusterSize": 3, "lastStateTransfer": "ist"}),
             ..Default::default()
         };
         let w = wsrep_status(&s).unwrap();
-        assert_eq!(w.cluster_size, Some(3));
-        assert_eq!(w.cluster_status.as_deref(), Some("Primary"));
-        assert_eq!(w.flow_control_paused, Some(0.25));
-        assert_eq!(w.last_state_transfer.as_deref(), Some("ist"));
-        assert_eq!(w.safe_to_bootstrap, Some(false));
-        assert_eq!(w.seqno, 42);
-        assert!(wsrep_status(&MemberStatus::default()).is_none());
         assert_eq!(describe_wsrep(&w), "Synced u:42, cluster size 3, last ist");
-        let v = serde_json::to_value(&w).unwrap();
-        assert_eq!(v["clusterSize"], 3);
-        assert_eq!(v["state"], "Synced");
-    }
-
-    #[test]
-    fn a_running_server_of_unknown_component_blocks_bootstrap() {
-        let member = |process, details: serde_json::Value| ObservedMember {
-            name: "db-0".into(),
-            status: Some(MemberStatus {
-                process,
-                position: Position::Galera {
-                    cluster_uuid: "u".into(),
-                    seqno: 2,
-                    state: "Starting".into(),
-                },
-                details,
-                ..Default::default()
-            }),
-            error: None,
-        };
-        // A donor whose server did not answer: it may be in a component.
-        assert!(component_unknown(&member(
-            ProcessState::Starting,
-            json!({})
-        )));
-        assert!(component_unknown(&member(ProcessState::Running, json!({}))));
-        // Answered non-Primary (quorum lost), or not running: known.
-        assert!(!component_unknown(&member(
-            ProcessState::Starting,
-            json!({"wsrepClusterStatus": "non-Primary"})
-        )));
-        assert!(!component_unknown(&member(
-            ProcessState::Preparing,
-            json!({})
-        )));
-        assert!(!component_unknown(&member(ProcessState::Exited, json!({}))));
-        let unreachable = ObservedMember {
-            name: "db-1".into(),
-            status: None,
-            error: Some("timeout".into()),
-        };
-        assert!(!component_unknown(&unreachable));
-        assert!(in_primary(&member(
-            ProcessState::Running,
-            json!({"wsrepClusterStatus": "Primary"})
-        )));
     }
 
     #[test]
