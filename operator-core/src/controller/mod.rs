@@ -32,7 +32,7 @@
 //! | `policy`            | `poddisruptionbudgets`  | list, watch, create, patch, delete      | server-side apply, metadata watch (cache, owned), prune |
 //! | `networking.k8s.io` | `networkpolicies`       | list, watch, create, patch, delete      | server-side apply, metadata watch (cache, owned), prune |
 //! | `""`                | `secrets`               | get, list, watch, create, patch         | watch (cache: `api-token`, owned), create-if-absent, read before adding missing keys (never deleted) |
-//! | `""`                | `pods`                  | list, watch, patch                      | watch (cache: readiness; triggers a reconcile); move `stratum.dev/route` and `stratum.dev/role` labels |
+//! | `""`                | `pods`                  | list, watch, patch, delete              | watch (cache: readiness; triggers a reconcile); move `stratum.dev/route` and `stratum.dev/role` labels; delete a failed primary's pod whose instance manager does not answer, once its write lease expired (the host-side fence, [`ha`]) |
 //! | `events.k8s.io`     | `events`                | create, patch                           | Events (kube-runtime `Recorder`) |
 //! | `coordination.k8s.io` | `leases`              | get, create, patch                      | leader election ([`leader`]), in the operator's namespace only |
 //!
@@ -60,6 +60,7 @@ pub mod backoff;
 pub mod cache;
 pub mod decide;
 pub mod error;
+pub mod ha;
 pub mod leader;
 pub mod metrics;
 pub mod observe;
@@ -268,6 +269,8 @@ async fn run_kind(shared: Arc<reconcile::Shared>, engine: Arc<dyn Engine>, resou
     let kind = engine.kind();
     let (caches, triggers) = Caches::watch(&client, ns, &format!("{LABEL_KIND}={kind}"));
     let (store, cluster_events) = cluster_stream(clusters, &resource);
+    // Lease renewals that see a primary in trouble wake its reconcile.
+    let (wake, woken) = futures::channel::mpsc::unbounded();
     let ctx = Arc::new(reconcile::KindContext {
         engine,
         resource: resource.clone(),
@@ -277,6 +280,7 @@ async fn run_kind(shared: Arc<reconcile::Shared>, engine: Arc<dyn Engine>, resou
         validated: Default::default(),
         written: Default::default(),
         clusters: store.clone(),
+        ha: ha::HaRegistry::new(wake),
     });
     // Deleted clusters' records go with the watch's Delete (or the next
     // re-list), whether or not their cleanup ran.
@@ -297,6 +301,7 @@ async fn run_kind(shared: Arc<reconcile::Shared>, engine: Arc<dyn Engine>, resou
         .owns_stream(triggers.secrets)
         // Pods are owned by the StatefulSet: map them by label.
         .watches_stream(triggers.pods, move |pod| pod_owner(&pod, &pod_resource))
+        .reconcile_on(woken)
         .shutdown_on_signal()
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| {

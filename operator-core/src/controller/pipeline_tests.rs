@@ -187,6 +187,7 @@ impl Harness {
             validated: Default::default(),
             written: Default::default(),
             clusters: clusters.as_reader(),
+            ha: super::ha::HaRegistry::new(futures::channel::mpsc::unbounded().0),
         });
         writers.ready();
         Self {

@@ -26,6 +26,7 @@ use super::decide;
 use super::error::{
     ApplyError, DecideError, ReconcileError, StatusError, ValidateError, error_chain,
 };
+use super::ha;
 use super::metrics::{Metrics, Step};
 use super::observe;
 use super::report::Reporter;
@@ -74,6 +75,8 @@ pub(crate) struct KindContext {
     /// missing from it is gone, and so are its records above (see
     /// [`KindContext::on_cluster_event`]).
     pub clusters: Store<DynamicObject>,
+    /// Failover memory and write-lease renewals per cluster ([`ha`]).
+    pub ha: ha::HaRegistry,
 }
 
 /// A status written by this process, with the `resourceVersion` the write
@@ -148,6 +151,9 @@ impl KindContext {
         drop(validated);
         let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
         written.retain(|id, _| keep_id(id));
+        drop(written);
+        // A deleted cluster's primary is no longer renewed a lease.
+        self.ha.retain(&keep);
     }
 
     fn cached(&self, ns: &str, name: &str) -> bool {
@@ -417,7 +423,8 @@ async fn write_status(
                 uid: stored.metadata.uid.clone(),
                 resource_version,
                 status: new.clone(),
-                value: patch["status"].clone(),
+                // What the status is now (the patch may leave fields out).
+                value: serde_json::to_value(new).unwrap_or_else(|_| patch["status"].clone()),
             },
         );
     }
@@ -539,7 +546,7 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
     }
 
     // observe.
-    let seen = observe::observe(
+    let mut seen = observe::observe(
         &ctx.caches,
         &cluster,
         kind,
@@ -548,11 +555,19 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
     )
     .await;
 
+    // ha: failover, switchover, fencing (engines with the failover
+    // capability); may refresh `seen.members`.
+    let ha = ha::step(ctx, obj, &cluster, &manifest, &mut seen, previous.as_ref()).await?;
+
     // decide: routing and pod labels.
     let previous_primary = previous.as_ref().and_then(|s| s.current_primary.clone());
+    let engine_routing = engine.route(&seen.members);
     let routing = decide::decide_routing(
         &name,
-        engine.route(&seen.members),
+        match &ha {
+            Some(ha) => ha.routing(engine_routing),
+            None => engine_routing,
+        },
         &seen.members,
         &seen.pods,
         previous_primary.as_deref(),
@@ -585,7 +600,7 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
 
     // status.
     let instance_names = cluster.instance_names();
-    let new = status::compute_status(
+    let mut new = status::compute_status(
         previous.as_ref(),
         &StatusInput {
             cluster: &name,
@@ -598,17 +613,24 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
             now: Utc::now(),
         },
     );
+    if let Some(ha) = &ha {
+        ha.apply(previous.as_ref(), &mut new);
+    }
     if previous.as_ref() != Some(&new) {
         write_status(ctx, obj, previous_value.as_ref(), &new).await?;
     }
     for change in status::state_changes(previous.as_ref(), &new) {
         reporter.state_change(&object_ref, &change);
     }
-    Ok(if new.phase == Some(Phase::Healthy) {
-        Action::requeue(REQUEUE_HEALTHY)
+    let requeue = if new.phase == Some(Phase::Healthy) {
+        REQUEUE_HEALTHY
     } else {
-        Action::requeue(REQUEUE_WAITING)
-    })
+        REQUEUE_WAITING
+    };
+    Ok(Action::requeue(
+        ha.and_then(|h| h.requeue)
+            .map_or(requeue, |r| r.min(requeue)),
+    ))
 }
 
 /// Deletion: owned children go with the cluster through garbage
