@@ -978,7 +978,7 @@ impl Io<'_> {
         };
         api.patch_status(&self.obj.name_any(), &params, &Patch::Merge(&patch))
             .await
-            .map(|_| ())
+            .map(|stored| self.ctx.remember_status(&stored))
             .map_err(|source| DecideError::RecordIntent {
                 name: self.cluster.meta.name.clone(),
                 step: step.to_string(),

@@ -7,7 +7,9 @@
 //! Pipeline per cluster object (`reconcile.rs`): finalizer → validate (pure)
 //! → build (pure, [`crate::build`]) → apply (server-side apply with field
 //! manager `stratum-operator`, create-if-absent Secret, prune orphans; all
-//! children in one round trip) → observe (pods, instance managers) →
+//! children in one round trip) → observe (pods, instance managers) → ha
+//! (failover, switchover, fencing and the primary's write lease, for
+//! engines with the failover capability: [`ha`]) →
 //! decide (pure routing, pod labels) → status (pure computation, merge
 //! patch of the status subresource) → report (tracing + Kubernetes Event,
 //! the Event sent in the background). A new cluster's finalizer is added

@@ -232,6 +232,33 @@ impl KindContext {
     }
 }
 
+impl KindContext {
+    /// Remember a status written outside the pipeline's status write (the
+    /// `ha` step records its intent before acting), so that the next
+    /// reconcile does not start from an older cached status.
+    pub(crate) fn remember_status(&self, stored: &DynamicObject) {
+        let (Some(resource_version), Some(value)) =
+            (resource_version(stored), stored.data.get("status"))
+        else {
+            return;
+        };
+        let Ok(status) = serde_json::from_value::<ClusterStatus>(value.clone()) else {
+            return;
+        };
+        let id = (stored.namespace().unwrap_or_default(), stored.name_any());
+        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        written.insert(
+            id,
+            WrittenStatus {
+                uid: stored.metadata.uid.clone(),
+                resource_version,
+                status,
+                value: value.clone(),
+            },
+        );
+    }
+}
+
 fn object_key(kind: &str, ns: &str, name: &str) -> String {
     format!("{kind}/{ns}/{name}")
 }
