@@ -87,6 +87,9 @@ const SLOTS_EVERY: Duration = Duration::from_secs(10);
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requeue while a change of primary waits.
 const STEP_RETRY: Duration = Duration::from_millis(500);
+/// Requeue of a cluster that has no primary yet (a new one: its pods
+/// trigger reconciles as they become ready).
+const NO_PRIMARY_RETRY: Duration = Duration::from_secs(10);
 /// Decisions carried out in one reconcile at most (each re-observes).
 const MAX_STEPS: usize = 8;
 
@@ -298,9 +301,11 @@ fn idle(view: &HaView<'_>, elect: &dyn Fn(&[ObservedMember]) -> Election) -> HaD
                     [m] => HaDecision::Adopt {
                         primary: m.name.clone(),
                     },
+                    // The pods' readiness changes wake the reconcile
+                    // when the first primary starts: no short requeue.
                     _ => HaDecision::Wait {
                         reason: format!("no primary yet: {}", describe(&other)),
-                        retry_after: Duration::from_secs(2),
+                        retry_after: NO_PRIMARY_RETRY,
                     },
                 }
             }
@@ -1039,7 +1044,7 @@ pub(crate) async fn step(
     // User fencing: the annotation, checked like the local runtime does;
     // a bad value changes nothing.
     let instances = cluster.instance_names();
-    let object = serde_json::to_value(obj).unwrap_or_default();
+    let object = json!({ "metadata": { "annotations": obj.annotations() } });
     match fenced_instances(&object, &instances) {
         Ok(f) => {
             if f != mem.fenced {
