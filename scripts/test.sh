@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install what the tests need (idempotent), then run every test: unit tests,
 # CRD drift, the engine/local-runtime tests against real PostgreSQL, and the
-# Kubernetes tests (tests/k8s_*.rs) against a real control plane that this
-# script starts and stops (scripts/control-plane.sh).
+# Kubernetes tests (tests/k8s_*.rs, `cargo test --workspace` finds every
+# test binary, tests/k8s_e2e.rs included: the operator with real databases
+# run by the fake kubelet of tests/support/kubelet.rs) against a real
+# control plane that this script starts and stops (scripts/control-plane.sh).
 # Ends with one summary line over every test binary: "tests: N passed, N failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -12,6 +12,8 @@
 
 #![allow(dead_code)] // each test binary uses a part
 
+pub mod kubelet;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -489,8 +491,19 @@ static OPERATOR: OnceLock<()> = OnceLock::new();
 /// Start the operator (`operator_core::controller::run` with every engine
 /// of this build, all namespaces) once per test process, on a thread and
 /// runtime of its own that live as long as the process, with a client
-/// authenticated as its ServiceAccount.
+/// authenticated as its ServiceAccount. Instance managers get 500 ms to
+/// answer: without a kubelet none runs, and waiting longer only slows the
+/// reconciles down.
 pub fn start_operator() {
+    start_operator_with_instance_timeout(Duration::from_millis(500));
+}
+
+/// [`start_operator`] with `instance_timeout` for the instance managers'
+/// answers: the end-to-end tests, whose managers run, use the production
+/// default (a debug-built manager on a loaded machine can take longer than
+/// 500 ms, and a primary that does not answer loses its `rw` label). The
+/// first call in a process decides.
+pub fn start_operator_with_instance_timeout(instance_timeout: Duration) {
     OPERATOR.get_or_init(|| {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
@@ -513,7 +526,7 @@ pub fn start_operator() {
                     let mut opts =
                         operator_core::controller::ControllerOptions::new("stratum/operator:test");
                     opts.metrics_addr = ([127, 0, 0, 1], 0).into();
-                    opts.instance_timeout = Duration::from_millis(500);
+                    opts.instance_timeout = instance_timeout;
                     let _ = ready_tx.send(());
                     if let Err(e) =
                         operator_core::controller::run(client, stratum::registry(), opts).await

@@ -9,6 +9,7 @@ use super::decide::PodInfo;
 use crate::build::{names, selector_labels};
 use crate::engine::{EngineManifest, ObservedMember, ValidatedCluster};
 use crate::instance::client::InstanceClient;
+use crate::instance::config::PeerEndpoint;
 use crate::instance::protocol::SECRET_KEY_API_TOKEN;
 use crate::plan;
 
@@ -47,12 +48,7 @@ pub(crate) async fn observe(
         ord(a).cmp(&ord(b)).then_with(|| a.name.cmp(&b.name))
     });
 
-    let all_members = plan::kubernetes_members(cluster, manifest);
-    let reachable: Vec<_> = all_members
-        .iter()
-        .filter(|m| pods.iter().any(|p| p.name == m.name && p.reachable()))
-        .cloned()
-        .collect();
+    let reachable = reachable_endpoints(&plan::kubernetes_members(cluster, manifest), &pods);
     let mut reports = Vec::new();
     if !reachable.is_empty() {
         match read_token(caches, ns, name) {
@@ -86,6 +82,27 @@ pub(crate) async fn observe(
     Observation { pods, members }
 }
 
+/// The instance managers the controller can ask, addressed by pod IP: the
+/// members whose pod runs and has an IP, with `host` replaced by
+/// `status.podIP`. The headless-Service DNS names of
+/// [`plan::kubernetes_members`] resolve only inside the cluster (an operator
+/// running outside it, or a resolver that lags a recreated pod, cannot use
+/// them); CloudNativePG also reaches instance managers by pod IP. Peers
+/// inside the cluster keep the DNS names (the instance config). Pure.
+pub(crate) fn reachable_endpoints(members: &[PeerEndpoint], pods: &[PodInfo]) -> Vec<PeerEndpoint> {
+    members
+        .iter()
+        .filter_map(|m| {
+            let pod = pods.iter().find(|p| p.name == m.name && p.reachable())?;
+            let ip = pod.pod_ip.clone()?;
+            Some(PeerEndpoint {
+                host: ip,
+                ..m.clone()
+            })
+        })
+        .collect()
+}
+
 /// The instance API token from the cached credentials Secret, if present.
 fn read_token(caches: &Caches, ns: &str, cluster: &str) -> Option<String> {
     caches
@@ -94,4 +111,62 @@ fn read_token(caches: &Caches, ns: &str, cluster: &str) -> Option<String> {
         .and_then(|b| String::from_utf8(b.0).ok())
         .map(|t| t.trim().to_string())
         .filter(|t| !t.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(name: &str) -> PeerEndpoint {
+        PeerEndpoint {
+            name: name.into(),
+            host: format!("{name}.pg-headless.ns.svc"),
+            db_port: 5432,
+            api_port: plan::POD_API_PORT,
+            ports: Default::default(),
+        }
+    }
+
+    fn pod(name: &str, ip: Option<&str>, phase: &str, deleting: bool) -> PodInfo {
+        PodInfo {
+            name: name.into(),
+            phase: Some(phase.into()),
+            pod_ip: ip.map(str::to_string),
+            deleting,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn instance_managers_are_reached_by_pod_ip() {
+        let members = [
+            member("pg-0"),
+            member("pg-1"),
+            member("pg-2"),
+            member("pg-3"),
+        ];
+        let pods = [
+            pod("pg-0", Some("10.1.0.7"), "Running", false),
+            // Scheduled, no IP yet.
+            pod("pg-1", None, "Pending", false),
+            // Being deleted: its manager is going away.
+            pod("pg-2", Some("10.1.0.9"), "Running", true),
+            // pg-3 has no pod.
+        ];
+        let got = reachable_endpoints(&members, &pods);
+        assert_eq!(
+            got,
+            vec![PeerEndpoint {
+                host: "10.1.0.7".into(),
+                ..member("pg-0")
+            }],
+            "only running pods with an IP, addressed by that IP on the API port"
+        );
+        assert_eq!(got[0].api_port, plan::POD_API_PORT);
+    }
+
+    #[test]
+    fn no_pods_no_endpoints() {
+        assert!(reachable_endpoints(&[member("pg-0")], &[]).is_empty());
+    }
 }
