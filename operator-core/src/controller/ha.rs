@@ -42,7 +42,7 @@ use tokio::sync::watch;
 use super::apply::FIELD_MANAGER;
 use super::decide::PodInfo;
 use super::error::DecideError;
-use super::observe::Observation;
+use super::observe::{Observation, reachable_endpoints};
 use super::reconcile::KindContext;
 use crate::api::status::{
     ClusterStatus, Phase, PrimaryChange, PrimaryChangeReason, condition_type, set_condition,
@@ -898,8 +898,9 @@ impl HaOutcome {
     }
 }
 
-/// The instance-manager client of a cluster: the pods' IPs when known
-/// (else the headless Service names), with `timeout` per request.
+/// The instance-manager client of a cluster, reaching the managers as
+/// observe does (by pod IP, running pods only: an action for any other
+/// fails at once), with `timeout` per request.
 fn client_for(
     cluster: &ValidatedCluster,
     manifest: &EngineManifest,
@@ -907,19 +908,8 @@ fn client_for(
     token: &str,
     timeout: Duration,
 ) -> InstanceClient {
-    let members: Vec<PeerEndpoint> = crate::plan::kubernetes_members(cluster, manifest)
-        .into_iter()
-        .map(|mut m| {
-            if let Some(ip) = pods
-                .iter()
-                .find(|p| p.name == m.name)
-                .and_then(|p| p.pod_ip.clone())
-            {
-                m.host = ip;
-            }
-            m
-        })
-        .collect();
+    let members: Vec<PeerEndpoint> =
+        reachable_endpoints(&crate::plan::kubernetes_members(cluster, manifest), pods);
     InstanceClient::new(
         token.to_string(),
         cluster.meta.uid.clone().unwrap_or_default(),
@@ -973,7 +963,8 @@ impl Io<'_> {
         let patch = json!({ "status": {
             "currentPrimary": rec.current,
             "targetPrimary": rec.target,
-            "leaseTerm": rec.term,
+            // As the status writer has it: absent while zero.
+            "leaseTerm": (rec.term > 0).then_some(rec.term),
             "primaryChange": rec.change,
             "timeline": rec.timeline,
         }});
@@ -1181,12 +1172,24 @@ pub(crate) async fn step(
     Ok(Some(out))
 }
 
-/// Every instance's report, in instance order.
+/// Every instance's report, in instance order (as observe records them:
+/// a member whose pod does not run has none).
 async fn observe_members(client: &InstanceClient, instances: &[String]) -> Vec<ObservedMember> {
-    let mut reports = client.observe_all().await;
-    reports.sort_by_key(|m| instances.iter().position(|i| *i == m.name));
-    reports.retain(|m| instances.contains(&m.name));
-    reports
+    let reports = client.observe_all().await;
+    instances
+        .iter()
+        .map(|n| {
+            reports
+                .iter()
+                .find(|r| &r.name == n)
+                .cloned()
+                .unwrap_or_else(|| ObservedMember {
+                    name: n.clone(),
+                    status: None,
+                    error: Some("pod is not running".into()),
+                })
+        })
+        .collect()
 }
 
 /// Stop the user-fenced instances that run; unfence those no longer named.
