@@ -268,6 +268,15 @@ fn healthy_with(primary: &str) -> impl Fn(&Value) -> bool + '_ {
     }
 }
 
+/// 3/3 ready, and `name` reports itself a replica.
+fn replica_ready(s: &Value, name: &str) -> bool {
+    s["ready"] == "3/3"
+        && s["instancesStatus"].as_array().is_some_and(|is| {
+            is.iter()
+                .any(|i| i["name"] == name && i["role"] == "replica" && i["ready"] == true)
+        })
+}
+
 fn reasons(events: &[k8s_openapi::api::events::v1::Event]) -> Vec<String> {
     events.iter().filter_map(|e| e.reason.clone()).collect()
 }
@@ -399,6 +408,11 @@ async fn switchover_refusal_switchover_and_failover_under_writes() {
     .await;
     writer.wait_more(20, "writes after the switchover").await;
     assert_eq!(primaries(kubelet).await, ["ha-pg-2"]);
+    // The old primary back as a replica before the next failure.
+    wait_status(api, "ha-pg-0 back as a ready replica", WAIT, |s| {
+        replica_ready(s, "ha-pg-0")
+    })
+    .await;
 
     // (1) kill -9 the primary's postgres under writes.
     let killed = kubelet.kill_server("ha-pg-2");
@@ -436,15 +450,23 @@ async fn switchover_refusal_switchover_and_failover_under_writes() {
     eprintln!("{} acknowledged rows, none lost", acked.len());
     // The old primary rejoins as a replica (through pg_rewind).
     wait_status(api, "ha-pg-2 back as a ready replica", WAIT, |s| {
-        s["ready"] == "3/3"
-            && s["instancesStatus"].as_array().is_some_and(|is| {
-                is.iter()
-                    .any(|i| i["name"] == "ha-pg-2" && i["role"] == "replica" && i["ready"] == true)
-            })
+        replica_ready(s, "ha-pg-2")
     })
     .await;
     assert_eq!(primaries(kubelet).await, [new_primary.as_str()]);
-    let events = reasons(&events_about(client, ns, "ha-pg").await);
+    let all = events_about(client, ns, "ha-pg").await;
+    for e in &all {
+        eprintln!(
+            "event {} {} {}",
+            e.event_time
+                .as_ref()
+                .map(|t| t.0.to_string())
+                .unwrap_or_default(),
+            e.reason.as_deref().unwrap_or_default(),
+            e.note.as_deref().unwrap_or_default()
+        );
+    }
+    let events = reasons(&all);
     for want in [
         "SwitchoverStarted",
         "Demoted",
