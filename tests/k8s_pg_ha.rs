@@ -526,3 +526,77 @@ async fn operator_killed_mid_failover_leaves_exactly_one_primary() {
     assert_no_failures(client, ns).await;
     drop(operator);
 }
+
+/// The primary's node is lost (manager and server killed, the pod still
+/// reported Running and Ready): the operator waits until the primary's
+/// write lease has certainly expired, deletes its pod (the host-side
+/// fence; a lost node confirms nothing, so it stays Terminating),
+/// detaches the replicas and promotes. When the node is back the pod is
+/// recreated: its volume held a lease, so it waits for one instead of
+/// starting as a writer, and rejoins as a replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_whose_node_is_lost_is_replaced_once_its_lease_expired() {
+    let (s, operator) = setup("pg-ha-node").await;
+    let (client, ns, api, kubelet) = (&s.client, &s.ns, &s.api, &s.kubelet);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let old_uid = pods.get("ha-pg-0").await.unwrap().metadata.uid;
+    let writer = Writer::start(client.clone(), ns.clone(), s.password.clone());
+    writer.wait_more(20, "writes before the node is lost").await;
+
+    kubelet.crash("ha-pg-0");
+    let at = std::time::Instant::now();
+    let status = wait_status(api, "a new primary after the node loss", WAIT, |s| {
+        s["currentPrimary"] != "ha-pg-0" && s["currentPrimary"].is_string()
+    })
+    .await;
+    let promoted_after = at.elapsed();
+    let new_primary = status["currentPrimary"].as_str().unwrap().to_string();
+    // Not before the lease (5 s) plus its margin (1 s) ran out.
+    assert!(
+        promoted_after >= Duration::from_secs(5),
+        "promoted {promoted_after:?} after the node loss, before the lease expired"
+    );
+    writer
+        .wait_more(1, "a write taken by the new primary")
+        .await;
+    eprintln!(
+        "node loss: new primary {new_primary} after {} ms, first acknowledged write after {} ms (polled)",
+        promoted_after.as_millis(),
+        at.elapsed().as_millis()
+    );
+    // The operator deleted the pod; a lost node confirms nothing, so it
+    // stays Terminating until the node is back.
+    let pod = pods.get("ha-pg-0").await.unwrap();
+    assert!(
+        pod.metadata.deletion_timestamp.is_some(),
+        "the lost primary's pod was not deleted"
+    );
+    kubelet.recover("ha-pg-0");
+    eventually("ha-pg-0 recreated", WAIT, || async {
+        let pod = pods.get("ha-pg-0").await.map_err(|e| e.to_string())?;
+        (pod.metadata.uid != old_uid && pod.metadata.deletion_timestamp.is_none())
+            .then_some(())
+            .ok_or(format!("uid {:?}", pod.metadata.uid))
+    })
+    .await;
+    wait_status(api, "ha-pg-0 back as a ready replica", WAIT, |s| {
+        replica_ready(s, "ha-pg-0")
+    })
+    .await;
+    writer.wait_more(20, "writes after the rejoin").await;
+    let acked = writer.stop().await;
+    all_acknowledged_rows_present(client, ns, &s.password, &acked).await;
+    assert_eq!(primaries(kubelet).await, [new_primary.as_str()]);
+    // The recreated pod waited for a lease rather than start as a writer.
+    let log = kubelet.manager_log("ha-pg-0");
+    assert!(log.contains("waiting for a write lease"), "{log}");
+    let events = events_about(client, ns, "ha-pg").await;
+    assert!(
+        events.iter().any(|e| e.reason.as_deref() == Some("Fenced")
+            && e.note.as_deref().is_some_and(|n| n.contains("pod deleted"))),
+        "{:?}",
+        reasons(&events)
+    );
+    assert_no_failures(client, ns).await;
+    drop(operator);
+}
