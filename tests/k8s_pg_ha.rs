@@ -305,9 +305,8 @@ async fn setup(prefix: &str) -> (Setup, OperatorProcess) {
         Api::namespaced_with(client.clone(), &ns, &stratum_resource("PostgresCluster"));
     let status = wait_status(&api, "phase Healthy", START, healthy_with("ha-pg-0")).await;
     assert_eq!(
-        status["leaseTerm"],
-        Value::Null,
-        "no promotion yet: {status}"
+        status["leaseTerm"], 1,
+        "adopted, no promotion yet: {status}"
     );
     let password = secret_value(&client, &ns, "app-password").await;
     let ip = eventually("one ready pod behind ha-pg-rw", WAIT, || {
@@ -398,7 +397,7 @@ async fn switchover_refusal_switchover_and_failover_under_writes() {
             })
     })
     .await;
-    assert_eq!(status["leaseTerm"], 1, "{status}");
+    assert_eq!(status["leaseTerm"], 2, "{status}");
     eventually("-rw selects ha-pg-2", WAIT, || async {
         let ip = rw_ip(client, ns).await?;
         (ip == kubelet.pod_ip("ha-pg-2"))
@@ -440,7 +439,7 @@ async fn switchover_refusal_switchover_and_failover_under_writes() {
         healthy_with(&new_primary),
     )
     .await;
-    assert_eq!(status["leaseTerm"], 2, "{status}");
+    assert_eq!(status["leaseTerm"], 3, "{status}");
     assert_eq!(
         rw_ip(client, ns).await.unwrap(),
         kubelet.pod_ip(&new_primary)

@@ -60,8 +60,9 @@ pub struct ClusterStatus {
     pub target_primary: Option<String>,
 
     /// Term of the write lease the operator grants the primary (engines
-    /// with the failover capability): incremented, and written here,
-    /// before each promotion. Instance managers refuse a lease of an older
+    /// with the failover capability): 1 once the first primary is
+    /// adopted, then incremented, and written here, before each
+    /// promotion. Instance managers refuse a lease of an older
     /// term, so an operator that lost track cannot renew a deposed
     /// primary.
     #[serde(default, skip_serializing_if = "is_zero")]

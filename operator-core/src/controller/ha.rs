@@ -369,6 +369,21 @@ fn idle(view: &HaView<'_>, elect: &dyn Fn(&[ObservedMember]) -> Election) -> HaD
             retry_after: Duration::from_secs(5),
         };
     }
+    if !view
+        .members
+        .iter()
+        .any(|m| m.name != primary && m.status.is_some())
+    {
+        // No other manager answers: nothing could be promoted, and the
+        // operator may be the one cut off. Fencing the primary (or
+        // deleting its pod) would only stop the writes.
+        return HaDecision::Wait {
+            reason: format!(
+                "the primary {primary} is unfit and no other instance manager answers; nothing to fail over to"
+            ),
+            retry_after: Duration::from_secs(2),
+        };
+    }
     let (grace, why) = grace(view, &primary);
     let due = view.failover_delay + grace;
     if view.primary_down_for >= due {
@@ -856,14 +871,19 @@ impl HaOutcome {
     /// condition.
     pub(crate) fn apply(&self, previous: Option<&ClusterStatus>, status: &mut ClusterStatus) {
         let now = Utc::now();
-        let before = previous.and_then(|s| s.current_primary.clone());
-        status.current_primary_timestamp = if before != self.current_primary {
-            Some(now)
-        } else {
-            previous.and_then(|s| s.current_primary_timestamp)
-        };
-        status.current_primary = self.current_primary.clone();
-        status.target_primary = self.target_primary.clone();
+        // No primary recorded and no change running (no manager has
+        // answered yet, e.g. pods without a kubelet): the status writer's
+        // view (the routed writer) stands.
+        if self.current_primary.is_some() || self.primary_change.is_some() {
+            let before = previous.and_then(|s| s.current_primary.clone());
+            status.current_primary_timestamp = if before != self.current_primary {
+                Some(now)
+            } else {
+                previous.and_then(|s| s.current_primary_timestamp)
+            };
+            status.current_primary = self.current_primary.clone();
+            status.target_primary = self.target_primary.clone();
+        }
         status.lease_term = self.lease_term;
         status.primary_change = self.primary_change.clone();
         status.timeline = self.timeline;
@@ -1017,7 +1037,12 @@ pub(crate) async fn step(
     }
     let (ns, name) = (cluster.meta.namespace.clone(), cluster.meta.name.clone());
     let mut rec = Record {
-        current: previous.and_then(|s| s.current_primary.clone()),
+        // Recorded by this step (it has a lease term); not the writer the
+        // status writer routed by pod readiness before any manager
+        // answered.
+        current: previous
+            .filter(|s| s.lease_term > 0)
+            .and_then(|s| s.current_primary.clone()),
         target: previous.and_then(|s| s.target_primary.clone()),
         term: previous.map_or(0, |s| s.lease_term),
         change: previous.and_then(|s| s.primary_change.clone()),
@@ -1264,6 +1289,10 @@ async fn act(
         HaDecision::Adopt { primary } => {
             rec.current = Some(primary.clone());
             rec.target = Some(primary.clone());
+            // Term 1 at least: a recorded primary is one with a term
+            // (the status writer's routed writer, recorded before any
+            // manager answered, has none).
+            rec.term = rec.term.max(1);
             io.record(rec, &format!("adopt {primary}")).await?;
             let client = io.client(pods, LEASE_TTL / 4);
             mem.lease.set(Some((primary.clone(), rec.term, client)));
@@ -1292,7 +1321,12 @@ async fn act(
                 let client = io.client(pods, LEASE_TTL / 4);
                 mem.lease.set(Some((p, rec.term, client)));
             }
-            wait(requeue, retry_after);
+            // A cluster without a primary yet keeps the pipeline's requeue
+            // (its pods wake it; clusters whose managers never answer, as
+            // in the 220-cluster benchmark, are not looked at more often).
+            if retry_after < NO_PRIMARY_RETRY {
+                wait(requeue, retry_after);
+            }
             Ok(false)
         }
         HaDecision::FenceIntruder { instance, primary } => {

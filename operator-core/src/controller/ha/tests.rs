@@ -445,6 +445,18 @@ fn a_restarted_operator_promotes_the_recorded_target_and_no_other() {
 }
 
 #[test]
+fn no_failover_when_no_other_manager_answers() {
+    // The operator may be the one cut off: fencing the primary or
+    // deleting its pod would only stop the writes.
+    let d = run(&Row {
+        members: NAMES.iter().map(|n| unreachable(n)).collect(),
+        down_ms: 60_000,
+        ..Default::default()
+    });
+    assert!(is_wait(&d, "no other instance manager answers"), "{d:?}");
+}
+
+#[test]
 fn a_second_writer_is_fenced() {
     let mut members = healthy();
     members[2] = at("simple-pg-2", Role::Primary, 500);
@@ -678,6 +690,14 @@ fn outcome_fields_land_in_status() {
         (c.status.as_str(), c.reason.as_str()),
         ("False", "SwitchoverRefused")
     );
+    // Nothing recorded (no manager answered yet): the routed writer the
+    // status writer put there stands.
+    let mut routed = ClusterStatus {
+        current_primary: Some("simple-pg-0".into()),
+        ..Default::default()
+    };
+    HaOutcome::default().apply(None, &mut routed);
+    assert_eq!(routed.current_primary.as_deref(), Some("simple-pg-0"));
     let v = serde_json::to_value(&s).unwrap();
     assert_eq!(v["primaryChange"]["reason"], "Switchover");
     assert_eq!(v["primaryChange"]["from"], "simple-pg-0");
