@@ -5,7 +5,7 @@
 #   PostgreSQL 15 (Debian)           /usr/lib/postgresql/15/bin
 #   PostgreSQL 17 (PyPI wheel)       $STRATUM_CACHE/postgresql/17/bin
 #   MariaDB 10.11 + Galera 4 (Debian) /usr/sbin/mariadbd, /usr/lib/galera/libgalera_smm.so,
-#                                    mariabackup, rsync and socat (SST), HAProxy
+#                                    mariabackup, rsync, socat and stunnel (SST), openssl, HAProxy
 #   Kubernetes control plane         $STRATUM_CACHE/k8s/<version>/bin (built with Go)
 #
 # STRATUM_CACHE defaults to /var/cache/stratum (outside /root, so that the
@@ -30,9 +30,10 @@ if command -v dpkg-query >/dev/null; then
   need_pkg passwd   # useradd, for the unprivileged database user
   # Galera (PxcCluster, flavor MariaDB): the server, its client, the
   # replication provider, the SST tools (mariabackup streams through socat;
-  # the SST scripts check ports with ss from iproute2) and the local rw/ro
-  # proxy.
-  for pkg in mariadb-server mariadb-client galera-4 mariadb-backup rsync socat iproute2 haproxy; do
+  # the SST scripts check ports with ss from iproute2; openssl checks the
+  # certificates of encrypted SST, and the TLS tests verify with it; rsync
+  # SST under TLS tunnels through stunnel) and the local rw/ro proxy.
+  for pkg in mariadb-server mariadb-client galera-4 mariadb-backup rsync socat iproute2 openssl stunnel4 haproxy; do
     need_pkg "$pkg"
   done
   if [ ${#apt_packages[@]} -gt 0 ]; then

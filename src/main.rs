@@ -277,6 +277,12 @@ fn render(args: RenderArgs) -> anyhow::Result<()> {
             "# Created once if absent, never overwritten; the values are examples.\n{}",
             serde_yaml::to_string(&objects.secret_if_absent)?
         ));
+        if let Some(tls) = &objects.tls_secret_if_absent {
+            docs.push(format!(
+                "# Created once if absent, never changed; the certificates are examples.\n{}",
+                serde_yaml::to_string(tls)?
+            ));
+        }
     }
     anyhow::ensure!(
         !docs.is_empty(),

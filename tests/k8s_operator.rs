@@ -775,6 +775,86 @@ async fn pxc_haproxy_deployment_follows_spec_proxy() {
     assert_no_failures(&client, &ns.name).await;
 }
 
+/// PxcCluster encrypts cluster traffic by default: the operator creates
+/// `<cluster>-ssl-internal` (type kubernetes.io/tls plus `ca.crt`, owned by
+/// the cluster) once and mounts it in every member; later reconciles of a
+/// changed spec never replace it; with `spec.tls.secretName` the pods
+/// mount the user's Secret instead and the generated one is left alone.
+#[tokio::test]
+async fn pxc_tls_secret_is_generated_once_and_a_users_is_mounted() {
+    let client = admin().await;
+    start_operator();
+    let ns = TestNamespace::create(&client, "pxc-tls").await;
+    let (api, doc) = create_example(&client, &ns.name, "pxc.yaml", "PxcCluster").await;
+    let name = doc["metadata"]["name"].as_str().unwrap().to_string();
+    let cluster = eventually("the cluster's uid", WAIT, || async {
+        api.get(&name).await.map_err(|e| e.to_string())
+    })
+    .await;
+    let tls_name = format!("{name}-ssl-internal");
+    let secret: Secret = wait_get(&client, &ns.name, &tls_name).await;
+    assert_owned(&secret.metadata, &cluster, "TLS Secret");
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    let data = secret.data.clone().unwrap();
+    assert_eq!(
+        data.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["ca.crt", "tls.crt", "tls.key"]
+    );
+    let tls_volume = |sts: &StatefulSet| {
+        let pod = sts.spec.as_ref()?.template.spec.as_ref()?;
+        let volume = pod.volumes.iter().flatten().find(|v| v.name == "tls")?;
+        let mounted = pod.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.name == "tls" && m.mount_path == "/etc/stratum/tls");
+        mounted.then(|| volume.secret.as_ref()?.secret_name.clone())?
+    };
+    let sts: StatefulSet = wait_get(&client, &ns.name, &name).await;
+    assert_eq!(tls_volume(&sts), Some(tls_name.clone()));
+
+    // A changed spec is built again (a new random CA in the desired
+    // objects) and applied: the stored Secret stays as it was.
+    let patch = json!({"spec": {"configuration": "[mysqld]\nmax_connections = 260\n"}});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    eventually("the new configuration applied", WAIT, || async {
+        let cm: ConfigMap = get(&client, &ns.name, &format!("{name}-config")).await?;
+        let json = cm.data.unwrap_or_default()["instance.json"].clone();
+        if json.contains("260") {
+            Ok(())
+        } else {
+            Err("not yet".to_string())
+        }
+    })
+    .await;
+    let after: Secret = get(&client, &ns.name, &tls_name).await.unwrap();
+    assert_eq!(
+        after.metadata.resource_version, secret.metadata.resource_version,
+        "the generated TLS Secret was written again"
+    );
+    assert_eq!(after.data, secret.data);
+
+    // The user's Secret: mounted as given; the generated one is not
+    // deleted (a cluster may go back to it).
+    let patch = json!({"spec": {"tls": {"secretName": "my-certs"}}});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    eventually("the user's Secret mounted", WAIT, || async {
+        let sts: StatefulSet = get(&client, &ns.name, &name).await?;
+        match tls_volume(&sts) {
+            Some(n) if n == "my-certs" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let kept: Secret = get(&client, &ns.name, &tls_name).await.unwrap();
+    assert_eq!(kept.data, secret.data);
+    assert_no_failures(&client, &ns.name).await;
+}
+
 /// What a kubelet does for a pod being deleted: confirm it (no kubelet
 /// runs here, so graceful deletions would wait for ever).
 async fn confirm_pod_deletions(client: &Client, ns: &str) {

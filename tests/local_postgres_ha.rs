@@ -1900,6 +1900,12 @@ async fn ha_frozen_primary_manager_is_killed_before_failover() {
     );
 
     wait_acks(&writer, writer.acked_count(), 20, "on the new primary").await;
+    let old_port: i32 = address.rsplit_once(':').unwrap().1.parse().unwrap();
+    let first = writer.first_ack_after(frozen_at, Some(old_port)).unwrap();
+    eprintln!(
+        "first write on the new primary {:.1}s after {old}'s manager was frozen",
+        (first - frozen_at).as_secs_f64()
+    );
     let detail = writer.acked.lock().unwrap().clone();
     let acked = writer.stop().await;
     let client = connect(&rw, &password).await.unwrap();
@@ -2036,6 +2042,219 @@ async fn ha_up_killed_mid_rolling_restart_resumes() {
     }
     let st = local.state_json();
     assert!(st["ha"]["rolling"].is_null(), "{}", st["ha"]);
+    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
+    local.down();
+}
+
+/// `up` SIGKILLed in the middle of a primary-first rolling restart (a
+/// lowered `max_connections`: standbys may not run with less than their
+/// primary announced), just as the primary's restart began, and started
+/// again with the new file. The new `up` starts every manager at once
+/// from the rewritten configuration: each replica, whose control file
+/// still holds the primary's old value, starts with that value instead of
+/// refusing to start (it says so in its manager log), and once the primary
+/// is back the resumed rolling restart restarts the replicas one at a
+/// time, each after replaying past the primary's restart. Every instance
+/// ends with the lowered value, one primary, no acknowledged write lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_up_killed_mid_primary_first_roll_resumes() {
+    let t0 = Instant::now();
+    let mut local = Local::new();
+    local.start();
+    let s = local.wait_converged();
+    let rw = s["endpoints"]["rw"].as_str().unwrap().to_string();
+    let password = local.password();
+    let p = primary(&s);
+    create_table(&rw, &password).await;
+    let writer = Writer::start(rw.clone(), password.clone(), 1000);
+    wait_acks(&writer, 0, 50, "before the change").await;
+
+    let lowered = simple_pg_ha(15).replace(
+        "    synchronous:\n",
+        "    parameters:\n      max_connections: '90'\n    synchronous:\n",
+    );
+    let out = local.apply(&lowered);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rolling = loop {
+        let st = local.state_json();
+        if st["ha"]["rolling"]["restarting"] == p.as_str() {
+            break st["ha"]["rolling"].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the primary's restart never began: {}",
+            st["ha"]
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    eprintln!("killing `up` as the primary restarts: {rolling}");
+    assert_eq!(rolling["primaryFirst"], true, "{rolling}");
+    let mut up = local.up.take().unwrap();
+    up.kill().unwrap();
+    up.wait().unwrap();
+    std::fs::write(&local.file, &lowered).unwrap();
+    local.start();
+    local.wait_for("the resumed rolling restart done", |s| {
+        let events = s["events"].to_string();
+        events
+            .split("RollingRestartResumed")
+            .nth(1)
+            .is_some_and(|after| after.contains("RollingRestartDone"))
+    });
+    let s = local.wait_converged();
+    assert_eq!(primary(&s), p, "restarted in place, no failover: {s}");
+    // The replicas ran with the control file's value until their turn.
+    for name in instance_names().into_iter().filter(|n| *n != p) {
+        let log = std::fs::read_to_string(
+            local
+                .state
+                .join("instances")
+                .join(&name)
+                .join("manager.log"),
+        )
+        .unwrap();
+        assert!(
+            log.contains("max_connections: 90 -> 100"),
+            "{name} did not start with the control file's max_connections:\n{}",
+            local.logs()
+        );
+    }
+    let events: Vec<String> = s["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap().to_string())
+        .collect();
+    let resumed = events
+        .iter()
+        .position(|e| e.contains("RollingRestartResumed"))
+        .unwrap();
+    let restarts: Vec<&String> = events[resumed..]
+        .iter()
+        .filter(|e| e.contains(" Restarting: "))
+        .collect();
+    assert_eq!(
+        restarts.len(),
+        2,
+        "both replicas restarted again: {events:#?}"
+    );
+    wait_acks(&writer, writer.acked_count(), 20, "after the restart of up").await;
+    let acked = writer.stop().await;
+    assert_all_present(&rw, &password, &acked).await;
+    for (name, v, _) in show_everywhere(&s, &password, "max_connections").await {
+        assert_eq!(v, "90", "{name}");
+    }
+    let st = local.state_json();
+    assert!(st["ha"]["rolling"].is_null(), "{}", st["ha"]);
+    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
+    local.down();
+}
+
+/// Scaling down removes the only synchronous standby of a `method: first`
+/// cluster (`FIRST 1 ("simple-pg-2")` while `simple-pg-1` is down: its
+/// manager frozen, its postgres killed), under a writer. The removed
+/// replica is stopped only after the primary reports the kept replica as
+/// its synchronous standby and that replica received the primary's WAL
+/// past the change (`SynchronousStandbysMoved` before `ScalingDown`); the
+/// primary is killed the moment the removal is done, and the failover to
+/// the kept replica loses no acknowledged write.
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_scale_down_moves_first_sync_standby_before_stopping_it() {
+    let t0 = Instant::now();
+    let yaml = simple_pg_ha(15).replace("      method: any\n", "      method: first\n");
+    assert!(yaml.contains("method: first"), "{yaml}");
+    let mut local = Local::with_spec(15, &yaml);
+    local.start();
+    let s = local.wait_converged();
+    let rw = s["endpoints"]["rw"].as_str().unwrap().to_string();
+    let password = local.password();
+    let p = primary(&s);
+    assert_eq!(p, "simple-pg-0", "a new cluster's primary is ordinal 0");
+    wait_sync_names(&rw, &password, "FIRST 1 (\"simple-pg-1\",\"simple-pg-2\")").await;
+    create_table(&rw, &password).await;
+    let writer = Writer::start(rw.clone(), password.clone(), 1000);
+    wait_acks(&writer, 0, 50, "before scaling").await;
+
+    // simple-pg-2 becomes the synchronous standby.
+    let manager = local.manager_pid("simple-pg-1");
+    kill(manager, "STOP");
+    kill(local.postmaster_pid("simple-pg-1"), "KILL");
+    wait_sync_names(&rw, &password, "FIRST 1 (\"simple-pg-2\")").await;
+    wait_acks(
+        &writer,
+        writer.acked_count(),
+        20,
+        "with simple-pg-2 synchronous",
+    )
+    .await;
+
+    let two = yaml.replace("instances: 3\n", "instances: 2\n");
+    let out = local.apply(&two);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    local.wait_for("the scale-down waiting for the kept standby", |s| {
+        s["events"]
+            .to_string()
+            .contains("scaling down: waiting for")
+    });
+    let st = local.state_json();
+    assert_eq!(
+        st["ha"]["members"].as_array().unwrap().len(),
+        3,
+        "{}",
+        st["ha"]
+    );
+    kill(manager, "CONT");
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    loop {
+        let st = local.state_json();
+        if st["ha"]["members"].as_array().is_some_and(|m| m.len() == 2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "simple-pg-2 never removed: {}",
+            st["ha"]
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The primary fails right after: the kept replica must hold every
+    // commit that only simple-pg-2 had confirmed.
+    kill(local.postmaster_pid(&p), "KILL");
+    local.wait_for("simple-pg-1 the primary", |s| {
+        s["currentPrimary"] == "simple-pg-1" && s["primary"] == "simple-pg-1"
+    });
+    let s = local.wait_instances(&["simple-pg-0", "simple-pg-1"]);
+    assert_eq!(primary(&s), "simple-pg-1", "{s}");
+    wait_acks(&writer, writer.acked_count(), 20, "after the failover").await;
+    let acked = writer.stop().await;
+    assert_all_present(&rw, &password, &acked).await;
+    let events: Vec<String> = s["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap().to_string())
+        .collect();
+    let at = |what: &str| {
+        events
+            .iter()
+            .position(|e| e.contains(what))
+            .unwrap_or_else(|| panic!("no {what} event: {events:#?}"))
+    };
+    assert!(
+        at("SynchronousStandbysMoved: simple-pg-0 waits for simple-pg-1 only")
+            < at("ScalingDown: removing simple-pg-2"),
+        "{events:#?}"
+    );
+    assert!(at("ScalingDown: removing simple-pg-2") < at("Resized: stopped simple-pg-2"));
     eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
     local.down();
 }

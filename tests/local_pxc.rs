@@ -10,9 +10,15 @@
 //! sessions when HAProxy fails over to another backup than the loop would;
 //! a configuration change rolled out one member at a time, the writer
 //! never restarted while it is the writer; scaling 3 → 5 → 3 → 5 → 3
-//! under write load (clean leaves, quorum kept, Retain and Delete). Each
-//! test owns a temporary state directory and stops its cluster when it
-//! ends; none skips.
+//! under write load (clean leaves, quorum kept, Retain and Delete). Every
+//! cluster encrypts its traffic with the generated TLS Secret (the
+//! default): the writer-kill test checks the provider's TLS settings on
+//! every node, a TLS handshake on a Galera port with the generated CA,
+//! and the encrypted SST; the one-writer test uses rsync SST, tunnelled
+//! through stunnel; the quorum-loss test runs on a user's TLS Secret (RSA
+//! certificates made with openssl); a user's TLS Secret missing a key is
+//! refused before anything starts. Each test owns a temporary state directory and
+//! stops its cluster when it ends; none skips.
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
@@ -40,7 +46,7 @@ fn require_galera() {
     ] {
         assert!(
             Path::new(path).exists(),
-            "{path} is required: install the Debian package {package} (scripts/setup.sh installs mariadb-server galera-4 mariadb-backup rsync haproxy)"
+            "{path} is required: install the Debian package {package} (scripts/setup.sh installs mariadb-server galera-4 mariadb-backup rsync stunnel4 haproxy)"
         );
     }
 }
@@ -625,6 +631,111 @@ async fn pxc_three_nodes_healthy_then_bad_input_is_refused() {
     local.down();
 }
 
+/// The directory of the generated TLS Secret.
+fn tls_dir(state: &Path) -> PathBuf {
+    state.join("tls").join(format!("{CLUSTER}-ssl-internal"))
+}
+
+/// Cluster traffic is encrypted with the generated TLS Secret: every
+/// node's provider runs with `socket.ssl` and the Secret's files, a Galera
+/// port completes a TLS handshake whose certificate verifies against the
+/// generated CA (with that CA's certificate as the client's), and the SST
+/// that gave the joiners their data went through the encrypted stream.
+async fn assert_cluster_traffic_encrypted(local: &Local, s: &Value, password: &str) {
+    let tls = tls_dir(&local.state);
+    for name in instance_names() {
+        let address = instance(s, &name)["address"].as_str().unwrap().to_string();
+        let mut c = connect(&address, password).await.unwrap();
+        let (_, opts): (String, String) = c
+            .query_first("SHOW GLOBAL VARIABLES LIKE 'wsrep_provider_options'")
+            .await
+            .unwrap()
+            .unwrap();
+        let want = [
+            "socket.ssl = YES".to_string(),
+            format!("socket.ssl_ca = {}", tls.join("ca.crt").display()),
+            format!("socket.ssl_cert = {}", tls.join("tls.crt").display()),
+            format!("socket.ssl_key = {}", tls.join("tls.key").display()),
+            // The fast eviction stays in force next to TLS.
+            "evs.suspect_timeout = PT2S".to_string(),
+        ];
+        for w in want {
+            assert!(
+                opts.split("; ").any(|o| o == w),
+                "{name}: no {w:?} in wsrep_provider_options: {opts}"
+            );
+        }
+    }
+    let galera_port =
+        local.state_json()["ports"]["instances"][format!("{CLUSTER}-0")]["extra"]["galera"]
+            .as_u64()
+            .unwrap();
+    let out = Command::new("openssl")
+        .args(["s_client", "-brief", "-verify_return_error"])
+        .arg("-connect")
+        .arg(format!("127.0.0.1:{galera_port}"))
+        .arg("-CAfile")
+        .arg(tls.join("ca.crt"))
+        .arg("-cert")
+        .arg(tls.join("tls.crt"))
+        .arg("-key")
+        .arg(tls.join("tls.key"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl not found: apt-get install openssl (scripts/setup.sh)");
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("Verification: OK"),
+        "no verified TLS handshake on the Galera port {galera_port}: {text}"
+    );
+    let joiners_decrypted = instance_names()
+        .iter()
+        .filter(|n| {
+            std::fs::read_to_string(local.instance_dir(n).join("run").join("server.log"))
+                .is_ok_and(|log| log.contains("Decrypting with cert="))
+        })
+        .count();
+    assert!(
+        joiners_decrypted >= 2,
+        "the SST of the two joiners was not decrypted with the Secret's certificate ({joiners_decrypted} did)"
+    );
+}
+
+/// A user's TLS Secret (locally the directory `tls/<name>/`) that lacks a
+/// key is refused before anything is written or started, naming the
+/// Secret and the key.
+#[test]
+fn pxc_a_users_tls_secret_without_its_key_is_refused() {
+    let local = Local::new();
+    let yaml = simple_pxc("  tls:\n    secretName: my-certs\n");
+    std::fs::write(&local.file, yaml).unwrap();
+    let secret = local.state.join("tls").join("my-certs");
+    std::fs::create_dir_all(&secret).unwrap();
+    std::fs::write(secret.join("ca.crt"), "-----BEGIN CERTIFICATE-----\n").unwrap();
+    std::fs::write(secret.join("tls.crt"), "-----BEGIN CERTIFICATE-----\n").unwrap();
+    let out = stratum()
+        .args(["local", "up", "-f"])
+        .arg(&local.file)
+        .arg("--state-dir")
+        .arg(&local.state)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "up accepted it: {stderr}");
+    assert!(
+        stderr.contains("spec.tls")
+            && stderr.contains("TLS Secret my-certs has no key tls.key")
+            && stderr.contains(&secret.join("tls.key").display().to_string()),
+        "{stderr}"
+    );
+    eprintln!("refused: {}", stderr.trim());
+    assert!(
+        !local.state.join("state.json").exists() && !local.state.join("instances").exists(),
+        "nothing may be laid out for a refused cluster"
+    );
+}
+
 /// 2. kill -9 of the writer's mariadbd while a client inserts numbered rows
 /// through `rw`: writes resume on another node, every acknowledged insert
 /// is present, the killed node rejoins by IST and does not take the
@@ -662,13 +773,15 @@ async fn pxc_writer_killed_under_load_loses_nothing_and_rejoins_by_ist() {
         first.as_millis()
     );
 
-    // The killed node is restarted by its manager and rejoins by IST.
+    // The killed node is restarted by its manager and rejoins by IST,
+    // over TLS like every other member.
     let healthy = local.wait_healthy();
     let rejoined = instance(&healthy, &old);
     assert_eq!(
         rejoined["wsrep"]["lastStateTransfer"], "ist",
         "{old} did not rejoin by IST: {rejoined}"
     );
+    assert_cluster_traffic_encrypted(&local, &healthy, &password).await;
     // Writes stay on the new writer although the old one is back.
     let new_writer = after["galera"]["writer"].as_str().unwrap().to_string();
     std::thread::sleep(Duration::from_secs(2));
@@ -744,13 +857,40 @@ async fn ports_of(conns: Vec<mysql_async::Conn>) -> (Vec<mysql_async::Conn>, Vec
 /// briefly down during the eviction), then that backup comes back. Every
 /// `rw` connection still open at the end is on the one node HAProxy and
 /// the loop send writes to; before the fix, sessions opened during the
-/// failover stayed on one node while new ones went to another.
+/// failover stayed on one node while new ones went to another. The
+/// cluster uses rsync SST, which under TLS (the default) goes through
+/// stunnel with the generated certificate.
 #[tokio::test(flavor = "multi_thread")]
 async fn pxc_rw_sessions_stay_on_one_writer_after_a_kill() {
     let t0 = Instant::now();
     let mut local = Local::new();
+    assert!(
+        Path::new("/usr/bin/stunnel").exists(),
+        "/usr/bin/stunnel is required for rsync SST under TLS: install the Debian package stunnel4 (scripts/setup.sh does)"
+    );
+    std::fs::write(&local.file, simple_pxc("  sstMethod: rsync\n")).unwrap();
     local.start();
     let status = local.wait_healthy();
+    // Both joiners received their copy through stunnel, the chain
+    // checked against the generated CA.
+    let ca = tls_dir(&local.state).join("ca.crt");
+    let tunnelled = instance_names()
+        .iter()
+        .filter(|n| {
+            std::fs::read_to_string(local.instance_dir(n).join("run").join("server.log")).is_ok_and(
+                |log| {
+                    log.contains(&format!(
+                        "Using stunnel for SSL encryption: CA: '{}'",
+                        ca.display()
+                    ))
+                },
+            )
+        })
+        .count();
+    assert!(
+        tunnelled >= 2,
+        "rsync SST did not go through stunnel with the generated CA ({tunnelled} logs say so)"
+    );
     let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
     let password = local.root_password();
     let port = |s: &Value, name: &str| port_of(instance(s, name)["address"].as_str().unwrap());
@@ -1405,14 +1545,57 @@ async fn pxc_full_crash_recovers_from_the_most_advanced_node() {
     local.down();
 }
 
+/// A user's TLS Secret made the way an administrator would with the
+/// openssl tool (RSA keys, a CA, a certificate for `localhost` and
+/// 127.0.0.1), put where the local runtime looks for the Secret `my-certs`,
+/// and the cluster file pointed at it. Returns the Secret's directory.
+fn use_own_tls_secret(local: &Local) -> PathBuf {
+    let dir = local.state.join("tls").join("my-certs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let openssl = |args: &str| {
+        let out = Command::new("openssl")
+            .args(args.split_whitespace())
+            .current_dir(&dir)
+            .output()
+            .expect("openssl not found: apt-get install openssl (scripts/setup.sh)");
+        assert!(
+            out.status.success(),
+            "openssl {args}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    openssl(
+        "req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=test-admin-CA",
+    );
+    openssl("req -newkey rsa:2048 -nodes -keyout tls.key -out tls.csr -subj /CN=localhost");
+    openssl(
+        "x509 -req -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out tls.crt -days 2 -extfile san.ext",
+    );
+    std::fs::write(
+        &local.file,
+        simple_pxc("  tls:\n    secretName: my-certs\n"),
+    )
+    .unwrap();
+    dir
+}
+
 /// 4. Two of three nodes lost (frozen with SIGSTOP, then killed): the
 /// survivor leaves the Primary component and refuses writes rather than
 /// diverge, and `rw` routes nowhere; when the others return, the cluster
-/// recovers with every row.
+/// recovers with every row. The cluster runs with a user's TLS Secret
+/// (`spec.tls.secretName`, RSA certificates made with openssl), used as
+/// given.
 #[tokio::test(flavor = "multi_thread")]
 async fn pxc_quorum_loss_refuses_writes_then_recovers() {
     let t0 = Instant::now();
     let mut local = Local::new();
+    let own_tls = use_own_tls_secret(&local);
+    let own_cert = std::fs::read(own_tls.join("tls.crt")).unwrap();
     local.start();
     let status = local.wait_healthy();
     let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
@@ -1476,6 +1659,27 @@ async fn pxc_quorum_loss_refuses_writes_then_recovers() {
         .unwrap();
     assert_eq!(n, Some(100));
     assert_same_rows_everywhere(&s, &password).await;
+    // Every member ran, and rejoined, with the user's certificate, which
+    // nothing replaced.
+    for name in instance_names() {
+        let address = instance(&s, &name)["address"].as_str().unwrap().to_string();
+        let mut c = connect(&address, &password).await.unwrap();
+        let (_, opts): (String, String) = c
+            .query_first("SHOW GLOBAL VARIABLES LIKE 'wsrep_provider_options'")
+            .await
+            .unwrap()
+            .unwrap();
+        let want = format!("socket.ssl_cert = {}", own_tls.join("tls.crt").display());
+        assert!(
+            opts.split("; ").any(|o| o == want) && opts.contains("socket.ssl = YES"),
+            "{name}: not on the user's certificate: {opts}"
+        );
+    }
+    assert_eq!(std::fs::read(own_tls.join("tls.crt")).unwrap(), own_cert);
+    assert!(
+        !tls_dir(&local.state).exists(),
+        "a Secret was generated anyway"
+    );
     eprintln!("events: {}", events(&s));
     eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
     local.down();

@@ -17,10 +17,11 @@ fn render(file: &str) -> std::process::Output {
 #[test]
 fn every_cluster_example_renders() {
     // The examples leave podManagementPolicy unset: each engine's default.
-    for (file, container, policy) in [
-        ("postgres-ha.yaml", "postgres", "OrderedReady"),
-        ("pxc.yaml", "pxc", "Parallel"),
-        ("mongo.yaml", "mongod", "Parallel"),
+    // A PxcCluster also gets its generated TLS Secret.
+    for (file, container, policy, secrets) in [
+        ("postgres-ha.yaml", "postgres", "OrderedReady", 1),
+        ("pxc.yaml", "pxc", "Parallel", 2),
+        ("mongo.yaml", "mongod", "Parallel", 1),
     ] {
         let out = render(file);
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -35,20 +36,17 @@ fn every_cluster_example_renders() {
                 v["kind"].as_str().unwrap().to_string()
             })
             .collect();
-        assert_eq!(
-            kinds,
-            [
-                "StatefulSet",
-                "ConfigMap",
-                "Service",
-                "Service",
-                "Service",
-                "Service",
-                "PodDisruptionBudget",
-                "Secret"
-            ],
-            "{file}"
-        );
+        let mut want = vec![
+            "StatefulSet",
+            "ConfigMap",
+            "Service",
+            "Service",
+            "Service",
+            "Service",
+            "PodDisruptionBudget",
+        ];
+        want.extend(std::iter::repeat_n("Secret", secrets));
+        assert_eq!(kinds, want, "{file}");
         assert!(
             stdout.contains(&format!("name: {container}")),
             "{file}: no container {container}"

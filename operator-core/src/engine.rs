@@ -184,6 +184,23 @@ pub struct ProxyPods {
     pub image: Option<String>,
 }
 
+/// A Secret of certificates that every instance of a cluster mounts (for
+/// the traffic between members: Galera replication, IST, SST). It holds
+/// `ca.crt`, `tls.crt` and `tls.key` (the `kubernetes.io/tls` layout plus
+/// the CA), see [`crate::build::tls`]. On Kubernetes it is mounted at
+/// [`crate::build::TLS_DIR`]; locally its files live in the state
+/// directory. Either way the instance finds them in
+/// [`InstanceConfig::tls_dir`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsSecret {
+    /// The Secret's name.
+    pub name: String,
+    /// `true`: the operator generates it (a new CA and one certificate for
+    /// every member's name) when absent, and never changes it afterwards.
+    /// `false`: the user's Secret, used as given.
+    pub generate: bool,
+}
+
 /// Decision of an election: a pure function of the observed members.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Election {
@@ -303,6 +320,12 @@ pub trait Engine: Send + Sync + 'static {
     /// spec asks for them. Default: none (the `-rw`/`-ro` Services select
     /// the members by the operator's route label).
     fn proxy(&self, _cluster: &ValidatedCluster) -> Option<ProxyPods> {
+        None
+    }
+
+    /// The TLS Secret the instances mount, when the spec asks for
+    /// encrypted traffic between members. Default: none.
+    fn tls_secret(&self, _cluster: &ValidatedCluster) -> Option<TlsSecret> {
         None
     }
 

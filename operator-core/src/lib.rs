@@ -13,5 +13,6 @@ pub mod local;
 pub mod plan;
 pub mod registry;
 pub mod telemetry;
+pub mod tls;
 pub mod topology;
 pub mod validate;

@@ -24,6 +24,8 @@ pub struct InstancePaths {
     pub secrets_dir: PathBuf,
     /// The API token file.
     pub token_file: PathBuf,
+    /// Directory of the TLS Secret's files, when the engine asked for one.
+    pub tls_dir: Option<PathBuf>,
 }
 
 /// Everything about one cluster that both runtimes feed into instance
@@ -66,6 +68,7 @@ pub fn instance_config(
         members: input.members.clone(),
         token_file: paths.token_file,
         secrets_dir: paths.secrets_dir,
+        tls_dir: paths.tls_dir,
         run_as_user: input.run_as_user.clone(),
         bin_dir: input.bin_dir.clone(),
         engine: input.engine.instance_settings(cluster)?,

@@ -394,10 +394,60 @@ impl Shared {
         config.token_file = secrets.join(SECRET_KEY_API_TOKEN);
         config.secrets_dir = secrets;
         config.run_as_user = self.run_as_user.clone();
+        if let Some(mount) = config.tls_dir.clone() {
+            config.tls_dir = Some(
+                self.write_secret_volume(pod, &mount, &dir.join("tls"))
+                    .await?,
+            );
+        }
         let file = dir.join("instance.json");
         std::fs::write(&file, serde_json::to_vec_pretty(&config).unwrap())
             .map_err(|e| e.to_string())?;
         Ok(file)
+    }
+
+    /// Write the Secret the pod mounts at `mount` (its volume's
+    /// `secretName`) into `into`, as the kubelet's Secret volume would.
+    async fn write_secret_volume(
+        &self,
+        pod: &str,
+        mount: &Path,
+        into: &Path,
+    ) -> Result<PathBuf, String> {
+        let spec = self
+            .pods()
+            .get(pod)
+            .await
+            .map_err(|e| format!("pod {pod}: {}", api_message(&e)))?
+            .spec
+            .ok_or_else(|| format!("pod {pod} has no spec"))?;
+        let volume = spec
+            .containers
+            .iter()
+            .flat_map(|c| c.volume_mounts.iter().flatten())
+            .find(|m| Path::new(&m.mount_path) == mount)
+            .map(|m| m.name.clone())
+            .ok_or_else(|| format!("pod {pod} mounts nothing at {}", mount.display()))?;
+        let secret_name = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == volume)
+            .and_then(|v| v.secret.as_ref()?.secret_name.clone())
+            .ok_or_else(|| format!("pod {pod}: volume {volume} is not a Secret volume"))?;
+        let secret: Secret = Api::namespaced(self.client.clone(), &self.ns)
+            .get(&secret_name)
+            .await
+            .map_err(|e| format!("Secret {secret_name}: {}", api_message(&e)))?;
+        std::fs::create_dir_all(into).map_err(|e| e.to_string())?;
+        set_mode(into, 0o755);
+        for (key, value) in secret.data.iter().flatten() {
+            let file = into.join(key);
+            std::fs::write(&file, &value.0).map_err(|e| e.to_string())?;
+            // The database runs unprivileged and must read the key.
+            set_mode(&file, 0o644);
+        }
+        Ok(into.to_path_buf())
     }
 
     /// Start `pod`'s instance manager.

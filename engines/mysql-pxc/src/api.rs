@@ -72,6 +72,11 @@ pub struct PxcClusterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sst_method: Option<SstMethod>,
 
+    /// Encryption of the traffic between members (Galera replication,
+    /// IST and SST) with certificates signed by one CA. On by default.
+    #[serde(default)]
+    pub tls: PxcTls,
+
     /// Checks that can be switched off, at your own risk.
     #[serde(default)]
     pub unsafe_flags: UnsafeFlags,
@@ -105,12 +110,83 @@ impl PxcClusterSpec {
             .unwrap_or_else(|| self.flavor.default_image(&self.effective_version()))
     }
 
+    /// The Secret of the members' certificates when cluster traffic is
+    /// encrypted: `spec.tls.secretName`, or the generated
+    /// `<cluster>-ssl-internal`.
+    pub fn tls_secret_name(&self, cluster: &str) -> Option<String> {
+        self.tls.encrypt_cluster_traffic.then(|| {
+            self.tls
+                .secret_name
+                .clone()
+                .unwrap_or_else(|| generated_tls_secret_name(cluster))
+        })
+    }
+
     /// `spec.bootstrap.forceBootstrapFrom`, if set.
     pub fn force_bootstrap_from(&self) -> Option<&str> {
         self.bootstrap
             .as_ref()
             .and_then(|b| b.force_bootstrap_from.as_deref())
     }
+}
+
+/// Name of the TLS Secret the operator generates when
+/// `spec.tls.secretName` is unset (the Percona operator's name for the
+/// certificates of cluster traffic).
+pub fn generated_tls_secret_name(cluster: &str) -> String {
+    format!("{cluster}-ssl-internal")
+}
+
+/// Encryption of the traffic between members (Percona XtraDB Cluster's
+/// `pxc-encrypt-cluster-traffic`, on by default in 8.0): Galera
+/// replication and IST over TLS, and SST through an encrypted stream. Every
+/// member presents the same certificate, signed by the CA in the Secret,
+/// and accepts only peers signed by that CA. Changing this block on a
+/// running cluster needs every member restarted with the new settings
+/// (members with and without encryption, or with different CAs, cannot
+/// talk to each other).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PxcTls {
+    /// Encrypt Galera replication, IST and SST between members. Default
+    /// true. With false, members talk in clear text (PerconaXtraDB gets
+    /// `pxc-encrypt-cluster-traffic=OFF`): only on a network nobody else
+    /// can reach.
+    #[serde(default = "default_true")]
+    pub encrypt_cluster_traffic: bool,
+
+    /// A Secret in the cluster's namespace with the members' certificate:
+    /// `ca.crt` (the CA that signed it, which peers must be signed by),
+    /// `tls.crt` and `tls.key` (PEM), the layout of a `kubernetes.io/tls`
+    /// Secret such as cert-manager writes. Its certificate should name
+    /// every member (`<cluster>-<n>.<cluster>-headless.<namespace>.svc`,
+    /// or a wildcard `*.<cluster>-headless.<namespace>.svc`): the SST
+    /// donor checks the joiner's name. Used as given; a missing key stops
+    /// each instance with an error naming the Secret and the key. When
+    /// unset, the operator creates `<cluster>-ssl-internal` once with a new
+    /// CA and such a certificate, and never changes it (delete it to get
+    /// a new one; every member then needs a restart). Locally
+    /// (`stratum local up`) a Secret is the directory
+    /// `<state-dir>/tls/<name>/` holding the three files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"),
+        length(min = 1, max = 253)
+    )]
+    pub secret_name: Option<String>,
+}
+
+impl Default for PxcTls {
+    fn default() -> Self {
+        Self {
+            encrypt_cluster_traffic: true,
+            secret_name: None,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Server distribution of a Galera cluster.

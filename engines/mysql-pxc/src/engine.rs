@@ -10,13 +10,13 @@ use kube::CustomResourceExt;
 use operator_core::api::common::PodManagementPolicy;
 use operator_core::engine::{
     Election, Engine, EngineManifest, EnginePort, InstanceDriver, ObservedMember, ProxyPods,
-    ReplicationModel, Routing, Topology, ValidatedCluster,
+    ReplicationModel, Routing, TlsSecret, Topology, ValidatedCluster,
 };
 use operator_core::error::SpecError;
 use operator_core::validate::typed_cluster;
 
 use crate::api::{ProxyType, PxcCluster, PxcClusterSpec};
-use crate::settings::{PxcInstanceSettings, secret_keys, sst_password_key};
+use crate::settings::{PxcInstanceSettings, TlsSettings, secret_keys, sst_password_key};
 use crate::{galera, mycnf};
 
 /// The cluster kind.
@@ -81,7 +81,13 @@ fn check_spec(name: &str, spec: &PxcClusterSpec) -> Result<(), SpecError> {
     }
     if let Some(text) = &spec.configuration {
         mycnf::parse(text)
-            .and_then(|file| mycnf::check_user_options(&file))
+            .and_then(|file| {
+                mycnf::check_user_options(&file)?;
+                if spec.tls.encrypt_cluster_traffic {
+                    mycnf::check_tls_options(&file)?;
+                }
+                Ok(())
+            })
             .map_err(|e| SpecError::new("spec.configuration", e.to_string()))?;
     }
     if spec.proxy.type_ == ProxyType::Haproxy && spec.proxy.instances < 1 {
@@ -126,8 +132,10 @@ impl Engine for PxcEngine {
 
     /// Metadata, then the CRD's CEL rules (as on create), then typed
     /// deserialization, then [`check_spec`]: flavor/SST compatibility,
-    /// `spec.configuration` syntax and operator-owned options, proxy size,
-    /// and that `forceBootstrapFrom` names an instance.
+    /// `spec.configuration` syntax and operator-owned options (the
+    /// certificate and SST encryption options too while cluster traffic
+    /// is encrypted), proxy size, and that `forceBootstrapFrom` names an
+    /// instance.
     fn validate(&self, object: &serde_json::Value) -> Result<ValidatedCluster, SpecError> {
         let (meta, spec, _): (_, PxcClusterSpec, _) = typed_cluster(KIND, &CRD, object)?;
         check_spec(&meta.name, &spec)?;
@@ -184,6 +192,16 @@ impl Engine for PxcEngine {
         }
     }
 
+    /// With `spec.tls.encryptClusterTraffic` (the default): the user's
+    /// `spec.tls.secretName`, or `<cluster>-ssl-internal`, generated.
+    fn tls_secret(&self, cluster: &ValidatedCluster) -> Option<TlsSecret> {
+        let spec = Self::spec(cluster).ok()?;
+        Some(TlsSecret {
+            name: spec.tls_secret_name(&cluster.meta.name)?,
+            generate: spec.tls.secret_name.is_none(),
+        })
+    }
+
     fn proxy(&self, cluster: &ValidatedCluster) -> Option<ProxyPods> {
         let spec = Self::spec(cluster).ok()?;
         (spec.proxy.type_ == ProxyType::Haproxy && spec.proxy.instances >= 1).then_some(ProxyPods {
@@ -210,6 +228,9 @@ impl Engine for PxcEngine {
             cluster_name: cluster.meta.name.clone(),
             sst_method: spec.effective_sst_method(),
             my_cnf,
+            tls: spec
+                .tls_secret_name(&cluster.meta.name)
+                .map(|secret_name| TlsSettings { secret_name }),
         };
         serde_json::to_value(settings).map_err(|e| {
             SpecError::new(
@@ -325,11 +346,18 @@ spec:
             "sstMethod",
             "unsafeFlags",
             "bootstrap",
+            "tls",
         ] {
             let d = spec["properties"][field]["description"]
                 .as_str()
                 .unwrap_or("");
             assert!(!d.is_empty(), "spec.{field} has no description");
+        }
+        for field in ["encryptClusterTraffic", "secretName"] {
+            let d = spec["properties"]["tls"]["properties"][field]["description"]
+                .as_str()
+                .unwrap_or("");
+            assert!(!d.is_empty(), "spec.tls.{field} has no description");
         }
         let sst_doc = spec["properties"]["sstMethod"]["description"]
             .as_str()
@@ -426,7 +454,55 @@ spec:
                 "clusterName": "simple-pxc",
                 "sstMethod": "xtrabackup-v2",
                 "myCnf": {"mysqld": {"skip_name_resolve": null}},
+                "tls": {"secretName": "simple-pxc-ssl-internal"},
             })
+        );
+    }
+
+    #[test]
+    fn tls_is_on_by_default_with_a_generated_secret() {
+        let c = PxcEngine.validate(&object(SIMPLE)).unwrap();
+        assert_eq!(
+            PxcEngine.tls_secret(&c),
+            Some(TlsSecret {
+                name: "simple-pxc-ssl-internal".into(),
+                generate: true
+            })
+        );
+        let c = PxcEngine
+            .validate(&with_spec("tls: {secretName: my-certs}"))
+            .unwrap();
+        assert_eq!(
+            PxcEngine.tls_secret(&c),
+            Some(TlsSecret {
+                name: "my-certs".into(),
+                generate: false
+            })
+        );
+        let settings: PxcInstanceSettings =
+            serde_json::from_value(PxcEngine.instance_settings(&c).unwrap()).unwrap();
+        assert_eq!(settings.tls.unwrap().secret_name, "my-certs");
+
+        let c = PxcEngine
+            .validate(&with_spec(
+                "{tls: {encryptClusterTraffic: false, secretName: my-certs}, configuration: \"[mysqld]\\nssl-ca=/etc/ca.pem\\n\"}",
+            ))
+            .unwrap();
+        assert_eq!(PxcEngine.tls_secret(&c), None);
+        let settings: PxcInstanceSettings =
+            serde_json::from_value(PxcEngine.instance_settings(&c).unwrap()).unwrap();
+        assert_eq!(settings.tls, None);
+    }
+
+    #[test]
+    fn tls_options_in_configuration_are_refused_while_encrypting() {
+        let err = rejected("configuration: \"[sst]\\nencrypt=0\\n\"");
+        assert_eq!(err.field, "spec.configuration");
+        assert!(err.message.contains("line 2"), "{err}");
+        assert!(err.message.contains("option encrypt in [sst]"), "{err}");
+        assert_eq!(
+            rejected("tls: {secretName: My_Certs}").field,
+            "spec.tls.secretName"
         );
     }
 

@@ -251,6 +251,10 @@ pub const OPERATOR_OWNED: &[(&str, &str)] = &[
     ),
     ("wsrep_sst_method", "set spec.sstMethod instead"),
     (
+        "pxc_encrypt_cluster_traffic",
+        "set spec.tls.encryptClusterTraffic instead",
+    ),
+    (
         "wsrep_sst_auth",
         "SST credentials come from the cluster's Secret",
     ),
@@ -309,16 +313,65 @@ pub fn operator_owned(name: &str) -> Option<(&'static str, &'static str)> {
     })
 }
 
-/// `wsrep_provider_options` keys the operator owns (addresses, ports and
-/// the bootstrap switch); the user may set the others (e.g. `gcache.size`).
-pub const OPERATOR_OWNED_PROVIDER_OPTIONS: &[&str] = &[
-    "base_host",
-    "base_port",
-    "gmcast.listen_addr",
-    "ist.recv_addr",
-    "ist.recv_bind",
-    "pc.bootstrap",
+/// `wsrep_provider_options` keys the operator owns (addresses, ports, the
+/// bootstrap switch, the TLS files), with the reason shown to the user;
+/// the user may set the others (e.g. `gcache.size`).
+pub const OPERATOR_OWNED_PROVIDER_OPTIONS: &[(&str, &str)] = &[
+    ("base_host", "addresses"),
+    ("base_port", "ports"),
+    ("gmcast.listen_addr", "addresses"),
+    ("ist.recv_addr", "addresses"),
+    ("ist.recv_bind", "addresses"),
+    ("pc.bootstrap", "the bootstrap after a full crash"),
+    ("socket.ssl", "set spec.tls instead"),
+    ("socket.ssl_ca", "set spec.tls instead"),
+    ("socket.ssl_cert", "set spec.tls instead"),
+    ("socket.ssl_key", "set spec.tls instead"),
 ];
+
+/// Options the operator sets while cluster traffic is encrypted
+/// (`spec.tls.encryptClusterTraffic`), by group kind: in a server group
+/// the server's certificate (which Percona XtraDB Cluster uses for Galera
+/// and SST), in a tool group the SST's encryption.
+pub const TLS_OWNED_SERVER: &[&str] = &["ssl_ca", "ssl_capath", "ssl_cert", "ssl_key"];
+/// See [`TLS_OWNED_SERVER`]: `[sst]`, `[xtrabackup]`, `[mariabackup]`.
+pub const TLS_OWNED_TOOL: &[&str] = &[
+    "encrypt",
+    "ssl_mode",
+    "ssl_ca",
+    "ssl_capath",
+    "ssl_cert",
+    "ssl_key",
+    "tca",
+    "tcapath",
+    "tcert",
+    "tkey",
+];
+
+/// Check that a parsed file sets none of the certificate and encryption
+/// options the operator sets while cluster traffic is encrypted. The
+/// error names the option, the group and the line.
+pub fn check_tls_options(file: &OptionFile) -> Result<(), MyCnfError> {
+    for group in &file.groups {
+        let owned = if is_server_group(&group.name) {
+            TLS_OWNED_SERVER
+        } else {
+            TLS_OWNED_TOOL
+        };
+        for option in &group.options {
+            if owned.contains(&canonical_name(&option.name).as_str()) {
+                return Err(MyCnfError::new(
+                    option.line,
+                    format!(
+                        "option {} in [{}] is managed by the operator while spec.tls.encryptClusterTraffic is true (the certificates come from the TLS Secret); remove it, or set spec.tls.secretName to use your own certificates",
+                        option.name, group.name
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
 
 /// Check that a parsed file only uses supported groups and sets no option
 /// the operator owns. The error names the group or option and the line.
@@ -370,14 +423,14 @@ fn check_provider_options(option: &OptionLine) -> Result<(), MyCnfError> {
         .unwrap_or(value);
     for item in unquoted.split(';') {
         let key = item.split_once('=').map_or(item, |(k, _)| k).trim();
-        if OPERATOR_OWNED_PROVIDER_OPTIONS
+        if let Some((_, why)) = OPERATOR_OWNED_PROVIDER_OPTIONS
             .iter()
-            .any(|o| o.eq_ignore_ascii_case(key))
+            .find(|(o, _)| o.eq_ignore_ascii_case(key))
         {
             return Err(MyCnfError::new(
                 option.line,
                 format!(
-                    "{} sets {key}, which the operator manages (addresses, ports, bootstrap); remove it",
+                    "{} sets {key}, which the operator manages ({why}); remove it",
                     option.name
                 ),
             ));
@@ -548,6 +601,14 @@ mod tests {
                 "sets gmcast.listen_addr",
             ),
             ("[client]\nport=3307\n", "group [client] is not supported"),
+            (
+                "[mysqld]\nwsrep_provider_options=\"socket.ssl_key=/k.pem\"\n",
+                "sets socket.ssl_key, which the operator manages (set spec.tls instead)",
+            ),
+            (
+                "[mysqld]\npxc-encrypt-cluster-traffic=OFF\n",
+                "set spec.tls.encryptClusterTraffic instead",
+            ),
         ] {
             let file = parse(text).unwrap();
             let err = check_user_options(&file).unwrap_err();
@@ -564,6 +625,41 @@ mod tests {
         )
         .unwrap();
         check_user_options(&file).unwrap();
+    }
+
+    #[test]
+    fn tls_options_are_refused_only_by_the_tls_check() {
+        for (text, line, needle) in [
+            (
+                "[mysqld]\nmax_connections=9\nssl-ca=/ca.pem\n",
+                3,
+                "option ssl-ca in [mysqld]",
+            ),
+            (
+                "[mariadb]\nssl_key=/k.pem\n",
+                2,
+                "option ssl_key in [mariadb]",
+            ),
+            ("[sst]\nencrypt=0\n", 2, "option encrypt in [sst]"),
+            ("[sst]\ntcert=/c.pem\n", 2, "option tcert in [sst]"),
+            (
+                "[mariabackup]\nssl-mode=DISABLED\n",
+                2,
+                "option ssl-mode in [mariabackup]",
+            ),
+        ] {
+            let file = parse(text).unwrap();
+            check_user_options(&file).unwrap();
+            let err = check_tls_options(&file).unwrap_err();
+            assert_eq!(err.line, line, "{text:?}: {err}");
+            assert!(err.message.contains(needle), "{text:?}: {err}");
+            assert!(
+                err.message.contains("spec.tls.encryptClusterTraffic"),
+                "{err}"
+            );
+        }
+        check_tls_options(&parse("[mysqld]\nmax_connections=9\n[sst]\nprogress=1\n").unwrap())
+            .unwrap();
     }
 
     #[test]

@@ -60,6 +60,18 @@ pub struct PxcInstanceSettings {
     /// provider options.
     #[serde(default)]
     pub my_cnf: RenderedMyCnf,
+    /// Encryption of the traffic between members, with the files of
+    /// `InstanceConfig::tls_dir`; `None`: clear text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSettings>,
+}
+
+/// Cluster traffic encryption of an instance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSettings {
+    /// The Secret the files come from, named in errors.
+    pub secret_name: String,
 }
 
 impl PxcInstanceSettings {

@@ -156,6 +156,7 @@ impl Fixture {
             members: self.members.clone(),
             token_file: self.path().join("secrets").join(secret_keys::API_TOKEN),
             secrets_dir: self.path().join("secrets"),
+            tls_dir: None,
             run_as_user: self.run_as.clone(),
             bin_dir: Some(self.bin_dir.clone()),
             engine: serde_json::json!({

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use rand::Rng;
 
 use super::meta::MetaBuilder;
-use super::{BuildError, CONFIG_KEY, RUN_DIR, SECRETS_DIR, names};
+use super::{BuildError, CONFIG_KEY, RUN_DIR, SECRETS_DIR, TLS_DIR, names};
 use crate::engine::{Engine, EngineManifest, ValidatedCluster};
 use crate::instance::protocol::SECRET_KEY_API_TOKEN;
 use crate::plan::{self, InstancePaths, PlanInput};
@@ -50,6 +50,7 @@ pub(super) fn config_map(
             run_dir: PathBuf::from(RUN_DIR),
             token_file: secrets_dir.join(SECRET_KEY_API_TOKEN),
             secrets_dir,
+            tls_dir: engine.tls_secret(cluster).map(|_| PathBuf::from(TLS_DIR)),
         },
     )
     .map_err(BuildError::Settings)?;
@@ -85,6 +86,41 @@ pub(super) fn credentials_secret(meta: &MetaBuilder, manifest: &EngineManifest) 
         type_: Some("Opaque".into()),
         data: Some(data),
         ..Default::default()
+    }
+}
+
+/// The generated TLS Secret `name` (type `kubernetes.io/tls` plus
+/// `ca.crt`): a new CA and a certificate for every member's names
+/// ([`crate::tls::kubernetes_names`]).
+pub(super) fn tls_secret(
+    meta: &MetaBuilder,
+    cluster: &ValidatedCluster,
+    name: &str,
+) -> Result<Secret, BuildError> {
+    let files = crate::tls::generate(&cluster.meta.name, &crate::tls::kubernetes_names(cluster))
+        .map_err(BuildError::Tls)?;
+    let data = files
+        .entries()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+        .collect();
+    Ok(Secret {
+        metadata: meta.object_meta(name.to_string()),
+        type_: Some(crate::tls::SECRET_TYPE.into()),
+        data: Some(data),
+        ..Default::default()
+    })
+}
+
+/// What the apply step does with a generated TLS Secret: create it when
+/// absent, otherwise keep it exactly as it is. Unlike the credentials, a
+/// missing key is never added: a new `ca.crt` next to an old `tls.crt`
+/// would not verify, and the members already trust what is there. An
+/// incomplete Secret is reported by each instance instead, naming the key.
+pub fn tls_secret_action(existing: Option<&Secret>) -> SecretAction {
+    match existing {
+        None => SecretAction::Create,
+        Some(_) => SecretAction::Keep,
     }
 }
 

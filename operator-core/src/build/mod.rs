@@ -15,6 +15,10 @@
 //!   `<cluster>-r`;
 //! - PodDisruptionBudget `<cluster>`;
 //! - Secret `<cluster>-credentials` (create-if-absent only);
+//! - the engine's TLS Secret ([`Engine::tls_secret`]) when the operator
+//!   generates it: a new CA and certificate ([`crate::tls`]), created when
+//!   absent and never changed afterwards ([`tls_secret_action`]); a user's
+//!   TLS Secret is only mounted;
 //! - NetworkPolicy `<cluster>` when [`BuildContext::network_policy`] is set;
 //! - ConfigMap and Deployment `<cluster>-haproxy` when the engine asks for
 //!   proxy pods ([`Engine::proxy`]); the `-rw`/`-ro` Services then select
@@ -40,7 +44,9 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use crate::engine::{Engine, EngineManifest, ValidatedCluster};
 use crate::error::SpecError;
 
-pub use config::{SECRET_VALUE_LEN, SecretAction, generate_secret_value, secret_action};
+pub use config::{
+    SECRET_VALUE_LEN, SecretAction, generate_secret_value, secret_action, tls_secret_action,
+};
 pub use meta::{app_name, container_name, network_policy_enabled};
 pub use proxy::{
     ANNOTATION_CONFIG_HASH, CLUSTER_DOMAIN, COMPONENT_HAPROXY, DEFAULT_PROXY_IMAGE,
@@ -80,6 +86,8 @@ pub const CONFIG_DIR: &str = "/etc/stratum/config";
 pub const CONFIG_KEY: &str = "instance.json";
 /// Where the credentials Secret is mounted.
 pub const SECRETS_DIR: &str = "/etc/stratum/secrets";
+/// Where the engine's TLS Secret ([`Engine::tls_secret`]) is mounted.
+pub const TLS_DIR: &str = "/etc/stratum/tls";
 /// Run directory (sockets, rendered config, logs) of the instance manager.
 pub const RUN_DIR: &str = "/var/run/stratum";
 /// Where the init container copies the `stratum` binary.
@@ -211,6 +219,10 @@ pub struct ClusterObjects {
     /// when no Secret of that name exists and never overwrite one (the
     /// values are random on every build): see [`secret_action`].
     pub secret_if_absent: Secret,
+    /// The engine's TLS Secret with a newly generated CA and certificate,
+    /// when the operator generates it. Create it only when no Secret of
+    /// that name exists and never change one: see [`tls_secret_action`].
+    pub tls_secret_if_absent: Option<Secret>,
 }
 
 impl ClusterObjects {
@@ -268,12 +280,16 @@ pub enum BuildError {
     /// The instance config did not serialize (a bug).
     #[error("failed to serialize the instance config")]
     Serialize(#[source] serde_json::Error),
+    /// The TLS certificates could not be generated (a bug: the names come
+    /// from validated object names).
+    #[error("failed to build the TLS Secret")]
+    Tls(#[source] crate::tls::GenerateError),
 }
 
 impl BuildError {
     /// Whether retrying cannot help until the object changes.
     pub fn is_permanent(&self) -> bool {
-        !matches!(self, Self::Serialize(_))
+        !matches!(self, Self::Serialize(_) | Self::Tls(_))
     }
 }
 
@@ -291,13 +307,25 @@ pub fn build(
         kind: engine.kind().to_string(),
     })?;
     let config_map = config::config_map(&meta, cluster, engine, &manifest)?;
+    let tls = engine.tls_secret(cluster);
+    let tls_secret_if_absent = match &tls {
+        Some(t) if t.generate => Some(config::tls_secret(&meta, cluster, &t.name)?),
+        _ => None,
+    };
     let proxy = engine
         .proxy(cluster)
         .filter(|p| p.instances >= 1)
         .map(|p| proxy::proxy_objects(&meta, cluster, &p, port));
     let proxied = proxy.is_some();
     Ok(ClusterObjects {
-        stateful_set: statefulset::stateful_set(&meta, cluster, engine, &manifest, ctx),
+        stateful_set: statefulset::stateful_set(
+            &meta,
+            cluster,
+            engine,
+            &manifest,
+            tls.as_ref(),
+            ctx,
+        ),
         config_map,
         services: services::services(&meta, &manifest, proxied),
         proxy,
@@ -306,6 +334,7 @@ pub fn build(
             .network_policy
             .then(|| policy::network_policy(&meta, &manifest, proxied)),
         secret_if_absent: config::credentials_secret(&meta, &manifest),
+        tls_secret_if_absent,
     })
 }
 

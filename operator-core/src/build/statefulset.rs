@@ -21,10 +21,10 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::meta::{MetaBuilder, container_name};
 use super::{
     API_PORT_NAME, BIN_DIR, BuildContext, CONFIG_DIR, CONFIG_KEY, DATA_VOLUME, RUN_DIR,
-    SECRETS_DIR, names,
+    SECRETS_DIR, TLS_DIR, names,
 };
 use crate::api::common::{PodAntiAffinityType, StorageSpec, UpdateStrategy};
-use crate::engine::{Engine, EngineManifest, ValidatedCluster};
+use crate::engine::{Engine, EngineManifest, TlsSecret, ValidatedCluster};
 use crate::plan::POD_API_PORT;
 
 /// Name of the init container that copies the `stratum` binary.
@@ -32,6 +32,7 @@ pub const INIT_CONTAINER: &str = "bootstrap-controller";
 const BIN_VOLUME: &str = "stratum-bin";
 const CONFIG_VOLUME: &str = "config";
 const SECRETS_VOLUME: &str = "credentials";
+const TLS_VOLUME: &str = "tls";
 const RUN_VOLUME: &str = "run";
 /// Mode of the credential files: owned by root and the pod's `fsGroup`
 /// (the database user's group), so group-read is enough and other users
@@ -48,6 +49,7 @@ pub(super) fn stateful_set(
     cluster: &ValidatedCluster,
     engine: &dyn Engine,
     manifest: &EngineManifest,
+    tls: Option<&TlsSecret>,
     ctx: &BuildContext,
 ) -> StatefulSet {
     let kind = engine.kind();
@@ -90,7 +92,7 @@ pub(super) fn stateful_set(
                 },
             ),
             volume_claim_templates: Some(claims),
-            template: pod_template(meta, cluster, kind, manifest, ctx),
+            template: pod_template(meta, cluster, kind, manifest, tls, ctx),
             ..Default::default()
         }),
         status: None,
@@ -162,6 +164,7 @@ fn pod_template(
     cluster: &ValidatedCluster,
     kind: &str,
     manifest: &EngineManifest,
+    tls: Option<&TlsSecret>,
     ctx: &BuildContext,
 ) -> PodTemplateSpec {
     let common = &cluster.common;
@@ -175,8 +178,8 @@ fn pod_template(
         }),
         spec: Some(PodSpec {
             init_containers: Some(vec![init_container(ctx)]),
-            containers: vec![database_container(cluster, kind, manifest)],
-            volumes: Some(volumes(meta, manifest.run_as_user)),
+            containers: vec![database_container(cluster, kind, manifest, tls.is_some())],
+            volumes: Some(volumes(meta, manifest.run_as_user, tls)),
             security_context: Some(pod_security_context(manifest.run_as_user)),
             termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),
             // Pods find each other through the headless Service; Service
@@ -223,6 +226,7 @@ fn database_container(
     cluster: &ValidatedCluster,
     kind: &str,
     manifest: &EngineManifest,
+    tls: bool,
 ) -> Container {
     let common = &cluster.common;
     let mut ports: Vec<ContainerPort> = manifest
@@ -287,6 +291,9 @@ fn database_container(
         mount(RUN_VOLUME, RUN_DIR, false),
         mount(BIN_VOLUME, BIN_DIR, true),
     ]);
+    if tls {
+        mounts.push(mount(TLS_VOLUME, TLS_DIR, true));
+    }
 
     let http_probe = |path: &str, period: i32, failures: i32| Probe {
         http_get: Some(HTTPGetAction {
@@ -336,13 +343,27 @@ pub(super) fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
     }
 }
 
-fn volumes(meta: &MetaBuilder, run_as_user: Option<i64>) -> Vec<Volume> {
+fn volumes(meta: &MetaBuilder, run_as_user: Option<i64>, tls: Option<&TlsSecret>) -> Vec<Volume> {
     let empty_dir = |name: &str| Volume {
         name: name.to_string(),
         empty_dir: Some(EmptyDirVolumeSource::default()),
         ..Default::default()
     };
-    vec![
+    let mode = if run_as_user.is_some() {
+        SECRET_DEFAULT_MODE
+    } else {
+        SECRET_MODE_WITHOUT_FS_GROUP
+    };
+    let secret = |volume: &str, secret_name: String| Volume {
+        name: volume.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret_name),
+            default_mode: Some(mode),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut volumes = vec![
         empty_dir(BIN_VOLUME),
         empty_dir(RUN_VOLUME),
         Volume {
@@ -353,20 +374,15 @@ fn volumes(meta: &MetaBuilder, run_as_user: Option<i64>) -> Vec<Volume> {
             }),
             ..Default::default()
         },
-        Volume {
-            name: SECRETS_VOLUME.into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(names::credentials_secret(&meta.cluster)),
-                default_mode: Some(if run_as_user.is_some() {
-                    SECRET_DEFAULT_MODE
-                } else {
-                    SECRET_MODE_WITHOUT_FS_GROUP
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    ]
+        secret(SECRETS_VOLUME, names::credentials_secret(&meta.cluster)),
+    ];
+    // Every key of the Secret becomes a file (no `items`): a user's Secret
+    // that lacks one still mounts, and the instance names the missing key
+    // instead of the pod waiting on a mount error.
+    if let Some(tls) = tls {
+        volumes.push(secret(TLS_VOLUME, tls.name.clone()));
+    }
+    volumes
 }
 
 fn runtime_default_seccomp() -> SeccompProfile {

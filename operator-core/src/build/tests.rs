@@ -110,6 +110,15 @@ impl Engine for FakeEngine {
         })
     }
 
+    /// A TLS Secret when the spec has `fakeTls: {name, generate}`.
+    fn tls_secret(&self, cluster: &ValidatedCluster) -> Option<crate::engine::TlsSecret> {
+        let t = cluster.spec.get("fakeTls")?;
+        Some(crate::engine::TlsSecret {
+            name: t.get("name")?.as_str()?.to_string(),
+            generate: t.get("generate")?.as_bool()?,
+        })
+    }
+
     fn route(&self, members: &[ObservedMember]) -> Routing {
         Routing {
             rw: members
@@ -756,6 +765,106 @@ fn secret_is_random_and_never_overwritten() {
         }
         other => panic!("expected AddMissing, got {other:?}"),
     }
+}
+
+#[test]
+fn a_generated_tls_secret_is_created_once_and_mounted() {
+    let yaml = format!("{SIMPLE_PG}  fakeTls: {{name: simple-pg-ssl-internal, generate: true}}\n");
+    let o = objects(&yaml);
+    let secret = o.tls_secret_if_absent.clone().expect("a generated Secret");
+    assert_eq!(
+        secret.metadata.name.as_deref(),
+        Some("simple-pg-ssl-internal")
+    );
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    assert_eq!(
+        secret.metadata.labels.as_ref().unwrap()[LABEL_CLUSTER],
+        "simple-pg"
+    );
+    assert!(crate::tls::missing_keys(&secret).is_empty());
+    let again = objects(&yaml).tls_secret_if_absent.unwrap();
+    // A new CA on every build: only creating it is safe.
+    assert_ne!(secret.data, again.data);
+    assert_eq!(tls_secret_action(None), SecretAction::Create);
+    assert_eq!(tls_secret_action(Some(&again)), SecretAction::Keep);
+    // An incomplete existing Secret is not completed with a key of
+    // another CA either.
+    let mut partial = again.clone();
+    partial.data.as_mut().unwrap().remove("ca.crt");
+    assert_eq!(tls_secret_action(Some(&partial)), SecretAction::Keep);
+
+    let pod = pod_spec(&o);
+    let volume = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "tls")
+        .expect("tls volume");
+    let source = volume.secret.as_ref().unwrap();
+    assert_eq!(
+        source.secret_name.as_deref(),
+        Some("simple-pg-ssl-internal")
+    );
+    assert_eq!(source.default_mode, Some(SECRET_DEFAULT_MODE));
+    assert!(source.items.is_none(), "every key mounted, none required");
+    let mount = pod.containers[0]
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.name == "tls")
+        .expect("tls mount");
+    assert_eq!(mount.mount_path, TLS_DIR);
+    assert_eq!(mount.read_only, Some(true));
+    let config: InstanceConfig =
+        serde_json::from_str(&o.config_map.data.as_ref().unwrap()["instance.json"]).unwrap();
+    assert_eq!(
+        config.tls_dir.as_deref(),
+        Some(std::path::Path::new(TLS_DIR))
+    );
+}
+
+#[test]
+fn a_users_tls_secret_is_mounted_as_given_and_never_built() {
+    let yaml = format!("{SIMPLE_PG}  fakeTls: {{name: my-certs, generate: false}}\n");
+    let o = objects(&yaml);
+    assert!(o.tls_secret_if_absent.is_none());
+    let pod = pod_spec(&o);
+    let volume = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "tls")
+        .unwrap();
+    assert_eq!(
+        volume.secret.as_ref().unwrap().secret_name.as_deref(),
+        Some("my-certs")
+    );
+
+    // Without TLS: no volume, no mount, no tlsDir.
+    let o = objects(SIMPLE_PG);
+    assert!(o.tls_secret_if_absent.is_none());
+    let pod = pod_spec(&o);
+    assert!(
+        !pod.volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|v| v.name == "tls")
+    );
+    assert!(
+        !pod.containers[0]
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|m| m.name == "tls")
+    );
+    let config: InstanceConfig =
+        serde_json::from_str(&o.config_map.data.as_ref().unwrap()["instance.json"]).unwrap();
+    assert_eq!(config.tls_dir, None);
 }
 
 #[test]

@@ -24,7 +24,9 @@ pub use super::cache::ExistingChild;
 use super::cache::{AppliedMemo, Caches, desired_hash};
 use super::error::ApplyError;
 use super::metrics::Metrics;
-use crate::build::{ChildKind, ClusterObjects, LABEL_CLUSTER, SecretAction, secret_action};
+use crate::build::{
+    ChildKind, ClusterObjects, LABEL_CLUSTER, SecretAction, secret_action, tls_secret_action,
+};
 
 /// The one field manager of every object the operator applies.
 pub const FIELD_MANAGER: &str = "stratum-operator";
@@ -276,6 +278,34 @@ impl ApplyTarget<'_> {
         }
     }
 
+    /// Create the generated TLS Secret when absent; never change one that
+    /// exists ([`tls_secret_action`]). Returns what was done.
+    async fn ensure_tls_secret(&self, desired: &Secret) -> Result<SecretAction, ApplyError> {
+        let name = desired.metadata.name.clone().unwrap_or_default();
+        let cached = self.caches.secret(self.ns, &name);
+        if tls_secret_action(cached.as_deref()) == SecretAction::Keep {
+            return Ok(SecretAction::Keep);
+        }
+        let api: Api<Secret> = namespaced(self.client, self.ns);
+        match self
+            .timed(
+                "Secret",
+                "create",
+                api.create(&PostParams::default(), desired),
+            )
+            .await
+        {
+            Ok(_) => Ok(SecretAction::Create),
+            // Created since the cache saw it: the stored one stays.
+            Err(e) if is_status(&e, |s| s.is_already_exists()) => Ok(SecretAction::Keep),
+            Err(source) => Err(ApplyError::Secret {
+                action: "create",
+                name,
+                source,
+            }),
+        }
+    }
+
     /// Delete the orphan `kind/name` (in the background: its pods and
     /// other dependents go through garbage collection). One that is gone
     /// already is not an error.
@@ -319,6 +349,8 @@ pub struct ApplyOutcome {
     pub immutable_changes: Vec<&'static str>,
     /// The credentials Secret was created or completed.
     pub secret: Option<SecretAction>,
+    /// The generated TLS Secret was created.
+    pub tls_secret: Option<SecretAction>,
     /// Children deleted as orphans.
     pub deleted: Vec<(ChildKind, String)>,
     /// Server-side applies sent.
@@ -348,11 +380,18 @@ pub(crate) async fn apply_all(
         network_policy,
         proxy,
         secret_if_absent,
+        tls_secret_if_absent,
     } = objects;
 
-    let (config_map, secret, services, sts, pdb, np, proxy) = futures::join!(
+    let (config_map, secret, tls_secret, services, sts, pdb, np, proxy) = futures::join!(
         target.apply(ChildKind::ConfigMap, &config_map),
         target.ensure_secret(&secret_if_absent),
+        async {
+            match &tls_secret_if_absent {
+                Some(tls) => target.ensure_tls_secret(tls).await,
+                None => Ok(SecretAction::Keep),
+            }
+        },
         futures::future::try_join_all(
             services
                 .iter()
@@ -385,6 +424,10 @@ pub(crate) async fn apply_all(
     let secret = secret?;
     if secret != SecretAction::Keep {
         outcome.secret = Some(secret);
+    }
+    let tls_secret = tls_secret?;
+    if tls_secret != SecretAction::Keep {
+        outcome.tls_secret = Some(tls_secret);
     }
     let (applied, immutable_changes) = sts?;
     outcome.applied += count(applied) + count(pdb?) + count(np?) + proxy?;

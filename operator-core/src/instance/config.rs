@@ -76,6 +76,12 @@ pub struct InstanceConfig {
     /// Directory of credential files (one file per key of the credentials
     /// Secret).
     pub secrets_dir: PathBuf,
+    /// Directory of the cluster's TLS files (`ca.crt`, `tls.crt`,
+    /// `tls.key`) when the engine asked for a TLS Secret
+    /// (`Engine::tls_secret`): the Secret's mount in a pod, a directory of
+    /// the state directory locally.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<PathBuf>,
     /// Unix user to run the database as when the manager runs as root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_as_user: Option<String>,

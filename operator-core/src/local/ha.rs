@@ -8,9 +8,10 @@
 //!   lease every [`lease_ttl`]/4. A manager stops a writer whose lease
 //!   expired and will not start one without a valid lease.
 //! - Failover: the primary is down → stop routing writes to it → fence it
-//!   (manager reachable) or wait until its lease has certainly expired
-//!   (last renewal + TTL + [`LEASE_MARGIN`]) and kill its manager and
-//!   server on the host (signals: a frozen manager cannot stop its server)
+//!   (manager reachable) or kill its manager and server on the host
+//!   (signals: a frozen manager cannot stop its server; its fence marker
+//!   written first), going on once the server is seen gone, else once its
+//!   lease has certainly expired (last renewal + TTL + [`LEASE_MARGIN`])
 //!   → persist `targetPrimary` →
 //!   promote the engine's candidate, granting it a lease in the same call →
 //!   `currentPrimary` → the others follow it (the old primary through
@@ -21,7 +22,8 @@
 //!   new replicas get their slots and are started by `up` ([`Resize`]);
 //!   a primary being removed is switched over to a kept replica first, the
 //!   primary stops waiting for removed synchronous standbys, `up` stops
-//!   them, their slots are dropped.
+//!   them once kept standbys hold every acknowledged commit (`Drain`),
+//!   their slots are dropped.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -38,6 +40,7 @@ use crate::instance::config::PeerEndpoint;
 use crate::instance::protocol::{
     ACTION_FENCE, ACTION_FOLLOW, ACTION_LEASE, ACTION_PROMOTE, ACTION_RECONFIGURE, ACTION_SLOTS,
     ACTION_SYNC_STANDBYS, ACTION_UNFENCE, BODY_LEASE, LeaseGrant, Position, ProcessState, Role,
+    format_lsn,
 };
 use crate::topology::{streaming_replicas, sync_standbys};
 
@@ -60,6 +63,16 @@ const NOT_READY_GRACE: Duration = Duration::from_secs(3);
 /// as failed (a loaded machine answers late; a dead one is fenced or waits
 /// for its lease anyway).
 const UNREACHABLE_GRACE: Duration = Duration::from_secs(5);
+/// How long a primary that this `up` has not seen ready yet may stay
+/// unready (its manager not answering, its server starting, waiting for
+/// its lease) before it counts as failed. `up` starts every manager anew,
+/// so after a restart of `up` the primary restarts too: on a loaded
+/// machine that took more than [`NOT_READY_GRACE`], and the failover this
+/// started (promoting a replica that was itself just restarting, rewinding
+/// the others) once left a replica unready for over a minute in
+/// `ha_up_killed_mid_rolling_restart_resumes`. A server that exited, or is
+/// fenced, still counts at once.
+const STARTUP_GRACE: Duration = Duration::from_secs(30);
 /// A replica not streaming from the primary this long is told to follow.
 const NOT_STREAMING_GRACE: Duration = Duration::from_secs(2);
 /// … and this long (or failing to start this long), to follow through
@@ -67,6 +80,9 @@ const NOT_STREAMING_GRACE: Duration = Duration::from_secs(2);
 const REWIND_AFTER: Duration = Duration::from_secs(5);
 /// Least time between two `follow` requests to one instance.
 const FOLLOW_EVERY: Duration = Duration::from_secs(3);
+/// How long a fence request to a failed primary whose manager did not
+/// answer the last observation may take.
+const UNANSWERING_FENCE_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long a switchover waits for the target to receive the old primary's
 /// last WAL.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -134,7 +150,11 @@ pub struct RollingState {
     /// The instance restarting now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restarting: Option<String>,
-    /// The primary restarts first (a lowered hot-standby parameter).
+    /// The primary restarts first (a lowered hot-standby parameter); kept
+    /// for the whole rolling restart, so that an `up` started again in the
+    /// middle knows that the replicas still to restart must wait until
+    /// they replayed past the primary's restart (the primary is done when
+    /// it is no longer in `remaining`).
     #[serde(default)]
     pub primary_first: bool,
 }
@@ -353,11 +373,23 @@ pub struct Orchestrator {
     /// A few seconds: fencing a failed primary (a frozen manager must not
     /// hold the failover up).
     quick: InstanceClient,
+    /// Half a second: fencing a failed primary whose manager did not
+    /// answer the last observation (seen unreachable for
+    /// [`UNREACHABLE_GRACE`] already; a frozen one never answers, and
+    /// each wait delays the promotion).
+    unanswering: InstanceClient,
     lease: LeaseKeeper,
     /// The persisted intent and facts.
     pub ha: HaState,
     failover_delay: Duration,
     primary_down_since: Option<Instant>,
+    /// This `up` has seen a ready primary (see [`STARTUP_GRACE`]).
+    primary_seen_ready: bool,
+    /// When the primary was last seen ready: it is down since then (not
+    /// since the first observation that failed, which may itself have
+    /// waited seconds for a manager that does not answer). `None` while
+    /// it is down on purpose (fenced, restarting in place).
+    primary_ready_at: Option<Instant>,
     /// The primary whose replication slots were last ensured, and when
     /// (redone now and then: a removed replica's slot may still have been
     /// in use the first time).
@@ -382,7 +414,8 @@ pub struct Orchestrator {
     /// when.
     rolling_now: Option<(String, Option<u32>, Instant)>,
     /// Restart the primary first in the rolling restart (a lowered
-    /// parameter that standbys need at least as high as the primary).
+    /// parameter that standbys need at least as high as the primary); the
+    /// whole rolling restart long (persisted as `ha.rolling.primaryFirst`).
     primary_first: bool,
     /// The rolling restart was in progress when this `up` started: this
     /// `up` started every manager anew, with the new configuration, so the
@@ -390,7 +423,7 @@ pub struct Orchestrator {
     rolling_resumed: Option<Instant>,
     /// The failed primary killed on the host, and the term then: once per
     /// failover (the next ticks may fence the manager `up` started again).
-    killed_on_host: Option<(String, u64)>,
+    killed_on_host: Option<(String, u64, bool)>,
     /// The primary's WAL position once it was back from a primary-first
     /// restart: a replica restarts only after replaying past it (its
     /// control file must have seen the primary's lowered value, or it
@@ -403,6 +436,32 @@ pub struct Orchestrator {
     desired: Vec<String>,
     /// A resize decided and not yet taken by `up`.
     resize: Option<Resize>,
+    /// A scale-down waiting until the removed replicas hold no commit the
+    /// kept ones lack.
+    drain: Option<Drain>,
+}
+
+/// A scale-down's wait before its replicas stop. A commit the primary
+/// acknowledged may be on a synchronous standby alone (`FIRST 1 (removed,
+/// kept)`: on the removed one); stopping it before the kept replicas have
+/// that commit would lose it if the primary failed next. So the primary is
+/// first told its synchronous standbys without the removed replicas, then
+/// it must report only kept ones as synchronous (`sync`/`quorum`), and the
+/// kept synchronous standbys must have received its WAL up to a position
+/// read after that (every commit acknowledged before is below it; every
+/// later one waits for them).
+#[derive(Clone, Debug)]
+struct Drain {
+    primary: String,
+    removed: Vec<String>,
+    /// The `synchronous_standby_names` the primary was given without the
+    /// removed replicas (empty: asynchronous, nothing to wait for); `None`
+    /// until it took them.
+    names: Option<String>,
+    /// The primary reported only kept replicas as synchronous standbys.
+    confirmed: bool,
+    /// Its WAL position observed after that.
+    goal: Option<u64>,
 }
 
 /// How often the primary's replication slots are ensured again.
@@ -441,6 +500,7 @@ impl Orchestrator {
         let observe = client(Duration::from_secs(1));
         let act = client(Duration::from_secs(90));
         let quick = client(Duration::from_secs(3));
+        let unanswering = client(UNANSWERING_FENCE_TIMEOUT);
         let lease = LeaseKeeper::start(client(ttl / 4), ttl);
         let mut ha = ha;
         ha.members = endpoints.iter().map(|e| e.name.clone()).collect();
@@ -449,12 +509,17 @@ impl Orchestrator {
             ha.event(
                 "RollingRestartResumed",
                 format!(
-                    "a rolling restart was in progress ({} left{}); every instance was started again by this `up` with the new configuration: waiting for them to be back",
+                    "a rolling restart was in progress ({} left{}); every instance was started again by this `up` with the new configuration: {}",
                     r.remaining.join(", "),
                     r.restarting
                         .as_deref()
                         .map(|n| format!(", {n} restarting"))
-                        .unwrap_or_default()
+                        .unwrap_or_default(),
+                    if r.primary_first {
+                        "once the primary is back, the replicas left restart again one at a time, each after replaying past it (a lowered parameter: until then they keep the value their control file asks for)"
+                    } else {
+                        "waiting for them to be back"
+                    }
                 ),
             );
         }
@@ -468,10 +533,13 @@ impl Orchestrator {
             observe,
             act,
             quick,
+            unanswering,
             lease,
             ha,
             failover_delay,
             primary_down_since: None,
+            primary_seen_ready: false,
+            primary_ready_at: None,
             slots_done_for: None,
             sync_told: None,
             not_streaming_since: BTreeMap::new(),
@@ -492,6 +560,7 @@ impl Orchestrator {
             reconfigure: None,
             desired,
             resize: None,
+            drain: None,
         }
     }
 
@@ -524,6 +593,7 @@ impl Orchestrator {
         self.observe = client(Duration::from_secs(1));
         self.act = client(Duration::from_secs(90));
         self.quick = client(Duration::from_secs(3));
+        self.unanswering = client(UNANSWERING_FENCE_TIMEOUT);
         self.lease.set_client(client(self.lease.ttl / 4));
         self.endpoints = endpoints;
         self.slots_done_for = None;
@@ -588,6 +658,10 @@ impl Orchestrator {
     ) -> Option<Option<String>> {
         let current = self.member_names();
         if self.resize.is_some() || current == self.desired {
+            if self.drain.take().is_some() {
+                // The spec no longer removes them: choose again with them.
+                self.sync_told = None;
+            }
             return None;
         }
         let added: Vec<String> = self
@@ -652,32 +726,20 @@ impl Orchestrator {
             return Some(self.switchover(primary, &target, members).await);
         }
         // The primary stops counting on the removed replicas before they
-        // stop, so that commits do not wait for them.
+        // stop, so that commits do not wait for them, and they stop only
+        // once no acknowledged commit can be on them alone.
         let kept_replicas: Vec<String> = self
             .replicas_of(primary)
             .into_iter()
             .filter(|n| !removed.contains(n))
             .collect();
-        let streaming: Vec<String> = members
-            .iter()
-            .find(|m| m.name == primary)
-            .and_then(|m| m.status.as_ref())
-            .map(streaming_replicas)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|n| kept_replicas.contains(n))
-            .collect();
-        if let Err(e) = self
-            .act
-            .action(
-                primary,
-                ACTION_SYNC_STANDBYS,
-                json!({ "available": streaming, "replicas": kept_replicas }),
-            )
+        if !self
+            .drained(primary, members, &removed, &kept_replicas)
             .await
         {
-            tracing::debug!(error = %e, "synchronous standbys not set before scaling down");
+            return None;
         }
+        self.drain = None;
         self.ha.event(
             "ScalingDown",
             format!(
@@ -687,6 +749,143 @@ impl Orchestrator {
         );
         self.resize = Some(Resize::Remove(removed));
         None
+    }
+
+    /// Whether the replicas `removed` may stop now (see [`Drain`]): one
+    /// step per observation, true once the kept synchronous standbys hold
+    /// the primary's WAL past the change (at once in an asynchronous
+    /// cluster).
+    async fn drained(
+        &mut self,
+        primary: &str,
+        members: &[ObservedMember],
+        removed: &[String],
+        kept: &[String],
+    ) -> bool {
+        if !self
+            .drain
+            .as_ref()
+            .is_some_and(|d| d.primary == primary && d.removed == removed)
+        {
+            self.drain = Some(Drain {
+                primary: primary.to_string(),
+                removed: removed.to_vec(),
+                names: None,
+                confirmed: false,
+                goal: None,
+            });
+        }
+        let Some(ps) = members
+            .iter()
+            .find(|m| m.name == primary)
+            .and_then(|m| m.status.as_ref())
+        else {
+            return false;
+        };
+        let Some(drain) = self.drain.clone() else {
+            return false;
+        };
+        let Some(names) = drain.names else {
+            let streaming: Vec<String> = streaming_replicas(ps)
+                .into_iter()
+                .filter(|n| kept.contains(n))
+                .collect();
+            let body = json!({ "available": streaming, "replicas": kept });
+            match self.act.action(primary, ACTION_SYNC_STANDBYS, body).await {
+                Ok(reply) => {
+                    let names = reply
+                        .get("synchronousStandbyNames")
+                        .and_then(|v| v.as_str())
+                        .unwrap_or_default()
+                        .to_string();
+                    if !names.is_empty() {
+                        self.ha.event(
+                            "SynchronousStandbys",
+                            format!(
+                                "{primary}: synchronous_standby_names = {names} (scaling down: without {})",
+                                removed.join(", ")
+                            ),
+                        );
+                    }
+                    // What `tell_sync_standbys` would send now: it leaves
+                    // the removed replicas out while this lasts.
+                    self.sync_told = Some((primary.to_string(), streaming));
+                    if let Some(d) = self.drain.as_mut() {
+                        d.names = Some(names);
+                    }
+                }
+                Err(e) => self.wait_note(format!(
+                    "scaling down: {primary} not told its synchronous standbys without {} yet: {e}",
+                    removed.join(", ")
+                )),
+            }
+            // Look again on an observation made after the reload.
+            return false;
+        };
+        if names.is_empty() {
+            return true;
+        }
+        let sync = sync_standbys(ps);
+        let kept_sync: Vec<String> = sync.iter().filter(|n| kept.contains(n)).cloned().collect();
+        if sync.iter().any(|n| removed.contains(n)) || kept_sync.is_empty() {
+            if let Some(d) = self.drain.as_mut() {
+                d.confirmed = false;
+                d.goal = None;
+            }
+            self.wait_note(format!(
+                "scaling down: waiting for {primary} to report synchronous standbys among {} only (it reports {}) before {} stop",
+                kept.join(", "),
+                if sync.is_empty() {
+                    "none".to_string()
+                } else {
+                    sync.join(", ")
+                },
+                removed.join(", ")
+            ));
+            return false;
+        }
+        if !drain.confirmed {
+            if let Some(d) = self.drain.as_mut() {
+                d.confirmed = true;
+            }
+            // This observation may have read the primary's position before
+            // the new standbys took effect: take the next one's.
+            return false;
+        }
+        let Some(goal) = drain.goal else {
+            let goal = wal_lsn(members.iter().find(|m| m.name == primary));
+            if let Some(g) = goal {
+                self.ha.event(
+                    "SynchronousStandbysMoved",
+                    format!(
+                        "{primary} waits for {} only; {} stop once {} received its WAL up to {}",
+                        kept_sync.join(", "),
+                        removed.join(", "),
+                        if kept_sync.len() == 1 { "it" } else { "they" },
+                        format_lsn(g)
+                    ),
+                );
+            }
+            if let Some(d) = self.drain.as_mut() {
+                d.goal = goal;
+            }
+            return false;
+        };
+        let behind: Vec<String> = kept_sync
+            .iter()
+            .filter(|n| wal_lsn(members.iter().find(|m| m.name == **n)).is_none_or(|r| r < goal))
+            .cloned()
+            .collect();
+        if !behind.is_empty() {
+            self.wait_note(format!(
+                "scaling down: waiting for {} to receive {primary}'s WAL up to {} before {} stop",
+                behind.join(", "),
+                format_lsn(goal),
+                removed.join(", ")
+            ));
+            return false;
+        }
+        true
     }
 
     /// Restart `names` one at a time so that they take their rewritten
@@ -821,10 +1020,47 @@ impl Orchestrator {
             });
     }
 
+    /// The rolling restart is over: every instance runs the new
+    /// configuration.
+    fn roll_done(&mut self) {
+        self.primary_first = false;
+        self.primary_back_lsn = None;
+        self.ha.event(
+            "RollingRestartDone",
+            "every instance runs with the new configuration",
+        );
+    }
+
     /// The rolling restart a restarted `up` found: every remaining
     /// instance was restarted by it; each counts once back (ready; a
     /// replica streaming from the primary).
+    ///
+    /// A primary-first one (a lowered hot-standby parameter) is different:
+    /// a replica this `up` started before it replayed the primary's
+    /// announcement of the lower value keeps the value its control file
+    /// asks for (the driver raises it: PostgreSQL refuses to start a
+    /// standby below it), so once the primary is back the replicas still
+    /// to restart are restarted again, one at a time, each after it
+    /// replayed past the primary's position then (the normal
+    /// [`Orchestrator::roll_step`] path).
     fn resumed_roll_step(&mut self, primary: &str, members: &[ObservedMember], since: Instant) {
+        if self.primary_first {
+            // Called on a healthy primary only: it runs what this `up`
+            // started it with, the new configuration.
+            self.rolling.retain(|n| n != primary);
+            self.rolling_resumed = None;
+            self.primary_back_lsn = wal_lsn(members.iter().find(|m| m.name == primary));
+            self.ha.event(
+                "Restarted",
+                format!(
+                    "{primary} runs with the new configuration (started again by this `up`, primary first)"
+                ),
+            );
+            if self.rolling.is_empty() {
+                self.roll_done();
+            }
+            return;
+        }
         let primary_port = self.db_port(primary);
         let back: Vec<String> = self
             .rolling
@@ -853,11 +1089,7 @@ impl Orchestrator {
         }
         if self.rolling.is_empty() {
             self.rolling_resumed = None;
-            self.primary_first = false;
-            self.ha.event(
-                "RollingRestartDone",
-                "every instance runs with the new configuration",
-            );
+            self.roll_done();
         } else if since.elapsed() > ROLL_STEP_TIMEOUT {
             self.ha.event(
                 "RollingRestartStopped",
@@ -902,7 +1134,6 @@ impl Orchestrator {
                 self.rolling.retain(|n| *n != name);
                 self.rolling_now = None;
                 if name == primary && self.primary_first {
-                    self.primary_first = false;
                     self.primary_back_lsn = wal_lsn(members.iter().find(|m| m.name == primary));
                 }
                 self.ha.event(
@@ -910,10 +1141,7 @@ impl Orchestrator {
                     format!("{name} runs with the new configuration"),
                 );
                 if self.rolling.is_empty() {
-                    self.ha.event(
-                        "RollingRestartDone",
-                        "every instance runs with the new configuration",
-                    );
+                    self.roll_done();
                 }
             } else if since.elapsed() > ROLL_STEP_TIMEOUT {
                 // Do not take more instances down with a configuration the
@@ -934,6 +1162,7 @@ impl Orchestrator {
                 );
                 self.rolling.clear();
                 self.rolling_now = None;
+                self.primary_first = false;
             }
             return None;
         }
@@ -966,6 +1195,7 @@ impl Orchestrator {
         if !self.rolling.iter().any(|n| n == primary) {
             // Only fenced instances were left.
             self.rolling.clear();
+            self.primary_first = false;
             self.ha.event(
                 "RollingRestartDone",
                 "every instance that runs has the new configuration",
@@ -1102,6 +1332,9 @@ impl Orchestrator {
         if (!self.fenced.is_empty() || !self.fenced_done.is_empty())
             && self.apply_fencing(members).await
         {
+            // A primary just fenced or unfenced is down on purpose: its down
+            // time counts from the next observation.
+            self.primary_ready_at = None;
             // This observation predates the (un)fencing: decide on the
             // next one, keeping writes where they are if they can go.
             let primary = self.ha.current_primary.clone()?;
@@ -1113,7 +1346,13 @@ impl Orchestrator {
         }
         match self.ha.step.clone() {
             Step::Idle => self.idle(members, request).await,
-            Step::Failover { from } => self.failover(&from).await,
+            Step::Failover { from } => {
+                let unanswering = members
+                    .iter()
+                    .find(|m| m.name == from)
+                    .is_none_or(|m| m.status.is_none());
+                self.failover(&from, unanswering).await
+            }
             Step::Switchover { from, to } => self.switchover(&from, &to, members).await,
         }
     }
@@ -1168,6 +1407,8 @@ impl Orchestrator {
         let healthy = status.is_some_and(|s| s.role == Role::Primary && s.ready);
         if healthy {
             self.primary_down_since = None;
+            self.primary_seen_ready = true;
+            self.primary_ready_at = Some(Instant::now());
             if let Some(s) = status {
                 for name in sync_standbys(s) {
                     if !self.ha.sync_standbys.contains(&name) {
@@ -1249,7 +1490,9 @@ impl Orchestrator {
         if self.fenced.contains(&primary)
             && self.endpoints.iter().all(|e| self.fenced.contains(&e.name))
         {
-            // Every instance fenced: nothing to fail over to.
+            // Every instance fenced: nothing to fail over to. Once
+            // unfenced, the primary's down time counts from then.
+            self.primary_ready_at = None;
             self.wait_note(format!(
                 "every instance is fenced; {primary} stays the primary, stopped"
             ));
@@ -1262,24 +1505,23 @@ impl Orchestrator {
             // Restarted in place on purpose (primaryUpdateMethod: restart):
             // no writes meanwhile, and no failover unless it does not come
             // back.
+            self.primary_ready_at = None;
             self.wait_note(format!("{primary} restarting in place"));
             return None;
         }
-        let since = *self.primary_down_since.get_or_insert_with(Instant::now);
-        // A server that exited (or was fenced) is down for sure; a manager
-        // that missed one observation may only be slow.
-        let grace = match status {
-            None => UNREACHABLE_GRACE,
-            Some(s)
-                if matches!(s.process, ProcessState::Exited | ProcessState::Stopping)
-                    || (s.fenced && !s.awaiting_lease) =>
-            {
-                Duration::ZERO
-            }
-            Some(s) if s.awaiting_lease => AWAITING_LEASE_GRACE,
-            Some(_) => NOT_READY_GRACE,
-        };
-        if since.elapsed() >= self.failover_delay + grace && members.len() > 1 {
+        let ready_at = self.primary_ready_at;
+        // A second look before a failover unless the server is down for
+        // sure: the first one only starts the clock (backdated to when the
+        // primary was last seen ready).
+        let first_look = self.primary_down_since.is_none();
+        let since = *self
+            .primary_down_since
+            .get_or_insert_with(|| ready_at.unwrap_or_else(Instant::now));
+        let grace = failure_grace(status, self.primary_seen_ready);
+        if (!first_look || grace.is_zero())
+            && since.elapsed() >= self.failover_delay + grace
+            && members.len() > 1
+        {
             let why = match (pm, status) {
                 (Some(m), None) => format!(
                     "instance manager unreachable ({})",
@@ -1311,23 +1553,35 @@ impl Orchestrator {
             // The failover goes on from the next tick (it waits for the
             // lease to expire anyway).
             status?;
-            return self.failover(&primary).await;
+            return self.failover(&primary, false).await;
         }
         Some(primary)
     }
 
     /// Make sure `from` cannot accept writes: fenced through its manager,
-    /// or its lease certainly expired. Returns how, or `None` (wait).
-    async fn neutralise(&mut self, from: &str) -> Option<String> {
-        match self.quick.action(from, ACTION_FENCE, json!({})).await {
+    /// killed on the host (its server seen gone), or its lease certainly
+    /// expired. Returns how, or `None` (wait). `unanswering`: its manager
+    /// did not answer the last observation, so the fence request gets
+    /// [`UNANSWERING_FENCE_TIMEOUT`] instead of seconds.
+    async fn neutralise(&mut self, from: &str, unanswering: bool) -> Option<String> {
+        let client = if unanswering {
+            &self.unanswering
+        } else {
+            &self.quick
+        };
+        match client.action(from, ACTION_FENCE, json!({})).await {
             Ok(_) => Some(format!("{from} fenced (server stopped)")),
             Err(e) => {
-                if self.lease.expired(from) {
-                    // Its manager may be frozen (SIGSTOP) with its server
-                    // still running and writable to clients that connect
-                    // to its port directly: this process is the host, so
-                    // it kills both before anything is promoted.
-                    let killed = self.kill_on_host(from).await;
+                // Its manager may be frozen (SIGSTOP) with its server still
+                // running and writable to clients that connect to its port
+                // directly: this process is the host, so it kills both
+                // before anything is promoted, and at once: once the server
+                // is seen gone (and the fence marker keeps a restarted
+                // manager from starting it), the lease need not expire.
+                let (killed, server_gone) = self.kill_on_host(from).await;
+                if server_gone {
+                    Some(format!("{from} unreachable ({e}); {killed}"))
+                } else if self.lease.expired(from) {
                     Some(format!(
                         "{from} unreachable ({e}); its write lease has expired; {killed}"
                     ))
@@ -1348,15 +1602,38 @@ impl Orchestrator {
     /// through the engine's pid file and checked to be that server (its
     /// working directory is the pid file's directory). Waits up to 5 s for
     /// the server to be gone. Returns what was done, for the event.
-    async fn kill_on_host(&mut self, name: &str) -> String {
+    async fn kill_on_host(&mut self, name: &str) -> (String, bool) {
         use nix::sys::signal::{Signal, killpg};
         use nix::unistd::Pid;
-        let once = Some((name.to_string(), self.ha.term));
-        if self.killed_on_host == once {
-            return "killed on the host already".into();
+        if let Some((n, term, gone)) = &self.killed_on_host
+            && n == name
+            && *term == self.ha.term
+        {
+            return ("killed on the host already".into(), *gone);
         }
-        self.killed_on_host = once;
         let mut done = Vec::new();
+        // The fence marker first: the manager `up` starts again after the
+        // kill must keep the server down even while the lease it persisted
+        // is still valid (it rejoins as a replica when told to follow).
+        let marker = self
+            .dir
+            .instance_paths(name, &[])
+            .run_dir
+            .join(crate::instance::manager::FENCE_MARKER);
+        let marked = match std::fs::write(
+            &marker,
+            format!(
+                "fenced on the host by `stratum local up` at {}\n",
+                chrono::Utc::now().to_rfc3339()
+            ),
+        ) {
+            Ok(()) => true,
+            Err(e) => {
+                done.push(format!("fence marker not written ({e})"));
+                false
+            }
+        };
+        let mut manager_gone = true;
         // Only the process that runs this instance's manager (not a pid
         // reused since state.json was written).
         let config = self.dir.instance_config_file(name);
@@ -1366,9 +1643,13 @@ impl Orchestrator {
         {
             match killpg(Pid::from_raw(pid as i32), Signal::SIGKILL) {
                 Ok(()) => done.push(format!("its instance manager (pid {pid}) killed")),
-                Err(e) => done.push(format!("its instance manager (pid {pid}) not killed: {e}")),
+                Err(e) => {
+                    manager_gone = false;
+                    done.push(format!("its instance manager (pid {pid}) not killed: {e}"))
+                }
             }
         }
+        let mut server_gone = false;
         let data_dir = self.dir.instance_paths(name, &[]).data_dir;
         let pid_file = self
             .engine
@@ -1392,6 +1673,7 @@ impl Orchestrator {
                     }
                     match sent {
                         Ok(()) if server_pid(&pid_file) != Some(pid) => {
+                            server_gone = true;
                             done.push(format!("its server (pid {pid}) killed"))
                         }
                         Ok(()) => {
@@ -1409,7 +1691,12 @@ impl Orchestrator {
             done.join(", ")
         };
         self.ha.event("KilledOnHost", format!("{name}: {text}"));
-        text
+        // Verified: its server was running and is gone, its manager is gone
+        // and cannot start it again. Anything less (no server found: it may
+        // have been starting) waits for the lease.
+        let gone = server_gone && manager_gone && marked;
+        self.killed_on_host = Some((name.to_string(), self.ha.term, gone));
+        (text, gone)
     }
 
     fn wait_note(&mut self, why: String) {
@@ -1419,10 +1706,10 @@ impl Orchestrator {
         }
     }
 
-    async fn failover(&mut self, from: &str) -> Option<String> {
+    async fn failover(&mut self, from: &str, unanswering: bool) -> Option<String> {
         self.lease.set(None);
         let started = Instant::now();
-        let fenced = self.neutralise(from).await?;
+        let fenced = self.neutralise(from, unanswering).await?;
         if self.ha.target_primary.is_none() && fenced.contains("unreachable") {
             // The old primary may still run: cut its replicas off first, so
             // that it cannot have a commit acknowledged (synchronous mode)
@@ -1529,8 +1816,11 @@ impl Orchestrator {
                 );
                 self.save();
                 self.primary_down_since = None;
+                self.primary_seen_ready = true;
+                self.primary_ready_at = Some(Instant::now());
                 self.slots_done_for = Some((candidate.to_string(), Instant::now()));
                 self.sync_told = None;
+                self.drain = None;
                 self.last_wait = None;
                 let others: Vec<String> = self
                     .endpoints
@@ -1637,11 +1927,27 @@ impl Orchestrator {
     /// decides how many and which; an engine without the action answers
     /// with an error once per change).
     async fn tell_sync_standbys(&mut self, primary: &str, streaming: Vec<String>) {
+        // Replicas a scale-down is removing are no longer chosen.
+        let removing: Vec<String> = self
+            .drain
+            .as_ref()
+            .filter(|d| d.primary == primary)
+            .map(|d| d.removed.clone())
+            .unwrap_or_default();
+        let streaming: Vec<String> = streaming
+            .into_iter()
+            .filter(|n| !removing.contains(n))
+            .collect();
         let now = (primary.to_string(), streaming);
         if self.sync_told.as_ref() == Some(&now) {
             return;
         }
-        let body = json!({ "available": now.1, "replicas": self.replicas_of(primary) });
+        let replicas: Vec<String> = self
+            .replicas_of(primary)
+            .into_iter()
+            .filter(|n| !removing.contains(n))
+            .collect();
+        let body = json!({ "available": now.1, "replicas": replicas });
         match self.act.action(primary, ACTION_SYNC_STANDBYS, body).await {
             Ok(reply) => {
                 if let Some(names) = reply
@@ -1797,6 +2103,33 @@ fn server_pid(pid_file: &std::path::Path) -> Option<i32> {
     (cwd == dir).then_some(pid)
 }
 
+/// How long the primary may look as it does in `status` (`None`: its
+/// manager did not answer) before it counts as failed. A server that
+/// exited (or was fenced) is down for sure; a manager that missed one
+/// observation may only be slow; a primary this `up` has not seen ready
+/// yet (`seen_ready`) is still starting, as `up` started it. Pure.
+fn failure_grace(
+    status: Option<&crate::instance::protocol::MemberStatus>,
+    seen_ready: bool,
+) -> Duration {
+    let grace = match status {
+        None => UNREACHABLE_GRACE,
+        Some(s)
+            if matches!(s.process, ProcessState::Exited | ProcessState::Stopping)
+                || (s.fenced && !s.awaiting_lease) =>
+        {
+            Duration::ZERO
+        }
+        Some(s) if s.awaiting_lease => AWAITING_LEASE_GRACE,
+        Some(_) => NOT_READY_GRACE,
+    };
+    if seen_ready || grace.is_zero() {
+        grace
+    } else {
+        grace.max(STARTUP_GRACE)
+    }
+}
+
 fn wal_lsn(m: Option<&ObservedMember>) -> Option<u64> {
     match m?.status.as_ref()?.position {
         Position::Wal { received_lsn, .. } => received_lsn,
@@ -1856,6 +2189,33 @@ mod tests {
                 ..Default::default()
             }),
             error: None,
+        }
+    }
+
+    #[test]
+    fn a_primary_started_by_this_up_gets_its_start_time() {
+        let status = |process, awaiting_lease, fenced| MemberStatus {
+            process,
+            awaiting_lease,
+            fenced,
+            ..Default::default()
+        };
+        let starting = status(ProcessState::Starting, false, false);
+        let awaiting = status(ProcessState::Fenced, true, false);
+        let exited = status(ProcessState::Exited, false, false);
+        let fenced = status(ProcessState::Exited, false, true);
+        // Seen ready by this `up`: the usual graces.
+        assert_eq!(failure_grace(None, true), UNREACHABLE_GRACE);
+        assert_eq!(failure_grace(Some(&starting), true), NOT_READY_GRACE);
+        assert_eq!(failure_grace(Some(&awaiting), true), AWAITING_LEASE_GRACE);
+        // Not yet: it is starting because this `up` started it.
+        for s in [None, Some(&starting), Some(&awaiting)] {
+            assert_eq!(failure_grace(s, false), STARTUP_GRACE);
+        }
+        // A server that exited or is fenced: at once, either way.
+        for seen in [true, false] {
+            assert_eq!(failure_grace(Some(&exited), seen), Duration::ZERO);
+            assert_eq!(failure_grace(Some(&fenced), seen), Duration::ZERO);
         }
     }
 

@@ -27,6 +27,11 @@
 //!     api-token             `EngineManifest::generated_secrets` (plus
 //!     <key>...              `api-token`), 32 URL-safe random characters,
 //!                           mode 0600, created once and never overwritten
+//!   tls/<secret>/           the engine's TLS Secret (`Engine::tls_secret`) as
+//!     ca.crt tls.crt        files: generated once (a CA and a certificate
+//!     tls.key               for localhost and the loopback addresses) and
+//!                           never overwritten, or the user's, put there
+//!                           before `up`; owned by the database user
 //!   instances/<name>/
 //!     data/                 the instance's data volume
 //!     run/                  configuration, sockets, logs outside the data

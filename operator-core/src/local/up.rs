@@ -209,6 +209,9 @@ async fn prepare(registry: &EngineRegistry, args: &UpArgs) -> anyhow::Result<Opt
         galera: previous.as_ref().and_then(|p| p.galera.clone()),
         haproxy: None,
     };
+    if let Some(tls) = engine.tls_secret(&accepted.cluster) {
+        state::check_tls(&dir, &tls).with_context(|| format!("{file_label}: spec.tls"))?;
+    }
     let configs = instance_configs(&dir, &accepted, &state, &names, args, db_user.as_ref())?;
     check_binaries(driver.as_ref(), &configs[0])?;
     // Multi-writer engines (Galera) get their endpoints from HAProxy.
@@ -300,10 +303,18 @@ fn instance_configs(
         .into_iter()
         .map(|v| v.name)
         .collect();
+    let tls_dir = accepted
+        .engine
+        .tls_secret(&accepted.cluster)
+        .map(|t| dir.tls_dir(&t.name));
     names
         .iter()
         .map(|name| {
-            instance_config(&input, name, dir.instance_paths(name, &volumes)).map_err(|e| {
+            let paths = crate::plan::InstancePaths {
+                tls_dir: tls_dir.clone(),
+                ..dir.instance_paths(name, &volumes)
+            };
+            instance_config(&input, name, paths).map_err(|e| {
                 input::InvalidCluster {
                     file: args.file.display().to_string(),
                     errors: vec![e],
@@ -346,6 +357,12 @@ fn write_state_dir(p: &Prepared) -> anyhow::Result<UpLock> {
         tracing::info!(keys = ?created, dir = %p.dir.secrets_dir().display(), "generated credentials");
     }
     state::write_atomic(&p.dir.cluster_file(), p.accepted.text.as_bytes(), 0o644)?;
+    if let Some(tls) = p.accepted.engine.tls_secret(&p.accepted.cluster) {
+        let names = crate::tls::local_names(&p.state.listen);
+        if state::ensure_tls(&p.dir, &tls, &p.accepted.cluster.meta.name, &names, owner)? {
+            tracing::info!(secret = %tls.name, dir = %p.dir.tls_dir(&tls.name).display(), "generated the TLS CA and certificate");
+        }
+    }
 
     lay_out_instances(&p.dir, &p.configs, owner)?;
     Ok(lock)

@@ -3,7 +3,7 @@
 //! accounts. Pure: strings in, strings out.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::api::{Flavor, SstMethod};
 use crate::mycnf::{RenderedMyCnf, canonical_name, is_server_group};
@@ -58,6 +58,30 @@ pub struct Network<'a> {
     pub peers: Vec<String>,
 }
 
+/// The cluster-traffic certificate files of a member (the TLS Secret's
+/// `ca.crt`, `tls.crt`, `tls.key`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The CA that signed every member's certificate.
+    pub ca: PathBuf,
+    /// The member's certificate.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// The files of a TLS Secret mounted at `dir`.
+    pub fn in_dir(dir: &Path) -> Self {
+        use operator_core::tls::{KEY_CA, KEY_CERT, KEY_KEY};
+        Self {
+            ca: dir.join(KEY_CA),
+            cert: dir.join(KEY_CERT),
+            key: dir.join(KEY_KEY),
+        }
+    }
+}
+
 /// What `my.cnf` is rendered from.
 #[derive(Clone, Debug)]
 pub struct MyCnfInputs<'a> {
@@ -78,6 +102,8 @@ pub struct MyCnfInputs<'a> {
     /// `user:password` for `wsrep_sst_auth` (MariaDB; PXC 8.0 has no such
     /// option and manages its SST user internally).
     pub sst_auth: Option<String>,
+    /// Encrypt cluster traffic with these files; `None`: clear text.
+    pub tls: Option<TlsFiles>,
 }
 
 /// The `wsrep_provider_options` value: defaults, then the user's, then
@@ -95,6 +121,15 @@ pub fn provider_options(inputs: &MyCnfInputs<'_>) -> String {
                 }
             }
         }
+    }
+    // MariaDB's Galera takes the TLS files as provider options (which
+    // cover replication and IST); Percona XtraDB Cluster derives the same
+    // from `pxc-encrypt-cluster-traffic` and the server's ssl-* options.
+    if let (Some(tls), Flavor::MariaDB) = (&inputs.tls, inputs.settings.flavor) {
+        opts.insert("socket.ssl".into(), "YES".into());
+        opts.insert("socket.ssl_ca".into(), tls.ca.display().to_string());
+        opts.insert("socket.ssl_cert".into(), tls.cert.display().to_string());
+        opts.insert("socket.ssl_key".into(), tls.key.display().to_string());
     }
     let n = &inputs.network;
     opts.insert(
@@ -191,13 +226,64 @@ pub fn render_my_cnf(inputs: &MyCnfInputs<'_>) -> String {
         "wsrep_provider_options",
         &format!("\"{}\"", provider_options(inputs)),
     );
+    if s.flavor == Flavor::PerconaXtraDB {
+        // ON is PXC 8.0's default, and with certificates it encrypts
+        // replication, IST and SST; OFF must be said explicitly.
+        match &inputs.tls {
+            Some(tls) => {
+                line("pxc_encrypt_cluster_traffic", "ON");
+                line("ssl_ca", &tls.ca.display().to_string());
+                line("ssl_cert", &tls.cert.display().to_string());
+                line("ssl_key", &tls.key.display().to_string());
+            }
+            None => line("pxc_encrypt_cluster_traffic", "OFF"),
+        }
+    }
+    let mut sst: Vec<(&str, String)> = Vec::new();
     if s.flavor == Flavor::MariaDB && s.sst_method == SstMethod::Mariabackup {
         // Donor and joiner both stream through socat (the default format).
         // The script's old logs go to the run directory, not a shared
         // /tmp/sst_log_archive that the first database user would own.
-        out.push_str(&format!(
-            "\n[sst]\ntransferfmt=socat\nsst-log-archive-dir={run}/sst-log-archive\n"
-        ));
+        sst.push(("transferfmt", "socat".into()));
+        sst.push(("sst-log-archive-dir", format!("{run}/sst-log-archive")));
+    }
+    if let Some(tls) = &inputs.tls {
+        let file = |p: &PathBuf| p.display().to_string();
+        match (s.flavor, s.sst_method) {
+            // What `pxc-encrypt-cluster-traffic=ON` applies to the SST,
+            // written out so that the transfer does not depend on it.
+            (Flavor::PerconaXtraDB, _) => sst.extend([
+                ("encrypt", "4".into()),
+                ("ssl-ca", file(&tls.ca)),
+                ("ssl-cert", file(&tls.cert)),
+                ("ssl-key", file(&tls.key)),
+            ]),
+            // socat with OpenSSL; the donor checks the joiner's
+            // certificate against the CA and the joiner's name
+            // (`localhost` for a local address).
+            (Flavor::MariaDB, SstMethod::Mariabackup) => sst.extend([
+                ("encrypt", "3".into()),
+                ("tca", file(&tls.ca)),
+                ("tcert", file(&tls.cert)),
+                ("tkey", file(&tls.key)),
+            ]),
+            // rsync through stunnel (the SST fails, rather than copy in
+            // clear text, when the stunnel binary is missing); the peer's
+            // chain is checked against the CA (the script's default,
+            // VERIFY_CA: its VERIFY_IDENTITY makes stunnel want the peer's
+            // own certificate in the CA file, which a shared CA is not).
+            (Flavor::MariaDB, _) => sst.extend([
+                ("tca", file(&tls.ca)),
+                ("tcert", file(&tls.cert)),
+                ("tkey", file(&tls.key)),
+            ]),
+        }
+    }
+    if !sst.is_empty() {
+        out.push_str("\n[sst]\n");
+        for (k, v) in sst {
+            out.push_str(&format!("{k}={v}\n"));
+        }
     }
     for (group, options) in &s.my_cnf {
         let options: Vec<_> = options
@@ -331,6 +417,7 @@ mod tests {
             cluster_name: "simple-pxc".into(),
             sst_method: SstMethod::Mariabackup,
             my_cnf: crate::mycnf::render(&crate::mycnf::parse(my_cnf).unwrap()),
+            tls: None,
         }
     }
 
@@ -352,7 +439,131 @@ mod tests {
                 peers: vec!["127.0.0.1:4567".into(), "127.0.0.1:14567".into()],
             },
             sst_auth: Some("mariabackup:pw".into()),
+            tls: None,
         }
+    }
+
+    fn tls() -> Option<TlsFiles> {
+        Some(TlsFiles::in_dir(Path::new("/etc/stratum/tls")))
+    }
+
+    /// The lines of group `[name]` (every occurrence), in order.
+    fn group(cnf: &str, name: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut inside = false;
+        for l in cnf.lines() {
+            if l.starts_with('[') {
+                inside = l == format!("[{name}]");
+            } else if inside && !l.is_empty() {
+                out.push(l.to_string());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn mariadb_tls_goes_to_provider_options_and_mariabackup_sst() {
+        let s = settings("[sst]\nprogress=1\n");
+        let cnf = render_my_cnf(&MyCnfInputs {
+            tls: tls(),
+            ..inputs(&s)
+        });
+        let opts = provider_options(&MyCnfInputs {
+            tls: tls(),
+            ..inputs(&s)
+        });
+        for want in [
+            "socket.ssl=YES",
+            "socket.ssl_ca=/etc/stratum/tls/ca.crt",
+            "socket.ssl_cert=/etc/stratum/tls/tls.crt",
+            "socket.ssl_key=/etc/stratum/tls/tls.key",
+            // The fast-eviction defaults stay.
+            "evs.suspect_timeout=PT2S",
+            "gmcast.peer_timeout=PT3S",
+        ] {
+            assert!(
+                opts.split(';').any(|o| o == want),
+                "missing {want} in {opts}"
+            );
+        }
+        assert_eq!(
+            group(&cnf, "sst"),
+            [
+                "transferfmt=socat",
+                "sst-log-archive-dir=/run/pxc/sst-log-archive",
+                "encrypt=3",
+                "tca=/etc/stratum/tls/ca.crt",
+                "tcert=/etc/stratum/tls/tls.crt",
+                "tkey=/etc/stratum/tls/tls.key",
+                // The user's SST tuning comes after the operator's.
+                "progress=1",
+            ]
+        );
+        assert!(!cnf.contains("pxc_encrypt_cluster_traffic"), "{cnf}");
+        assert!(!cnf.contains("\nssl_ca="), "{cnf}");
+
+        // rsync: stunnel with the same files, no socat `encrypt` mode.
+        let mut s = settings("");
+        s.sst_method = SstMethod::Rsync;
+        let cnf = render_my_cnf(&MyCnfInputs {
+            tls: tls(),
+            ..inputs(&s)
+        });
+        assert_eq!(
+            group(&cnf, "sst"),
+            [
+                "tca=/etc/stratum/tls/ca.crt",
+                "tcert=/etc/stratum/tls/tls.crt",
+                "tkey=/etc/stratum/tls/tls.key",
+            ]
+        );
+
+        // Without TLS: nothing of it.
+        let s = settings("");
+        let cnf = render_my_cnf(&inputs(&s));
+        assert!(!cnf.contains("ssl"), "{cnf}");
+        assert!(!cnf.contains("encrypt"), "{cnf}");
+    }
+
+    #[test]
+    fn percona_tls_is_pxc_encrypt_cluster_traffic_with_the_secret_files() {
+        let mut s = settings("");
+        s.flavor = Flavor::PerconaXtraDB;
+        s.sst_method = SstMethod::XtrabackupV2;
+        let with = MyCnfInputs {
+            tls: tls(),
+            sst_auth: None,
+            ..inputs(&s)
+        };
+        let cnf = render_my_cnf(&with);
+        let mysqld = group(&cnf, "mysqld");
+        for want in [
+            "pxc_encrypt_cluster_traffic=ON",
+            "ssl_ca=/etc/stratum/tls/ca.crt",
+            "ssl_cert=/etc/stratum/tls/tls.crt",
+            "ssl_key=/etc/stratum/tls/tls.key",
+        ] {
+            assert!(mysqld.iter().any(|l| l == want), "missing {want} in\n{cnf}");
+        }
+        assert_eq!(
+            group(&cnf, "sst"),
+            [
+                "encrypt=4",
+                "ssl-ca=/etc/stratum/tls/ca.crt",
+                "ssl-cert=/etc/stratum/tls/tls.crt",
+                "ssl-key=/etc/stratum/tls/tls.key",
+            ]
+        );
+        // PXC derives the provider's socket.ssl_* itself.
+        assert!(!provider_options(&with).contains("socket.ssl"), "{cnf}");
+
+        let cnf = render_my_cnf(&MyCnfInputs {
+            sst_auth: None,
+            ..inputs(&s)
+        });
+        assert!(cnf.contains("\npxc_encrypt_cluster_traffic=OFF\n"), "{cnf}");
+        assert!(!cnf.contains("ssl_ca"), "{cnf}");
+        assert!(group(&cnf, "sst").is_empty(), "{cnf}");
     }
 
     #[test]

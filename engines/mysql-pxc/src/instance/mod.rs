@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use self::binaries::{Binaries, Lookup};
-use self::conf::{AccountPasswords, MyCnfInputs, Network};
+use self::conf::{AccountPasswords, MyCnfInputs, Network, TlsFiles};
 use self::status::{GraState, Recovered};
 use crate::api::Flavor;
 use crate::settings::{PxcInstanceSettings, secret_keys, users};
@@ -235,6 +235,28 @@ fn sst_user(flavor: Flavor) -> &'static str {
     }
 }
 
+/// The TLS files of cluster traffic, when encrypted: the TLS Secret's
+/// files in `tlsDir`, every one of them present. A user's Secret is
+/// mounted as given, so what it lacks is named here rather than left to
+/// the server or the SST script to fail on a path.
+fn tls_files(
+    config: &InstanceConfig,
+    s: &PxcInstanceSettings,
+) -> Result<Option<TlsFiles>, InstanceError> {
+    let Some(t) = &s.tls else {
+        return Ok(None);
+    };
+    let dir = config.tls_dir.as_deref().ok_or_else(|| {
+        InstanceError::Settings(format!(
+            "cluster traffic is encrypted with TLS Secret {} but the instance configuration has no tlsDir",
+            t.secret_name
+        ))
+    })?;
+    operator_core::tls::check_dir(dir, &t.secret_name)
+        .map_err(|e| InstanceError::Settings(e.to_string()))?;
+    Ok(Some(TlsFiles::in_dir(dir)))
+}
+
 /// Render and write `my.cnf` into the run directory.
 fn write_my_cnf(
     ctx: &InstanceContext,
@@ -259,6 +281,7 @@ fn write_my_cnf(
         // PXC 8.0 removed wsrep_sst_auth: it creates its SST user itself.
         Flavor::PerconaXtraDB => None,
     };
+    let tls = tls_files(config, s)?;
     let text = conf::render_my_cnf(&MyCnfInputs {
         settings: s,
         instance: &config.instance,
@@ -276,6 +299,7 @@ fn write_my_cnf(
             peers,
         },
         sst_auth,
+        tls,
     });
     process::write_file(&layout.my_cnf(), text.as_bytes(), 0o600, run_as)
 }
@@ -762,6 +786,47 @@ mod tests {
         assert!(
             err.contains("belongs to cluster simple-pxc (id uid-1), this instance is cluster other (id uid-2)"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_tls_secret_missing_a_key_names_the_secret_and_the_key() {
+        let (dir, _, config) = setup();
+        let tls = dir.path().join("tls");
+        std::fs::create_dir_all(&tls).unwrap();
+        std::fs::write(tls.join("ca.crt"), "ca").unwrap();
+        std::fs::write(tls.join("tls.key"), "key").unwrap();
+        let mut s = PxcInstanceSettings {
+            flavor: Flavor::MariaDB,
+            version: "10.11".into(),
+            cluster_name: "simple-pxc".into(),
+            sst_method: crate::api::SstMethod::Mariabackup,
+            my_cnf: Default::default(),
+            tls: None,
+        };
+        assert_eq!(tls_files(&config, &s).unwrap(), None);
+        s.tls = Some(crate::settings::TlsSettings {
+            secret_name: "my-certs".into(),
+        });
+        let err = tls_files(&config, &s).unwrap_err().to_string();
+        assert!(
+            err.contains("TLS Secret my-certs") && err.contains("no tlsDir"),
+            "{err}"
+        );
+        let config = InstanceConfig {
+            tls_dir: Some(tls.clone()),
+            ..config
+        };
+        let err = tls_files(&config, &s).unwrap_err().to_string();
+        assert!(
+            err.contains("TLS Secret my-certs has no key tls.crt")
+                && err.contains(&tls.join("tls.crt").display().to_string()),
+            "{err}"
+        );
+        std::fs::write(tls.join("tls.crt"), "crt").unwrap();
+        assert_eq!(
+            tls_files(&config, &s).unwrap(),
+            Some(TlsFiles::in_dir(&tls))
         );
     }
 

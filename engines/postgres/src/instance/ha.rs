@@ -4,6 +4,7 @@
 //! run directory's `upstream.json` and `follow.pending`), process IO
 //! (pg_rewind) and SQL to the local server.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use operator_core::engine::{
@@ -348,6 +349,107 @@ async fn checkpoint_after_promotion(source: &PeerEndpoint, password: &str) {
     }
 }
 
+/// The hot-standby parameters as `pg_controldata` prints them (the values
+/// of the primary the data directory last replayed an announcement from),
+/// their names, and PostgreSQL's defaults (the operator's own default for
+/// `max_wal_senders`, 10, is the same).
+const CONTROL_FILE_SETTINGS: [(&str, &str, i64); 5] = [
+    ("max_connections setting", "max_connections", 100),
+    ("max_worker_processes setting", "max_worker_processes", 8),
+    ("max_wal_senders setting", "max_wal_senders", 10),
+    ("max_prepared_xacts setting", "max_prepared_transactions", 0),
+    (
+        "max_locks_per_xact setting",
+        "max_locks_per_transaction",
+        64,
+    ),
+];
+
+/// The hot-standby parameters' values recorded in a control file, from
+/// `pg_controldata`'s output (C locale). Pure.
+pub fn control_file_settings(output: &str) -> BTreeMap<String, i64> {
+    output
+        .lines()
+        .filter_map(|line| {
+            let (label, value) = line.split_once(':')?;
+            let (_, name, _) = CONTROL_FILE_SETTINGS
+                .iter()
+                .find(|(l, _, _)| *l == label.trim())?;
+            Some((name.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Raise the hot-standby parameters of `parameters` (the user's; unset
+/// ones run with PostgreSQL's default) that are below what the control
+/// file requires (`required`, from [`control_file_settings`]). Returns the
+/// raised ones as `name: configured -> required`. A value that is not a
+/// plain number is left alone (PostgreSQL says what is wrong with it).
+/// Pure.
+pub fn raise_to_control_file(
+    parameters: &mut BTreeMap<String, String>,
+    required: &BTreeMap<String, i64>,
+) -> Vec<String> {
+    let mut raised = Vec::new();
+    for (_, name, default) in CONTROL_FILE_SETTINGS {
+        let Some(need) = required.get(name).copied() else {
+            continue;
+        };
+        let configured = match parameters.get(name) {
+            Some(v) => match v.trim().parse::<i64>() {
+                Ok(v) => v,
+                Err(_) => continue,
+            },
+            None => default,
+        };
+        if configured < need {
+            parameters.insert(name.to_string(), need.to_string());
+            raised.push(format!("{name}: {configured} -> {need}"));
+        }
+    }
+    raised
+}
+
+/// Before a start as a standby: keep the hot-standby parameters at least
+/// as high as the data directory's control file records for its primary.
+/// PostgreSQL refuses to start a standby below those values ("recovery
+/// aborted because of insufficient parameter settings"), and the control
+/// file learns a lowered value only by replaying the primary's
+/// announcement of it, so a standby started with a lowered configuration
+/// too early (every instance started at once, as by an `up` restarted in
+/// the middle of a primary-first rolling restart) would not start at all.
+/// The operator restarts it again once it replayed past the primary's
+/// restart; then the control file allows the configured value. Best
+/// effort: when `pg_controldata` fails, nothing is raised.
+pub(crate) async fn keep_control_file_minimums(
+    ctx: &InstanceContext,
+    layout: &Layout,
+    bin: &BinDir,
+    run_as: Option<&RunAs>,
+    parameters: &mut BTreeMap<String, String>,
+) {
+    let mut cmd = process::command(bin.bin("pg_controldata"), run_as);
+    cmd.arg("-D")
+        .arg(&layout.pgdata)
+        .envs(bin.library_env())
+        .env("LC_ALL", "C");
+    let output = match process::run_captured(cmd, "pg_controldata").await {
+        Ok(out) => out,
+        Err(e) => {
+            tracing::warn!(instance = %ctx.config.instance, error = %e, "could not read the control file's parameter settings");
+            return;
+        }
+    };
+    let raised = raise_to_control_file(parameters, &control_file_settings(&output));
+    if !raised.is_empty() {
+        tracing::warn!(
+            instance = %ctx.config.instance,
+            raised = %raised.join(", "),
+            "starting as a standby with the hot-standby parameters its control file requires (the primary's last announced values); the operator restarts it with the configured values once it has replayed the primary's lower ones"
+        );
+    }
+}
+
 /// What pg_rewind says when the target's history is already part of the
 /// source's.
 const NO_REWIND_REQUIRED: &str = "no rewind required";
@@ -524,6 +626,48 @@ pub(crate) async fn rewind(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn standby_parameters_never_below_the_control_file() {
+        let output = "pg_control version number:            1300\n\
+            Database cluster state:               shut down in recovery\n\
+            wal_level setting:                    replica\n\
+            max_connections setting:              100\n\
+            max_worker_processes setting:         8\n\
+            max_wal_senders setting:              12\n\
+            max_prepared_xacts setting:           0\n\
+            max_locks_per_xact setting:           64\n";
+        let required = control_file_settings(output);
+        assert_eq!(required.len(), 5, "{required:?}");
+        assert_eq!(required["max_connections"], 100);
+        assert_eq!(required["max_prepared_transactions"], 0);
+        // A lowered max_connections, an unset max_wal_senders (default 10)
+        // below the primary's 12: both raised; a higher value and a value
+        // that is no number stay.
+        let mut params: BTreeMap<String, String> = [
+            ("max_connections", "90"),
+            ("max_worker_processes", "16"),
+            ("max_locks_per_transaction", "lots"),
+            ("work_mem", "8MB"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let raised = raise_to_control_file(&mut params, &required);
+        assert_eq!(
+            raised,
+            ["max_connections: 90 -> 100", "max_wal_senders: 10 -> 12"]
+        );
+        assert_eq!(params["max_connections"], "100");
+        assert_eq!(params["max_wal_senders"], "12");
+        assert_eq!(params["max_worker_processes"], "16");
+        assert_eq!(params["max_locks_per_transaction"], "lots");
+        // Nothing to raise: nothing changes.
+        let before = params.clone();
+        assert!(raise_to_control_file(&mut params, &required).is_empty());
+        assert_eq!(params, before);
+        assert!(control_file_settings("garbage").is_empty());
+    }
 
     #[test]
     fn rewind_failures_that_need_a_clone() {

@@ -504,6 +504,17 @@ impl InstanceDriver for PostgresDriver {
         let upstream = standby
             .then(|| upstream_member(config, &layout).map(|m| upstream_of(&m)))
             .flatten();
+        let mut settings = settings;
+        if standby {
+            ha::keep_control_file_minimums(
+                ctx,
+                &layout,
+                &bin,
+                run_as.as_ref(),
+                &mut settings.parameters,
+            )
+            .await;
+        }
         write_config(ctx, &settings, &layout, run_as.as_ref(), upstream.as_ref())?;
         Ok(Progress::Done)
     }
