@@ -4,7 +4,9 @@
 # Kubernetes tests (tests/k8s_*.rs, `cargo test --workspace` finds every
 # test binary, tests/k8s_e2e.rs included: the operator with real databases
 # run by the fake kubelet of tests/support/kubelet.rs; tests/k8s_pxc.rs: a
-# Galera cluster's full crash recovered by the controller) against a real
+# Galera cluster's full crash recovered by the controller; tests/k8s_pg_ha.rs:
+# PostgreSQL failover, switchover, refused switchover and an operator killed
+# mid-failover on Kubernetes, under writes, with the same kubelet) against a real
 # control plane that this script starts and stops (scripts/control-plane.sh).
 # Ends with one summary line over every test binary: "tests: N passed, N failed".
 set -euo pipefail

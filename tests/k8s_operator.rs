@@ -1129,7 +1129,6 @@ async fn rbac_of_deploy_is_the_table_in_the_controller() {
     }
     for (group, resource, verb) in [
         ("", "secrets", "delete"),
-        ("", "pods", "delete"),
         ("", "persistentvolumeclaims", "delete"),
         ("stratum.dev", "postgresclusters", "delete"),
         ("rbac.authorization.k8s.io", "clusterroles", "create"),

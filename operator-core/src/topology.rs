@@ -1,5 +1,9 @@
 //! Helpers every engine's topology uses: ordinals of `<cluster>-<ordinal>`
-//! instance names and the rolling-update order. Pure.
+//! instance names, the rolling-update order, and the replicas a primary
+//! reports streaming from it (shared by the local runtime's decision loop
+//! and the controller's `ha` step). Pure.
+
+use crate::instance::protocol::MemberStatus;
 
 /// Ordinal from a `<cluster>-<ordinal>` name; names without one sort last.
 pub fn ordinal(name: &str) -> u32 {
@@ -22,6 +26,43 @@ pub fn update_order(names: &[String], last: Option<&str>) -> Vec<String> {
         order.push(l.to_string());
     }
     order
+}
+
+/// The members a primary reports as synchronous standbys: its status
+/// `details.replicas[]` entries with `syncState` `sync` or `quorum` (the
+/// PostgreSQL driver reports `pg_stat_replication` so; engines without
+/// the notion report none).
+pub fn sync_standbys(s: &MemberStatus) -> Vec<String> {
+    s.details
+        .get("replicas")
+        .and_then(|r| r.as_array())
+        .into_iter()
+        .flatten()
+        .filter(|r| {
+            matches!(
+                r.get("syncState").and_then(|v| v.as_str()),
+                Some("sync" | "quorum")
+            )
+        })
+        .filter_map(|r| r.get("name").and_then(|n| n.as_str()).map(str::to_string))
+        .collect()
+}
+
+/// The members a primary reports as streaming from it (its status
+/// `details.replicas[]` entries in state `streaming`), sorted.
+pub fn streaming_replicas(s: &MemberStatus) -> Vec<String> {
+    let mut names: Vec<String> = s
+        .details
+        .get("replicas")
+        .and_then(|r| r.as_array())
+        .into_iter()
+        .flatten()
+        .filter(|r| r.get("state").and_then(|v| v.as_str()) == Some("streaming"))
+        .filter_map(|r| r.get("name").and_then(|n| n.as_str()).map(str::to_string))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 #[cfg(test)]

@@ -733,6 +733,31 @@ impl OperatorProcess {
         identity: &str,
         server: Option<&str>,
     ) -> Self {
+        Self::spawn(admin, namespace, lease, identity, server, 500).await
+    }
+
+    /// [`Self::start`] for clusters whose instance managers run (the
+    /// end-to-end tests): the production instance timeout (3 s) instead of
+    /// 500 ms, since a debug-built manager on a loaded machine may answer
+    /// later and a primary that does not answer is failed over.
+    pub async fn start_for_instances(admin: &Client, namespace: Option<&str>) -> Self {
+        static LEASES: AtomicU32 = AtomicU32::new(0);
+        let lease = format!(
+            "stratum-test-i{}-{}",
+            std::process::id(),
+            LEASES.fetch_add(1, Ordering::SeqCst)
+        );
+        Self::spawn(admin, namespace, &lease, &lease, None, 3000).await
+    }
+
+    async fn spawn(
+        admin: &Client,
+        namespace: Option<&str>,
+        lease: &str,
+        identity: &str,
+        server: Option<&str>,
+        instance_timeout_ms: u64,
+    ) -> Self {
         install_deploy(admin).await;
         let token = operator_token(admin).await;
         let admin_kc = Kubeconfig::read_from(kubeconfig_path()).expect("admin kubeconfig");
@@ -764,7 +789,7 @@ impl OperatorProcess {
         command
             .args(["controller", "--operator-image", "stratum/operator:test"])
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-            .args(["--instance-timeout-ms", "500"])
+            .args(["--instance-timeout-ms", &instance_timeout_ms.to_string()])
             .args(["--lease-name", lease, "--identity", identity])
             .args(["--lease-namespace", OPERATOR_NAMESPACE])
             .env("KUBECONFIG", &kubeconfig)

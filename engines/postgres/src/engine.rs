@@ -7,11 +7,14 @@ use std::sync::Arc;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 use operator_core::engine::{
-    Election, Engine, EngineManifest, EnginePort, ExtraVolume, InstanceDriver, ObservedMember,
-    ReplicationModel, Routing, Topology, ValidatedCluster,
+    Election, Engine, EngineManifest, EnginePort, ExtraVolume, Failover, InstanceDriver,
+    InstanceOps, ObservedMember, OpError, Progress, ReplicationModel, Routing, Topology,
+    ValidatedCluster,
 };
 use operator_core::error::SpecError;
-use operator_core::instance::protocol::{Position, ProcessState, Role};
+use operator_core::instance::protocol::{
+    ACTION_FENCE, ACTION_FOLLOW, ACTION_PROMOTE, Position, ProcessState, Role,
+};
 use operator_core::topology::ordinal;
 use operator_core::validate::typed_cluster;
 
@@ -411,6 +414,43 @@ pub fn route(members: &[ObservedMember]) -> Routing {
     Routing { rw, ro }
 }
 
+/// Failover on the operator side: the instance manager's actions (see
+/// `docs/failover.md`). The controller and the local runtime drive the
+/// steps themselves (leases, slots and synchronous standbys ride along);
+/// this group says the engine supports them, and serves callers that need
+/// only the plain steps.
+#[async_trait::async_trait]
+impl Failover for PostgresEngine {
+    async fn fence(&self, ops: &dyn InstanceOps, instance: &str) -> Result<Progress, OpError> {
+        ops.action(instance, ACTION_FENCE, serde_json::json!({}))
+            .await
+            .map(|_| Progress::Done)
+    }
+
+    async fn promote(&self, ops: &dyn InstanceOps, instance: &str) -> Result<Progress, OpError> {
+        ops.action(instance, ACTION_PROMOTE, serde_json::json!({}))
+            .await
+            .map(|_| Progress::Done)
+    }
+
+    async fn rejoin(
+        &self,
+        ops: &dyn InstanceOps,
+        instance: &str,
+        primary: &str,
+    ) -> Result<Progress, OpError> {
+        // pg_rewind (or a re-clone) happens on the instance side when the
+        // history diverged.
+        ops.action(
+            instance,
+            ACTION_FOLLOW,
+            serde_json::json!({ "primary": primary, "rewind": true }),
+        )
+        .await
+        .map(|_| Progress::Done)
+    }
+}
+
 impl Engine for PostgresEngine {
     fn kind(&self) -> &'static str {
         "PostgresCluster"
@@ -564,6 +604,10 @@ impl Engine for PostgresEngine {
 
     fn instance_driver(&self) -> Option<Arc<dyn InstanceDriver>> {
         self.driver.clone()
+    }
+
+    fn failover(&self) -> Option<&dyn Failover> {
+        Some(self)
     }
 }
 

@@ -41,15 +41,43 @@ pub struct ClusterStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready: Option<String>,
 
-    /// The instance that is primary (writer) now, as reported by the
-    /// instances. Empty for engines without a single primary.
+    /// The instance that is primary (writer) now. Engines with the
+    /// failover capability: the primary the operator promoted or adopted
+    /// (and grants the write lease to); others: the writer the instances
+    /// report. Empty for engines without a single primary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_primary: Option<String>,
 
     /// The instance the operator wants as primary. Differs from
-    /// `currentPrimary` during a failover or switchover.
+    /// `currentPrimary` during a failover or switchover. Setting it to a
+    /// ready replica asks for a switchover (engines with the failover
+    /// capability): `kubectl patch KIND NAME --subresource=status
+    /// --type=merge -p '{"status":{"targetPrimary":"NAME-2"}}'`. A target
+    /// that is not a ready replica is refused (Event `SwitchoverRefused`,
+    /// condition `Switchover=False` naming it) and reset to
+    /// `currentPrimary`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_primary: Option<String>,
+
+    /// Term of the write lease the operator grants the primary (engines
+    /// with the failover capability): 1 once the first primary is
+    /// adopted, then incremented, and written here, before each
+    /// promotion. Instance managers refuse a lease of an older
+    /// term, so an operator that lost track cannot renew a deposed
+    /// primary.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lease_term: u64,
+
+    /// A change of primary in progress (failover or switchover), written
+    /// before each of its steps so that a restarted operator continues the
+    /// same change instead of deciding again. Absent when none is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_change: Option<PrimaryChange>,
+
+    /// Timeline (PostgreSQL) of the current primary, as it last reported
+    /// it; a promotion starts a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<u32>,
 
     /// When `currentPrimary` last changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -105,6 +133,32 @@ pub struct BootstrapStatus {
     /// When its instance manager last accepted the order; unset until then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ordered_at: Option<DateTime<Utc>>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// A change of primary in progress (`status.primaryChange`).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PrimaryChange {
+    /// `Failover` (the primary failed) or `Switchover` (asked for by
+    /// setting `status.targetPrimary` to a ready replica).
+    pub reason: PrimaryChangeReason,
+    /// The primary being replaced.
+    pub from: String,
+    /// When the change started.
+    pub started_at: DateTime<Utc>,
+}
+
+/// Why the primary changes.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum PrimaryChangeReason {
+    /// The primary failed; the most advanced replica replaces it.
+    Failover,
+    /// A planned move to `targetPrimary`.
+    Switchover,
 }
 
 /// Coarse state of a cluster.
@@ -246,6 +300,10 @@ pub mod condition_type {
     /// bootstrap the group (positions missing, a bootstrap decided or
     /// ordered, no safe candidate).
     pub const PRIMARY_COMPONENT: &str = "PrimaryComponent";
+    /// The last switchover asked for through `status.targetPrimary` was
+    /// carried out (`True`) or refused (`False`, the message names the
+    /// instance and why).
+    pub const SWITCHOVER: &str = "Switchover";
 }
 
 /// Set or update a condition in place. `last_transition_time` changes only

@@ -86,12 +86,37 @@ pub enum DecideError {
         #[source]
         source: kube::Error,
     },
+    /// Recording the intent of a failover or switchover step in status
+    /// (before acting on it) failed; nothing was done.
+    #[error("failed to record the {step} intent in the status of {name}")]
+    RecordIntent {
+        /// Cluster name.
+        name: String,
+        /// The step, e.g. `promote simple-pg-1`.
+        step: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// Deleting the pod of a failed primary (the host-side fence) failed.
+    #[error("failed to delete pod {pod} to fence it")]
+    DeletePod {
+        /// Pod name.
+        pod: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
 }
 
 impl DecideError {
     /// Metric label and Event reason.
     pub fn category(&self) -> &'static str {
-        "RouteUpdateFailed"
+        match self {
+            Self::PatchPodLabels { .. } => "RouteUpdateFailed",
+            Self::RecordIntent { .. } => "RecordIntentFailed",
+            Self::DeletePod { .. } => "FenceFailed",
+        }
     }
 }
 

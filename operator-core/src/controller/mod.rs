@@ -7,7 +7,9 @@
 //! Pipeline per cluster object (`reconcile.rs`): finalizer → validate (pure)
 //! → build (pure, [`crate::build`]) → apply (server-side apply with field
 //! manager `stratum-operator`, create-if-absent Secret, prune orphans; all
-//! children in one round trip) → observe (pods, instance managers) →
+//! children in one round trip) → observe (pods, instance managers) → ha
+//! (failover, switchover, fencing and the primary's write lease, for
+//! engines with the failover capability: [`ha`]) →
 //! decide (pure routing, pod labels) → status (pure computation, merge
 //! patch of the status subresource) → report (tracing + Kubernetes Event,
 //! the Event sent in the background). A new cluster's finalizer is added
@@ -32,7 +34,7 @@
 //! | `policy`            | `poddisruptionbudgets`  | list, watch, create, patch, delete      | server-side apply, metadata watch (cache, owned), prune |
 //! | `networking.k8s.io` | `networkpolicies`       | list, watch, create, patch, delete      | server-side apply, metadata watch (cache, owned), prune |
 //! | `""`                | `secrets`               | get, list, watch, create, patch         | watch (cache: `api-token`, owned), create-if-absent, read before adding missing keys (never deleted) |
-//! | `""`                | `pods`                  | list, watch, patch                      | watch (cache: readiness; triggers a reconcile); move `stratum.dev/route` and `stratum.dev/role` labels |
+//! | `""`                | `pods`                  | list, watch, patch, delete              | watch (cache: readiness; triggers a reconcile); move `stratum.dev/route` and `stratum.dev/role` labels; delete a failed primary's pod whose instance manager does not answer, once its write lease expired (the host-side fence, [`ha`]) |
 //! | `events.k8s.io`     | `events`                | create, patch                           | Events (kube-runtime `Recorder`) |
 //! | `coordination.k8s.io` | `leases`              | get, create, patch                      | leader election ([`leader`]), in the operator's namespace only |
 //!
@@ -61,6 +63,7 @@ pub mod cache;
 pub mod decide;
 pub mod error;
 pub mod galera;
+pub mod ha;
 pub mod leader;
 pub mod metrics;
 pub mod observe;
@@ -269,6 +272,8 @@ async fn run_kind(shared: Arc<reconcile::Shared>, engine: Arc<dyn Engine>, resou
     let kind = engine.kind();
     let (caches, triggers) = Caches::watch(&client, ns, &format!("{LABEL_KIND}={kind}"));
     let (store, cluster_events) = cluster_stream(clusters, &resource);
+    // Lease renewals that see a primary in trouble wake its reconcile.
+    let (wake, woken) = futures::channel::mpsc::unbounded();
     let ctx = Arc::new(reconcile::KindContext {
         engine,
         resource: resource.clone(),
@@ -279,6 +284,7 @@ async fn run_kind(shared: Arc<reconcile::Shared>, engine: Arc<dyn Engine>, resou
         written: Default::default(),
         clusters: store.clone(),
         galera: Default::default(),
+        ha: ha::HaRegistry::new(wake),
     });
     // Deleted clusters' records go with the watch's Delete (or the next
     // re-list), whether or not their cleanup ran.
@@ -299,6 +305,7 @@ async fn run_kind(shared: Arc<reconcile::Shared>, engine: Arc<dyn Engine>, resou
         .owns_stream(triggers.secrets)
         // Pods are owned by the StatefulSet: map them by label.
         .watches_stream(triggers.pods, move |pod| pod_owner(&pod, &pod_resource))
+        .reconcile_on(woken)
         .shutdown_on_signal()
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| {

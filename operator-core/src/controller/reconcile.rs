@@ -27,6 +27,7 @@ use super::error::{
     ApplyError, DecideError, ReconcileError, StatusError, ValidateError, error_chain,
 };
 use super::galera;
+use super::ha;
 use super::metrics::{Metrics, Step};
 use super::observe;
 use super::report::Reporter;
@@ -77,6 +78,8 @@ pub(crate) struct KindContext {
     pub clusters: Store<DynamicObject>,
     /// What the Galera bootstrap step remembers between reconciles.
     pub galera: galera::Memory,
+    /// Failover memory and write-lease renewals per cluster ([`ha`]).
+    pub ha: ha::HaRegistry,
 }
 
 /// A status written by this process, with the `resourceVersion` the write
@@ -153,6 +156,8 @@ impl KindContext {
         written.retain(|id, _| keep_id(id));
         drop(written);
         self.galera.retain(&keep);
+        // A deleted cluster's primary is no longer renewed a lease.
+        self.ha.retain(&keep);
     }
 
     fn cached(&self, ns: &str, name: &str) -> bool {
@@ -228,6 +233,33 @@ impl KindContext {
                 (cached, cached_value)
             }
         }
+    }
+}
+
+impl KindContext {
+    /// Remember a status written outside the pipeline's status write (the
+    /// `ha` step records its intent before acting), so that the next
+    /// reconcile does not start from an older cached status.
+    pub(crate) fn remember_status(&self, stored: &DynamicObject) {
+        let (Some(resource_version), Some(value)) =
+            (resource_version(stored), stored.data.get("status"))
+        else {
+            return;
+        };
+        let Ok(status) = serde_json::from_value::<ClusterStatus>(value.clone()) else {
+            return;
+        };
+        let id = (stored.namespace().unwrap_or_default(), stored.name_any());
+        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        written.insert(
+            id,
+            WrittenStatus {
+                uid: stored.metadata.uid.clone(),
+                resource_version,
+                status,
+                value: value.clone(),
+            },
+        );
     }
 }
 
@@ -422,7 +454,8 @@ pub(super) async fn write_status(
                 uid: stored.metadata.uid.clone(),
                 resource_version,
                 status: new.clone(),
-                value: patch["status"].clone(),
+                // What the status is now (the patch may leave fields out).
+                value: serde_json::to_value(new).unwrap_or_else(|_| patch["status"].clone()),
             },
         );
     }
@@ -544,7 +577,7 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
     }
 
     // observe.
-    let seen = observe::observe(
+    let mut seen = observe::observe(
         &ctx.caches,
         &cluster,
         kind,
@@ -565,11 +598,19 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
     )
     .await?;
 
+    // ha: failover, switchover, fencing (engines with the failover
+    // capability); may refresh `seen.members`.
+    let ha = ha::step(ctx, obj, &cluster, &manifest, &mut seen, previous.as_ref()).await?;
+
     // decide: routing and pod labels.
     let previous_primary = previous.as_ref().and_then(|s| s.current_primary.clone());
+    let engine_routing = engine.route(&seen.members);
     let routing = decide::decide_routing(
         &name,
-        engine.route(&seen.members),
+        match &ha {
+            Some(ha) => ha.routing(engine_routing),
+            None => engine_routing,
+        },
         &seen.members,
         &seen.pods,
         previous_primary.as_deref(),
@@ -602,7 +643,7 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
 
     // status.
     let instance_names = cluster.instance_names();
-    let new = status::compute_status(
+    let mut new = status::compute_status(
         recovery.base(previous.as_ref()),
         &StatusInput {
             cluster: &name,
@@ -615,6 +656,9 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
             now: Utc::now(),
         },
     );
+    if let Some(ha) = &ha {
+        ha.apply(previous.as_ref(), &mut new);
+    }
     if previous.as_ref() != Some(&new) {
         write_status(ctx, obj, previous_value.as_ref(), &new).await?;
     }
@@ -627,7 +671,10 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
         REQUEUE_WAITING
     };
     Ok(Action::requeue(
-        recovery.requeue.map_or(requeue, |r| r.min(requeue)),
+        [recovery.requeue, ha.and_then(|h| h.requeue)]
+            .into_iter()
+            .flatten()
+            .fold(requeue, Duration::min),
     ))
 }
 

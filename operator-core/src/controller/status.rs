@@ -237,6 +237,11 @@ pub fn deleting_status(previous: Option<&ClusterStatus>, now: DateTime<Utc>) -> 
 /// The JSON merge patch (`{"status": …}`) that turns `old` (the object's
 /// current `status`, as JSON) into `new`: keys that `new` no longer has are
 /// set to `null` so that the merge removes them.
+///
+/// `targetPrimary` is sent only when it changes: a user sets it (the
+/// switchover request) on the status subresource while a reconcile may be
+/// computing a status from the object before that; an unchanged value
+/// sent back would overwrite the request.
 pub fn status_patch(new: &ClusterStatus, old: Option<&Value>) -> Value {
     let mut body = serde_json::to_value(new).unwrap_or_else(|_| Value::Object(Default::default()));
     if let (Value::Object(body), Some(Value::Object(old))) = (&mut body, old) {
@@ -245,9 +250,16 @@ pub fn status_patch(new: &ClusterStatus, old: Option<&Value>) -> Value {
                 body.insert(key.clone(), Value::Null);
             }
         }
+        let target = body.get(TARGET_PRIMARY).unwrap_or(&Value::Null);
+        if old.get(TARGET_PRIMARY).unwrap_or(&Value::Null) == target {
+            body.remove(TARGET_PRIMARY);
+        }
     }
     serde_json::json!({ "status": body })
 }
+
+/// The JSON key of `status.targetPrimary`.
+const TARGET_PRIMARY: &str = "targetPrimary";
 
 /// A change worth an Event.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -696,6 +708,30 @@ mod tests {
         let old = json!({"phase": "Creating", "currentPrimary": "simple-pg-0", "instances": 3});
         let patch = status_patch(&new, Some(&old));
         assert_eq!(patch["status"]["phase"], "Healthy");
+        // An unchanged targetPrimary is not sent (a user's switchover
+        // request written meanwhile is kept); a changed one is.
+        let kept = ClusterStatus {
+            target_primary: Some("simple-pg-0".into()),
+            ..Default::default()
+        };
+        let old_target = json!({"targetPrimary": "simple-pg-0"});
+        assert!(
+            status_patch(&kept, Some(&old_target))["status"]
+                .get("targetPrimary")
+                .is_none()
+        );
+        let moved = ClusterStatus {
+            target_primary: Some("simple-pg-2".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            status_patch(&moved, Some(&old_target))["status"]["targetPrimary"],
+            "simple-pg-2"
+        );
+        assert_eq!(
+            status_patch(&ClusterStatus::default(), Some(&old_target))["status"]["targetPrimary"],
+            Value::Null
+        );
         assert_eq!(patch["status"]["currentPrimary"], Value::Null);
         assert_eq!(patch["status"]["instances"], 0);
         assert!(

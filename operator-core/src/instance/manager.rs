@@ -94,7 +94,7 @@ where
     );
 
     let (control_tx, control_rx) = mpsc::channel(8);
-    let lease = load_lease(&ctx.run_dir);
+    let lease = load_lease(&ctx.run_dir, &ctx.config.data_dir);
     let shared = Arc::new(Shared {
         ctx,
         driver,
@@ -255,6 +255,11 @@ pub(crate) enum Control {
 pub const FENCE_MARKER: &str = "fenced";
 /// Name of the persisted write lease in the run directory.
 pub const LEASE_FILE: &str = "lease.json";
+/// Name of the marker on the data volume saying that this instance has
+/// held a write lease (and the last term), for a run directory that did
+/// not survive: on Kubernetes it is an `emptyDir`, and the recreated pod
+/// of a deposed primary must not start as a writer without a new lease.
+pub const LEASE_MARKER: &str = "stratum-write-lease.json";
 /// How often the hold-down conditions and the lease are checked.
 const WATCHDOG_PERIOD: Duration = Duration::from_millis(100);
 
@@ -307,9 +312,24 @@ fn unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn load_lease(run_dir: &Path) -> LeaseState {
+/// [`LEASE_MARKER`]'s content.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LeaseMarker {
+    term: u64,
+}
+
+fn load_lease(run_dir: &Path, data_dir: &Path) -> LeaseState {
     let Ok(text) = std::fs::read_to_string(run_dir.join(LEASE_FILE)) else {
-        return LeaseState::default();
+        // A lease held before this run directory existed (a new pod on
+        // the same volume): known, expired.
+        return match std::fs::read_to_string(data_dir.join(LEASE_MARKER)) {
+            Ok(text) => LeaseState {
+                known: true,
+                term: serde_json::from_str::<LeaseMarker>(&text).map_or(0, |m| m.term),
+                expires: None,
+            },
+            Err(_) => LeaseState::default(),
+        };
     };
     let Ok(file) = serde_json::from_str::<LeaseFile>(&text) else {
         // Unreadable: a lease existed; treat it as expired.
@@ -416,6 +436,12 @@ impl Shared {
         std::fs::write(&tmp, serde_json::to_vec(&file).unwrap_or_default())
             .and_then(|_| std::fs::rename(&tmp, &path))
             .map_err(|e| format!("failed to persist the lease in {}: {e}", path.display()))?;
+        if !lease.known || grant.term > lease.term {
+            let marker = self.ctx.config.data_dir.join(LEASE_MARKER);
+            let body = serde_json::to_vec(&LeaseMarker { term: grant.term }).unwrap_or_default();
+            std::fs::write(&marker, body)
+                .map_err(|e| format!("failed to persist the lease in {}: {e}", marker.display()))?;
+        }
         let was_valid = lease.valid();
         lease.known = true;
         lease.term = grant.term;
@@ -1195,6 +1221,20 @@ mod tests {
         assert_eq!(b.next_delay(short).as_secs(), 2);
         b.reset();
         assert_eq!(b.next_delay(short).as_secs(), 1);
+    }
+
+    #[test]
+    fn a_lease_held_on_the_volume_survives_a_new_run_directory() {
+        let run = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        // Never held one: no lease needed to start.
+        assert!(!load_lease(run.path(), data.path()).known);
+        // Held one on this volume, run directory new (a recreated pod):
+        // known, expired, the term kept.
+        std::fs::write(data.path().join(LEASE_MARKER), r#"{"term":7}"#).unwrap();
+        let lease = load_lease(run.path(), data.path());
+        assert!(lease.known && !lease.valid());
+        assert_eq!(lease.term, 7);
     }
 
     #[test]

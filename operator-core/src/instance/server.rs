@@ -317,7 +317,18 @@ async fn action(
         }
         ACTION_LEASE => {
             return match body.get(BODY_LEASE) {
-                Some(_) => Json(json!({ "lease": true })).into_response(),
+                // The supervisor's view rides along (no server
+                // connection): the operator renews often and notices a
+                // crashed or stopped primary from the answer.
+                Some(_) => {
+                    let state = shared.snapshot();
+                    Json(json!({
+                        "lease": true,
+                        "process": state.process,
+                        "restarts": state.restarts,
+                    }))
+                    .into_response()
+                }
                 None => error_response(
                     StatusCode::BAD_REQUEST,
                     "a lease action needs {\"lease\": {\"holder\", \"term\", \"ttlMs\"}}",

@@ -42,6 +42,7 @@ use crate::instance::protocol::{
     ACTION_SYNC_STANDBYS, ACTION_UNFENCE, BODY_LEASE, LeaseGrant, Position, ProcessState, Role,
     format_lsn,
 };
+use crate::topology::{streaming_replicas, sync_standbys};
 
 /// Environment variable overriding the lease TTL in milliseconds (tests).
 pub const LEASE_ENV: &str = "STRATUM_LOCAL_LEASE_MS";
@@ -2127,39 +2128,6 @@ fn failure_grace(
     } else {
         grace.max(STARTUP_GRACE)
     }
-}
-
-fn sync_standbys(s: &crate::instance::protocol::MemberStatus) -> Vec<String> {
-    s.details
-        .get("replicas")
-        .and_then(|r| r.as_array())
-        .into_iter()
-        .flatten()
-        .filter(|r| {
-            matches!(
-                r.get("syncState").and_then(|v| v.as_str()),
-                Some("sync" | "quorum")
-            )
-        })
-        .filter_map(|r| r.get("name").and_then(|n| n.as_str()).map(str::to_string))
-        .collect()
-}
-
-/// The members a primary reports as streaming from it (its status
-/// `details.replicas[]` entries in state `streaming`), sorted.
-fn streaming_replicas(s: &crate::instance::protocol::MemberStatus) -> Vec<String> {
-    let mut names: Vec<String> = s
-        .details
-        .get("replicas")
-        .and_then(|r| r.as_array())
-        .into_iter()
-        .flatten()
-        .filter(|r| r.get("state").and_then(|v| v.as_str()) == Some("streaming"))
-        .filter_map(|r| r.get("name").and_then(|n| n.as_str()).map(str::to_string))
-        .collect();
-    names.sort();
-    names.dedup();
-    names
 }
 
 fn wal_lsn(m: Option<&ObservedMember>) -> Option<u64> {

@@ -74,10 +74,10 @@
 //! spreads reads over every Synced member. After a full crash the loop
 //! bootstraps the group from the member `Engine::elect` chooses, once.
 
-mod apply;
+pub(crate) mod apply;
 mod down;
 mod galera;
-mod ha;
+pub(crate) mod ha;
 mod haproxy;
 mod host;
 mod input;

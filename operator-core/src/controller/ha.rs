@@ -1,0 +1,1800 @@
+//! ha: failover, switchover and fencing on Kubernetes, for engines with the
+//! failover capability (PostgreSQL) — the controller's side of the rule in
+//! `docs/failover.md`, the same rule as the local runtime's
+//! (`local/ha.rs`). [`decide`] is pure (observed members, pods, the
+//! previous status, the time things were seen → one decision). Carrying a
+//! decision out talks to instance managers (HTTP), writes the intent into
+//! the cluster's status subresource *before* acting, deletes a failed
+//! primary's pod (the host-side fence on Kubernetes) and reports Events.
+//! A background task per cluster ([`LeaseTask`]) renews the primary's
+//! write lease and wakes the cluster's reconcile when the primary looks
+//! unwell.
+//!
+//! - The operator names the primary (`status.currentPrimary`) and renews
+//!   its write lease (TTL [`LEASE_TTL`]) every TTL/4. A manager stops a
+//!   writer whose lease expired, and never starts one without a lease once
+//!   its volume has held one.
+//! - Failover: primary down (after `failoverDelay` and a grace that
+//!   depends on how it failed) → `primaryChange` recorded, lease no longer
+//!   renewed, writes unrouted → the old primary is fenced through its
+//!   manager, or, when that does not answer, its lease is waited out and
+//!   its pod deleted → the replicas are detached from it (unreachable case)
+//!   → the engine elects → `targetPrimary` and the new lease term recorded
+//!   → promote (the lease rides along) → `currentPrimary` → the others
+//!   follow.
+//! - Switchover: `status.targetPrimary` set to a ready replica → the
+//!   primary stops cleanly (fence) → the target catches up → promote →
+//!   the others follow (the old primary as a standby).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::channel::mpsc::UnboundedSender;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tokio::sync::watch;
+
+use super::apply::FIELD_MANAGER;
+use super::decide::PodInfo;
+use super::error::DecideError;
+use super::observe::{Observation, reachable_endpoints};
+use super::reconcile::KindContext;
+use crate::api::status::{
+    ClusterStatus, Phase, PrimaryChange, PrimaryChangeReason, condition_type, set_condition,
+};
+use crate::build::names;
+use crate::engine::{
+    Election, EngineManifest, InstanceOps, ObservedMember, ReplicationModel, Routing,
+    ValidatedCluster,
+};
+use crate::instance::client::InstanceClient;
+use crate::instance::config::PeerEndpoint;
+use crate::instance::protocol::{
+    ACTION_FENCE, ACTION_FOLLOW, ACTION_LEASE, ACTION_PROMOTE, ACTION_SLOTS, ACTION_SYNC_STANDBYS,
+    ACTION_UNFENCE, BODY_LEASE, LeaseGrant, Position, ProcessState, Role, SECRET_KEY_API_TOKEN,
+};
+use crate::local::apply::{FENCED_ANNOTATION, fenced_instances};
+use crate::local::ha::switchover_refusal;
+use crate::topology::{streaming_replicas, sync_standbys};
+
+/// Write-lease TTL granted to the primary (the local runtime's default).
+pub const LEASE_TTL: Duration = crate::local::ha::DEFAULT_LEASE_TTL;
+/// Added to the TTL before the lease of an unreachable primary is taken as
+/// expired (clock rates, the manager's watchdog period, stopping the
+/// server).
+pub const LEASE_MARGIN: Duration = crate::local::ha::LEASE_MARGIN;
+/// How long a primary's manager may not answer before it counts as failed.
+const UNREACHABLE_GRACE: Duration = Duration::from_secs(5);
+/// How long a primary may run without being ready.
+const NOT_READY_GRACE: Duration = Duration::from_secs(3);
+/// How long a restarting primary may wait for its lease.
+const AWAITING_LEASE_GRACE: Duration = Duration::from_secs(10);
+/// A replica not streaming from the primary this long is told to follow…
+const NOT_STREAMING_GRACE: Duration = Duration::from_secs(2);
+/// … and this long (or failing to start this long), through pg_rewind.
+const REWIND_AFTER: Duration = Duration::from_secs(5);
+/// Least time between two `follow` requests naming the same primary.
+const FOLLOW_EVERY: Duration = Duration::from_secs(3);
+/// How often the primary's replication slots are ensured again.
+const SLOTS_EVERY: Duration = Duration::from_secs(10);
+/// How long a switchover waits for the target to hold the old primary's
+/// last WAL.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requeue while a change of primary waits.
+const STEP_RETRY: Duration = Duration::from_millis(500);
+/// Requeue of a cluster that has no primary yet (a new one: its pods
+/// trigger reconciles as they become ready).
+const NO_PRIMARY_RETRY: Duration = Duration::from_secs(10);
+/// Decisions carried out in one reconcile at most (each re-observes).
+const MAX_STEPS: usize = 8;
+
+// ---------------------------------------------------------------------
+// The decision (pure)
+// ---------------------------------------------------------------------
+
+/// Everything [`decide`] looks at.
+#[derive(Clone, Debug)]
+pub struct HaView<'a> {
+    /// Instance names the spec asks for.
+    pub instances: &'a [String],
+    /// The managers' reports.
+    pub members: &'a [ObservedMember],
+    /// The cluster's pods.
+    pub pods: &'a [PodInfo],
+    /// `status.currentPrimary`.
+    pub current_primary: Option<&'a str>,
+    /// `status.targetPrimary` (the operator's intent, or a user's request).
+    pub target_primary: Option<&'a str>,
+    /// `status.primaryChange`.
+    pub change: Option<&'a PrimaryChange>,
+    /// Instances fenced by the user (`stratum.dev/fencedInstances`).
+    pub fenced: &'a BTreeSet<String>,
+    /// `spec.failoverDelay`.
+    pub failover_delay: Duration,
+    /// How long the current primary has been seen unfit (zero when first
+    /// seen so now).
+    pub primary_down_for: Duration,
+    /// The current primary's server exited unexpectedly since it was last
+    /// seen fit (its manager restarts it; a crash still fails over).
+    pub primary_crashed: bool,
+    /// The failed primary's write lease has certainly expired: last
+    /// confirmed renewal (or this process's first look at the cluster)
+    /// plus [`LEASE_TTL`] plus [`LEASE_MARGIN`] is past.
+    pub lease_expired: bool,
+    /// The failed primary's pod was deleted in this change (or is gone).
+    pub pod_deleted: bool,
+    /// The replicas were detached from the failed primary in this change.
+    pub detached: bool,
+    /// Members the failed primary reported as synchronous standbys since
+    /// it became primary (empty: unknown, every member is compared).
+    pub sync_standbys: &'a [String],
+}
+
+impl HaView<'_> {
+    fn member(&self, name: &str) -> Option<&ObservedMember> {
+        self.members.iter().find(|m| m.name == name)
+    }
+}
+
+/// One step towards the right primary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HaDecision {
+    /// The primary is fit: keep it, renew its lease, converge the replicas.
+    Keep {
+        /// The primary.
+        primary: String,
+    },
+    /// No primary is recorded yet: this one is (the one ready primary, or
+    /// the one member waiting for its lease).
+    Adopt {
+        /// The member.
+        primary: String,
+    },
+    /// Nothing safe to do now.
+    Wait {
+        /// Why (status, Events).
+        reason: String,
+        /// When to look again.
+        retry_after: Duration,
+    },
+    /// Another member runs as a writer beside the primary: fence it.
+    FenceIntruder {
+        /// The second writer.
+        instance: String,
+        /// The recognised primary.
+        primary: String,
+    },
+    /// The primary failed: record the failover, stop renewing its lease,
+    /// stop routing writes.
+    StartFailover {
+        /// The failed primary.
+        from: String,
+        /// What failed.
+        why: String,
+    },
+    /// A switchover asked for through `status.targetPrimary` cannot be
+    /// done; the target is reset and the cluster left alone.
+    RefuseSwitchover {
+        /// The requested target.
+        target: String,
+        /// Why.
+        why: String,
+    },
+    /// Record and start a switchover.
+    StartSwitchover {
+        /// The primary.
+        from: String,
+        /// The ready replica.
+        to: String,
+    },
+    /// Stop `instance` through its manager and keep it down (the old
+    /// primary of a failover: fence; of a switchover: clean demotion).
+    Fence {
+        /// The instance.
+        instance: String,
+    },
+    /// The failed primary's manager does not answer and its lease has
+    /// expired: delete its pod (a frozen manager cannot stop its server).
+    DeletePod {
+        /// The instance.
+        instance: String,
+    },
+    /// Detach every other member from the unreachable old primary, so it
+    /// cannot get a commit acknowledged, before positions are compared.
+    Detach {
+        /// The old primary.
+        from: String,
+    },
+    /// A switchover whose primary no longer answers becomes a failover.
+    AbortSwitchover {
+        /// The primary.
+        from: String,
+        /// Why.
+        why: String,
+    },
+    /// Record `targetPrimary` and a new lease term, then promote.
+    Promote {
+        /// The member to promote.
+        candidate: String,
+        /// The old primary.
+        from: String,
+        /// Why this one (Events).
+        reason: String,
+        /// A switchover: wait until the candidate holds the old primary's
+        /// last WAL first.
+        catch_up: bool,
+    },
+}
+
+/// Grace before a failed primary is replaced, by how it failed.
+fn grace(view: &HaView<'_>, primary: &str) -> (Duration, String) {
+    if view.fenced.contains(primary) {
+        return (Duration::ZERO, "fenced by the user".into());
+    }
+    if view.primary_crashed {
+        return (Duration::ZERO, "its server exited unexpectedly".into());
+    }
+    let Some(m) = view.member(primary) else {
+        return (UNREACHABLE_GRACE, "not observed".into());
+    };
+    match m.status.as_ref() {
+        None => (
+            UNREACHABLE_GRACE,
+            format!(
+                "instance manager unreachable ({})",
+                m.error.as_deref().unwrap_or("no answer")
+            ),
+        ),
+        Some(s)
+            if matches!(s.process, ProcessState::Exited | ProcessState::Stopping)
+                || (s.fenced && !s.awaiting_lease) =>
+        {
+            let why = s
+                .message
+                .as_deref()
+                .map(|m| m.split("; last output").next().unwrap_or(m).to_string())
+                .unwrap_or_else(|| format!("server {:?}", s.process));
+            (Duration::ZERO, why)
+        }
+        Some(s) if s.awaiting_lease => (
+            AWAITING_LEASE_GRACE,
+            "restarted, waiting for its write lease".into(),
+        ),
+        Some(s) => (
+            NOT_READY_GRACE,
+            s.message
+                .clone()
+                .unwrap_or_else(|| format!("not ready (role {})", s.role.as_str())),
+        ),
+    }
+}
+
+/// The next step, from what is observed and recorded. Pure. `elect` is the
+/// engine's election over members (`Engine::elect`).
+pub fn decide(view: &HaView<'_>, elect: &dyn Fn(&[ObservedMember]) -> Election) -> HaDecision {
+    match view.change {
+        Some(c) if c.reason == PrimaryChangeReason::Failover => failover_step(view, &c.from, elect),
+        Some(c) => switchover_step(view, &c.from),
+        None => idle(view, elect),
+    }
+}
+
+fn idle(view: &HaView<'_>, elect: &dyn Fn(&[ObservedMember]) -> Election) -> HaDecision {
+    let Some(primary) = view.current_primary else {
+        // A new cluster (or one from before this step existed): the one
+        // ready primary, else the member waiting for its lease (it ran as
+        // the primary).
+        return match elect(view.members) {
+            Election::Keep { primary } => HaDecision::Adopt { primary },
+            other => {
+                let awaiting: Vec<&ObservedMember> = view
+                    .members
+                    .iter()
+                    .filter(|m| m.status.as_ref().is_some_and(|s| s.awaiting_lease))
+                    .collect();
+                match awaiting.as_slice() {
+                    [m] => HaDecision::Adopt {
+                        primary: m.name.clone(),
+                    },
+                    // The pods' readiness changes wake the reconcile
+                    // when the first primary starts: no short requeue.
+                    _ => HaDecision::Wait {
+                        reason: format!("no primary yet: {}", describe(&other)),
+                        retry_after: NO_PRIMARY_RETRY,
+                    },
+                }
+            }
+        };
+    };
+    let primary = primary.to_string();
+    if let Some(other) = view
+        .members
+        .iter()
+        .find(|m| m.name != primary && m.role() == Role::Primary)
+    {
+        return HaDecision::FenceIntruder {
+            instance: other.name.clone(),
+            primary,
+        };
+    }
+    let pm = view.member(&primary);
+    let fit = pm.is_some_and(|m| m.role() == Role::Primary && m.ready())
+        && !view.fenced.contains(&primary)
+        && !view.primary_crashed;
+    let requested = view.target_primary.filter(|t| *t != primary);
+    if fit {
+        if let Some(target) = requested {
+            let why = if view.fenced.contains(target) {
+                Some(format!(
+                    "{target} is fenced ({FENCED_ANNOTATION}); unfence it first"
+                ))
+            } else {
+                switchover_refusal(target, view.instances, Some(&primary), view.members)
+            };
+            return match why {
+                Some(why) => HaDecision::RefuseSwitchover {
+                    target: target.to_string(),
+                    why,
+                },
+                None => HaDecision::StartSwitchover {
+                    from: primary,
+                    to: target.to_string(),
+                },
+            };
+        }
+        return HaDecision::Keep { primary };
+    }
+    if let Some(target) = requested {
+        return HaDecision::RefuseSwitchover {
+            target: target.to_string(),
+            why: format!(
+                "the primary {primary} is not ready; a failover, not a switchover, replaces it"
+            ),
+        };
+    }
+    if view.instances.len() <= 1 {
+        return HaDecision::Wait {
+            reason: format!("the primary {primary} is not ready and there is no replica"),
+            retry_after: Duration::from_secs(2),
+        };
+    }
+    if view.instances.iter().all(|i| view.fenced.contains(i)) {
+        return HaDecision::Wait {
+            reason: format!("every instance is fenced; {primary} stays the primary, stopped"),
+            retry_after: Duration::from_secs(5),
+        };
+    }
+    if !view
+        .members
+        .iter()
+        .any(|m| m.name != primary && m.status.is_some())
+    {
+        // No other manager answers: nothing could be promoted, and the
+        // operator may be the one cut off. Fencing the primary (or
+        // deleting its pod) would only stop the writes.
+        return HaDecision::Wait {
+            reason: format!(
+                "the primary {primary} is unfit and no other instance manager answers; nothing to fail over to"
+            ),
+            retry_after: Duration::from_secs(2),
+        };
+    }
+    let (grace, why) = grace(view, &primary);
+    let due = view.failover_delay + grace;
+    if view.primary_down_for >= due {
+        HaDecision::StartFailover { from: primary, why }
+    } else {
+        HaDecision::Wait {
+            reason: format!(
+                "primary {primary} unfit ({why}) for {}ms; failing over after {}ms",
+                view.primary_down_for.as_millis(),
+                due.as_millis()
+            ),
+            retry_after: (due - view.primary_down_for).min(Duration::from_secs(2)),
+        }
+    }
+}
+
+fn failover_step(
+    view: &HaView<'_>,
+    from: &str,
+    elect: &dyn Fn(&[ObservedMember]) -> Election,
+) -> HaDecision {
+    if let Some(target) = view.target_primary.filter(|t| *t != from) {
+        // Chosen (and recorded) before: the same one, never a second.
+        return HaDecision::Promote {
+            candidate: target.to_string(),
+            from: from.to_string(),
+            reason: "chosen before".into(),
+            catch_up: false,
+        };
+    }
+    let status = view.member(from).and_then(|m| m.status.as_ref());
+    match status {
+        Some(s) if s.fenced && s.process != ProcessState::Running => {}
+        Some(_) => {
+            return HaDecision::Fence {
+                instance: from.to_string(),
+            };
+        }
+        None => {
+            if !view.lease_expired {
+                return HaDecision::Wait {
+                    reason: format!("waiting for the write lease of unreachable {from} to expire"),
+                    retry_after: STEP_RETRY,
+                };
+            }
+            if !view.pod_deleted {
+                return HaDecision::DeletePod {
+                    instance: from.to_string(),
+                };
+            }
+            if !view.detached {
+                return HaDecision::Detach {
+                    from: from.to_string(),
+                };
+            }
+        }
+    }
+    // Only the failed primary's synchronous standbys can hold its
+    // acknowledged commits; a fenced instance is never elected. The old
+    // primary stays in the list: the engine counts it among the members.
+    let members: Vec<ObservedMember> = view
+        .members
+        .iter()
+        .filter(|m| {
+            m.name == from
+                || (!view.fenced.contains(&m.name)
+                    && (view.sync_standbys.is_empty() || view.sync_standbys.contains(&m.name)))
+        })
+        .cloned()
+        .collect();
+    match elect(&members) {
+        Election::Promote { candidate, reason } => HaDecision::Promote {
+            candidate,
+            from: from.to_string(),
+            reason,
+            catch_up: false,
+        },
+        Election::Keep { primary } if primary != from => HaDecision::Promote {
+            candidate: primary,
+            from: from.to_string(),
+            reason: "already reports itself primary".into(),
+            catch_up: false,
+        },
+        other => HaDecision::Wait {
+            reason: format!("failover from {from}: {}", describe(&other)),
+            retry_after: match other {
+                Election::Wait { retry_after, .. } => retry_after.min(STEP_RETRY),
+                _ => Duration::from_secs(2),
+            },
+        },
+    }
+}
+
+fn switchover_step(view: &HaView<'_>, from: &str) -> HaDecision {
+    let Some(to) = view.target_primary.filter(|t| *t != from) else {
+        return HaDecision::AbortSwitchover {
+            from: from.to_string(),
+            why: "no target recorded".into(),
+        };
+    };
+    match view.member(from).and_then(|m| m.status.as_ref()) {
+        None => HaDecision::AbortSwitchover {
+            from: from.to_string(),
+            why: format!("{from} does not answer"),
+        },
+        Some(s) if !(s.fenced && s.process != ProcessState::Running) => HaDecision::Fence {
+            instance: from.to_string(),
+        },
+        Some(_) => HaDecision::Promote {
+            candidate: to.to_string(),
+            from: from.to_string(),
+            reason: "switchover".into(),
+            catch_up: true,
+        },
+    }
+}
+
+fn describe(e: &Election) -> String {
+    match e {
+        Election::Keep { primary } => format!("{primary} is the primary"),
+        Election::Promote { candidate, reason } => format!("would promote {candidate} ({reason})"),
+        Election::Wait { reason, .. } => format!("waiting: {reason}"),
+        Election::NoCandidate { reason } => format!("no candidate: {reason}"),
+        Election::Native => "the engine elects natively".into(),
+    }
+}
+
+/// Which replicas must be told to follow `primary` now, and whether
+/// through pg_rewind: fenced or lease-waiting members at once; a member
+/// whose history diverged at once, with a rewind; a running replica the
+/// primary does not report streaming after [`NOT_STREAMING_GRACE`] (with
+/// a rewind after [`REWIND_AFTER`]); a server that keeps exiting after
+/// [`REWIND_AFTER`], with a rewind. `since` remembers when each was first
+/// seen not streaming. Pure but for that map.
+pub fn followers(
+    primary: &str,
+    members: &[ObservedMember],
+    fenced: &BTreeSet<String>,
+    since: &mut BTreeMap<String, Instant>,
+    now: Instant,
+) -> Vec<(String, bool)> {
+    let streaming: Vec<String> = members
+        .iter()
+        .find(|m| m.name == primary)
+        .and_then(|m| m.status.as_ref())
+        .map(streaming_replicas)
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for m in members {
+        let Some(s) = m
+            .status
+            .as_ref()
+            .filter(|_| m.name != primary && !fenced.contains(&m.name))
+        else {
+            since.remove(&m.name);
+            continue;
+        };
+        let is_streaming = streaming.contains(&m.name);
+        let mut waited = || now.duration_since(*since.entry(m.name.clone()).or_insert(now));
+        let (needed, rewind) = if s.fenced || s.awaiting_lease {
+            (true, false)
+        } else if !is_streaming && s.details.get("diverged").is_some() {
+            (true, true)
+        } else if s.role == Role::Replica && s.process == ProcessState::Running {
+            if is_streaming {
+                since.remove(&m.name);
+                (false, false)
+            } else {
+                let w = waited();
+                (w >= NOT_STREAMING_GRACE, w >= REWIND_AFTER)
+            }
+        } else if s.process == ProcessState::Exited {
+            let due = waited() >= REWIND_AFTER;
+            (due, due)
+        } else if s.process == ProcessState::Starting {
+            // Keep counting: a server that keeps exiting soon after it
+            // starts is rewound after REWIND_AFTER in all.
+            (false, false)
+        } else {
+            since.remove(&m.name);
+            (false, false)
+        };
+        if needed {
+            if rewind {
+                since.remove(&m.name);
+            }
+            out.push((m.name.clone(), rewind));
+        }
+    }
+    out
+}
+
+/// Where writes and reads go, given the engine's routing and the recorded
+/// primary: writes only to the recognised primary while no change of
+/// primary is in progress (a member that claims to be primary otherwise
+/// never gets them); user-fenced instances get nothing. Pure.
+pub fn restrict_routing(
+    engine: Routing,
+    current_primary: Option<&str>,
+    changing: bool,
+    fenced: &BTreeSet<String>,
+) -> Routing {
+    let rw = engine
+        .rw
+        .filter(|rw| !changing && Some(rw.as_str()) == current_primary && !fenced.contains(rw));
+    let ro = engine
+        .ro
+        .into_iter()
+        .filter(|r| !fenced.contains(r) && Some(r) != rw.as_ref())
+        .collect();
+    Routing { rw, ro }
+}
+
+// ---------------------------------------------------------------------
+// The write lease, renewed in the background
+// ---------------------------------------------------------------------
+
+/// The lease holder and how to reach it.
+#[derive(Clone)]
+struct Holder {
+    name: String,
+    term: u64,
+    client: InstanceClient,
+}
+
+/// Renews the primary's write lease every TTL/4 in a task of its own, so
+/// that a slow reconcile never lets it lapse; wakes the cluster's
+/// reconcile when a renewal fails or the answer shows the server not
+/// running or restarted. Aborted when dropped (cluster deleted, operator
+/// stopped or no longer the leader).
+pub(crate) struct LeaseTask {
+    holder: watch::Sender<Option<Holder>>,
+    /// When each instance last confirmed a renewal.
+    renewed: Arc<Mutex<BTreeMap<String, Instant>>>,
+    /// A crash seen in a renewal answer: (instance, when).
+    crashed: Arc<Mutex<Option<(String, Instant)>>>,
+    started: Instant,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LeaseTask {
+    fn start(wake: impl Fn() + Send + 'static) -> Self {
+        let (holder, mut rx) = watch::channel::<Option<Holder>>(None);
+        let renewed: Arc<Mutex<BTreeMap<String, Instant>>> = Arc::default();
+        let crashed: Arc<Mutex<Option<(String, Instant)>>> = Arc::default();
+        let (seen, crash) = (renewed.clone(), crashed.clone());
+        let task = tokio::spawn(async move {
+            // The restart count of the holder's server at the last answer.
+            let mut restarts: Option<(String, u64)> = None;
+            loop {
+                let current = rx.borrow_and_update().clone();
+                if let Some(h) = current {
+                    let body = json!({ BODY_LEASE: LeaseGrant {
+                        holder: h.name.clone(),
+                        term: h.term,
+                        ttl_ms: LEASE_TTL.as_millis() as u64,
+                    }});
+                    match h.client.action(&h.name, ACTION_LEASE, body).await {
+                        Ok(reply) => {
+                            if let Ok(mut r) = seen.lock() {
+                                r.insert(h.name.clone(), Instant::now());
+                            }
+                            let count = reply.get("restarts").and_then(|v| v.as_u64());
+                            let running = reply.get("process").and_then(|v| v.as_str());
+                            let restarted = matches!(
+                                (&restarts, count),
+                                (Some((n, before)), Some(now)) if *n == h.name && now > *before
+                            );
+                            if restarted && let Ok(mut c) = crash.lock() {
+                                *c = Some((h.name.clone(), Instant::now()));
+                            }
+                            if let Some(count) = count {
+                                restarts = Some((h.name.clone(), count));
+                            }
+                            if restarted || running.is_some_and(|p| p != "running") {
+                                wake();
+                            }
+                        }
+                        Err(e) => {
+                            tracing::debug!(instance = %h.name, error = %e, "lease renewal failed");
+                            wake();
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(LEASE_TTL / 4) => {}
+                    changed = rx.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+        Self {
+            holder,
+            renewed,
+            crashed,
+            started: Instant::now(),
+            task,
+        }
+    }
+
+    fn set(&self, holder: Option<(String, u64, InstanceClient)>) {
+        let holder = holder.map(|(name, term, client)| Holder { name, term, client });
+        self.holder.send_if_modified(|cur| {
+            let same = match (cur.as_ref(), holder.as_ref()) {
+                (Some(a), Some(b)) => a.name == b.name && a.term == b.term,
+                (None, None) => true,
+                _ => false,
+            };
+            if same {
+                // A new client (pod IP changed) without waking the task.
+                if let (Some(c), Some(h)) = (cur.as_mut(), holder) {
+                    c.client = h.client;
+                }
+                false
+            } else {
+                *cur = holder;
+                true
+            }
+        });
+    }
+
+    fn note_renewed(&self, name: &str) {
+        if let Ok(mut r) = self.renewed.lock() {
+            r.insert(name.to_string(), Instant::now());
+        }
+    }
+
+    /// Whether `name`'s lease has certainly expired (see
+    /// [`HaView::lease_expired`]).
+    fn expired(&self, name: &str, now: Instant) -> bool {
+        let last = self
+            .renewed
+            .lock()
+            .ok()
+            .and_then(|r| r.get(name).copied())
+            .unwrap_or(self.started)
+            .max(self.started);
+        now > last + LEASE_TTL + LEASE_MARGIN
+    }
+
+    fn crashed(&self, name: &str) -> bool {
+        self.crashed
+            .lock()
+            .ok()
+            .is_some_and(|c| c.as_ref().is_some_and(|(n, _)| n == name))
+    }
+
+    fn clear_crash(&self) {
+        if let Ok(mut c) = self.crashed.lock() {
+            *c = None;
+        }
+    }
+}
+
+impl Drop for LeaseTask {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// ---------------------------------------------------------------------
+// What the controller remembers per cluster
+// ---------------------------------------------------------------------
+
+/// What this process remembers about one cluster between reconciles
+/// (lost on restart: what must survive is in status).
+pub(crate) struct ClusterHa {
+    lease: LeaseTask,
+    /// The primary seen unfit, and since when.
+    down_since: Option<(String, Instant)>,
+    /// The primary and the members it reported as synchronous standbys
+    /// since it became primary.
+    sync_standbys: Option<(String, Vec<String>)>,
+    slots_done: Option<(String, Instant)>,
+    sync_told: Option<(String, Vec<String>)>,
+    not_streaming_since: BTreeMap<String, Instant>,
+    last_follow: BTreeMap<String, (Instant, String)>,
+    following: Arc<Mutex<BTreeSet<String>>>,
+    /// The failed primary whose replicas were detached, whose pod was
+    /// deleted (by failover start time).
+    detached: Option<(String, chrono::DateTime<Utc>)>,
+    pod_deleted: Option<(String, chrono::DateTime<Utc>)>,
+    /// A switchover's old primary and its last WAL position before it
+    /// was stopped.
+    switchover_lsn: Option<(String, u64)>,
+    /// User-fenced instances this process stopped.
+    fenced_done: BTreeSet<String>,
+    fenced: BTreeSet<String>,
+    last_wait: Option<String>,
+}
+
+/// One cluster's memory, locked by the reconcile that uses it.
+type SharedClusterHa = Arc<tokio::sync::Mutex<ClusterHa>>;
+
+/// Every cluster's [`ClusterHa`] of one kind, and the channel that wakes a
+/// cluster's reconcile (`Controller::reconcile_on`).
+pub(crate) struct HaRegistry {
+    clusters: Mutex<HashMap<(String, String), SharedClusterHa>>,
+    wake: UnboundedSender<ObjectRef<DynamicObject>>,
+}
+
+impl HaRegistry {
+    /// A registry waking reconciles through `wake`.
+    pub(crate) fn new(wake: UnboundedSender<ObjectRef<DynamicObject>>) -> Self {
+        Self {
+            clusters: Mutex::default(),
+            wake,
+        }
+    }
+
+    fn get(&self, ns: &str, name: &str, object: ObjectRef<DynamicObject>) -> SharedClusterHa {
+        let mut map = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry((ns.to_string(), name.to_string()))
+            .or_insert_with(|| {
+                let wake = self.wake.clone();
+                Arc::new(tokio::sync::Mutex::new(ClusterHa {
+                    lease: LeaseTask::start(move || {
+                        let _ = wake.unbounded_send(object.clone());
+                    }),
+                    down_since: None,
+                    sync_standbys: None,
+                    slots_done: None,
+                    sync_told: None,
+                    not_streaming_since: BTreeMap::new(),
+                    last_follow: BTreeMap::new(),
+                    following: Arc::default(),
+                    detached: None,
+                    pod_deleted: None,
+                    switchover_lsn: None,
+                    fenced_done: BTreeSet::new(),
+                    fenced: BTreeSet::new(),
+                    last_wait: None,
+                }))
+            })
+            .clone()
+    }
+
+    /// Keep the clusters `keep(namespace, name)` accepts; the others' lease
+    /// renewals stop.
+    pub(crate) fn retain(&self, keep: impl Fn(&str, &str) -> bool) {
+        let mut map = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|(ns, name), _| keep(ns, name));
+    }
+
+    /// How many clusters have a lease task (tests, metrics).
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.clusters.lock().unwrap().len()
+    }
+}
+
+// ---------------------------------------------------------------------
+// Carrying decisions out
+// ---------------------------------------------------------------------
+
+/// What the step decided for the rest of the reconcile: the HA fields of
+/// status, where writes may go, and when to look again.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct HaOutcome {
+    current_primary: Option<String>,
+    target_primary: Option<String>,
+    lease_term: u64,
+    primary_change: Option<PrimaryChange>,
+    timeline: Option<u32>,
+    fenced: BTreeSet<String>,
+    /// `Switchover` condition to set: (ok, reason, message).
+    switchover: Option<(bool, &'static str, String)>,
+    /// Look again this soon.
+    pub(crate) requeue: Option<Duration>,
+}
+
+impl HaOutcome {
+    /// The engine's routing restricted by [`restrict_routing`].
+    pub(crate) fn routing(&self, engine: Routing) -> Routing {
+        restrict_routing(
+            engine,
+            self.current_primary.as_deref(),
+            self.primary_change.is_some(),
+            &self.fenced,
+        )
+    }
+
+    /// Put the HA fields into the computed status: the recorded primary
+    /// (not the routed one), the intent, the term, the change in progress
+    /// (phase `Failover`/`Switchover`), the timeline and the `Switchover`
+    /// condition.
+    pub(crate) fn apply(&self, previous: Option<&ClusterStatus>, status: &mut ClusterStatus) {
+        let now = Utc::now();
+        // No primary recorded and no change running (no manager has
+        // answered yet, e.g. pods without a kubelet): the status writer's
+        // view (the routed writer) stands.
+        if self.current_primary.is_some() || self.primary_change.is_some() {
+            let before = previous.and_then(|s| s.current_primary.clone());
+            status.current_primary_timestamp = if before != self.current_primary {
+                Some(now)
+            } else {
+                previous.and_then(|s| s.current_primary_timestamp)
+            };
+            status.current_primary = self.current_primary.clone();
+            status.target_primary = self.target_primary.clone();
+        }
+        status.lease_term = self.lease_term;
+        status.primary_change = self.primary_change.clone();
+        status.timeline = self.timeline;
+        if let Some(change) = &self.primary_change {
+            let phase = match change.reason {
+                PrimaryChangeReason::Failover => Phase::Failover,
+                PrimaryChangeReason::Switchover => Phase::Switchover,
+            };
+            status.phase = Some(phase);
+            status.phase_reason = Some(format!(
+                "{} from {} in progress{}",
+                phase.as_str().to_lowercase(),
+                change.from,
+                self.target_primary
+                    .as_deref()
+                    .filter(|t| *t != change.from)
+                    .map(|t| format!(" to {t}"))
+                    .unwrap_or_default()
+            ));
+        }
+        if let Some((ok, reason, message)) = &self.switchover {
+            set_condition(
+                &mut status.conditions,
+                condition_type::SWITCHOVER,
+                *ok,
+                reason,
+                message.clone(),
+                status.observed_generation,
+                now,
+            );
+        }
+    }
+}
+
+/// The instance-manager client of a cluster, reaching the managers as
+/// observe does (by pod IP, running pods only: an action for any other
+/// fails at once), with `timeout` per request.
+fn client_for(
+    cluster: &ValidatedCluster,
+    manifest: &EngineManifest,
+    pods: &[PodInfo],
+    token: &str,
+    timeout: Duration,
+) -> InstanceClient {
+    let members: Vec<PeerEndpoint> =
+        reachable_endpoints(&crate::plan::kubernetes_members(cluster, manifest), pods);
+    InstanceClient::new(
+        token.to_string(),
+        cluster.meta.uid.clone().unwrap_or_default(),
+        members,
+        timeout,
+    )
+}
+
+fn wal_lsn(m: Option<&ObservedMember>) -> Option<u64> {
+    match m?.status.as_ref()?.position {
+        Position::Wal { received_lsn, .. } => received_lsn,
+        _ => None,
+    }
+}
+
+/// The HA fields as recorded now (what status says, as this step moves it).
+#[derive(Clone, Debug)]
+struct Record {
+    current: Option<String>,
+    target: Option<String>,
+    term: u64,
+    change: Option<PrimaryChange>,
+    timeline: Option<u32>,
+}
+
+/// Everything one step needs to act.
+struct Io<'a> {
+    ctx: &'a KindContext,
+    obj: &'a DynamicObject,
+    object_ref: ObjectReference,
+    cluster: &'a ValidatedCluster,
+    manifest: &'a EngineManifest,
+    token: String,
+}
+
+impl Io<'_> {
+    fn note(&self, warning: bool, reason: &str, note: String) {
+        self.ctx
+            .shared
+            .reporter
+            .note(&self.object_ref, warning, reason, note);
+    }
+
+    /// Merge-patch the HA fields into status now, before acting on them.
+    async fn record(&self, rec: &Record, step: &str) -> Result<(), DecideError> {
+        let api: Api<DynamicObject> = Api::namespaced_with(
+            self.ctx.shared.client.clone(),
+            &self.cluster.meta.namespace,
+            &self.ctx.resource,
+        );
+        let patch = json!({ "status": {
+            "currentPrimary": rec.current,
+            "targetPrimary": rec.target,
+            // As the status writer has it: absent while zero.
+            "leaseTerm": (rec.term > 0).then_some(rec.term),
+            "primaryChange": rec.change,
+            "timeline": rec.timeline,
+        }});
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        api.patch_status(&self.obj.name_any(), &params, &Patch::Merge(&patch))
+            .await
+            .map(|stored| self.ctx.remember_status(&stored))
+            .map_err(|source| DecideError::RecordIntent {
+                name: self.cluster.meta.name.clone(),
+                step: step.to_string(),
+                source,
+            })
+    }
+
+    fn client(&self, pods: &[PodInfo], timeout: Duration) -> InstanceClient {
+        client_for(self.cluster, self.manifest, pods, &self.token, timeout)
+    }
+}
+
+/// The instance API token from the cached credentials Secret.
+fn read_token(ctx: &KindContext, ns: &str, cluster: &str) -> Option<String> {
+    ctx.caches
+        .secret(ns, &names::credentials_secret(cluster))
+        .and_then(|s| s.data.as_ref()?.get(SECRET_KEY_API_TOKEN).cloned())
+        .and_then(|b| String::from_utf8(b.0).ok())
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+}
+
+/// The HA step of a reconcile, between observe and routing: for engines
+/// with the failover capability and a single primary. Decides and acts
+/// until nothing more can be done now (at most [`MAX_STEPS`] decisions),
+/// refreshing `seen.members` after each action. `None` for other engines.
+pub(crate) async fn step(
+    ctx: &KindContext,
+    obj: &DynamicObject,
+    cluster: &ValidatedCluster,
+    manifest: &EngineManifest,
+    seen: &mut Observation,
+    previous: Option<&ClusterStatus>,
+) -> Result<Option<HaOutcome>, DecideError> {
+    let engine = &*ctx.engine;
+    if engine.failover().is_none()
+        || engine.topology(cluster, None).model != ReplicationModel::PrimaryReplica
+    {
+        return Ok(None);
+    }
+    let (ns, name) = (cluster.meta.namespace.clone(), cluster.meta.name.clone());
+    let mut rec = Record {
+        // Recorded by this step (it has a lease term); not the writer the
+        // status writer routed by pod readiness before any manager
+        // answered.
+        current: previous
+            .filter(|s| s.lease_term > 0)
+            .and_then(|s| s.current_primary.clone()),
+        target: previous.and_then(|s| s.target_primary.clone()),
+        term: previous.map_or(0, |s| s.lease_term),
+        change: previous.and_then(|s| s.primary_change.clone()),
+        timeline: previous.and_then(|s| s.timeline),
+    };
+    let object_ref = obj.object_ref(&ctx.resource);
+    let state = ctx.ha.get(
+        &ns,
+        &name,
+        ObjectRef::new_with(&name, ctx.resource.clone()).within(&ns),
+    );
+    let mut mem = state.lock().await;
+    let mut out = HaOutcome::default();
+
+    // User fencing: the annotation, checked like the local runtime does;
+    // a bad value changes nothing.
+    let instances = cluster.instance_names();
+    let object = json!({ "metadata": { "annotations": obj.annotations() } });
+    match fenced_instances(&object, &instances) {
+        Ok(f) => {
+            if f != mem.fenced {
+                ctx.shared.reporter.note(
+                    &object_ref,
+                    false,
+                    "FencingChanged",
+                    format!(
+                        "fenced by the user: {}",
+                        if f.is_empty() {
+                            "none".to_string()
+                        } else {
+                            f.iter().cloned().collect::<Vec<_>>().join(", ")
+                        }
+                    ),
+                );
+                mem.fenced = f;
+            }
+        }
+        Err(e) => ctx.shared.reporter.note(
+            &object_ref,
+            true,
+            "InvalidFencing",
+            format!("{e}; fencing left as it was"),
+        ),
+    }
+    out.fenced = mem.fenced.clone();
+
+    let Some(token) = read_token(ctx, &ns, &name) else {
+        out.current_primary = rec.current;
+        out.target_primary = rec.target;
+        out.lease_term = rec.term;
+        out.primary_change = rec.change;
+        out.timeline = rec.timeline;
+        return Ok(Some(out));
+    };
+    let io = Io {
+        ctx,
+        obj,
+        object_ref,
+        cluster,
+        manifest,
+        token,
+    };
+    let failover_delay = cluster
+        .spec
+        .get("failoverDelay")
+        .and_then(|v| v.as_u64())
+        .map(Duration::from_secs)
+        .unwrap_or_default();
+
+    apply_fencing(&io, &mut mem, &seen.members, &seen.pods).await;
+
+    let mut requeue: Option<Duration> = None;
+    for _ in 0..MAX_STEPS {
+        let now = Instant::now();
+        // How long the recorded primary has been unfit.
+        let primary_fit = rec.current.as_deref().is_some_and(|p| {
+            seen.members
+                .iter()
+                .any(|m| m.name == p && m.role() == Role::Primary && m.ready())
+                && !mem.lease.crashed(p)
+        });
+        let down_for = match (&rec.current, primary_fit) {
+            (Some(p), false) => {
+                let since = match &mem.down_since {
+                    Some((n, t)) if n == p => *t,
+                    _ => {
+                        mem.down_since = Some((p.clone(), now));
+                        now
+                    }
+                };
+                now.duration_since(since)
+            }
+            _ => {
+                mem.down_since = None;
+                Duration::ZERO
+            }
+        };
+        let from = rec.change.as_ref().map(|c| c.from.clone());
+        let started = rec.change.as_ref().map(|c| c.started_at);
+        let this_change = |m: &Option<(String, chrono::DateTime<Utc>)>| {
+            m.as_ref()
+                .is_some_and(|(n, t)| Some(n) == from.as_ref() && Some(*t) == started)
+        };
+        let pod_gone = from
+            .as_deref()
+            .is_some_and(|f| !seen.pods.iter().any(|p| p.name == f && !p.deleting));
+        let sync: Vec<String> = match (&mem.sync_standbys, &from) {
+            (Some((p, names)), Some(f)) if p == f => names.clone(),
+            _ => Vec::new(),
+        };
+        let view = HaView {
+            instances: &instances,
+            members: &seen.members,
+            pods: &seen.pods,
+            current_primary: rec.current.as_deref(),
+            target_primary: rec.target.as_deref(),
+            change: rec.change.as_ref(),
+            fenced: &mem.fenced,
+            failover_delay,
+            primary_down_for: down_for,
+            primary_crashed: rec.current.as_deref().is_some_and(|p| mem.lease.crashed(p)),
+            lease_expired: from.as_deref().is_some_and(|f| mem.lease.expired(f, now)),
+            pod_deleted: this_change(&mem.pod_deleted) || pod_gone,
+            detached: this_change(&mem.detached),
+            sync_standbys: &sync,
+        };
+        let decision = decide(&view, &|members| engine.elect(cluster, members));
+        tracing::debug!(?decision, "ha decision");
+        let acted = act(
+            &io,
+            &mut mem,
+            &mut rec,
+            seen,
+            decision,
+            &mut out,
+            &mut requeue,
+        )
+        .await?;
+        if !acted {
+            break;
+        }
+        // Look again after acting.
+        let client = io.client(&seen.pods, ctx.shared.opts.instance_timeout);
+        seen.members = observe_members(&client, &instances).await;
+    }
+    out.current_primary = rec.current;
+    out.target_primary = rec.target;
+    out.lease_term = rec.term;
+    out.primary_change = rec.change;
+    out.timeline = rec.timeline;
+    out.requeue = requeue;
+    Ok(Some(out))
+}
+
+/// Every instance's report, in instance order (as observe records them:
+/// a member whose pod does not run has none).
+async fn observe_members(client: &InstanceClient, instances: &[String]) -> Vec<ObservedMember> {
+    let reports = client.observe_all().await;
+    instances
+        .iter()
+        .map(|n| {
+            reports
+                .iter()
+                .find(|r| &r.name == n)
+                .cloned()
+                .unwrap_or_else(|| ObservedMember {
+                    name: n.clone(),
+                    status: None,
+                    error: Some("pod is not running".into()),
+                })
+        })
+        .collect()
+}
+
+/// Stop the user-fenced instances that run; unfence those no longer named.
+async fn apply_fencing(
+    io: &Io<'_>,
+    mem: &mut ClusterHa,
+    members: &[ObservedMember],
+    pods: &[PodInfo],
+) {
+    if mem.fenced.is_empty() && mem.fenced_done.is_empty() {
+        return;
+    }
+    let quick = io.client(pods, Duration::from_secs(3));
+    for m in members {
+        let Some(s) = m.status.as_ref() else { continue };
+        if mem.fenced.contains(&m.name) {
+            if !s.fenced || !mem.fenced_done.contains(&m.name) {
+                match quick.action(&m.name, ACTION_FENCE, json!({})).await {
+                    Ok(_) => {
+                        if mem.fenced_done.insert(m.name.clone()) {
+                            io.note(
+                                false,
+                                "Fenced",
+                                format!("{} stopped: fenced by the user", m.name),
+                            );
+                        }
+                    }
+                    Err(e) => tracing::warn!(instance = %m.name, error = %e, "fence failed"),
+                }
+            }
+        } else if mem.fenced_done.contains(&m.name) {
+            match quick.action(&m.name, ACTION_UNFENCE, json!({})).await {
+                Ok(_) => {
+                    mem.fenced_done.remove(&m.name);
+                    io.note(
+                        false,
+                        "Unfenced",
+                        format!("{} unfenced by the user", m.name),
+                    );
+                }
+                Err(e) => tracing::warn!(instance = %m.name, error = %e, "unfence failed"),
+            }
+        }
+    }
+}
+
+/// Carry out one decision. Returns whether it acted (observe again and
+/// decide again) or waits.
+#[allow(clippy::too_many_arguments)]
+async fn act(
+    io: &Io<'_>,
+    mem: &mut ClusterHa,
+    rec: &mut Record,
+    seen: &Observation,
+    decision: HaDecision,
+    out: &mut HaOutcome,
+    requeue: &mut Option<Duration>,
+) -> Result<bool, DecideError> {
+    let members = &seen.members;
+    let pods = &seen.pods;
+    let wait = |requeue: &mut Option<Duration>, d: Duration| {
+        *requeue = Some(requeue.map_or(d, |r| r.min(d)));
+    };
+    match decision {
+        HaDecision::Keep { primary } => {
+            mem.last_wait = None;
+            let client = io.client(pods, LEASE_TTL / 4);
+            mem.lease.set(Some((primary.clone(), rec.term, client)));
+            converge(io, mem, rec, &primary, members, pods).await;
+            Ok(false)
+        }
+        HaDecision::Adopt { primary } => {
+            rec.current = Some(primary.clone());
+            rec.target = Some(primary.clone());
+            // Term 1 at least: a recorded primary is one with a term
+            // (the status writer's routed writer, recorded before any
+            // manager answered, has none).
+            rec.term = rec.term.max(1);
+            io.record(rec, &format!("adopt {primary}")).await?;
+            let client = io.client(pods, LEASE_TTL / 4);
+            mem.lease.set(Some((primary.clone(), rec.term, client)));
+            io.note(
+                false,
+                "PrimaryAdopted",
+                format!("{primary} is the primary (write lease term {})", rec.term),
+            );
+            // Its lease is granted by the task now; look again shortly.
+            wait(requeue, Duration::from_secs(1));
+            Ok(false)
+        }
+        HaDecision::Wait {
+            reason,
+            retry_after,
+        } => {
+            if mem.last_wait.as_deref() != Some(reason.as_str()) {
+                tracing::info!(cluster = %io.cluster.meta.name, "{reason}");
+                mem.last_wait = Some(reason);
+            }
+            // A recorded primary that is merely slow keeps its lease until
+            // a failover starts.
+            if rec.change.is_none()
+                && let Some(p) = rec.current.clone()
+            {
+                let client = io.client(pods, LEASE_TTL / 4);
+                mem.lease.set(Some((p, rec.term, client)));
+            }
+            // A cluster without a primary yet keeps the pipeline's requeue
+            // (its pods wake it; clusters whose managers never answer, as
+            // in the 220-cluster benchmark, are not looked at more often).
+            if retry_after < NO_PRIMARY_RETRY {
+                wait(requeue, retry_after);
+            }
+            Ok(false)
+        }
+        HaDecision::FenceIntruder { instance, primary } => {
+            io.note(
+                true,
+                "SplitBrainFenced",
+                format!("{instance} reports itself primary while {primary} is; fencing it"),
+            );
+            let quick = io.client(pods, Duration::from_secs(5));
+            if let Err(e) = quick.action(&instance, ACTION_FENCE, json!({})).await {
+                tracing::warn!(%instance, error = %e, "fence failed");
+                wait(requeue, STEP_RETRY);
+                return Ok(false);
+            }
+            Ok(true)
+        }
+        HaDecision::StartFailover { from, why } => {
+            // No more renewals: from here on its lease runs out.
+            mem.lease.set(None);
+            mem.lease.clear_crash();
+            rec.change = Some(PrimaryChange {
+                reason: PrimaryChangeReason::Failover,
+                from: from.clone(),
+                started_at: Utc::now(),
+            });
+            rec.target = None;
+            io.record(rec, &format!("failover from {from}")).await?;
+            io.note(
+                true,
+                "FailoverStarted",
+                format!("primary {from} failed: {why}; writes stopped"),
+            );
+            wait(requeue, STEP_RETRY);
+            Ok(true)
+        }
+        HaDecision::RefuseSwitchover { target, why } => {
+            let message = format!("switchover to {target} refused: {why}");
+            io.note(true, "SwitchoverRefused", message.clone());
+            out.switchover = Some((false, "SwitchoverRefused", message));
+            rec.target = rec.current.clone();
+            // Recorded now, so that a reconcile that fails later does not
+            // find the request again.
+            io.record(rec, &format!("refuse the switchover to {target}"))
+                .await?;
+            Ok(true)
+        }
+        HaDecision::StartSwitchover { from, to } => {
+            mem.lease.set(None);
+            rec.change = Some(PrimaryChange {
+                reason: PrimaryChangeReason::Switchover,
+                from: from.clone(),
+                started_at: Utc::now(),
+            });
+            rec.target = Some(to.clone());
+            io.record(rec, &format!("switchover from {from} to {to}"))
+                .await?;
+            io.note(
+                false,
+                "SwitchoverStarted",
+                format!("switchover from {from} to {to}; writes stopped"),
+            );
+            Ok(true)
+        }
+        HaDecision::Fence { instance } => {
+            mem.lease.set(None);
+            let switchover = rec
+                .change
+                .as_ref()
+                .is_some_and(|c| c.reason == PrimaryChangeReason::Switchover);
+            if switchover && let Some(lsn) = wal_lsn(members.iter().find(|m| m.name == instance)) {
+                mem.switchover_lsn = Some((instance.clone(), lsn));
+            }
+            // A clean stop for a switchover may take a checkpoint; a failed
+            // primary must not hold the failover up for long.
+            let timeout = if switchover {
+                Duration::from_secs(60)
+            } else {
+                Duration::from_secs(5)
+            };
+            match io
+                .client(pods, timeout)
+                .action(&instance, ACTION_FENCE, json!({}))
+                .await
+            {
+                Ok(_) => {
+                    io.note(
+                        false,
+                        if switchover { "Demoted" } else { "Fenced" },
+                        format!(
+                            "{instance} {}",
+                            if switchover {
+                                "stopped cleanly for the switchover"
+                            } else {
+                                "fenced through its instance manager (server stopped)"
+                            }
+                        ),
+                    );
+                    Ok(true)
+                }
+                Err(e) => {
+                    tracing::warn!(%instance, error = %e, "fence failed");
+                    wait(requeue, STEP_RETRY);
+                    Ok(false)
+                }
+            }
+        }
+        HaDecision::DeletePod { instance } => {
+            let api: Api<Pod> =
+                Api::namespaced(io.ctx.shared.client.clone(), &io.cluster.meta.namespace);
+            match api.delete(&instance, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.is_not_found() => {}
+                Err(source) => {
+                    return Err(DecideError::DeletePod {
+                        pod: instance,
+                        source,
+                    });
+                }
+            }
+            if let Some(c) = &rec.change {
+                mem.pod_deleted = Some((c.from.clone(), c.started_at));
+            }
+            io.note(
+                true,
+                "Fenced",
+                format!(
+                    "{instance}: instance manager unreachable and its write lease expired; pod deleted (host-side fence)"
+                ),
+            );
+            Ok(true)
+        }
+        HaDecision::Detach { from } => {
+            let quick = io.client(pods, Duration::from_secs(3));
+            let others: Vec<String> = members
+                .iter()
+                .map(|m| m.name.clone())
+                .filter(|n| *n != from)
+                .collect();
+            let results = futures::future::join_all(
+                others
+                    .iter()
+                    .map(|n| quick.action(n, ACTION_FOLLOW, json!({ "primary": null }))),
+            )
+            .await;
+            let detached: Vec<&str> = others
+                .iter()
+                .zip(&results)
+                .filter(|(_, r)| r.is_ok())
+                .map(|(n, _)| n.as_str())
+                .collect();
+            if let Some(c) = &rec.change {
+                mem.detached = Some((c.from.clone(), c.started_at));
+            }
+            io.note(
+                false,
+                "ReplicasDetached",
+                format!("replicas detached from {from}: {}", detached.join(", ")),
+            );
+            Ok(true)
+        }
+        HaDecision::AbortSwitchover { from, why } => {
+            rec.change = Some(PrimaryChange {
+                reason: PrimaryChangeReason::Failover,
+                from: from.clone(),
+                started_at: Utc::now(),
+            });
+            rec.target = None;
+            io.record(rec, &format!("failover from {from}")).await?;
+            io.note(
+                true,
+                "SwitchoverAborted",
+                format!("switchover from {from} aborted ({why}); failing over instead"),
+            );
+            Ok(true)
+        }
+        HaDecision::Promote {
+            candidate,
+            from,
+            reason,
+            catch_up,
+        } => {
+            let started = Instant::now();
+            if rec.target.as_deref() != Some(candidate.as_str()) {
+                io.note(
+                    false,
+                    "FailoverCandidate",
+                    format!("promoting {candidate} ({reason})"),
+                );
+            }
+            // Intent first: the target and the new term, so that a
+            // restarted operator promotes this one and no other.
+            rec.target = Some(candidate.clone());
+            rec.term += 1;
+            io.record(rec, &format!("promote {candidate}")).await?;
+            if catch_up {
+                catch_up_wait(io, mem, &from, &candidate, pods).await;
+            }
+            let others: Vec<String> = io
+                .cluster
+                .instance_names()
+                .into_iter()
+                .filter(|n| *n != candidate)
+                .collect();
+            let body = json!({
+                BODY_LEASE: LeaseGrant {
+                    holder: candidate.clone(),
+                    term: rec.term,
+                    ttl_ms: LEASE_TTL.as_millis() as u64,
+                },
+                "replicas": others,
+            });
+            match io
+                .client(pods, Duration::from_secs(90))
+                .action(&candidate, ACTION_PROMOTE, body)
+                .await
+            {
+                Ok(reply) => {
+                    mem.lease.note_renewed(&candidate);
+                    mem.lease.set(Some((
+                        candidate.clone(),
+                        rec.term,
+                        io.client(pods, LEASE_TTL / 4),
+                    )));
+                    let timeline = reply
+                        .get("timeline")
+                        .and_then(|t| t.as_u64())
+                        .map(|t| t as u32);
+                    rec.timeline = timeline.or(rec.timeline);
+                    let kind = rec.change.as_ref().map(|c| c.reason);
+                    rec.current = Some(candidate.clone());
+                    rec.change = None;
+                    io.record(rec, &format!("{candidate} promoted")).await?;
+                    mem.down_since = None;
+                    mem.sync_standbys = None;
+                    mem.sync_told = None;
+                    mem.switchover_lsn = None;
+                    mem.slots_done = Some((candidate.clone(), Instant::now()));
+                    io.note(
+                        false,
+                        "Promoted",
+                        format!(
+                            "{candidate} promoted (timeline {}, lease term {}) in {}ms; rw moved to it",
+                            timeline.map_or("?".to_string(), |t| t.to_string()),
+                            rec.term,
+                            started.elapsed().as_millis()
+                        ),
+                    );
+                    if kind == Some(PrimaryChangeReason::Switchover) {
+                        let message = format!("switched over from {from} to {candidate}");
+                        io.note(false, "Switchover", message.clone());
+                        out.switchover = Some((true, "SwitchoverDone", message));
+                    }
+                    for name in others {
+                        if !mem.fenced.contains(&name) {
+                            follow(io, mem, &name, &candidate, false, pods);
+                        }
+                    }
+                    Ok(true)
+                }
+                Err(e) => {
+                    io.note(true, "PromoteFailed", format!("promote {candidate}: {e}"));
+                    wait(requeue, Duration::from_secs(1));
+                    Ok(false)
+                }
+            }
+        }
+    }
+}
+
+/// A switchover: wait until `to` received past the old primary's last
+/// observed position and as far as any other replica (a clean shutdown
+/// sends its last WAL to connected standbys), at most
+/// [`CATCH_UP_TIMEOUT`].
+async fn catch_up_wait(io: &Io<'_>, mem: &ClusterHa, from: &str, to: &str, pods: &[PodInfo]) {
+    let client = io.client(pods, Duration::from_secs(2));
+    let last = mem
+        .switchover_lsn
+        .as_ref()
+        .filter(|(n, _)| n == from)
+        .map(|(_, l)| *l);
+    let others: Vec<String> = io
+        .cluster
+        .instance_names()
+        .into_iter()
+        .filter(|n| n != to && n != from)
+        .collect();
+    let received = |s: Result<crate::instance::protocol::MemberStatus, _>| {
+        s.ok().and_then(|s| match s.position {
+            Position::Wal { received_lsn, .. } => received_lsn,
+            _ => None,
+        })
+    };
+    let deadline = Instant::now() + CATCH_UP_TIMEOUT;
+    loop {
+        let (target, others) = futures::future::join(
+            client.status(to),
+            futures::future::join_all(others.iter().map(|n| client.status(n))),
+        )
+        .await;
+        let goal = others
+            .into_iter()
+            .filter_map(received)
+            .chain(last.map(|l| l + 1))
+            .max();
+        if received(target).is_some_and(|r| goal.is_none_or(|g| r >= g)) {
+            return;
+        }
+        if Instant::now() > deadline {
+            io.note(
+                true,
+                "SwitchoverCatchUpTimeout",
+                format!("{to} did not confirm the last WAL of {from} in time; promoting anyway"),
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The primary is fit: record its synchronous standbys and timeline,
+/// ensure its slots, tell it which replicas stream, repoint the others.
+async fn converge(
+    io: &Io<'_>,
+    mem: &mut ClusterHa,
+    rec: &mut Record,
+    primary: &str,
+    members: &[ObservedMember],
+    pods: &[PodInfo],
+) {
+    let Some(status) = members
+        .iter()
+        .find(|m| m.name == primary)
+        .and_then(|m| m.status.as_ref())
+    else {
+        return;
+    };
+    let entry = mem
+        .sync_standbys
+        .get_or_insert_with(|| (primary.to_string(), Vec::new()));
+    if entry.0 != primary {
+        *entry = (primary.to_string(), Vec::new());
+    }
+    for name in sync_standbys(status) {
+        if !entry.1.contains(&name) {
+            entry.1.push(name);
+            entry.1.sort();
+        }
+    }
+    if let Position::Wal { timeline, .. } = status.position {
+        rec.timeline = Some(timeline);
+    }
+    let replicas: Vec<String> = io
+        .cluster
+        .instance_names()
+        .into_iter()
+        .filter(|n| n != primary)
+        .collect();
+    let act = io.client(pods, Duration::from_secs(30));
+    if !mem
+        .slots_done
+        .as_ref()
+        .is_some_and(|(p, at)| p == primary && at.elapsed() < SLOTS_EVERY)
+    {
+        match act
+            .action(primary, ACTION_SLOTS, json!({ "replicas": replicas }))
+            .await
+        {
+            Ok(_) => mem.slots_done = Some((primary.to_string(), Instant::now())),
+            Err(e) => tracing::warn!(error = %e, "replication slots not ensured yet"),
+        }
+    }
+    let streaming: Vec<String> = streaming_replicas(status)
+        .into_iter()
+        .filter(|n| replicas.contains(n))
+        .collect();
+    let told = (primary.to_string(), streaming.clone());
+    if mem.sync_told.as_ref() != Some(&told) {
+        let body = json!({ "available": streaming, "replicas": replicas });
+        match act.action(primary, ACTION_SYNC_STANDBYS, body).await {
+            Ok(reply) => {
+                if let Some(names) = reply
+                    .get("synchronousStandbyNames")
+                    .and_then(|v| v.as_str())
+                    .filter(|n| !n.is_empty())
+                {
+                    io.note(
+                        false,
+                        "SynchronousStandbys",
+                        format!(
+                            "{primary}: synchronous_standby_names = {names} (streaming: {})",
+                            if told.1.is_empty() {
+                                "none".to_string()
+                            } else {
+                                told.1.join(", ")
+                            }
+                        ),
+                    );
+                }
+                mem.sync_told = Some(told);
+            }
+            Err(e) => tracing::debug!(error = %e, "synchronous standbys not set"),
+        }
+    }
+    let fenced = mem.fenced.clone();
+    let due = followers(
+        primary,
+        members,
+        &fenced,
+        &mut mem.not_streaming_since,
+        Instant::now(),
+    );
+    for (name, rewind) in due {
+        follow(io, mem, &name, primary, rewind, pods);
+    }
+}
+
+/// Tell `name` to follow `primary` in the background (a rewind takes
+/// seconds), the same primary at most every [`FOLLOW_EVERY`].
+fn follow(
+    io: &Io<'_>,
+    mem: &mut ClusterHa,
+    name: &str,
+    primary: &str,
+    rewind: bool,
+    pods: &[PodInfo],
+) {
+    if mem
+        .last_follow
+        .get(name)
+        .is_some_and(|(t, p)| p == primary && t.elapsed() < FOLLOW_EVERY)
+    {
+        return;
+    }
+    {
+        let Ok(mut busy) = mem.following.lock() else {
+            return;
+        };
+        if !busy.insert(name.to_string()) {
+            return;
+        }
+    }
+    mem.last_follow
+        .insert(name.to_string(), (Instant::now(), primary.to_string()));
+    io.note(
+        false,
+        "Follow",
+        format!(
+            "{name} told to follow {primary}{}",
+            if rewind { " (through pg_rewind)" } else { "" }
+        ),
+    );
+    let client = io.client(pods, Duration::from_secs(90));
+    let endpoint = crate::plan::kubernetes_members(io.cluster, io.manifest)
+        .into_iter()
+        .find(|e| e.name == primary);
+    let busy = mem.following.clone();
+    let (name, primary) = (name.to_string(), primary.to_string());
+    tokio::spawn(async move {
+        let body = json!({ "primary": primary, "rewind": rewind, "endpoint": endpoint });
+        match client.action(&name, ACTION_FOLLOW, body).await {
+            Ok(reply) => tracing::info!(instance = %name, %primary, reply = %reply, "following"),
+            Err(e) => tracing::warn!(instance = %name, %primary, error = %e, "follow failed"),
+        }
+        if let Ok(mut b) = busy.lock() {
+            b.remove(&name);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,601 @@
+//! PostgreSQL high availability on Kubernetes, end to end: the operator
+//! (the `stratum controller` binary, watching the test's namespace) on a
+//! real control plane, real PostgreSQL 15 instances in the pods run by the
+//! fake kubelet of `tests/support/kubelet.rs`. Clients reach the database
+//! as they would through the `-rw` Service: at the IP of the one ready pod
+//! its selector picks.
+//!
+//! - a bad switchover target is refused (Event, condition naming it,
+//!   `targetPrimary` reset) and the cluster is left untouched;
+//! - a switchover through `status.targetPrimary` under a writer;
+//! - kill -9 of the primary's postgres under a writer (synchronous mode):
+//!   a new primary takes writes, the `-rw` selection moved, every
+//!   acknowledged row is there, the old primary rejoins, 3/3 ready;
+//! - the operator SIGKILLed in the middle of a failover and started
+//!   again: exactly one primary, every acknowledged row there.
+//!
+//! Uses the control plane of `STRATUM_TEST_KUBECONFIG`, or starts one for
+//! this binary (scripts/control-plane.sh); fails when it cannot, or when
+//! PostgreSQL 15 is not installed.
+
+mod support;
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use kube::Client;
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
+use operator_core::engine::InstanceOps;
+use serde_json::{Value, json};
+use support::kubelet::Kubelet;
+use support::*;
+
+/// First boot runs initdb and two pg_basebackups, one pod after the other.
+const START: Duration = Duration::from_secs(180);
+const WAIT: Duration = Duration::from_secs(90);
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+const NAMES: [&str; 3] = ["ha-pg-0", "ha-pg-1", "ha-pg-2"];
+
+fn require_postgres() {
+    assert!(
+        Path::new(PG_BIN).join("postgres").is_file(),
+        "PostgreSQL 15 not found in {PG_BIN}: install postgresql-15 (scripts/setup.sh; Debian: apt-get install postgresql-15)"
+    );
+}
+
+/// Three instances, synchronous (`ANY 1`): an acknowledged commit is on a
+/// replica too.
+fn ha_pg() -> Value {
+    json!({
+        "apiVersion": "stratum.dev/v1alpha1",
+        "kind": "PostgresCluster",
+        "metadata": {"name": "ha-pg"},
+        "spec": {
+            "instances": 3,
+            "version": 15,
+            "storage": {"size": "1Gi"},
+            "postgresql": {
+                "parameters": {"shared_buffers": "16MB", "max_connections": "40"},
+                "synchronous": {"method": "any", "number": 1},
+            },
+        },
+    })
+}
+
+/// The cluster's status once `check` holds.
+async fn wait_status(
+    api: &Api<DynamicObject>,
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
+    eventually(what, timeout, || async {
+        let obj = api.get("ha-pg").await.map_err(|e| e.to_string())?;
+        let status = obj.data.get("status").cloned().unwrap_or(Value::Null);
+        if check(&status) {
+            Ok(status)
+        } else {
+            Err(status.to_string())
+        }
+    })
+    .await
+}
+
+/// The IPs of the ready pods `service` selects (what kube-proxy would
+/// send a connection to).
+async fn service_ips(client: &Client, ns: &str, service: &str) -> Result<Vec<Ipv4Addr>, String> {
+    let svc = Api::<Service>::namespaced(client.clone(), ns)
+        .get(service)
+        .await
+        .map_err(|e| format!("Service {service}: {}", api_message(&e)))?;
+    let selector = svc
+        .spec
+        .and_then(|s| s.selector)
+        .ok_or_else(|| format!("Service {service} has no selector"))?;
+    let selector: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let pods = Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels(&selector.join(",")))
+        .await
+        .map_err(|e| e.to_string())?
+        .items;
+    Ok(pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .filter_map(|p| p.status.as_ref()?.pod_ip.as_ref()?.parse().ok())
+        .collect())
+}
+
+/// The one IP behind `-rw`.
+async fn rw_ip(client: &Client, ns: &str) -> Result<Ipv4Addr, String> {
+    match service_ips(client, ns, "ha-pg-rw").await?.as_slice() {
+        [ip] => Ok(*ip),
+        other => Err(format!("-rw selects {other:?}")),
+    }
+}
+
+async fn secret_value(client: &Client, ns: &str, key: &str) -> String {
+    let secret = Api::<Secret>::namespaced(client.clone(), ns)
+        .get("ha-pg-credentials")
+        .await
+        .unwrap_or_else(|e| panic!("credentials Secret: {}", api_message(&e)));
+    let value = secret.data.unwrap_or_default().remove(key);
+    String::from_utf8(value.unwrap_or_else(|| panic!("no {key} in the Secret")).0).unwrap()
+}
+
+async fn connect(ip: Ipv4Addr, password: &str) -> Result<tokio_postgres::Client, String> {
+    let (client, conn) = tokio_postgres::Config::new()
+        .host(ip.to_string())
+        .port(5432)
+        .user("app")
+        .password(password)
+        .dbname("app")
+        .connect_timeout(Duration::from_secs(2))
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| format!("connect to {ip}: {e}"))?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// Inserts numbered rows through `-rw` in a loop, reconnecting (to
+/// whatever `-rw` selects then) after any error; keeps the ids whose
+/// commit was acknowledged.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<i32>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    fn start(client: Client, ns: String, password: String) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked: Arc<Mutex<Vec<i32>>> = Arc::default();
+        let (s, a) = (stop.clone(), acked.clone());
+        let task = tokio::spawn(async move {
+            let mut next = 1_000_000 + a.lock().unwrap().len() as i32;
+            while !s.load(Ordering::SeqCst) {
+                let Ok(ip) = rw_ip(&client, &ns).await else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                let Ok(c) = connect(ip, &password).await else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                while !s.load(Ordering::SeqCst) {
+                    let id = next;
+                    next += 1;
+                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+                    let insert = c.execute("INSERT INTO t VALUES ($1)", &params);
+                    let result = tokio::time::timeout(Duration::from_secs(5), insert).await;
+                    match result {
+                        Ok(Ok(_)) => a.lock().unwrap().push(id),
+                        // Unknown outcome: not acknowledged; a new
+                        // connection to what -rw selects now.
+                        _ => break,
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        });
+        Self { stop, acked, task }
+    }
+
+    fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Wait until `n` more commits were acknowledged.
+    async fn wait_more(&self, n: usize, what: &str) {
+        let from = self.acked();
+        eventually(what, WAIT, || async {
+            let now = self.acked();
+            if now >= from + n {
+                Ok(())
+            } else {
+                Err(format!("{} acknowledged since", now - from))
+            }
+        })
+        .await;
+    }
+
+    async fn stop(self) -> Vec<i32> {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.task.await;
+        self.acked.lock().unwrap().clone()
+    }
+}
+
+/// Every acknowledged id is in `t`, read through `-rw`.
+async fn all_acknowledged_rows_present(client: &Client, ns: &str, password: &str, acked: &[i32]) {
+    let ip = eventually("one ready pod behind ha-pg-rw", WAIT, || rw_ip(client, ns)).await;
+    let c = connect(ip, password).await.unwrap();
+    let rows = c.query("SELECT id FROM t", &[]).await.unwrap();
+    let have: std::collections::BTreeSet<i32> = rows.iter().map(|r| r.get(0)).collect();
+    let lost: Vec<&i32> = acked.iter().filter(|id| !have.contains(id)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged rows lost: {:?}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(20)]
+    );
+}
+
+/// How many members report themselves primary (asking every manager).
+async fn primaries(kubelet: &Kubelet) -> Vec<String> {
+    let ops = kubelet.instance_client();
+    let mut out = Vec::new();
+    for name in NAMES {
+        if let Ok(s) = ops.status(name).await
+            && s.role == operator_core::instance::protocol::Role::Primary
+        {
+            out.push(name.to_string());
+        }
+    }
+    out
+}
+
+/// Set `status.targetPrimary`, as `kubectl patch --subresource=status`
+/// does.
+async fn request_switchover(api: &Api<DynamicObject>, target: &str) {
+    api.patch_status(
+        "ha-pg",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"targetPrimary": target}})),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("patch targetPrimary: {}", api_message(&e)));
+}
+
+fn healthy_with(primary: &str) -> impl Fn(&Value) -> bool + '_ {
+    move |s: &Value| {
+        s["phase"] == "Healthy"
+            && s["ready"] == "3/3"
+            && s["currentPrimary"] == primary
+            && s["targetPrimary"] == primary
+            && s.get("primaryChange").is_none()
+    }
+}
+
+/// 3/3 ready, and `name` reports itself a replica.
+fn replica_ready(s: &Value, name: &str) -> bool {
+    s["ready"] == "3/3"
+        && s["instancesStatus"].as_array().is_some_and(|is| {
+            is.iter()
+                .any(|i| i["name"] == name && i["role"] == "replica" && i["ready"] == true)
+        })
+}
+
+fn reasons(events: &[k8s_openapi::api::events::v1::Event]) -> Vec<String> {
+    events.iter().filter_map(|e| e.reason.clone()).collect()
+}
+
+/// A running cluster with its operator and kubelet.
+struct Setup {
+    client: Client,
+    ns: String,
+    api: Api<DynamicObject>,
+    kubelet: Kubelet,
+    password: String,
+    _namespace: TestNamespace,
+}
+
+async fn setup(prefix: &str) -> (Setup, OperatorProcess) {
+    require_postgres();
+    let client = admin().await;
+    let namespace = TestNamespace::create(&client, prefix).await;
+    let ns = namespace.name.clone();
+    let operator = OperatorProcess::start_for_instances(&client, Some(&ns)).await;
+    let kubelet = Kubelet::start(&client, &ns, "ha-pg", "PostgresCluster").await;
+    apply(&client, &ha_pg(), &ns)
+        .await
+        .unwrap_or_else(|e| panic!("ha-pg: {}", api_message(&e)));
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &ns, &stratum_resource("PostgresCluster"));
+    let status = wait_status(&api, "phase Healthy", START, healthy_with("ha-pg-0")).await;
+    assert_eq!(
+        status["leaseTerm"], 1,
+        "adopted, no promotion yet: {status}"
+    );
+    let password = secret_value(&client, &ns, "app-password").await;
+    let ip = eventually("one ready pod behind ha-pg-rw", WAIT, || {
+        rw_ip(&client, &ns)
+    })
+    .await;
+    assert_eq!(ip, kubelet.pod_ip("ha-pg-0"));
+    connect(ip, &password)
+        .await
+        .unwrap()
+        .execute("CREATE TABLE t (id int PRIMARY KEY)", &[])
+        .await
+        .unwrap();
+    (
+        Setup {
+            client,
+            ns,
+            api,
+            kubelet,
+            password,
+            _namespace: namespace,
+        },
+        operator,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_refusal_switchover_and_failover_under_writes() {
+    let (s, operator) = setup("pg-ha").await;
+    let (client, ns, api, kubelet) = (&s.client, &s.ns, &s.api, &s.kubelet);
+
+    // (3) A target that does not exist: refused, named, reset; nothing
+    // else changes.
+    let before = api.get("ha-pg").await.unwrap();
+    request_switchover(api, "ha-pg-9").await;
+    let status = wait_status(api, "the bad switchover refused", WAIT, |s| {
+        s["targetPrimary"] == "ha-pg-0"
+            && s["conditions"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Switchover" && c["status"] == "False")
+            })
+    })
+    .await;
+    let condition = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Switchover")
+        .unwrap();
+    assert!(
+        condition["message"]
+            .as_str()
+            .unwrap()
+            .contains("there is no instance \"ha-pg-9\""),
+        "{condition}"
+    );
+    assert_eq!(status["currentPrimary"], "ha-pg-0");
+    assert_eq!(status["phase"], "Healthy");
+    assert_eq!(
+        status.get("leaseTerm"),
+        before.data["status"].get("leaseTerm")
+    );
+    assert_eq!(rw_ip(client, ns).await.unwrap(), kubelet.pod_ip("ha-pg-0"));
+    assert_eq!(primaries(kubelet).await, ["ha-pg-0"]);
+    let events = events_about(client, ns, "ha-pg").await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("SwitchoverRefused")
+                && e.type_.as_deref() == Some("Warning")
+                && e.note.as_deref().is_some_and(|n| n.contains("ha-pg-9"))),
+        "{:?}",
+        reasons(&events)
+    );
+
+    // (2) Switchover to ha-pg-2 under writes.
+    let writer = Writer::start(client.clone(), ns.clone(), s.password.clone());
+    writer.wait_more(20, "writes before the switchover").await;
+    request_switchover(api, "ha-pg-2").await;
+    // The intent patches land before the reconcile's status write: wait
+    // for the condition too.
+    let switched = healthy_with("ha-pg-2");
+    let status = wait_status(api, "switched over to ha-pg-2", WAIT, |s| {
+        switched(s)
+            && s["conditions"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Switchover" && c["status"] == "True")
+            })
+    })
+    .await;
+    assert_eq!(status["leaseTerm"], 2, "{status}");
+    eventually("-rw selects ha-pg-2", WAIT, || async {
+        let ip = rw_ip(client, ns).await?;
+        (ip == kubelet.pod_ip("ha-pg-2"))
+            .then_some(())
+            .ok_or(format!("{ip}"))
+    })
+    .await;
+    writer.wait_more(20, "writes after the switchover").await;
+    assert_eq!(primaries(kubelet).await, ["ha-pg-2"]);
+    // The old primary back as a replica before the next failure.
+    wait_status(api, "ha-pg-0 back as a ready replica", WAIT, |s| {
+        replica_ready(s, "ha-pg-0")
+    })
+    .await;
+
+    // (1) kill -9 the primary's postgres under writes.
+    let killed = kubelet.kill_server("ha-pg-2");
+    let at = std::time::Instant::now();
+    eprintln!("killed the postmaster of ha-pg-2 (pid {killed})");
+    let status = wait_status(api, "a new primary after the kill", WAIT, |s| {
+        s["currentPrimary"] != "ha-pg-2" && s["currentPrimary"].is_string()
+    })
+    .await;
+    let new_primary = status["currentPrimary"].as_str().unwrap().to_string();
+    writer
+        .wait_more(1, "a write taken by the new primary")
+        .await;
+    eprintln!(
+        "failover: first acknowledged write through -rw {} ms after the kill (polled)",
+        at.elapsed().as_millis()
+    );
+    writer
+        .wait_more(20, "writes taken by the new primary")
+        .await;
+    let status = wait_status(
+        api,
+        "3/3 ready after the failover",
+        WAIT,
+        healthy_with(&new_primary),
+    )
+    .await;
+    assert_eq!(status["leaseTerm"], 3, "{status}");
+    assert_eq!(
+        rw_ip(client, ns).await.unwrap(),
+        kubelet.pod_ip(&new_primary)
+    );
+    let acked = writer.stop().await;
+    all_acknowledged_rows_present(client, ns, &s.password, &acked).await;
+    eprintln!("{} acknowledged rows, none lost", acked.len());
+    // The old primary rejoins as a replica (through pg_rewind).
+    wait_status(api, "ha-pg-2 back as a ready replica", WAIT, |s| {
+        replica_ready(s, "ha-pg-2")
+    })
+    .await;
+    assert_eq!(primaries(kubelet).await, [new_primary.as_str()]);
+    let all = events_about(client, ns, "ha-pg").await;
+    for e in &all {
+        eprintln!(
+            "event {} {} {}",
+            e.event_time
+                .as_ref()
+                .map(|t| t.0.to_string())
+                .unwrap_or_default(),
+            e.reason.as_deref().unwrap_or_default(),
+            e.note.as_deref().unwrap_or_default()
+        );
+    }
+    let events = reasons(&all);
+    for want in [
+        "SwitchoverStarted",
+        "Demoted",
+        "Switchover",
+        "FailoverStarted",
+        "Fenced",
+        "Promoted",
+    ] {
+        assert!(
+            events.iter().any(|r| r == want),
+            "no {want} Event: {events:?}"
+        );
+    }
+    assert_no_failures(client, ns).await;
+    drop(operator);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_killed_mid_failover_leaves_exactly_one_primary() {
+    let (s, mut operator) = setup("pg-ha-restart").await;
+    let (client, ns, api, kubelet) = (&s.client, &s.ns, &s.api, &s.kubelet);
+    let writer = Writer::start(client.clone(), ns.clone(), s.password.clone());
+    writer.wait_more(20, "writes before the kill").await;
+
+    kubelet.kill_server("ha-pg-0");
+    // SIGKILL the operator as soon as it recorded the failover.
+    let status = eventually("the failover recorded", WAIT, || async {
+        let obj = api.get("ha-pg").await.map_err(|e| e.to_string())?;
+        let status = obj.data.get("status").cloned().unwrap_or(Value::Null);
+        if status.get("primaryChange").is_some() || status["currentPrimary"] != "ha-pg-0" {
+            Ok(status)
+        } else {
+            Err(status.to_string())
+        }
+    })
+    .await;
+    operator.kill();
+    eprintln!("operator killed at: {status}");
+    let operator = OperatorProcess::start_for_instances(client, Some(ns)).await;
+
+    let status = wait_status(api, "a new primary, 3/3 ready", WAIT, |s| {
+        s["currentPrimary"] != "ha-pg-0"
+            && s["phase"] == "Healthy"
+            && s["ready"] == "3/3"
+            && s.get("primaryChange").is_none()
+    })
+    .await;
+    let new_primary = status["currentPrimary"].as_str().unwrap().to_string();
+    writer.wait_more(20, "writes after the failover").await;
+    let acked = writer.stop().await;
+    all_acknowledged_rows_present(client, ns, &s.password, &acked).await;
+    assert_eq!(primaries(kubelet).await, [new_primary.as_str()]);
+    assert_eq!(
+        rw_ip(client, ns).await.unwrap(),
+        kubelet.pod_ip(&new_primary)
+    );
+    assert_no_failures(client, ns).await;
+    drop(operator);
+}
+
+/// The primary's node is lost (manager and server killed, the pod still
+/// reported Running and Ready): the operator waits until the primary's
+/// write lease has certainly expired, deletes its pod (the host-side
+/// fence; a lost node confirms nothing, so it stays Terminating),
+/// detaches the replicas and promotes. When the node is back the pod is
+/// recreated: its volume held a lease, so it waits for one instead of
+/// starting as a writer, and rejoins as a replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_whose_node_is_lost_is_replaced_once_its_lease_expired() {
+    let (s, operator) = setup("pg-ha-node").await;
+    let (client, ns, api, kubelet) = (&s.client, &s.ns, &s.api, &s.kubelet);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let old_uid = pods.get("ha-pg-0").await.unwrap().metadata.uid;
+    let writer = Writer::start(client.clone(), ns.clone(), s.password.clone());
+    writer.wait_more(20, "writes before the node is lost").await;
+
+    kubelet.crash("ha-pg-0");
+    let at = std::time::Instant::now();
+    let status = wait_status(api, "a new primary after the node loss", WAIT, |s| {
+        s["currentPrimary"] != "ha-pg-0" && s["currentPrimary"].is_string()
+    })
+    .await;
+    let promoted_after = at.elapsed();
+    let new_primary = status["currentPrimary"].as_str().unwrap().to_string();
+    // Not before the lease (5 s) plus its margin (1 s) ran out.
+    assert!(
+        promoted_after >= Duration::from_secs(5),
+        "promoted {promoted_after:?} after the node loss, before the lease expired"
+    );
+    writer
+        .wait_more(1, "a write taken by the new primary")
+        .await;
+    eprintln!(
+        "node loss: new primary {new_primary} after {} ms, first acknowledged write after {} ms (polled)",
+        promoted_after.as_millis(),
+        at.elapsed().as_millis()
+    );
+    // The operator deleted the pod; a lost node confirms nothing, so it
+    // stays Terminating until the node is back.
+    let pod = pods.get("ha-pg-0").await.unwrap();
+    assert!(
+        pod.metadata.deletion_timestamp.is_some(),
+        "the lost primary's pod was not deleted"
+    );
+    kubelet.recover("ha-pg-0");
+    eventually("ha-pg-0 recreated", WAIT, || async {
+        let pod = pods.get("ha-pg-0").await.map_err(|e| e.to_string())?;
+        (pod.metadata.uid != old_uid && pod.metadata.deletion_timestamp.is_none())
+            .then_some(())
+            .ok_or(format!("uid {:?}", pod.metadata.uid))
+    })
+    .await;
+    wait_status(api, "ha-pg-0 back as a ready replica", WAIT, |s| {
+        replica_ready(s, "ha-pg-0")
+    })
+    .await;
+    writer.wait_more(20, "writes after the rejoin").await;
+    let acked = writer.stop().await;
+    all_acknowledged_rows_present(client, ns, &s.password, &acked).await;
+    assert_eq!(primaries(kubelet).await, [new_primary.as_str()]);
+    // The recreated pod waited for a lease rather than start as a writer.
+    let log = kubelet.manager_log("ha-pg-0");
+    assert!(log.contains("waiting for a write lease"), "{log}");
+    let events = events_about(client, ns, "ha-pg").await;
+    assert!(
+        events.iter().any(|e| e.reason.as_deref() == Some("Fenced")
+            && e.note.as_deref().is_some_and(|n| n.contains("pod deleted"))),
+        "{:?}",
+        reasons(&events)
+    );
+    assert_no_failures(client, ns).await;
+    drop(operator);
+}
