@@ -276,7 +276,10 @@ impl PodManagementPolicy {
 pub enum UpdateStrategy {
     /// The operator restarts instances itself: replicas first, one at a
     /// time, each back in sync before the next, the primary/writer last
-    /// (StatefulSet `OnDelete` underneath).
+    /// (StatefulSet `OnDelete` underneath). Done by the local runtime
+    /// today; on Kubernetes the controller does not delete outdated pods
+    /// yet, so a changed pod template reaches a pod when it is recreated
+    /// (deleted by hand, primary last, or rescheduled).
     #[default]
     SmartUpdate,
     /// The StatefulSet controller rolls pods in reverse ordinal order.
