@@ -835,6 +835,20 @@ async fn pxc_tls_secret_is_generated_once_and_a_users_is_mounted() {
         "the generated TLS Secret was written again"
     );
     assert_eq!(after.data, secret.data);
+    eventually("the TlsSecretCreated Event, once", WAIT, || async {
+        let created = events_about(&client, &ns.name, &name)
+            .await
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("TlsSecretCreated"))
+            .map(|e| e.series.as_ref().map_or(1, |s| s.count))
+            .sum::<i32>();
+        if created == 1 {
+            Ok(())
+        } else {
+            Err(format!("{created} TlsSecretCreated Events"))
+        }
+    })
+    .await;
 
     // The user's Secret: mounted as given; the generated one is not
     // deleted (a cluster may go back to it).

@@ -571,6 +571,14 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
         };
         reporter.note(&object_ref, false, "CredentialsCreated", note);
     }
+    if outcome.tls_secret.is_some() {
+        reporter.note(
+            &object_ref,
+            false,
+            "TlsSecretCreated",
+            "generated a CA and a certificate for the members' cluster traffic".to_string(),
+        );
+    }
     for (child_kind, child) in &outcome.deleted {
         let note = format!("deleted {} {child}: no longer desired", child_kind.as_str());
         reporter.note(&object_ref, false, "OrphanDeleted", note);
