@@ -31,6 +31,55 @@ pub const UNKNOWN_COMPONENT_GRACE: Duration = Duration::from_secs(30);
 /// crash the members' managers come back within seconds of each other.
 pub const STRAGGLER_GRACE: Duration = Duration::from_secs(15);
 
+/// How long a member's server may run outside every group without trying
+/// to join (see [`stuck_outside_group`]) before the operator restarts it.
+pub const STUCK_GRACE: Duration = Duration::from_secs(30);
+
+/// Whether `m`'s server runs but sits outside every group without trying
+/// to join: `wsrep_local_state_comment` Initialized and
+/// `wsrep_cluster_status` Disconnected. Seen after an IST that "didn't
+/// contain all write sets … node restart required": mariadbd then stays
+/// up in that state instead of exiting, and its manager (which restarts
+/// servers that exit) never restarts it.
+pub fn stuck_outside_group(m: &ObservedMember) -> bool {
+    let Some(s) = &m.status else { return false };
+    matches!(s.process, ProcessState::Running)
+        && wsrep_status(s).is_some_and(|w| {
+            w.state.eq_ignore_ascii_case("initialized")
+                && w.cluster_status.as_deref() == Some("Disconnected")
+        })
+}
+
+/// Which members to restart because they are stuck outside the group.
+#[derive(Debug, Default)]
+pub struct StuckWatch {
+    since: BTreeMap<String, Instant>,
+}
+
+impl StuckWatch {
+    /// The members stuck outside the group (see [`stuck_outside_group`])
+    /// for [`STUCK_GRACE`] while another member runs in a primary
+    /// component (without one, a member waiting outside is the full-crash
+    /// path's business). Each one's clock starts again when it is named,
+    /// so a restart is asked for at most once per grace period.
+    pub fn due(&mut self, members: &[ObservedMember], now: Instant) -> Vec<String> {
+        let group_up = members.iter().any(in_primary);
+        let mut out = Vec::new();
+        for m in members {
+            if !group_up || !stuck_outside_group(m) {
+                self.since.remove(&m.name);
+                continue;
+            }
+            let since = *self.since.entry(m.name.clone()).or_insert(now);
+            if now.duration_since(since) >= STUCK_GRACE {
+                out.push(m.name.clone());
+                self.since.insert(m.name.clone(), now);
+            }
+        }
+        out
+    }
+}
+
 /// The Galera facts of a member report, when it has a Galera position.
 pub fn wsrep_status(s: &MemberStatus) -> Option<WsrepStatus> {
     let Position::Galera {
@@ -253,6 +302,57 @@ impl ComponentWatch {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_member_stuck_outside_the_group_is_restarted_after_the_grace() {
+        let member = |name: &str, state: &str, cluster_status: &str| ObservedMember {
+            name: name.into(),
+            status: Some(MemberStatus {
+                process: ProcessState::Running,
+                position: Position::Galera {
+                    cluster_uuid: "6f0f2b9e-1111-11ee-8000-000000000001".into(),
+                    seqno: 7,
+                    state: state.into(),
+                },
+                details: json!({"wsrepClusterStatus": cluster_status}),
+                ..Default::default()
+            }),
+            error: None,
+        };
+        let t0 = Instant::now();
+        let stuck = [
+            member("g-0", "Synced", "Primary"),
+            member("g-1", "Initialized", "Disconnected"),
+            member("g-2", "Joining", "Primary"),
+        ];
+        let mut watch = StuckWatch::default();
+        assert!(watch.due(&stuck, t0).is_empty());
+        assert!(watch.due(&stuck, t0 + STUCK_GRACE / 2).is_empty());
+        assert_eq!(watch.due(&stuck, t0 + STUCK_GRACE), ["g-1"]);
+        // Asked once per grace period.
+        assert!(
+            watch
+                .due(&stuck, t0 + STUCK_GRACE + STUCK_GRACE / 2)
+                .is_empty()
+        );
+        // Without a primary component it is not this rule's business.
+        let alone = [
+            member("g-0", "Initialized", "Disconnected"),
+            member("g-1", "Initialized", "Disconnected"),
+        ];
+        let mut watch = StuckWatch::default();
+        assert!(watch.due(&alone, t0).is_empty());
+        assert!(watch.due(&alone, t0 + STUCK_GRACE * 2).is_empty());
+        // A member that moves on is forgotten.
+        let mut watch = StuckWatch::default();
+        watch.due(&stuck, t0);
+        let joined = [
+            member("g-0", "Synced", "Primary"),
+            member("g-1", "Joiner", "Primary"),
+        ];
+        assert!(watch.due(&joined, t0 + STUCK_GRACE).is_empty());
+        assert!(watch.due(&stuck, t0 + STUCK_GRACE * 2).is_empty());
+    }
 
     #[test]
     fn bootstrap_is_decided_once_and_only_ordered_to_that_member() {

@@ -32,11 +32,12 @@ use crate::api::status::{BootstrapStatus, ClusterStatus, condition_type, set_con
 use crate::build::names;
 use crate::engine::{Election, InstanceOps, ObservedMember, ReplicationModel, ValidatedCluster};
 use crate::galera::{
-    ACTION_BOOTSTRAP, BootstrapStep, ComponentWatch, bootstrap_step, in_primary, position_of,
-    wsrep_status,
+    ACTION_BOOTSTRAP, BootstrapStep, ComponentWatch, StuckWatch, bootstrap_step, in_primary,
+    position_of, wsrep_status,
 };
 use crate::instance::client::InstanceClient;
 use crate::instance::protocol::{ProcessState, SECRET_KEY_API_TOKEN};
+use crate::instance::server::ACTION_RESTART;
 use crate::plan::kubernetes_members;
 
 /// Least time between two `bootstrap` requests while none was accepted.
@@ -94,6 +95,7 @@ pub(crate) struct Memory {
 #[derive(Default)]
 struct ClusterMemory {
     components: ComponentWatch,
+    stuck: StuckWatch,
     last_attempt: Option<Instant>,
     last_error: Option<String>,
     /// The `PrimaryComponent` reason last reported while managers answered.
@@ -479,10 +481,61 @@ pub(crate) async fn recover(
             set_standing(&mut base, &standing, generation, now);
         }
     }
+    let stuck = ctx
+        .galera
+        .with(ns, name, |m| m.stuck.due(members, now_instant));
+    for member in &stuck {
+        restart_stuck(ctx, cluster, seen, &object_ref, member).await;
+    }
     Ok(Recovery {
         base: Some(base),
         requeue: recovering.then_some(REQUEUE_RECOVERING),
     })
+}
+
+/// Ask `member`'s manager to restart its server, which runs outside the
+/// group without trying to join ([`crate::galera::stuck_outside_group`]);
+/// the restarted server joins again (IST, or SST when the donor's cache
+/// no longer has its write sets). An Event either way; a failure is tried
+/// again after the next grace period.
+async fn restart_stuck(
+    ctx: &KindContext,
+    cluster: &ValidatedCluster,
+    seen: &Observation,
+    object_ref: &ObjectReference,
+    member: &str,
+) {
+    let result = match client(ctx, cluster, seen) {
+        Some(client) => client
+            .action(member, ACTION_RESTART, serde_json::json!({}))
+            .await
+            .map_err(|e| e.to_string()),
+        None => Err(format!(
+            "no {SECRET_KEY_API_TOKEN} in Secret {} to authenticate with",
+            names::credentials_secret(&cluster.meta.name)
+        )),
+    };
+    let (warning, note) = match result {
+        Ok(_) => (
+            false,
+            format!(
+                "{member}'s server ran outside the group (Initialized, Disconnected) for {}s: restarted so that it joins again",
+                crate::galera::STUCK_GRACE.as_secs()
+            ),
+        ),
+        Err(e) => (
+            true,
+            format!("restarting stuck member {member} failed: {e}"),
+        ),
+    };
+    ctx.shared.reporter.note_about(
+        object_ref,
+        member,
+        "Restart",
+        warning,
+        "MemberRestarted",
+        note,
+    );
 }
 
 /// POST `bootstrap` to `member`; on success stamp `orderedAt` in `base`.

@@ -60,9 +60,10 @@ use super::state::{LocalState, StateDir};
 use super::status::{self, Phase, SnapshotInput, StatusSnapshot};
 use super::supervisor::Supervisor;
 use crate::engine::{Election, Engine, InstanceOps, ObservedMember, Routing, ValidatedCluster};
-use crate::galera::{ComponentWatch, in_primary};
+use crate::galera::{ComponentWatch, StuckWatch, in_primary};
 use crate::instance::client::InstanceClient;
 use crate::instance::protocol::Role;
+use crate::instance::server::ACTION_RESTART;
 use crate::registry::EngineRegistry;
 
 /// How long one member of a rolling restart may take to be Synced again
@@ -304,6 +305,8 @@ struct Loop {
     last_wait: Option<String>,
     /// Members whose unknown component holds a bootstrap decision back.
     components: ComponentWatch,
+    /// Members whose server runs outside the group without joining.
+    stuck: StuckWatch,
 }
 
 impl Loop {
@@ -1064,6 +1067,7 @@ pub(super) async fn serve(
         ordered: None,
         last_wait: None,
         components: ComponentWatch::default(),
+        stuck: StuckWatch::default(),
     };
     let mut phase = Phase::Creating;
     let mut seen_all_ready = false;
@@ -1099,6 +1103,16 @@ pub(super) async fn serve(
                     lp.bootstrap(&election, &blockers, &mut persist).await;
                 }
                 lp.membership(&members);
+                for member in lp.stuck.due(&members, Instant::now()) {
+                    let note = match lp.act.action(&member, ACTION_RESTART, json!({})).await {
+                        Ok(_) => format!(
+                            "{member}'s server ran outside the group (Initialized, Disconnected) for {}s: restarted so that it joins again",
+                            crate::galera::STUCK_GRACE.as_secs()
+                        ),
+                        Err(e) => format!("restarting stuck member {member} failed: {e}"),
+                    };
+                    lp.gs.event("MemberRestarted", note);
+                }
                 let ready: Vec<String> = names
                     .iter()
                     .filter(|n| members.iter().any(|m| &m.name == *n && m.ready()))
