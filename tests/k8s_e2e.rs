@@ -26,11 +26,11 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
-use support::kubelet::Kubelet;
+use support::kubelet::{Kubelet, service_ips, wait_status};
 use support::*;
 
 /// First boot runs initdb and two pg_basebackups, one pod after the other
@@ -58,57 +58,6 @@ fn simple_pg() -> Value {
             "postgresql": {"parameters": {"shared_buffers": "16MB", "max_connections": "40"}},
         },
     })
-}
-
-/// Wait until the cluster's status satisfies `check`; returns it. The
-/// kubelet's logs are printed if it never does (its Drop, on the panic).
-async fn wait_status(
-    api: &Api<DynamicObject>,
-    name: &str,
-    what: &str,
-    timeout: Duration,
-    check: impl Fn(&Value) -> bool,
-) -> Value {
-    eventually(what, timeout, || async {
-        let obj = api.get(name).await.map_err(|e| e.to_string())?;
-        let status = obj.data.get("status").cloned().unwrap_or(Value::Null);
-        if check(&status) {
-            Ok(status)
-        } else {
-            Err(status.to_string())
-        }
-    })
-    .await
-}
-
-/// What kube-proxy would send a connection to `service` to: the IPs of
-/// the ready pods its selector picks.
-async fn service_ips(client: &Client, ns: &str, service: &str) -> Result<Vec<Ipv4Addr>, String> {
-    let svc = Api::<Service>::namespaced(client.clone(), ns)
-        .get(service)
-        .await
-        .map_err(|e| format!("Service {service}: {}", api_message(&e)))?;
-    let selector = svc
-        .spec
-        .and_then(|s| s.selector)
-        .ok_or_else(|| format!("Service {service} has no selector"))?;
-    let selector: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let pods = Api::<Pod>::namespaced(client.clone(), ns)
-        .list(&ListParams::default().labels(&selector.join(",")))
-        .await
-        .map_err(|e| e.to_string())?
-        .items;
-    Ok(pods
-        .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter(|p| {
-            p.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
-        .filter_map(|p| p.status.as_ref()?.pod_ip.as_ref()?.parse().ok())
-        .collect())
 }
 
 /// Each pod's route and role labels, readiness and IP (for failure

@@ -26,12 +26,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::Client;
-use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use operator_core::engine::InstanceOps;
 use serde_json::{Value, json};
-use support::kubelet::Kubelet;
+use support::kubelet::{self, Kubelet, service_ips};
 use support::*;
 
 /// First boot runs initdb and two pg_basebackups, one pod after the other.
@@ -73,46 +73,7 @@ async fn wait_status(
     timeout: Duration,
     check: impl Fn(&Value) -> bool,
 ) -> Value {
-    eventually(what, timeout, || async {
-        let obj = api.get("ha-pg").await.map_err(|e| e.to_string())?;
-        let status = obj.data.get("status").cloned().unwrap_or(Value::Null);
-        if check(&status) {
-            Ok(status)
-        } else {
-            Err(status.to_string())
-        }
-    })
-    .await
-}
-
-/// The IPs of the ready pods `service` selects (what kube-proxy would
-/// send a connection to).
-async fn service_ips(client: &Client, ns: &str, service: &str) -> Result<Vec<Ipv4Addr>, String> {
-    let svc = Api::<Service>::namespaced(client.clone(), ns)
-        .get(service)
-        .await
-        .map_err(|e| format!("Service {service}: {}", api_message(&e)))?;
-    let selector = svc
-        .spec
-        .and_then(|s| s.selector)
-        .ok_or_else(|| format!("Service {service} has no selector"))?;
-    let selector: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let pods = Api::<Pod>::namespaced(client.clone(), ns)
-        .list(&ListParams::default().labels(&selector.join(",")))
-        .await
-        .map_err(|e| e.to_string())?
-        .items;
-    Ok(pods
-        .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter(|p| {
-            p.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
-        .filter_map(|p| p.status.as_ref()?.pod_ip.as_ref()?.parse().ok())
-        .collect())
+    kubelet::wait_status(api, "ha-pg", what, timeout, check).await
 }
 
 /// The one IP behind `-rw`.

@@ -40,7 +40,7 @@ use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use mysql_async::prelude::*;
 use serde_json::{Value, json};
-use support::kubelet::Kubelet;
+use support::kubelet::{self, Kubelet};
 use support::*;
 
 const CLUSTER: &str = "simple-galera";
@@ -106,16 +106,7 @@ async fn wait_status(
     check: impl Fn(&Value) -> bool,
 ) -> Value {
     let started = Instant::now();
-    let status = eventually(what, timeout, || async {
-        let obj = api.get(CLUSTER).await.map_err(|e| e.to_string())?;
-        let status = obj.data.get("status").cloned().unwrap_or(Value::Null);
-        if check(&status) {
-            Ok(status)
-        } else {
-            Err(status.to_string())
-        }
-    })
-    .await;
+    let status = kubelet::wait_status(api, CLUSTER, what, timeout, check).await;
     eprintln!("{what} after {:.1}s", started.elapsed().as_secs_f64());
     status
 }

@@ -52,8 +52,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -66,6 +66,61 @@ use operator_core::plan::POD_API_PORT;
 use serde_json::json;
 
 use super::{api_message, provide_volumes};
+
+/// Wait until the cluster `name`'s status satisfies `check`; returns it
+/// (the last status seen is in the panic message if it never does).
+pub async fn wait_status(
+    api: &Api<DynamicObject>,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    super::eventually(what, timeout, || async {
+        let obj = api.get(name).await.map_err(|e| e.to_string())?;
+        let status = obj.data.get("status").cloned().unwrap_or_default();
+        if check(&status) {
+            Ok(status)
+        } else {
+            Err(status.to_string())
+        }
+    })
+    .await
+}
+
+/// What kube-proxy would send a connection to `service` to: the IPs of
+/// the ready pods its selector picks.
+pub async fn service_ips(
+    client: &Client,
+    ns: &str,
+    service: &str,
+) -> Result<Vec<Ipv4Addr>, String> {
+    let svc = Api::<Service>::namespaced(client.clone(), ns)
+        .get(service)
+        .await
+        .map_err(|e| format!("Service {service}: {}", api_message(&e)))?;
+    let selector = svc
+        .spec
+        .and_then(|s| s.selector)
+        .ok_or_else(|| format!("Service {service} has no selector"))?;
+    let selector: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let pods = Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels(&selector.join(",")))
+        .await
+        .map_err(|e| e.to_string())?
+        .items;
+    Ok(pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .filter_map(|p| p.status.as_ref()?.pod_ip.as_ref()?.parse().ok())
+        .collect())
+}
 
 /// How often pods are listed and readiness is polled.
 const TICK: Duration = Duration::from_millis(500);
