@@ -955,6 +955,20 @@ struct Record {
     timeline: Option<u32>,
 }
 
+impl Record {
+    /// Start a change of primary away from `from`, towards `target` (a
+    /// switchover's replica; none for a failover, whose candidate is
+    /// chosen later).
+    fn start_change(&mut self, reason: PrimaryChangeReason, from: &str, target: Option<String>) {
+        self.change = Some(PrimaryChange {
+            reason,
+            from: from.to_string(),
+            started_at: Utc::now(),
+        });
+        self.target = target;
+    }
+}
+
 /// Everything one step needs to act.
 struct Io<'a> {
     ctx: &'a KindContext,
@@ -1347,12 +1361,7 @@ async fn act(
             // No more renewals: from here on its lease runs out.
             mem.lease.set(None);
             mem.lease.clear_crash();
-            rec.change = Some(PrimaryChange {
-                reason: PrimaryChangeReason::Failover,
-                from: from.clone(),
-                started_at: Utc::now(),
-            });
-            rec.target = None;
+            rec.start_change(PrimaryChangeReason::Failover, &from, None);
             io.record(rec, &format!("failover from {from}")).await?;
             io.note(
                 true,
@@ -1375,12 +1384,7 @@ async fn act(
         }
         HaDecision::StartSwitchover { from, to } => {
             mem.lease.set(None);
-            rec.change = Some(PrimaryChange {
-                reason: PrimaryChangeReason::Switchover,
-                from: from.clone(),
-                started_at: Utc::now(),
-            });
-            rec.target = Some(to.clone());
+            rec.start_change(PrimaryChangeReason::Switchover, &from, Some(to.clone()));
             io.record(rec, &format!("switchover from {from} to {to}"))
                 .await?;
             io.note(
@@ -1488,12 +1492,7 @@ async fn act(
             Ok(true)
         }
         HaDecision::AbortSwitchover { from, why } => {
-            rec.change = Some(PrimaryChange {
-                reason: PrimaryChangeReason::Failover,
-                from: from.clone(),
-                started_at: Utc::now(),
-            });
-            rec.target = None;
+            rec.start_change(PrimaryChangeReason::Failover, &from, None);
             io.record(rec, &format!("failover from {from}")).await?;
             io.note(
                 true,
