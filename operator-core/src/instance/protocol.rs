@@ -206,6 +206,12 @@ pub struct MemberStatus {
     /// instance ever held one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_remaining_ms: Option<i64>,
+    /// The server runs with older settings than the manager was given and
+    /// must restart to take them all (PostgreSQL `pending_restart`, or a
+    /// `reconfigure` that needed a restart). The operator restarts such
+    /// members in update order (replicas first, the primary or writer last).
+    #[serde(default)]
+    pub pending_restart: bool,
 }
 
 /// Built-in action: stop the server and keep it down (persisted) until
