@@ -36,6 +36,10 @@ use crate::instance::protocol::{
 pub const REASON_RECONFIGURED: &str = "InstanceReconfigured";
 /// Event reason of a member that did not answer `reconfigure`.
 pub const REASON_FAILED: &str = "ReconfigureFailed";
+/// Event action of a member that took all of its new settings live.
+pub const ACTION_RELOADED: &str = "Reconfigure";
+/// Event action of a member that waits for a restart for some of them.
+pub const ACTION_PENDING_RESTART: &str = "ReconfigureRestartPending";
 /// A member that failed to take settings is asked again after this long
 /// (the cluster is requeued by then).
 pub const RETRY_FAILED: Duration = Duration::from_secs(15);
@@ -199,10 +203,16 @@ pub(crate) async fn step(
     let report = |instance: &str, result: &Result<serde_json::Value, String>| {
         let reporter = &ctx.shared.reporter;
         match result {
+            // Actions told apart: Events of the same reason, action and
+            // pod within minutes are one series that keeps its first note.
             Ok(reply) => reporter.note_about(
                 &object_ref,
                 instance,
-                "Reconfigure",
+                if reply["restart"] == true {
+                    ACTION_PENDING_RESTART
+                } else {
+                    ACTION_RELOADED
+                },
                 false,
                 REASON_RECONFIGURED,
                 describe_reply(instance, reply),
