@@ -25,7 +25,7 @@ use super::observe::{Observation, reachable_endpoints};
 use super::reconcile::KindContext;
 use crate::build::names;
 use crate::engine::{
-    EngineManifest, InstanceOps, ObservedMember, ReplicationModel, ValidatedCluster,
+    EngineManifest, InstanceOps, ObservedMember, OpError, ReplicationModel, ValidatedCluster,
 };
 use crate::instance::client::InstanceClient;
 use crate::instance::protocol::{
@@ -47,17 +47,36 @@ pub const RETRY_FAILED: Duration = Duration::from_secs(15);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 /// Requeue while a member's new settings are not handed over yet.
 const REQUEUE: Duration = Duration::from_secs(5);
+/// Requeue while members wait for another member's restart (the rolling
+/// update's), which no Kubernetes object shows.
+const REQUEUE_WAITING: Duration = Duration::from_secs(10);
 
 /// What the step remembers between reconciles: failed attempts, so that a
 /// member that refuses (e.g. an engine without the action) is not asked
 /// again at every reconcile, nor reported each time.
 #[derive(Default)]
 pub(crate) struct Memory {
-    failed: Mutex<HashMap<MemberKey, (String, Instant)>>,
+    failed: Mutex<HashMap<MemberKey, Failed>>,
 }
 
 /// Namespace, cluster, instance.
 type MemberKey = (String, String, String);
+
+/// A member's last failed `reconfigure`.
+struct Failed {
+    /// The settings hash it was asked to take.
+    hash: String,
+    at: Instant,
+    /// Its manager has no such action (404): not asked again for these
+    /// settings; they reach it at its next restart.
+    unsupported: bool,
+}
+
+/// Why a member did not take the settings.
+struct SendError {
+    message: String,
+    unsupported: bool,
+}
 
 impl Memory {
     /// Keep the clusters `keep(namespace, name)` accepts.
@@ -182,9 +201,9 @@ pub(crate) async fn step(
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let recent = |instance: &String| {
-            failed
-                .get(&key(instance))
-                .is_some_and(|(h, at)| *h == desired && at.elapsed() < RETRY_FAILED)
+            failed.get(&key(instance)).is_some_and(|f| {
+                f.hash == desired && (f.unsupported || f.at.elapsed() < RETRY_FAILED)
+            })
         };
         if plan.first.as_ref().is_some_and(recent) {
             return Some(REQUEUE);
@@ -194,13 +213,16 @@ pub(crate) async fn step(
     let object_ref = obj.object_ref(&ctx.resource);
     if let Some(why) = &plan.waiting {
         tracing::debug!("new settings wait: {why}");
+        if plan.first.is_none() && plan.then.is_empty() {
+            return Some(REQUEUE_WAITING);
+        }
     }
     let Some(client) = client(ctx, cluster, manifest, &seen.pods) else {
         tracing::debug!("no {SECRET_KEY_API_TOKEN} to reconfigure with");
         return Some(REQUEUE);
     };
     let body = json!({ "engine": desired_block });
-    let report = |instance: &str, result: &Result<serde_json::Value, String>| {
+    let report = |instance: &str, result: &Result<serde_json::Value, SendError>| {
         let reporter = &ctx.shared.reporter;
         match result {
             // Actions told apart: Events of the same reason, action and
@@ -223,14 +245,22 @@ pub(crate) async fn step(
                 "Reconfigure",
                 true,
                 REASON_FAILED,
-                format!(
-                    "{instance} did not take the new settings (asked again in {}s): {e}",
-                    RETRY_FAILED.as_secs()
-                ),
+                if e.unsupported {
+                    format!(
+                        "{instance}'s instance manager has no reconfigure action; it takes the new settings when its pod restarts: {}",
+                        e.message
+                    )
+                } else {
+                    format!(
+                        "{instance} did not take the new settings (asked again in {}s): {}",
+                        RETRY_FAILED.as_secs(),
+                        e.message
+                    )
+                },
             ),
         }
     };
-    let remember = |instance: &str, result: &Result<serde_json::Value, String>| {
+    let remember = |instance: &str, result: &Result<serde_json::Value, SendError>| {
         let mut failed = ctx
             .reconfigure
             .failed
@@ -238,7 +268,14 @@ pub(crate) async fn step(
             .unwrap_or_else(|e| e.into_inner());
         match result {
             Ok(_) => failed.remove(&key(instance)),
-            Err(_) => failed.insert(key(instance), (desired.clone(), Instant::now())),
+            Err(e) => failed.insert(
+                key(instance),
+                Failed {
+                    hash: desired.clone(),
+                    at: Instant::now(),
+                    unsupported: e.unsupported,
+                },
+            ),
         };
     };
     if let Some(primary) = &plan.first {
@@ -277,11 +314,14 @@ async fn send(
     client: &InstanceClient,
     instance: &str,
     body: &serde_json::Value,
-) -> Result<serde_json::Value, String> {
+) -> Result<serde_json::Value, SendError> {
     client
         .action(instance, ACTION_RECONFIGURE, body.clone())
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| SendError {
+            unsupported: matches!(&e, OpError::Refused { message, .. } if message.starts_with("404")),
+            message: e.to_string(),
+        })
 }
 
 /// The Event note for a manager's `reconfigure` answer. Pure.
