@@ -166,6 +166,7 @@ pub(super) async fn reconfigure(
     let name = &config.instance;
     let mut restart_for = plan.restart_for.clone();
     let mut applied = Vec::new();
+    let mut running = true;
     match local_conn(ctx).await {
         Ok(mut conn) => {
             for (var, value) in &plan.set {
@@ -185,18 +186,25 @@ pub(super) async fn reconfigure(
             restart_for.extend(plan.set.keys().cloned());
         }
         // Not running: its next start reads the new my.cnf.
-        Err(_) => restart_for.clear(),
+        Err(_) => {
+            restart_for.clear();
+            running = false;
+        }
     }
-    // Merged with what an earlier reconfigure left pending: the server
-    // still lacks that too.
-    let mut still = pending(&layout).unwrap_or_default();
+    // Merged with what an earlier reconfigure left pending: the running
+    // server still lacks that too.
+    let mut still = if running {
+        pending(&layout).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
     for r in &restart_for {
         if !still.contains(r) {
             still.push(r.clone());
         }
     }
     let marker = layout.run_dir.join(RESTART_PENDING);
-    if restart_for.is_empty() && still.is_empty() {
+    if still.is_empty() {
         process::remove_file_if_exists(&marker)?;
     } else {
         let text = serde_json::to_vec(&still).unwrap_or_default();
