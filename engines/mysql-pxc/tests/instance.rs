@@ -6,8 +6,8 @@
 //! by SST), a killed server rejoins by IST, a survivor that lost quorum
 //! refuses writes and the group heals when the others return, a full crash
 //! is recovered from the most advanced member, `bootstrap` is refused on a
-//! Primary member,
-//! missing binaries are a clear error. The servers run as an unprivileged
+//! Primary member, `reconfigure` sets writable variables live and leaves
+//! the rest for a restart, missing binaries are a clear error. The servers run as an unprivileged
 //! user when the tests run as root. Missing binaries fail the tests, they
 //! never skip.
 

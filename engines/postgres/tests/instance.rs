@@ -1,6 +1,7 @@
 //! Engine tests of the instance manager with the PostgreSQL driver against
 //! real PostgreSQL 15 binaries (`/usr/lib/postgresql/15/bin`): bootstrap,
-//! the HTTP API, restarts, data directory identity, cloning a replica.
+//! the HTTP API, restarts, data directory identity, cloning a replica,
+//! `reconfigure` (reload in place, or a pending restart).
 //! Each test owns a temporary directory and loopback ports; the database
 //! runs as an unprivileged user when the tests run as root. Missing
 //! binaries fail the tests, they never skip.
