@@ -6,8 +6,8 @@
 //! by SST), a killed server rejoins by IST, a survivor that lost quorum
 //! refuses writes and the group heals when the others return, a full crash
 //! is recovered from the most advanced member, `bootstrap` is refused on a
-//! Primary member,
-//! missing binaries are a clear error. The servers run as an unprivileged
+//! Primary member, `reconfigure` sets writable variables live and leaves
+//! the rest for a restart, missing binaries are a clear error. The servers run as an unprivileged
 //! user when the tests run as root. Missing binaries fail the tests, they
 //! never skip.
 
@@ -666,4 +666,112 @@ async fn missing_binaries_are_a_clear_error() {
         text.contains("apt-get install mariadb-server galera-4 mariadb-backup"),
         "{text}"
     );
+}
+
+/// `SHOW GLOBAL VARIABLES LIKE 'name'` on a member (`name`: a constant
+/// of the test; SHOW takes no placeholders).
+async fn variable(fx: &Fixture, ordinal: usize, name: &str) -> String {
+    let mut c = fx.sql(ordinal).await;
+    let row: Option<(String, String)> = c
+        .query_first(format!("SHOW GLOBAL VARIABLES LIKE '{name}'"))
+        .await
+        .unwrap();
+    let _ = c.disconnect().await;
+    row.unwrap_or_else(|| panic!("no variable {name}")).1
+}
+
+/// The Galera `reconfigure` path against a real MariaDB: writable
+/// variables are set live (`SET GLOBAL`, same server process), a
+/// read-only one is written to my.cnf and reported `pendingRestart` with
+/// the hash of the new settings until the manager's `restart` action
+/// starts the server with it. One member (a group of one), so that the
+/// test stays focused; its restart waits for a bootstrap order like any
+/// member that finds no peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconfigure_sets_dynamic_variables_and_leaves_the_rest_for_a_restart() {
+    use operator_core::instance::protocol::settings_hash;
+    let fx = Fixture::new(1);
+    let config = fx.config(0);
+    let mut m = Running::start(config.clone());
+    m.wait_for("waiting for a bootstrap order", READY_TIMEOUT, |s| {
+        s.message.as_deref().is_some_and(|m| m.contains(WAITING))
+    })
+    .await;
+    let (code, body) = m.bootstrap().await;
+    assert_eq!(code, 200, "{body}");
+    let status = m.wait_ready().await;
+    assert_eq!(
+        status.config_hash.as_deref(),
+        Some(settings_hash(&config.engine).as_str())
+    );
+    assert!(!status.pending_restart);
+    let pid = fx.server_pid(0);
+
+    let mut engine = config.engine.clone();
+    engine["myCnf"]["mysqld"]["max_connections"] = "120".into();
+    engine["myCnf"]["mysqld"]["wait_timeout"] = "600".into();
+    engine["myCnf"]["mysqld"]["back_log"] = "90".into();
+    let resp = m
+        .http
+        .post(format!("{}/v1/actions/reconfigure", m.api))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({ "engine": engine }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let reply: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        reply["set"],
+        serde_json::json!(["max_connections", "wait_timeout"]),
+        "{reply}"
+    );
+    assert_eq!(reply["restart"], true, "{reply}");
+    assert!(
+        reply["restartFor"].to_string().contains("back_log"),
+        "{reply}"
+    );
+    assert_eq!(variable(&fx, 0, "max_connections").await, "120");
+    assert_eq!(variable(&fx, 0, "wait_timeout").await, "600");
+    assert_ne!(variable(&fx, 0, "back_log").await, "90");
+    assert_eq!(fx.server_pid(0), pid, "set live, no restart");
+    let cnf = std::fs::read_to_string(fx.run_dir(0).join("my.cnf")).unwrap();
+    assert!(cnf.contains("back_log=90"), "{cnf}");
+    let status = m.status().await;
+    assert!(status.pending_restart, "{status:?}");
+    assert_eq!(
+        status.config_hash.as_deref(),
+        Some(settings_hash(&engine).as_str())
+    );
+
+    // The manager's restart starts the server with all of it (a group of
+    // one waits for the bootstrap order again).
+    let restart = {
+        let (http, api) = (m.http.clone(), m.api.clone());
+        tokio::spawn(async move {
+            http.post(format!("{api}/v1/actions/restart"))
+                .bearer_auth(TOKEN)
+                .timeout(Duration::from_secs(120))
+                .send()
+                .await
+                .map(|r| r.status())
+        })
+    };
+    m.wait_for("waiting for a bootstrap order", READY_TIMEOUT, |s| {
+        s.message.as_deref().is_some_and(|m| m.contains(WAITING))
+    })
+    .await;
+    let (code, body) = m.bootstrap().await;
+    assert_eq!(code, 200, "{body}");
+    let status = m.wait_ready().await;
+    assert_eq!(restart.await.unwrap().unwrap(), 200);
+    assert!(!status.pending_restart, "{status:?}");
+    assert_eq!(
+        status.config_hash.as_deref(),
+        Some(settings_hash(&engine).as_str())
+    );
+    assert_ne!(fx.server_pid(0), pid);
+    assert_eq!(variable(&fx, 0, "back_log").await, "90");
+    assert_eq!(variable(&fx, 0, "max_connections").await, "120");
+    m.stop().await;
 }

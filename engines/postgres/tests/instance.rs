@@ -1,6 +1,7 @@
 //! Engine tests of the instance manager with the PostgreSQL driver against
 //! real PostgreSQL 15 binaries (`/usr/lib/postgresql/15/bin`): bootstrap,
-//! the HTTP API, restarts, data directory identity, cloning a replica.
+//! the HTTP API, restarts, data directory identity, cloning a replica,
+//! `reconfigure` (reload in place, or a pending restart).
 //! Each test owns a temporary directory and loopback ports; the database
 //! runs as an unprivileged user when the tests run as root. Missing
 //! binaries fail the tests, they never skip.
@@ -664,4 +665,134 @@ async fn binaries_of_another_major_version_are_refused() {
         msg.contains(PG15_BIN) && msg.contains("PostgreSQL 15") && msg.contains("version 17"),
         "{msg}"
     );
+}
+
+impl Running {
+    async fn reconfigure(&self, engine: &serde_json::Value) -> serde_json::Value {
+        let resp = self
+            .post("/v1/actions/reconfigure")
+            .bearer_auth(TOKEN)
+            .json(&serde_json::json!({ "engine": engine }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+        resp.json().await.unwrap()
+    }
+
+    async fn status_until(&self, what: &str, f: impl Fn(&MemberStatus) -> bool) -> MemberStatus {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = self.status().await;
+            if f(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} within 30s: {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+async fn show(client: &tokio_postgres::Client, name: &str) -> String {
+    client
+        .query_one(&format!("SHOW {name}"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+fn postmaster_pid(config: &InstanceConfig) -> String {
+    std::fs::read_to_string(config.data_dir.join("pgdata").join("postmaster.pid"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// The `reconfigure` path against a real server: the manager reports the
+/// hash of the settings it runs with; a reloadable parameter is live at
+/// once without a restart; a restart-only one (and a lowered hot-standby
+/// one) leaves `pendingRestart` (PostgreSQL's own `pg_settings`) and
+/// `restartPrimaryFirst` set until the manager's `restart` action starts
+/// the server with the new settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconfigure_reloads_or_leaves_a_pending_restart_that_restart_applies() {
+    use operator_core::instance::protocol::settings_hash;
+    let fx = Fixture::new(1);
+    let config = fx.config(0);
+    let mut m = Running::start(config.clone());
+    m.wait_ready().await;
+    let status = m.status().await;
+    assert_eq!(
+        status.config_hash.as_deref(),
+        Some(settings_hash(&config.engine).as_str())
+    );
+    assert!(!status.pending_restart && !status.restart_primary_first);
+    let pid = postmaster_pid(&config);
+
+    // Reloadable: live at once, same server process.
+    let mut engine = config.engine.clone();
+    engine["parameters"]["work_mem"] = "12MB".into();
+    let reply = m.reconfigure(&engine).await;
+    assert_eq!(reply["restart"], false, "{reply}");
+    assert_eq!(reply["changed"], serde_json::json!(["work_mem"]), "{reply}");
+    let client = fx.app_client(0).await;
+    assert_eq!(show(&client, "work_mem").await, "12MB");
+    let status = m.status().await;
+    assert_eq!(
+        status.config_hash.as_deref(),
+        Some(settings_hash(&engine).as_str())
+    );
+    assert!(!status.pending_restart, "{status:?}");
+    assert_eq!(postmaster_pid(&config), pid, "no restart for work_mem");
+
+    // Restart-only, and max_connections lowered (30 → 25).
+    engine["parameters"]["shared_buffers"] = "24MB".into();
+    engine["parameters"]["max_connections"] = "25".into();
+    let reply = m.reconfigure(&engine).await;
+    assert_eq!(reply["restart"], true, "{reply}");
+    assert_eq!(reply["primaryFirst"], true, "{reply}");
+    let status = m
+        .status_until("pendingRestart", |s| s.pending_restart)
+        .await;
+    assert!(status.restart_primary_first, "{status:?}");
+    assert_eq!(
+        status.config_hash.as_deref(),
+        Some(settings_hash(&engine).as_str())
+    );
+    assert_eq!(
+        status.details["pendingRestartFor"]["max_connections"], "30",
+        "{status:?}"
+    );
+    assert_eq!(show(&client, "shared_buffers").await, "16MB");
+    drop(client);
+
+    // The manager's restart starts the server with them.
+    let resp = m
+        .post("/v1/actions/restart")
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    m.wait_ready().await;
+    let status = m
+        .status_until("no pendingRestart", |s| s.ready && !s.pending_restart)
+        .await;
+    assert!(!status.restart_primary_first, "{status:?}");
+    assert_eq!(
+        status.config_hash.as_deref(),
+        Some(settings_hash(&engine).as_str())
+    );
+    assert_ne!(postmaster_pid(&config), pid);
+    let client = fx.app_client(0).await;
+    assert_eq!(show(&client, "shared_buffers").await, "24MB");
+    assert_eq!(show(&client, "max_connections").await, "25");
+    assert_eq!(show(&client, "work_mem").await, "12MB");
+    drop(client);
+    m.stop().await.expect("clean stop");
 }

@@ -225,6 +225,11 @@ pub struct InstanceStatus {
     /// and status, flow control, last state transfer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wsrep: Option<WsrepStatus>,
+    /// The instance runs with older settings than the cluster's
+    /// configuration and takes them at its next restart (a changed
+    /// parameter that cannot be reloaded), as its instance manager reports.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending_restart: bool,
 }
 
 /// One Galera member's facts, as its instance manager reports them.

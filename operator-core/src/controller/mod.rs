@@ -68,6 +68,7 @@ pub mod leader;
 pub mod metrics;
 pub mod observe;
 mod reconcile;
+pub mod reconfigure;
 pub mod report;
 pub mod status;
 
@@ -285,6 +286,7 @@ async fn run_kind(shared: Arc<reconcile::Shared>, engine: Arc<dyn Engine>, resou
         clusters: store.clone(),
         galera: Default::default(),
         ha: ha::HaRegistry::new(wake),
+        reconfigure: Default::default(),
     });
     // Deleted clusters' records go with the watch's Delete (or the next
     // re-list), whether or not their cleanup ran.

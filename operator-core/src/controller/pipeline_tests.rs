@@ -189,6 +189,7 @@ impl Harness {
             clusters: clusters.as_reader(),
             galera: Default::default(),
             ha: super::ha::HaRegistry::new(futures::channel::mpsc::unbounded().0),
+            reconfigure: Default::default(),
         });
         writers.ready();
         Self {

@@ -30,6 +30,7 @@ use super::galera;
 use super::ha;
 use super::metrics::{Metrics, Step};
 use super::observe;
+use super::reconfigure;
 use super::report::Reporter;
 use super::status::{self, StatusInput};
 use crate::api::status::{ClusterStatus, Phase};
@@ -80,6 +81,8 @@ pub(crate) struct KindContext {
     pub galera: galera::Memory,
     /// Failover memory and write-lease renewals per cluster ([`ha`]).
     pub ha: ha::HaRegistry,
+    /// Failed `reconfigure` attempts per member ([`reconfigure`]).
+    pub reconfigure: reconfigure::Memory,
 }
 
 /// A status written by this process, with the `resourceVersion` the write
@@ -158,6 +161,7 @@ impl KindContext {
         self.galera.retain(&keep);
         // A deleted cluster's primary is no longer renewed a lease.
         self.ha.retain(&keep);
+        self.reconfigure.retain(&keep);
     }
 
     fn cached(&self, ns: &str, name: &str) -> bool {
@@ -610,6 +614,10 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
     // capability); may refresh `seen.members`.
     let ha = ha::step(ctx, obj, &cluster, &manifest, &mut seen, previous.as_ref()).await?;
 
+    // reconfigure: running managers take the engine settings of the
+    // ConfigMap applied above (restarts are the rolling update's).
+    let reconfigured = reconfigure::step(ctx, obj, &cluster, &manifest, &seen).await;
+
     // decide: routing and pod labels.
     let previous_primary = previous.as_ref().and_then(|s| s.current_primary.clone());
     let engine_routing = engine.route(&seen.members);
@@ -679,7 +687,7 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
         REQUEUE_WAITING
     };
     Ok(Action::requeue(
-        [recovery.requeue, ha.and_then(|h| h.requeue)]
+        [recovery.requeue, ha.and_then(|h| h.requeue), reconfigured]
             .into_iter()
             .flatten()
             .fold(requeue, Duration::min),

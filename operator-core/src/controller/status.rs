@@ -88,6 +88,7 @@ fn instance_status(name: &str, pods: &[PodInfo], members: &[ObservedMember]) -> 
         position: report.and_then(|r| r.position.describe()),
         message: message.map(|m| truncate(&m, MAX_INSTANCE_MESSAGE)),
         wsrep: report.and_then(galera::wsrep_status),
+        pending_restart: report.is_some_and(|r| r.pending_restart),
     }
 }
 

@@ -522,6 +522,11 @@ impl Shared {
             && !lease.valid()
             && self.driver.needs_write_lease(&self.ctx);
         status.lease_remaining_ms = lease.remaining_ms();
+        // Which settings this manager was given (and its server runs
+        // with, or takes at its next start: `pending_restart`).
+        status.config_hash = Some(super::protocol::settings_hash(
+            &super::reconfigured::effective_engine(config),
+        ));
         (status, snap)
     }
 }

@@ -7,4 +7,5 @@ pub mod identity;
 pub mod manager;
 pub mod process;
 pub mod protocol;
+pub mod reconfigured;
 pub mod server;

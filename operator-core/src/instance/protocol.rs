@@ -212,6 +212,54 @@ pub struct MemberStatus {
     /// members in update order (replicas first, the primary or writer last).
     #[serde(default)]
     pub pending_restart: bool,
+    /// The pending restart lowers a setting that standbys need at least as
+    /// high as their primary (PostgreSQL's hot-standby parameters, e.g.
+    /// `max_connections`): this member, the primary, must restart first
+    /// and in place, before any other member takes the new settings (a
+    /// switchover would make primary a member still running the higher
+    /// value, which this one could not follow with the lower). Reported
+    /// by a primary only; the controller reconfigures the other members
+    /// once this one restarted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restart_primary_first: bool,
+    /// [`settings_hash`] of the engine block the manager runs with: the
+    /// instance config's, or the last one a `reconfigure` handed it. The
+    /// controller compares it with the hash of the block it wants and
+    /// sends `reconfigure` when they differ. `None` from managers that
+    /// predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_hash: Option<String>,
+}
+
+/// A stable hash of an engine block (`Engine::instance_settings`'s
+/// output): SHA-256 of its canonical JSON (object keys sorted at every
+/// level, no whitespace), hex, prefixed `sha256:`. The same block gives the
+/// same hash on both sides of the API whatever order its keys came in.
+/// Pure.
+pub fn settings_hash(engine: &serde_json::Value) -> String {
+    use sha2::{Digest, Sha256};
+    let text = serde_json::to_vec(&canonical(engine)).unwrap_or_default();
+    format!("sha256:{}", hex::encode(Sha256::digest(&text)))
+}
+
+/// `value` with every object's keys in sorted order. Pure.
+fn canonical(value: &serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(map) => {
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            serde_json::Value::Object(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k.clone(), canonical(v)))
+                    .collect(),
+            )
+        }
+        serde_json::Value::Array(items) => {
+            serde_json::Value::Array(items.iter().map(canonical).collect())
+        }
+        other => other.clone(),
+    }
 }
 
 /// Built-in action: stop the server and keep it down (persisted) until
@@ -236,11 +284,14 @@ pub const ACTION_SLOTS: &str = "slots";
 pub const ACTION_SYNC_STANDBYS: &str = "syncStandbys";
 /// Engine action: take a changed engine block (`{"engine": …}`, as
 /// `Engine::instance_settings` renders it) without a restart where the
-/// engine can (a configuration reload). The reply says
-/// `{"restart": bool}` (the server must restart to take all of it) and
-/// `{"primaryFirst": bool}` (the primary must restart before the replicas,
-/// e.g. a lowered PostgreSQL hot-standby parameter). An engine without the
-/// action is restarted instead.
+/// engine can (a configuration reload, MariaDB's `SET GLOBAL`). The reply
+/// says `{"restart": bool}` (the server must restart to take all of it)
+/// and `{"primaryFirst": bool}` (the primary must restart before the
+/// replicas, e.g. a lowered PostgreSQL hot-standby parameter). From then
+/// on the manager reports the block's [`settings_hash`] as
+/// [`MemberStatus::config_hash`], `pending_restart` until the server runs
+/// with all of it, and a `restart` action starts the server with it.
+/// Idempotent. An engine without the action is restarted instead.
 pub const ACTION_RECONFIGURE: &str = "reconfigure";
 /// Key of a [`LeaseGrant`] in any action body: the manager applies it
 /// before the action (a promotion is granted its lease atomically).
@@ -297,5 +348,24 @@ mod tests {
         assert_eq!(v["clusterId"], "");
         let back: MemberStatus = serde_json::from_value(v).unwrap();
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn settings_hash_ignores_key_order_and_sees_values() {
+        let a: serde_json::Value =
+            serde_json::from_str(r#"{"version":15,"parameters":{"work_mem":"4MB","a":"1"}}"#)
+                .unwrap();
+        let b: serde_json::Value =
+            serde_json::from_str(r#"{"parameters":{"a":"1","work_mem":"4MB"},"version":15}"#)
+                .unwrap();
+        assert_eq!(settings_hash(&a), settings_hash(&b));
+        assert!(settings_hash(&a).starts_with("sha256:"));
+        assert_eq!(settings_hash(&a).len(), "sha256:".len() + 64);
+        let c = serde_json::json!({"version": 15, "parameters": {"work_mem": "8MB", "a": "1"}});
+        assert_ne!(settings_hash(&a), settings_hash(&c));
+        // The pretty-printed ConfigMap JSON read back hashes the same.
+        let pretty = serde_json::to_string_pretty(&a).unwrap();
+        let back: serde_json::Value = serde_json::from_str(&pretty).unwrap();
+        assert_eq!(settings_hash(&back), settings_hash(&a));
     }
 }

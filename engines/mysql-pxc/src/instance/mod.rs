@@ -23,6 +23,7 @@
 
 pub mod binaries;
 pub mod conf;
+pub mod reconfigure;
 pub mod status;
 
 use std::path::PathBuf;
@@ -37,7 +38,8 @@ use operator_core::instance::config::{InstanceConfig, PeerEndpoint};
 use operator_core::instance::identity::{self, IDENTITY_FILE};
 use operator_core::instance::manager::SERVER_LOG;
 use operator_core::instance::process::{self, RunAs};
-use operator_core::instance::protocol::{MemberStatus, Position, Role};
+use operator_core::instance::protocol::{ACTION_RECONFIGURE, MemberStatus, Position, Role};
+use operator_core::instance::reconfigured;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -189,9 +191,11 @@ impl PxcDriver {
     }
 }
 
-/// The engine block of the instance configuration.
+/// The engine block this manager runs with: the instance configuration's,
+/// or the one the operator handed it since it started
+/// ([`ACTION_RECONFIGURE`], see [`reconfigure`]).
 pub fn settings(config: &InstanceConfig) -> Result<PxcInstanceSettings, InstanceError> {
-    serde_json::from_value(config.engine.clone())
+    serde_json::from_value(reconfigured::effective_engine(config))
         .map_err(|e| InstanceError::Settings(format!("engine block of the instance config: {e}")))
 }
 
@@ -473,6 +477,8 @@ impl InstanceDriver for PxcDriver {
             hand_over(&layout, user)?;
         }
         write_my_cnf(ctx, &s, &layout, &bin, run_as.as_ref())?;
+        // The server about to start reads every setting from this my.cnf.
+        process::remove_file_if_exists(&layout.run(reconfigure::RESTART_PENDING))?;
 
         // The position to start from after an unclean stop.
         let grastate = layout.read_grastate();
@@ -655,8 +661,13 @@ impl InstanceDriver for PxcDriver {
                         obj.insert(k.clone(), v.clone());
                     }
                 }
+                let pending = reconfigure::pending(&layout);
+                if let (Some(obj), Some(p)) = (details.as_object_mut(), &pending) {
+                    obj.insert("pendingRestartFor".into(), json!(p));
+                }
                 MemberStatus {
                     details,
+                    pending_restart: pending.is_some(),
                     ..MemberStatus {
                         name: base.name,
                         cluster_id: base.cluster_id,
@@ -673,8 +684,11 @@ impl InstanceDriver for PxcDriver {
         &self,
         ctx: &InstanceContext,
         action: &str,
-        _body: serde_json::Value,
+        body: serde_json::Value,
     ) -> Result<Option<ActionReply>, InstanceError> {
+        if action == ACTION_RECONFIGURE {
+            return reconfigure::reconfigure(ctx, body).await.map(Some);
+        }
         if action != ACTION_BOOTSTRAP {
             return Ok(None);
         }

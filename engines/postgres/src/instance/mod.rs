@@ -28,6 +28,7 @@ use operator_core::instance::protocol::{
     ACTION_DEMOTE, ACTION_FOLLOW, ACTION_PROMOTE, ACTION_RECONFIGURE, ACTION_SLOTS,
     ACTION_SYNC_STANDBYS, MemberStatus, Role,
 };
+use operator_core::instance::reconfigured;
 use serde_json::json;
 
 use self::binaries::BinDir;
@@ -53,31 +54,13 @@ impl PostgresDriver {
     }
 }
 
-/// The engine block of the instance configuration, or the one the
-/// operator handed this manager since it started ([`ACTION_RECONFIGURE`]).
+/// The engine block this manager runs with: the instance configuration's,
+/// or the one the operator handed it since it started
+/// ([`ACTION_RECONFIGURE`], kept in the run directory by
+/// [`reconfigured::store`]).
 pub fn settings(config: &InstanceConfig) -> Result<PostgresInstanceSettings, InstanceError> {
-    let engine = reconfigured(config).unwrap_or_else(|| config.engine.clone());
-    serde_json::from_value(engine)
+    serde_json::from_value(reconfigured::effective_engine(config))
         .map_err(|e| InstanceError::Settings(format!("engine block of the instance config: {e}")))
-}
-
-/// `reconfigured.json` in the run directory: the engine block a
-/// `reconfigure` handed this manager process. A manager started later
-/// reads its `instance.json` (which the operator rewrote first) instead,
-/// so a stale file never wins.
-const RECONFIGURED_FILE: &str = "reconfigured.json";
-
-#[derive(serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Reconfigured {
-    manager_pid: u32,
-    engine: serde_json::Value,
-}
-
-fn reconfigured(config: &InstanceConfig) -> Option<serde_json::Value> {
-    let text = std::fs::read(config.run_dir.join(RECONFIGURED_FILE)).ok()?;
-    let file: Reconfigured = serde_json::from_slice(&text).ok()?;
-    (file.manager_pid == std::process::id()).then_some(file.engine)
 }
 
 /// Parameters a hot standby needs at least as high as its primary's
@@ -132,6 +115,21 @@ pub fn lowered_hot_standby_parameters(
         .collect()
 }
 
+/// Of the parameters a server reports waiting for a restart (`details`,
+/// [`status::PENDING_RESTART_DETAIL`]: name → value it runs with), the
+/// hot-standby parameters `wanted` sets lower. Pure.
+pub fn lowered_pending_parameters(
+    details: &serde_json::Value,
+    wanted: &PostgresInstanceSettings,
+) -> Vec<String> {
+    let running: std::collections::BTreeMap<String, String> = details
+        .get(status::PENDING_RESTART_DETAIL)
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .unwrap_or_default();
+    let pending: Vec<String> = running.keys().cloned().collect();
+    lowered_hot_standby_parameters(&pending, wanted, &running)
+}
+
 /// `reconfigure`: write the configuration files for the new engine block,
 /// reload the server, and say whether a restart is still needed (a changed
 /// parameter of context `postmaster`) and whether the primary must go first
@@ -152,12 +150,7 @@ async fn reconfigure(
     let old = settings(config)?;
     let changed = changed_parameters(&old, &new);
     let run_as = RunAs::for_config(config)?;
-    let file = serde_json::to_vec(&Reconfigured {
-        manager_pid: std::process::id(),
-        engine,
-    })
-    .unwrap_or_default();
-    process::write_file(&layout.run_dir.join(RECONFIGURED_FILE), &file, 0o600, None)?;
+    reconfigured::store(config, &engine, None)?;
     let upstream = layout
         .standby_signal()
         .exists()
@@ -591,6 +584,10 @@ impl InstanceDriver for PostgresDriver {
                 {
                     d.insert("diverged".into(), json!(line));
                 }
+                found.restart_primary_first = found.role == Role::Primary
+                    && found.pending_restart
+                    && settings(config)
+                        .is_ok_and(|s| !lowered_pending_parameters(&found.details, &s).is_empty());
                 MemberStatus {
                     name: status.name,
                     cluster_id: status.cluster_id,
@@ -728,6 +725,21 @@ mod tests {
                 .collect(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_pending_lowered_hot_standby_parameter_is_found() {
+        let details = json!({
+            status::PENDING_RESTART_DETAIL: {"max_connections": "100", "shared_buffers": "2048"}
+        });
+        let wanted = with(&[("max_connections", "90"), ("shared_buffers", "32MB")]);
+        assert_eq!(
+            lowered_pending_parameters(&details, &wanted),
+            ["max_connections"]
+        );
+        let raised = with(&[("max_connections", "150"), ("shared_buffers", "32MB")]);
+        assert!(lowered_pending_parameters(&details, &raised).is_empty());
+        assert!(lowered_pending_parameters(&json!({}), &wanted).is_empty());
     }
 
     #[test]

@@ -176,6 +176,24 @@ pub async fn query(
         )
     };
     let ready = !expect_replica || in_recovery;
+    // PostgreSQL's own account of settings read from the configuration
+    // files that need a restart to apply (after a reload): the authority
+    // on whether this server runs with what it was given.
+    let pending: std::collections::BTreeMap<String, String> = client
+        .query(
+            "SELECT name, setting FROM pg_settings WHERE pending_restart ORDER BY name",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut details = details;
+    if !pending.is_empty()
+        && let Some(d) = details.as_object_mut()
+    {
+        d.insert(PENDING_RESTART_DETAIL.into(), json!(pending));
+    }
     Ok(MemberStatus {
         role,
         ready,
@@ -184,9 +202,14 @@ pub async fn query(
         message: (!ready)
             .then(|| "started as a replica (standby.signal) but not in recovery".to_string()),
         details,
+        pending_restart: !pending.is_empty(),
         ..Default::default()
     })
 }
+
+/// Key in [`MemberStatus::details`] of the parameters waiting for a
+/// restart: name → the value the server runs with now.
+pub const PENDING_RESTART_DETAIL: &str = "pendingRestartFor";
 
 /// What PostgreSQL logs when this data directory's history diverged from
 /// the upstream it was told to follow (the old primary wrote past the

@@ -1,0 +1,489 @@
+//! Configuration changes reaching running instances on Kubernetes, end to
+//! end: the operator (the `stratum controller` binary, watching the test's
+//! namespace) on a real control plane, real PostgreSQL 15 / MariaDB in the
+//! pods run by the fake kubelet of `tests/support/kubelet.rs`, which gives
+//! each pod the ConfigMap's instance config once, at its start (as a
+//! manager reads it once): only the controller's `reconfigure` makes a
+//! changed spec reach a running server.
+//!
+//! - PostgresCluster, 3 instances: a changed reloadable parameter
+//!   (`work_mem`) is live on every instance (`SHOW work_mem`) with the same
+//!   postmaster (no restart), Events `InstanceReconfigured`; a changed
+//!   restart-only one (`shared_buffers`) leaves every member reporting
+//!   `pendingRestart` (manager and `status.instancesStatus`) with the old
+//!   value running; an operator-owned parameter (`max_wal_senders`) is
+//!   refused naming the field, the ConfigMap and the running instances
+//!   untouched;
+//! - PxcCluster (one member, so that the test stays short): a changed
+//!   `spec.configuration` reaches my.cnf and `SHOW VARIABLES` at once for
+//!   a writable variable (same mariadbd), and `pendingRestart` for a
+//!   read-only one; an operator-owned option (`port`) is refused naming
+//!   `spec.configuration`, the ConfigMap untouched.
+//!
+//! Restarting members with `pendingRestart` is the rolling update's work
+//! (not part of this branch), so it is not checked here.
+//!
+//! Uses the control plane of `STRATUM_TEST_KUBECONFIG`, or starts one for
+//! this binary (scripts/control-plane.sh); fails when it cannot, or when
+//! PostgreSQL 15 / MariaDB are not installed.
+
+mod support;
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::Client;
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use operator_core::engine::InstanceOps;
+use operator_core::instance::protocol::MemberStatus;
+use serde_json::{Value, json};
+use support::kubelet::{self, Kubelet};
+use support::*;
+
+const START: Duration = Duration::from_secs(180);
+const WAIT: Duration = Duration::from_secs(90);
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+const PG: &str = "rc-pg";
+const PG_NAMES: [&str; 3] = ["rc-pg-0", "rc-pg-1", "rc-pg-2"];
+const PXC: &str = "rc-pxc";
+
+fn require_postgres() {
+    assert!(
+        Path::new(PG_BIN).join("postgres").is_file(),
+        "PostgreSQL 15 not found in {PG_BIN}: install postgresql-15 (scripts/setup.sh; Debian: apt-get install postgresql-15)"
+    );
+}
+
+fn require_mariadb() {
+    assert!(
+        ["/usr/sbin/mariadbd", "/usr/bin/mariadbd"]
+            .iter()
+            .any(|p| Path::new(p).is_file()),
+        "mariadbd not found: install mariadb-server galera-4 rsync (scripts/setup.sh)"
+    );
+}
+
+fn rc_pg() -> Value {
+    json!({
+        "apiVersion": "stratum.dev/v1alpha1",
+        "kind": "PostgresCluster",
+        "metadata": {"name": PG},
+        "spec": {
+            "instances": 3,
+            "version": 15,
+            "storage": {"size": "1Gi"},
+            "postgresql": {
+                "parameters": {"shared_buffers": "16MB", "max_connections": "40", "work_mem": "4MB"},
+            },
+        },
+    })
+}
+
+async fn secret_value(client: &Client, ns: &str, cluster: &str, key: &str) -> String {
+    let secret = Api::<Secret>::namespaced(client.clone(), ns)
+        .get(&format!("{cluster}-credentials"))
+        .await
+        .unwrap_or_else(|e| panic!("credentials Secret: {}", api_message(&e)));
+    let value = secret.data.unwrap_or_default().remove(key);
+    String::from_utf8(value.unwrap_or_else(|| panic!("no {key} in the Secret")).0).unwrap()
+}
+
+async fn pg_connect(ip: Ipv4Addr, password: &str) -> Result<tokio_postgres::Client, String> {
+    let (client, conn) = tokio_postgres::Config::new()
+        .host(ip.to_string())
+        .port(5432)
+        .user("app")
+        .password(password)
+        .dbname("app")
+        .connect_timeout(Duration::from_secs(2))
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| format!("connect to {ip}: {e}"))?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// `SHOW name` on every PostgreSQL instance, in `PG_NAMES` order.
+async fn pg_show(kubelet: &Kubelet, password: &str, name: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for pod in PG_NAMES {
+        let c = pg_connect(kubelet.pod_ip(pod), password).await?;
+        let row = c
+            .query_one(&format!("SHOW {name}"), &[])
+            .await
+            .map_err(|e| format!("SHOW {name} on {pod}: {e}"))?;
+        out.push(row.get(0));
+    }
+    Ok(out)
+}
+
+/// Every manager's status, in `names` order.
+async fn managers(kubelet: &Kubelet, names: &[&str]) -> Result<Vec<MemberStatus>, String> {
+    let ops = kubelet.instance_client();
+    let mut out = Vec::new();
+    for n in names {
+        out.push(ops.status(n).await.map_err(|e| e.to_string())?);
+    }
+    Ok(out)
+}
+
+fn pids(kubelet: &Kubelet, names: &[&str]) -> Vec<Option<i32>> {
+    names.iter().map(|n| kubelet.server_pid(n)).collect()
+}
+
+fn reasons_with(events: &[k8s_openapi::api::events::v1::Event], reason: &str) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .filter_map(|e| e.note.clone())
+        .collect()
+}
+
+fn condition<'a>(s: &'a Value, type_: &str) -> Option<&'a Value> {
+    s["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
+async fn config_map(client: &Client, ns: &str, cluster: &str) -> ConfigMap {
+    Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get(&format!("{cluster}-config"))
+        .await
+        .unwrap_or_else(|e| panic!("ConfigMap: {}", api_message(&e)))
+}
+
+async fn patch_spec(api: &Api<DynamicObject>, name: &str, spec: Value) {
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": spec })),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("patch {name}: {}", api_message(&e)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_parameters_reach_running_instances() {
+    require_postgres();
+    let client = admin().await;
+    let namespace = TestNamespace::create(&client, "reconf-pg").await;
+    let ns = namespace.name.clone();
+    let _operator = OperatorProcess::start_for_instances(&client, Some(&ns)).await;
+    let kubelet = Kubelet::start(&client, &ns, PG, "PostgresCluster").await;
+    apply(&client, &rc_pg(), &ns)
+        .await
+        .unwrap_or_else(|e| panic!("{PG}: {}", api_message(&e)));
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &ns, &stratum_resource("PostgresCluster"));
+    kubelet::wait_status(&api, PG, "phase Healthy", START, |s| {
+        s["phase"] == "Healthy" && s["ready"] == "3/3" && s["currentPrimary"] == "rc-pg-0"
+    })
+    .await;
+    let password = secret_value(&client, &ns, PG, "app-password").await;
+    let first = managers(&kubelet, &PG_NAMES).await.unwrap();
+    let hash = first[0]
+        .config_hash
+        .clone()
+        .expect("managers report a hash");
+    assert!(
+        first.iter().all(|m| m.config_hash.as_ref() == Some(&hash)),
+        "{first:?}"
+    );
+    let pids_before = pids(&kubelet, &PG_NAMES);
+    assert!(pids_before.iter().all(Option::is_some), "{pids_before:?}");
+
+    // A reloadable parameter: live everywhere, no restart.
+    patch_spec(
+        &api,
+        PG,
+        json!({"postgresql": {"parameters": {"work_mem": "7MB"}}}),
+    )
+    .await;
+    eventually("SHOW work_mem = 7MB on every instance", WAIT, || async {
+        let got = pg_show(&kubelet, &password, "work_mem").await?;
+        if got.iter().all(|v| v == "7MB") {
+            Ok(())
+        } else {
+            Err(format!("{got:?}"))
+        }
+    })
+    .await;
+    assert_eq!(
+        pids(&kubelet, &PG_NAMES),
+        pids_before,
+        "work_mem is reloaded, no server restarts"
+    );
+    let now = managers(&kubelet, &PG_NAMES).await.unwrap();
+    let reloaded_hash = now[0].config_hash.clone().unwrap();
+    assert_ne!(reloaded_hash, hash);
+    for m in &now {
+        assert_eq!(m.config_hash.as_ref(), Some(&reloaded_hash), "{m:?}");
+        assert!(!m.pending_restart, "{m:?}");
+    }
+    let notes = eventually(
+        "an InstanceReconfigured Event per instance",
+        WAIT,
+        || async {
+            let notes = reasons_with(
+                &events_about(&client, &ns, PG).await,
+                "InstanceReconfigured",
+            );
+            if PG_NAMES
+                .iter()
+                .all(|n| notes.iter().any(|t| t.starts_with(n)))
+            {
+                Ok(notes)
+            } else {
+                Err(format!("{notes:?}"))
+            }
+        },
+    )
+    .await;
+    assert!(notes.iter().all(|n| n.contains("work_mem")), "{notes:?}");
+
+    // A restart-only parameter: every member reports a pending restart;
+    // the old value runs until the rolling update restarts them.
+    patch_spec(
+        &api,
+        PG,
+        json!({"postgresql": {"parameters": {"shared_buffers": "24MB"}}}),
+    )
+    .await;
+    let status = kubelet::wait_status(&api, PG, "pendingRestart on every instance", WAIT, |s| {
+        s["instancesStatus"]
+            .as_array()
+            .is_some_and(|is| is.len() == 3 && is.iter().all(|i| i["pendingRestart"] == true))
+    })
+    .await;
+    assert_eq!(status["ready"], "3/3", "{status}");
+    let now = managers(&kubelet, &PG_NAMES).await.unwrap();
+    for m in &now {
+        assert!(m.pending_restart, "{m:?}");
+        assert!(!m.restart_primary_first, "a raised parameter: {m:?}");
+        assert_eq!(
+            m.details["pendingRestartFor"]["shared_buffers"], "2048",
+            "PostgreSQL reports the running value (8 kB pages): {m:?}"
+        );
+    }
+    let pending_hash = now[0].config_hash.clone().unwrap();
+    assert!(
+        now.iter()
+            .all(|m| m.config_hash.as_ref() == Some(&pending_hash))
+    );
+    assert_eq!(
+        pg_show(&kubelet, &password, "shared_buffers")
+            .await
+            .unwrap(),
+        vec!["16MB"; 3]
+    );
+    assert_eq!(pids(&kubelet, &PG_NAMES), pids_before, "no restarts here");
+    eventually("an Event saying a restart is pending", WAIT, || async {
+        let notes = reasons_with(
+            &events_about(&client, &ns, PG).await,
+            "InstanceReconfigured",
+        );
+        if notes
+            .iter()
+            .any(|n| n.contains("restart pending for shared_buffers"))
+        {
+            Ok(())
+        } else {
+            Err(format!("{notes:?}"))
+        }
+    })
+    .await;
+
+    // An operator-owned parameter: refused naming the field; the
+    // ConfigMap and the running instances stay as they are.
+    let cm_before = config_map(&client, &ns, PG).await;
+    patch_spec(
+        &api,
+        PG,
+        json!({"postgresql": {"parameters": {"max_wal_senders": "12", "work_mem": "9MB"}}}),
+    )
+    .await;
+    let refused = kubelet::wait_status(&api, PG, "the owned parameter refused", WAIT, |s| {
+        s["phase"] == "Failed"
+            && condition(s, "Degraded").is_some_and(|c| {
+                c["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("spec.postgresql.parameters.max_wal_senders"))
+            })
+    })
+    .await;
+    assert!(
+        condition(&refused, "Degraded").unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .contains("managed by the operator"),
+        "{refused}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cm_after = config_map(&client, &ns, PG).await;
+    assert_eq!(
+        cm_after.metadata.resource_version, cm_before.metadata.resource_version,
+        "the ConfigMap was not changed"
+    );
+    assert_eq!(
+        pg_show(&kubelet, &password, "work_mem").await.unwrap(),
+        vec!["7MB"; 3],
+        "nothing of the refused spec reached the instances"
+    );
+    let now = managers(&kubelet, &PG_NAMES).await.unwrap();
+    assert!(
+        now.iter()
+            .all(|m| m.config_hash.as_ref() == Some(&pending_hash))
+    );
+    assert_eq!(pids(&kubelet, &PG_NAMES), pids_before);
+    drop(kubelet);
+}
+
+fn rc_pxc(configuration: &str) -> Value {
+    json!({
+        "apiVersion": "stratum.dev/v1alpha1",
+        "kind": "PxcCluster",
+        "metadata": {"name": PXC},
+        "spec": {
+            "instances": 1,
+            "flavor": "MariaDB",
+            "version": "10.11",
+            "storage": {"size": "1Gi"},
+            "configuration": configuration,
+            "sstMethod": "rsync",
+            // One member keeps the test short; Galera wants three.
+            "unsafeFlags": {"pxcSize": true},
+            // No HAProxy pods run here.
+            "proxy": {"type": "none"},
+        },
+    })
+}
+
+async fn mariadb_variable(ip: Ipv4Addr, password: &str, name: &str) -> Result<String, String> {
+    use mysql_async::prelude::Queryable;
+    let opts = mysql_async::OptsBuilder::default()
+        .ip_or_hostname(ip.to_string())
+        .tcp_port(3306)
+        .user(Some("root"))
+        .pass(Some(password.to_string()))
+        .prefer_socket(false);
+    let mut c = tokio::time::timeout(Duration::from_secs(5), mysql_async::Conn::new(opts))
+        .await
+        .map_err(|_| format!("connect to {ip}: timed out"))?
+        .map_err(|e| format!("connect to {ip}: {e}"))?;
+    let row: Option<(String, String)> = c
+        .query_first(format!("SHOW GLOBAL VARIABLES LIKE '{name}'"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = c.disconnect().await;
+    row.map(|r| r.1)
+        .ok_or_else(|| format!("no variable {name}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn galera_configuration_reaches_my_cnf_and_the_server() {
+    require_mariadb();
+    let client = admin().await;
+    let namespace = TestNamespace::create(&client, "reconf-pxc").await;
+    let ns = namespace.name.clone();
+    let _operator = OperatorProcess::start_for_instances(&client, Some(&ns)).await;
+    let kubelet = Kubelet::start(&client, &ns, PXC, "PxcCluster").await;
+    apply(
+        &client,
+        &rc_pxc("[mysqld]\ninnodb_buffer_pool_size = 64M\nmax_connections = 50\n"),
+        &ns,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{PXC}: {}", api_message(&e)));
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &ns, &stratum_resource("PxcCluster"));
+    kubelet::wait_status(&api, PXC, "phase Healthy", START, |s| {
+        s["phase"] == "Healthy" && s["ready"] == "1/1"
+    })
+    .await;
+    let pod = "rc-pxc-0";
+    let ip = kubelet.pod_ip(pod);
+    let password = secret_value(&client, &ns, PXC, "root-password").await;
+    assert_eq!(
+        mariadb_variable(ip, &password, "max_connections")
+            .await
+            .unwrap(),
+        "50"
+    );
+    let pid = kubelet.server_pid(pod).expect("mariadbd runs");
+    let my_cnf = kubelet.pod_dir(pod).join("run").join("my.cnf");
+
+    // max_connections is writable (SET GLOBAL); back_log is not.
+    patch_spec(
+        &api,
+        PXC,
+        json!({"configuration": "[mysqld]\ninnodb_buffer_pool_size = 64M\nmax_connections = 77\nback_log = 61\n"}),
+    )
+    .await;
+    eventually("SHOW VARIABLES max_connections = 77", WAIT, || async {
+        match mariadb_variable(ip, &password, "max_connections").await? {
+            v if v == "77" => Ok(()),
+            v => Err(v),
+        }
+    })
+    .await;
+    assert_eq!(kubelet.server_pid(pod), Some(pid), "set live, no restart");
+    let cnf = std::fs::read_to_string(&my_cnf).unwrap();
+    assert!(
+        cnf.contains("max_connections=77") && cnf.contains("back_log=61"),
+        "{cnf}"
+    );
+    assert_ne!(
+        mariadb_variable(ip, &password, "back_log").await.unwrap(),
+        "61"
+    );
+    let status = kubelet::wait_status(&api, PXC, "pendingRestart for back_log", WAIT, |s| {
+        s["instancesStatus"][0]["pendingRestart"] == true
+    })
+    .await;
+    assert_eq!(status["ready"], "1/1", "{status}");
+    let m = &managers(&kubelet, &[pod]).await.unwrap()[0];
+    assert!(
+        m.details["pendingRestartFor"]
+            .to_string()
+            .contains("back_log"),
+        "{m:?}"
+    );
+
+    // An operator-owned option: refused naming the field, ConfigMap kept.
+    let cm_before = config_map(&client, &ns, PXC).await;
+    patch_spec(
+        &api,
+        PXC,
+        json!({"configuration": "[mysqld]\nport = 3307\nmax_connections = 99\n"}),
+    )
+    .await;
+    kubelet::wait_status(&api, PXC, "the owned option refused", WAIT, |s| {
+        s["phase"] == "Failed"
+            && condition(s, "Degraded").is_some_and(|c| {
+                c["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("spec.configuration") && m.contains("port"))
+            })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        config_map(&client, &ns, PXC)
+            .await
+            .metadata
+            .resource_version,
+        cm_before.metadata.resource_version,
+        "the ConfigMap was not changed"
+    );
+    assert_eq!(
+        mariadb_variable(ip, &password, "max_connections")
+            .await
+            .unwrap(),
+        "77"
+    );
+    assert_eq!(kubelet.server_pid(pod), Some(pid));
+    drop(kubelet);
+}
