@@ -501,6 +501,72 @@ fn switchover_step(view: &HaView<'_>, from: &str) -> HaDecision {
     }
 }
 
+/// What [`decide`] says next once a switchover's old primary `from`
+/// answered the fence with `reply`: the promotion of `to` after catching
+/// up when the reply says the server stopped (the decision an observation
+/// of the fenced, stopped primary leads to), `None` when it may still run
+/// (look again). Pure.
+pub fn after_switchover_fence(
+    from: &str,
+    to: &str,
+    reply: &serde_json::Value,
+) -> Option<HaDecision> {
+    (reply.get("stopped").and_then(|v| v.as_bool()) == Some(true)).then(|| HaDecision::Promote {
+        candidate: to.to_string(),
+        from: from.to_string(),
+        reason: "switchover".into(),
+        catch_up: true,
+    })
+}
+
+/// Remember the timeline each replica streams on (the timeline of its
+/// running WAL receiver), the highest seen per member.
+pub fn note_timelines(members: &[ObservedMember], known: &mut BTreeMap<String, u32>) {
+    for m in members {
+        let Some(s) = m.status.as_ref().filter(|s| s.role == Role::Replica) else {
+            continue;
+        };
+        let receiving = s
+            .details
+            .get("walReceiver")
+            .and_then(|r| r.get("running"))
+            .and_then(|r| r.as_bool())
+            == Some(true);
+        if let (true, Position::Wal { timeline, .. }) = (receiving, &s.position) {
+            let t = known.entry(m.name.clone()).or_insert(*timeline);
+            *t = (*t).max(*timeline);
+        }
+    }
+}
+
+/// The members, each replica's timeline raised to the highest it was seen
+/// streaming on. A standby without a running WAL receiver (its primary
+/// gone, or detached from it) reports its control file's timeline, that
+/// of its last restartpoint, which lags behind a promotion elsewhere
+/// until its next restartpoint: a replica that streamed timeline 2 and
+/// then lost its primary says 1. Its WAL is on 2, and the election
+/// (newest timeline first) and the `FailoverCandidate` Event must say so.
+/// A data directory's timeline never goes back (a rewind or a re-clone
+/// moves it onto the current primary's). Pure.
+pub fn with_known_timelines(
+    members: &[ObservedMember],
+    known: &BTreeMap<String, u32>,
+) -> Vec<ObservedMember> {
+    members
+        .iter()
+        .map(|m| {
+            let mut m = m.clone();
+            if let (Some(k), Some(s)) = (known.get(&m.name), m.status.as_mut())
+                && s.role == Role::Replica
+                && let Position::Wal { timeline, .. } = &mut s.position
+            {
+                *timeline = (*timeline).max(*k);
+            }
+            m
+        })
+        .collect()
+}
+
 fn describe(e: &Election) -> String {
     match e {
         Election::Keep { primary } => format!("{primary} is the primary"),
@@ -776,6 +842,9 @@ pub(crate) struct ClusterHa {
     /// recording it and stopping the old primary took (the breakdown in
     /// the `Switchover` Event).
     switchover_clock: Option<(Instant, Duration, Duration)>,
+    /// The highest timeline each replica was seen streaming on
+    /// ([`with_known_timelines`]).
+    timelines: BTreeMap<String, u32>,
     /// User-fenced instances this process stopped.
     fenced_done: BTreeSet<String>,
     fenced: BTreeSet<String>,
@@ -822,6 +891,7 @@ impl HaRegistry {
                     switchover_lsn: None,
                     switchover_intent: None,
                     switchover_clock: None,
+                    timelines: BTreeMap::new(),
                     fenced_done: BTreeSet::new(),
                     fenced: BTreeSet::new(),
                     last_wait: None,
@@ -1210,9 +1280,13 @@ pub(crate) async fn step(
             (Some((p, names)), Some(f)) if p == f => names.clone(),
             _ => Vec::new(),
         };
+        // Replicas' timelines as last seen streaming (a standby that lost
+        // its primary reports a stale one).
+        note_timelines(&seen.members, &mut mem.timelines);
+        let members = with_known_timelines(&seen.members, &mem.timelines);
         let view = HaView {
             instances: &instances,
-            members: &seen.members,
+            members: &members,
             pods: &seen.pods,
             current_primary: rec.current.as_deref(),
             target_primary: rec.target.as_deref(),
@@ -1479,14 +1553,7 @@ async fn act(
                     mem.switchover_clock = Some((started, recorded_after, started.elapsed()));
                     // Stopped for sure: what `decide` says next on an
                     // observation of a fenced, stopped primary.
-                    if reply.get("stopped").and_then(|v| v.as_bool()) == Some(true) {
-                        *next = Some(HaDecision::Promote {
-                            candidate: to,
-                            from,
-                            reason: "switchover".into(),
-                            catch_up: true,
-                        });
-                    }
+                    *next = after_switchover_fence(&from, &to, &reply);
                 }
                 // Look again: a primary that stopped answering turns the
                 // switchover into a failover (`switchover_step`).
