@@ -623,13 +623,29 @@ struct TimedWriter {
 
 impl TimedWriter {
     fn start(client: Client, ns: String, password: String) -> Self {
+        Self::start_at(client, ns, password, None, 2_000_000)
+    }
+
+    /// Writes to `fixed` (a client connected to one pod's own IP, not
+    /// through `-rw`) when given; ids from `first`.
+    fn start_at(
+        client: Client,
+        ns: String,
+        password: String,
+        fixed: Option<Ipv4Addr>,
+        first: i32,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let acks: Arc<Mutex<Vec<(std::time::Instant, Ipv4Addr, i32)>>> = Arc::default();
         let (s, a) = (stop.clone(), acks.clone());
         let task = tokio::spawn(async move {
-            let mut next = 2_000_000;
+            let mut next = first;
             while !s.load(Ordering::SeqCst) {
-                let Ok(ip) = rw_ip(&client, &ns).await else {
+                let ip = match fixed {
+                    Some(ip) => Ok(ip),
+                    None => rw_ip(&client, &ns).await,
+                };
+                let Ok(ip) = ip else {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 };
@@ -667,6 +683,15 @@ impl TimedWriter {
 
     fn count(&self) -> usize {
         self.acks.lock().unwrap().len()
+    }
+
+    /// When commits were acknowledged by `ip`.
+    fn acked_by(&self, ip: Ipv4Addr) -> Vec<std::time::Instant> {
+        let acks = self.acks.lock().unwrap();
+        acks.iter()
+            .filter(|(_, by, _)| *by == ip)
+            .map(|(t, ..)| *t)
+            .collect()
     }
 
     async fn wait_more(&self, n: usize, what: &str) {
@@ -876,6 +901,160 @@ async fn switchover_under_writes_timed() {
         median(&mut first_writes.clone()),
         median(&mut windows.clone()),
         acked.len()
+    );
+    assert_no_failures(client, ns).await;
+    drop(operator);
+}
+
+/// The instances' positions in status (`tl N lsn …`), by name.
+fn positions(st: &Value) -> Vec<(String, String)> {
+    st["instancesStatus"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|i| {
+            (
+                i["name"].as_str().unwrap_or_default().to_string(),
+                i["position"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The primary's instance manager freezes (SIGSTOP; its PostgreSQL keeps
+/// running and requests to the manager hang) after a switchover made
+/// timeline 2, under a writer through `-rw` and a client connected to the
+/// primary's own pod IP. The operator fails over: no commit is
+/// acknowledged by the old primary once the new one took one (never two
+/// writable primaries), every acknowledged row is there, the
+/// `FailoverCandidate` Event names the timeline the replicas streamed on
+/// (2, not their control files' stale 1). The manager is thawed as soon
+/// as the failover is recorded: either it answers again and is fenced
+/// through its manager, or its pod was already deleted (lease expired)
+/// and is recreated; either way the old primary rejoins as a replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_primary_manager_is_failed_over_and_rejoins_when_thawed() {
+    let (s, operator) = setup("pg-ha-frozen").await;
+    let (client, ns, api, kubelet) = (&s.client, &s.ns, &s.api, &s.kubelet);
+    let writer = TimedWriter::start(client.clone(), ns.clone(), s.password.clone());
+    writer.wait_more(20, "writes before the switchover").await;
+    request_switchover(api, "ha-pg-1").await;
+    wait_status(
+        api,
+        "switched over to ha-pg-1",
+        WAIT,
+        healthy_with("ha-pg-1"),
+    )
+    .await;
+    // Both replicas streaming on timeline 2, as the operator saw them
+    // (a standby reports its receiver's timeline while it streams).
+    let ops = kubelet.instance_client();
+    eventually("both replicas streaming from ha-pg-1", WAIT, || async {
+        let st = ops.status("ha-pg-1").await.map_err(|e| e.to_string())?;
+        let streaming = operator_core::topology::streaming_replicas(&st);
+        (streaming.len() == 2)
+            .then_some(())
+            .ok_or(format!("streaming: {streaming:?}"))
+    })
+    .await;
+    wait_status(api, "both replicas on timeline 2 in status", WAIT, |st| {
+        let p = positions(st);
+        ["ha-pg-0", "ha-pg-2"]
+            .iter()
+            .all(|n| p.iter().any(|(m, pos)| m == n && pos.starts_with("tl 2 ")))
+    })
+    .await;
+    let old_ip = kubelet.pod_ip("ha-pg-1");
+    let direct = TimedWriter::start_at(
+        client.clone(),
+        ns.clone(),
+        s.password.clone(),
+        Some(old_ip),
+        3_000_000,
+    );
+    direct.wait_more(5, "writes straight to ha-pg-1").await;
+    writer.wait_more(20, "writes before the freeze").await;
+
+    let pid = kubelet.freeze("ha-pg-1");
+    let at = std::time::Instant::now();
+    eprintln!("froze the manager of ha-pg-1 (pid {pid})");
+    wait_status(api, "the failover from ha-pg-1 recorded", WAIT, |st| {
+        st["primaryChange"]["from"] == "ha-pg-1" || st["currentPrimary"] != "ha-pg-1"
+    })
+    .await;
+    let thawed = kubelet.thaw(pid);
+    eprintln!(
+        "failover recorded {} ms after the freeze; manager thawed: {thawed}",
+        at.elapsed().as_millis()
+    );
+    let status = wait_status(api, "a new primary after the freeze", WAIT, |st| {
+        st["currentPrimary"] != "ha-pg-1"
+            && st["currentPrimary"].is_string()
+            && st.get("primaryChange").is_none()
+    })
+    .await;
+    let new_primary = status["currentPrimary"].as_str().unwrap().to_string();
+    let new_ip = kubelet.pod_ip(&new_primary);
+    writer
+        .wait_more(20, "writes taken by the new primary")
+        .await;
+    eprintln!(
+        "frozen manager: new primary {new_primary} took writes {} ms after the freeze",
+        at.elapsed().as_millis()
+    );
+    wait_status(api, "ha-pg-1 back as a ready replica", WAIT, |st| {
+        replica_ready(st, "ha-pg-1")
+    })
+    .await;
+    eventually("one primary", WAIT, || async {
+        let p = primaries(kubelet).await;
+        (p == [new_primary.as_str()])
+            .then_some(())
+            .ok_or(format!("{p:?}"))
+    })
+    .await;
+    let direct_acked = direct.acked_by(old_ip);
+    let rw_acked_old = writer.acked_by(old_ip);
+    let first_new = writer
+        .acked_by(new_ip)
+        .into_iter()
+        .find(|t| *t > at)
+        .expect("a commit acknowledged by the new primary");
+    let late: Vec<_> = direct_acked
+        .iter()
+        .chain(&rw_acked_old)
+        .filter(|t| **t >= first_new)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "{} commits acknowledged by the old primary after the new one took writes",
+        late.len()
+    );
+    let mut acked = writer.stop().await;
+    acked.extend(direct.stop().await);
+    all_acknowledged_rows_present(client, ns, &s.password, &acked).await;
+    eprintln!(
+        "{} acknowledged rows ({} straight to ha-pg-1), none lost",
+        acked.len(),
+        direct_acked.len()
+    );
+    let events = events_about(client, ns, "ha-pg").await;
+    for e in &events {
+        eprintln!(
+            "event {} {}",
+            e.reason.as_deref().unwrap_or_default(),
+            e.note.as_deref().unwrap_or_default()
+        );
+    }
+    let candidate = events
+        .iter()
+        .find(|e| e.reason.as_deref() == Some("FailoverCandidate"))
+        .and_then(|e| e.note.clone())
+        .unwrap_or_else(|| panic!("no FailoverCandidate Event: {:?}", reasons(&events)));
+    assert!(
+        candidate.contains(&format!("promoting {new_primary}"))
+            && candidate.contains("timeline 2,"),
+        "{candidate}"
     );
     assert_no_failures(client, ns).await;
     drop(operator);
