@@ -560,3 +560,502 @@ async fn a_primary_whose_node_is_lost_is_replaced_once_its_lease_expired() {
     assert_no_failures(client, ns).await;
     drop(operator);
 }
+
+// ---------------------------------------------------------------------
+// Switchover timing; a frozen primary manager (the k8sswitch tests)
+// ---------------------------------------------------------------------
+
+/// Milliseconds since midnight UTC now (to place the managers' log lines,
+/// stamped in UTC, on the test's time line).
+fn ms_of_day() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    (now.as_millis() % 86_400_000) as u64
+}
+
+/// The lines of a `stratum` log (tracing's default format, possibly with
+/// ANSI colours) that contain `needle`, as (ms since midnight UTC, line).
+fn log_lines(log: &str, needle: &str) -> Vec<(u64, String)> {
+    let ansi = |s: &str| {
+        let mut out = String::new();
+        let mut chars = s.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    };
+    log.lines()
+        .filter(|l| l.contains(needle))
+        .filter_map(|l| {
+            let l = ansi(l);
+            // 2026-11-26T02:50:44.123456Z
+            let t = l.get(11..23)?;
+            let (h, rest) = t.split_once(':')?;
+            let (m, rest) = rest.split_once(':')?;
+            let (s, frac) = rest.split_once('.')?;
+            let ms = ((h.parse::<u64>().ok()? * 60 + m.parse::<u64>().ok()?) * 60
+                + s.parse::<u64>().ok()?)
+                * 1000
+                + frac.get(..3)?.parse::<u64>().ok()?;
+            Some((ms, l))
+        })
+        .collect()
+}
+
+/// A writer through `-rw` like [`Writer`], that keeps when each commit was
+/// acknowledged and by which pod, and looks `-rw` up again 20 ms after a
+/// failure (a client retrying its connection), so that the write
+/// unavailability it sees is the cluster's, not its own back-off.
+struct TimedWriter {
+    stop: Arc<AtomicBool>,
+    acks: Arc<Mutex<Vec<(std::time::Instant, Ipv4Addr, i32)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TimedWriter {
+    fn start(client: Client, ns: String, password: String) -> Self {
+        Self::start_at(client, ns, password, None, 2_000_000)
+    }
+
+    /// Writes to `fixed` (a client connected to one pod's own IP, not
+    /// through `-rw`) when given; ids from `first`.
+    fn start_at(
+        client: Client,
+        ns: String,
+        password: String,
+        fixed: Option<Ipv4Addr>,
+        first: i32,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acks: Arc<Mutex<Vec<(std::time::Instant, Ipv4Addr, i32)>>> = Arc::default();
+        let (s, a) = (stop.clone(), acks.clone());
+        let task = tokio::spawn(async move {
+            let mut next = first;
+            while !s.load(Ordering::SeqCst) {
+                let ip = match fixed {
+                    Some(ip) => Ok(ip),
+                    None => rw_ip(&client, &ns).await,
+                };
+                let Ok(ip) = ip else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                let Ok(c) = connect(ip, &password).await else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                while !s.load(Ordering::SeqCst) {
+                    let id = next;
+                    next += 1;
+                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+                    let insert = c.execute("INSERT INTO t VALUES ($1)", &params);
+                    match tokio::time::timeout(Duration::from_secs(5), insert).await {
+                        Ok(Ok(_)) => a.lock().unwrap().push((std::time::Instant::now(), ip, id)),
+                        _ => break,
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        });
+        Self { stop, acks, task }
+    }
+
+    /// The first commit acknowledged by `ip` after `after`, and the one
+    /// acknowledged just before it (by anyone).
+    fn first_on(
+        &self,
+        ip: Ipv4Addr,
+        after: std::time::Instant,
+    ) -> Option<(std::time::Instant, Option<std::time::Instant>)> {
+        let acks = self.acks.lock().unwrap();
+        let i = acks.iter().position(|(t, by, _)| *t > after && *by == ip)?;
+        Some((acks[i].0, i.checked_sub(1).map(|j| acks[j].0)))
+    }
+
+    fn count(&self) -> usize {
+        self.acks.lock().unwrap().len()
+    }
+
+    /// When commits were acknowledged by `ip`.
+    fn acked_by(&self, ip: Ipv4Addr) -> Vec<std::time::Instant> {
+        let acks = self.acks.lock().unwrap();
+        acks.iter()
+            .filter(|(_, by, _)| *by == ip)
+            .map(|(t, ..)| *t)
+            .collect()
+    }
+
+    async fn wait_more(&self, n: usize, what: &str) {
+        let from = self.count();
+        eventually(what, WAIT, || async {
+            let now = self.count();
+            (now >= from + n)
+                .then_some(())
+                .ok_or(format!("{} acknowledged since", now - from))
+        })
+        .await;
+    }
+
+    async fn stop(self) -> Vec<i32> {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.task.await;
+        self.acks
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, _, id)| *id)
+            .collect()
+    }
+}
+
+/// When each milestone of a switchover was first seen from outside,
+/// polling every 20 ms (ms after the request).
+#[derive(Debug, Default, Clone)]
+struct Milestones {
+    /// `status.primaryChange` recorded.
+    change_recorded: Option<u64>,
+    /// `-rw` selects no ready pod.
+    rw_empty: Option<u64>,
+    /// `status.currentPrimary` is the target.
+    primary_recorded: Option<u64>,
+    /// `-rw` selects the target (label moved, pod Ready).
+    rw_on_target: Option<u64>,
+}
+
+/// Poll status and `-rw` until `stop`.
+fn watch_milestones(
+    client: Client,
+    ns: String,
+    api: Api<DynamicObject>,
+    target: String,
+    target_ip: Ipv4Addr,
+    t0: std::time::Instant,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Milestones> {
+    tokio::spawn(async move {
+        let mut m = Milestones::default();
+        while !stop.load(Ordering::SeqCst) {
+            let at = || t0.elapsed().as_millis() as u64;
+            let (status, ips) =
+                tokio::join!(api.get("ha-pg"), service_ips(&client, &ns, "ha-pg-rw"));
+            if let Ok(o) = status {
+                let s = &o.data["status"];
+                if m.change_recorded.is_none()
+                    && s.get("primaryChange").is_some_and(|c| !c.is_null())
+                {
+                    m.change_recorded = Some(at());
+                }
+                if m.primary_recorded.is_none() && s["currentPrimary"] == target.as_str() {
+                    m.primary_recorded = Some(at());
+                }
+            }
+            if let Ok(ips) = ips {
+                if m.rw_empty.is_none() && ips.is_empty() {
+                    m.rw_empty = Some(at());
+                }
+                if m.rw_on_target.is_none() && ips == [target_ip] {
+                    m.rw_on_target = Some(at());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        m
+    })
+}
+
+fn median(v: &mut [u64]) -> u64 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+/// Switchovers under a writer, timed from outside: from the status patch
+/// to the first commit the new primary acknowledged through `-rw`, and
+/// the writer's longest gap between two acknowledged commits (its write
+/// unavailability), with the milestones between (status, `-rw`, its
+/// EndpointSlice, the managers' log lines). Asserts what a user checks:
+/// each switchover lands on the target, no acknowledged row is lost, one
+/// primary. `STRATUM_SWITCHOVER_RUNS` (default 3) switchovers, round the
+/// three instances. Numbers are printed, not asserted (a shared machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_under_writes_timed() {
+    let runs: usize = std::env::var("STRATUM_SWITCHOVER_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let (s, operator) = setup("pg-ha-sw").await;
+    let (client, ns, api, kubelet) = (&s.client, &s.ns, &s.api, &s.kubelet);
+    let writer = TimedWriter::start(client.clone(), ns.clone(), s.password.clone());
+    let ops = kubelet.instance_client();
+    let mut primary = "ha-pg-0".to_string();
+    let (mut first_writes, mut windows) = (Vec::new(), Vec::new());
+    for run in 0..runs {
+        let target = NAMES[(run + 1) % NAMES.len()].to_string();
+        // Every run starts alike: healthy, both replicas streaming.
+        wait_status(api, "healthy before the switchover", WAIT, |st| {
+            healthy_with(&primary)(st)
+                && NAMES
+                    .iter()
+                    .filter(|n| **n != primary)
+                    .all(|n| replica_ready(st, n))
+        })
+        .await;
+        eventually("both replicas streaming", WAIT, || async {
+            let st = ops.status(&primary).await.map_err(|e| e.to_string())?;
+            let streaming = operator_core::topology::streaming_replicas(&st);
+            (streaming.len() == 2)
+                .then_some(())
+                .ok_or(format!("streaming: {streaming:?}"))
+        })
+        .await;
+        writer.wait_more(20, "writes before the switchover").await;
+        let target_ip = kubelet.pod_ip(&target);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (t0, wall0) = (std::time::Instant::now(), ms_of_day());
+        let watcher = watch_milestones(
+            client.clone(),
+            ns.clone(),
+            api.clone(),
+            target.clone(),
+            target_ip,
+            t0,
+            stop.clone(),
+        );
+        request_switchover(api, &target).await;
+        let (first, before) =
+            eventually("a write acknowledged by the new primary", WAIT, || async {
+                writer
+                    .first_on(target_ip, t0)
+                    .ok_or_else(|| format!("none by {target} yet"))
+            })
+            .await;
+        stop.store(true, Ordering::SeqCst);
+        let milestones = watcher.await.unwrap();
+        let first_write = first.duration_since(t0).as_millis() as u64;
+        let window = before.map_or(first_write, |b| first.duration_since(b).as_millis() as u64);
+        eprintln!(
+            "switchover {run} {primary} -> {target}: first write through -rw after {first_write} ms; writer saw no commit for {window} ms; milestones after the request (ms): {milestones:?}"
+        );
+        // The managers' own account (their log lines, same time line).
+        for (pod, needle) in [
+            (primary.as_str(), "on request (fence)"),
+            (primary.as_str(), "server stopped"),
+            (target.as_str(), "promoting (pg_promote)"),
+        ] {
+            for (ms, line) in log_lines(&kubelet.manager_log(pod), needle) {
+                if ms >= wall0 {
+                    eprintln!(
+                        "  +{} ms {pod}: {}",
+                        ms - wall0,
+                        line.get(28..).unwrap_or(&line).trim()
+                    );
+                }
+            }
+        }
+        for pod in NAMES {
+            for (ms, _) in log_lines(&kubelet.manager_log(pod), "following a new primary") {
+                if ms >= wall0 && ms < wall0 + 10_000 {
+                    eprintln!("  +{} ms {pod}: told to follow", ms - wall0);
+                }
+            }
+        }
+        for (ms, line) in log_lines(&operator.log(), "ha-pg") {
+            if ms >= wall0 && ms < wall0 + first_write + 2_000 {
+                // The Event's reason and note, or the message.
+                let text = line
+                    .find("reason=")
+                    .map(|i| &line[i..])
+                    .or_else(|| line.find("ha: ").map(|i| &line[i + 4..]))
+                    .unwrap_or(&line);
+                eprintln!("  +{} ms operator: {}", ms - wall0, text.trim());
+            }
+        }
+        first_writes.push(first_write);
+        windows.push(window);
+        {
+            let switched = healthy_with(&target);
+            wait_status(api, "switched over", WAIT, |st| {
+                switched(st)
+                    && st["conditions"].as_array().is_some_and(|cs| {
+                        cs.iter()
+                            .any(|c| c["type"] == "Switchover" && c["status"] == "True")
+                    })
+            })
+            .await;
+        }
+        primary = target;
+    }
+    let acked = writer.stop().await;
+    all_acknowledged_rows_present(client, ns, &s.password, &acked).await;
+    assert_eq!(primaries(kubelet).await, [primary.as_str()]);
+    eprintln!(
+        "{runs} switchovers: first write through -rw median {} ms (all {first_writes:?}); write unavailability median {} ms (all {windows:?}); {} acknowledged rows, none lost",
+        median(&mut first_writes.clone()),
+        median(&mut windows.clone()),
+        acked.len()
+    );
+    assert_no_failures(client, ns).await;
+    drop(operator);
+}
+
+/// The instances' positions in status (`tl N lsn …`), by name.
+fn positions(st: &Value) -> Vec<(String, String)> {
+    st["instancesStatus"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|i| {
+            (
+                i["name"].as_str().unwrap_or_default().to_string(),
+                i["position"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The primary's instance manager freezes (SIGSTOP; its PostgreSQL keeps
+/// running and requests to the manager hang) after a switchover made
+/// timeline 2, under a writer through `-rw` and a client connected to the
+/// primary's own pod IP. The operator fails over: no commit is
+/// acknowledged by the old primary once the new one took one (never two
+/// writable primaries), every acknowledged row is there, the
+/// `FailoverCandidate` Event names the timeline the replicas streamed on
+/// (2, not their control files' stale 1). The manager is thawed as soon
+/// as the failover is recorded: either it answers again and is fenced
+/// through its manager, or its pod was already deleted (lease expired)
+/// and is recreated; either way the old primary rejoins as a replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_primary_manager_is_failed_over_and_rejoins_when_thawed() {
+    let (s, operator) = setup("pg-ha-frozen").await;
+    let (client, ns, api, kubelet) = (&s.client, &s.ns, &s.api, &s.kubelet);
+    let writer = TimedWriter::start(client.clone(), ns.clone(), s.password.clone());
+    writer.wait_more(20, "writes before the switchover").await;
+    request_switchover(api, "ha-pg-1").await;
+    wait_status(
+        api,
+        "switched over to ha-pg-1",
+        WAIT,
+        healthy_with("ha-pg-1"),
+    )
+    .await;
+    // Both replicas streaming on timeline 2, as the operator saw them
+    // (a standby reports its receiver's timeline while it streams).
+    let ops = kubelet.instance_client();
+    eventually("both replicas streaming from ha-pg-1", WAIT, || async {
+        let st = ops.status("ha-pg-1").await.map_err(|e| e.to_string())?;
+        let streaming = operator_core::topology::streaming_replicas(&st);
+        (streaming.len() == 2)
+            .then_some(())
+            .ok_or(format!("streaming: {streaming:?}"))
+    })
+    .await;
+    wait_status(api, "both replicas on timeline 2 in status", WAIT, |st| {
+        let p = positions(st);
+        ["ha-pg-0", "ha-pg-2"]
+            .iter()
+            .all(|n| p.iter().any(|(m, pos)| m == n && pos.starts_with("tl 2 ")))
+    })
+    .await;
+    let old_ip = kubelet.pod_ip("ha-pg-1");
+    let direct = TimedWriter::start_at(
+        client.clone(),
+        ns.clone(),
+        s.password.clone(),
+        Some(old_ip),
+        3_000_000,
+    );
+    direct.wait_more(5, "writes straight to ha-pg-1").await;
+    writer.wait_more(20, "writes before the freeze").await;
+
+    let pid = kubelet.freeze("ha-pg-1");
+    let at = std::time::Instant::now();
+    eprintln!("froze the manager of ha-pg-1 (pid {pid})");
+    wait_status(api, "the failover from ha-pg-1 recorded", WAIT, |st| {
+        st["primaryChange"]["from"] == "ha-pg-1" || st["currentPrimary"] != "ha-pg-1"
+    })
+    .await;
+    let thawed = kubelet.thaw(pid);
+    eprintln!(
+        "failover recorded {} ms after the freeze; manager thawed: {thawed}",
+        at.elapsed().as_millis()
+    );
+    let status = wait_status(api, "a new primary after the freeze", WAIT, |st| {
+        st["currentPrimary"] != "ha-pg-1"
+            && st["currentPrimary"].is_string()
+            && st.get("primaryChange").is_none()
+    })
+    .await;
+    let new_primary = status["currentPrimary"].as_str().unwrap().to_string();
+    let new_ip = kubelet.pod_ip(&new_primary);
+    writer
+        .wait_more(20, "writes taken by the new primary")
+        .await;
+    eprintln!(
+        "frozen manager: new primary {new_primary} took writes {} ms after the freeze",
+        at.elapsed().as_millis()
+    );
+    wait_status(api, "ha-pg-1 back as a ready replica", WAIT, |st| {
+        replica_ready(st, "ha-pg-1")
+    })
+    .await;
+    eventually("one primary", WAIT, || async {
+        let p = primaries(kubelet).await;
+        (p == [new_primary.as_str()])
+            .then_some(())
+            .ok_or(format!("{p:?}"))
+    })
+    .await;
+    let direct_acked = direct.acked_by(old_ip);
+    let rw_acked_old = writer.acked_by(old_ip);
+    let first_new = writer
+        .acked_by(new_ip)
+        .into_iter()
+        .find(|t| *t > at)
+        .expect("a commit acknowledged by the new primary");
+    let late: Vec<_> = direct_acked
+        .iter()
+        .chain(&rw_acked_old)
+        .filter(|t| **t >= first_new)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "{} commits acknowledged by the old primary after the new one took writes",
+        late.len()
+    );
+    let mut acked = writer.stop().await;
+    acked.extend(direct.stop().await);
+    all_acknowledged_rows_present(client, ns, &s.password, &acked).await;
+    eprintln!(
+        "{} acknowledged rows ({} straight to ha-pg-1), none lost",
+        acked.len(),
+        direct_acked.len()
+    );
+    let events = events_about(client, ns, "ha-pg").await;
+    for e in &events {
+        eprintln!(
+            "event {} {}",
+            e.reason.as_deref().unwrap_or_default(),
+            e.note.as_deref().unwrap_or_default()
+        );
+    }
+    let candidate = events
+        .iter()
+        .find(|e| e.reason.as_deref() == Some("FailoverCandidate"))
+        .and_then(|e| e.note.clone())
+        .unwrap_or_else(|| panic!("no FailoverCandidate Event: {:?}", reasons(&events)));
+    assert!(
+        candidate.contains(&format!("promoting {new_primary}"))
+            && candidate.contains("timeline 2,"),
+        "{candidate}"
+    );
+    assert_no_failures(client, ns).await;
+    drop(operator);
+}

@@ -37,7 +37,8 @@
 //!
 //! Test hooks: [`Kubelet::pod_ip`], [`Kubelet::instance_client`] (the
 //! managers' API, as the operator reaches it), [`Kubelet::kill_server`] (kill -9 the
-//! postmaster / mariadbd), [`Kubelet::crash`] and [`Kubelet::recover`]
+//! postmaster / mariadbd), [`Kubelet::freeze`] and [`Kubelet::thaw`]
+//! (SIGSTOP / SIGCONT a pod's manager), [`Kubelet::crash`] and [`Kubelet::recover`]
 //! (the node of a pod is lost, with the manager and server, and comes
 //! back), [`Kubelet::manager_log`] and [`Kubelet::server_log`]. Dropping
 //! the kubelet kills every process it started; when the test is panicking
@@ -302,6 +303,32 @@ impl Kubelet {
             config.members,
             Duration::from_secs(5),
         )
+    }
+
+    /// Freeze the instance manager of `pod` (SIGSTOP to its process
+    /// only: the database server, in a process group of its own, keeps
+    /// running, and connections to the manager hang instead of being
+    /// refused); returns its pid. Panics when no manager runs.
+    pub fn freeze(&self, pod: &str) -> i32 {
+        let pid = self
+            .shared
+            .state
+            .lock()
+            .unwrap()
+            .pods
+            .get(pod)
+            .map(|c| c.child.id() as i32)
+            .unwrap_or_else(|| panic!("{pod} has no running manager to freeze"));
+        kill(Pid::from_raw(pid), Signal::SIGSTOP)
+            .unwrap_or_else(|e| panic!("kill -STOP {pid} (manager of {pod}): {e}"));
+        pid
+    }
+
+    /// Thaw a manager [`Self::freeze`] stopped (SIGCONT to `pid`); whether
+    /// it still existed (the pod may have been deleted meanwhile, its
+    /// processes killed).
+    pub fn thaw(&self, pid: i32) -> bool {
+        kill(Pid::from_raw(pid), Signal::SIGCONT).is_ok()
     }
 
     /// Whether the manager process of `pod` runs now.

@@ -793,7 +793,12 @@ impl OperatorProcess {
             .args(["--lease-name", lease, "--identity", identity])
             .args(["--lease-namespace", OPERATOR_NAMESPACE])
             .env("KUBECONFIG", &kubeconfig)
-            .env("RUST_LOG", "warn")
+            // STRATUM_TEST_OPERATOR_LOG: a filter of its own, e.g.
+            // `info` to see the steps of a switchover with their times.
+            .env(
+                "RUST_LOG",
+                std::env::var("STRATUM_TEST_OPERATOR_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .env_remove("STRATUM_WATCH_NAMESPACE")
             .stdout(log.try_clone().expect("log"))
             .stderr(log);

@@ -794,3 +794,102 @@ async fn a_deleted_cluster_loses_its_lease_task() {
     registry.retain(|_, name| name != "simple-pg");
     assert_eq!(registry.len(), 1);
 }
+
+#[test]
+fn a_stopped_switchover_primary_leads_to_the_promotion_decide_would_choose() {
+    // The step goes on from the fence's reply without looking again only
+    // when that reply says what a new observation would: stopped.
+    let mut stopped = healthy();
+    stopped[0] = fenced_stopped("simple-pg-0");
+    let decided = run(&Row {
+        members: stopped,
+        target: Some("simple-pg-2"),
+        change: switchover_from("simple-pg-0"),
+        ..Default::default()
+    });
+    let reply = serde_json::json!({ "fenced": true, "stopped": true });
+    assert_eq!(
+        after_switchover_fence("simple-pg-0", "simple-pg-2", &reply),
+        Some(decided)
+    );
+    // Still stopping (202), or an odd reply: look again.
+    for reply in [
+        serde_json::json!({ "fenced": true, "stopped": false }),
+        serde_json::json!({}),
+    ] {
+        assert_eq!(
+            after_switchover_fence("simple-pg-0", "simple-pg-2", &reply),
+            None,
+            "{reply}"
+        );
+    }
+}
+
+/// A replica on `timeline`, its WAL receiver running or not.
+fn replica_on(name: &str, lsn: u64, timeline: u32, receiving: bool) -> ObservedMember {
+    with(at(name, Role::Replica, lsn), |s| {
+        s.position = Position::Wal {
+            timeline,
+            received_lsn: Some(lsn),
+            replayed_lsn: Some(lsn),
+        };
+        s.details = serde_json::json!({ "walReceiver": { "running": receiving } });
+    })
+}
+
+fn timeline_of(m: &ObservedMember) -> u32 {
+    match m.status.as_ref().unwrap().position {
+        Position::Wal { timeline, .. } => timeline,
+        _ => 0,
+    }
+}
+
+#[test]
+fn replicas_keep_the_timeline_they_streamed_on_when_their_primary_is_gone() {
+    let mut known = BTreeMap::new();
+    // After a switchover to timeline 2, both replicas stream on it.
+    note_timelines(
+        &[
+            at("simple-pg-0", Role::Primary, 500),
+            replica_on("simple-pg-1", 500, 2, true),
+            replica_on("simple-pg-2", 500, 2, true),
+        ],
+        &mut known,
+    );
+    // The primary is killed: no WAL receiver, the control file's (stale)
+    // timeline 1 is reported; one replica had a restartpoint since.
+    let failed = [
+        unreachable("simple-pg-0"),
+        replica_on("simple-pg-1", 600, 1, false),
+        replica_on("simple-pg-2", 550, 2, false),
+    ];
+    note_timelines(&failed, &mut known);
+    assert_eq!(known.get("simple-pg-1"), Some(&2), "{known:?}");
+    let seen = with_known_timelines(&failed, &known);
+    let rows: [(&str, u32); 2] = [("simple-pg-1", 2), ("simple-pg-2", 2)];
+    for (name, want) in rows {
+        let m = seen.iter().find(|m| m.name == name).unwrap();
+        assert_eq!(timeline_of(m), want, "{name}");
+    }
+    // Never lowered; members never seen streaming keep what they report;
+    // a primary's own timeline is left alone.
+    let rows: [(ObservedMember, u32); 3] = [
+        (replica_on("simple-pg-1", 700, 3, false), 3),
+        (replica_on("simple-pg-9", 700, 1, false), 1),
+        (
+            with(at("simple-pg-2", Role::Primary, 700), |s| {
+                s.position = Position::Wal {
+                    timeline: 1,
+                    received_lsn: Some(700),
+                    replayed_lsn: Some(700),
+                }
+            }),
+            1,
+        ),
+    ];
+    for (m, want) in rows {
+        let name = m.name.clone();
+        let seen = with_known_timelines(&[m], &known);
+        assert_eq!(timeline_of(&seen[0]), want, "{name}");
+    }
+}
