@@ -291,9 +291,16 @@ async fn run_kind(shared: Arc<reconcile::Shared>, engine: Arc<dyn Engine>, resou
     // Deleted clusters' records go with the watch's Delete (or the next
     // re-list), whether or not their cleanup ran.
     let tracker = ctx.clone();
+    // A status this process wrote comes back through the watch; that echo
+    // carries nothing new, and reconciling on it made every reconcile of a
+    // cluster under writes (whose status carries changing positions) start
+    // the next one: a busy loop against the API server and the managers
+    // that also delayed a user's switchover request by seconds.
+    let echo = ctx.clone();
     let cluster_events = cluster_events
         .inspect_ok(move |event| tracker.on_cluster_event(event))
-        .applied_objects();
+        .applied_objects()
+        .try_filter(move |obj| futures::future::ready(!echo.is_own_status_echo(obj)));
     let forget_gone = ctx.clone();
     let pod_resource = resource.clone();
     Controller::for_stream_with(cluster_events, store, resource)

@@ -241,6 +241,18 @@ impl KindContext {
 }
 
 impl KindContext {
+    /// Whether `obj` is exactly the object this process's last status write
+    /// stored (same uid and `resourceVersion`): the watch echoing our own
+    /// write, which needs no reconcile. Any later change (spec, labels, a
+    /// user's `status.targetPrimary`) has a newer `resourceVersion`.
+    pub(crate) fn is_own_status_echo(&self, obj: &DynamicObject) -> bool {
+        let id = (obj.namespace().unwrap_or_default(), obj.name_any());
+        let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        written.get(&id).is_some_and(|w| {
+            w.uid == obj.metadata.uid && resource_version(obj) == Some(w.resource_version)
+        })
+    }
+
     /// Remember a status written outside the pipeline's status write (the
     /// `ha` step records its intent before acting), so that the next
     /// reconcile does not start from an older cached status.
