@@ -69,6 +69,7 @@ pub mod metrics;
 pub mod observe;
 mod reconcile;
 pub mod report;
+pub mod rolling;
 pub mod status;
 
 use std::net::SocketAddr;
@@ -284,6 +285,7 @@ async fn run_kind(shared: Arc<reconcile::Shared>, engine: Arc<dyn Engine>, resou
         written: Default::default(),
         clusters: store.clone(),
         galera: Default::default(),
+        rolling: Default::default(),
         ha: ha::HaRegistry::new(wake),
     });
     // Deleted clusters' records go with the watch's Delete (or the next
