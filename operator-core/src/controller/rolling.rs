@@ -56,6 +56,8 @@ pub const LABEL_REVISION: &str = "controller-revision-hash";
 /// come back without its pending restart before the update stops waiting
 /// for it specially (the general readiness checks still hold).
 pub const RESTART_TIMEOUT: Duration = Duration::from_secs(120);
+/// The Event action of what the step does to one instance.
+pub const EVENT_ACTION: &str = "RollingUpdate";
 /// Requeue while a rolling update runs: a manager's report (streaming
 /// again, Synced) changes no Kubernetes object.
 pub const REQUEUE_ROLLING: Duration = Duration::from_secs(2);
@@ -393,10 +395,10 @@ fn switchover_target<'a>(
         .cloned()
 }
 
-/// Whether the instance of the previous action is back: its pod
+/// Whether the instance of the previous action is up again: its pod
 /// recreated (another UID) and ready, its manager ready without a pending
 /// restart. Pure.
-pub fn back(view: &RollView<'_>, f: &InFlight) -> bool {
+fn up_again(view: &RollView<'_>, f: &InFlight) -> bool {
     let pod_back = view.pod(&f.instance).is_some_and(|p| {
         p.ready && !p.deleting && (f.deleted_uid.is_none() || p.uid != f.deleted_uid)
     });
@@ -405,6 +407,13 @@ pub fn back(view: &RollView<'_>, f: &InFlight) -> bool {
         .and_then(|m| m.status.as_ref())
         .is_some_and(|s| s.ready && !s.pending_restart);
     pod_back && member_back
+}
+
+/// Whether the instance of the previous action is back: up again (see
+/// above) and the cluster settled (every member ready and in sync:
+/// streaming, or Synced with the cluster size back). Pure.
+pub fn back(view: &RollView<'_>, f: &InFlight) -> bool {
+    up_again(view, f) && not_settled(view).is_none()
 }
 
 /// The next step of the rolling update (or of a scale-down that must
@@ -416,7 +425,9 @@ pub fn plan(view: &RollView<'_>) -> RollPlan {
         .instances
         .iter()
         .filter(|n| {
-            view.pod(n).is_some() && !view.needs_update(n) && away.is_none_or(|f| f.instance != **n)
+            view.pod(n).is_some()
+                && !view.needs_update(n)
+                && away.is_none_or(|f| f.instance != **n || up_again(view, f))
         })
         .count();
     let done = |action| RollPlan {
@@ -471,6 +482,11 @@ pub fn plan(view: &RollView<'_>) -> RollPlan {
                 f.instance,
                 f.age.as_secs()
             )));
+        }
+        if up_again(view, f)
+            && let Some(why) = not_settled(view)
+        {
+            return done(wait(why));
         }
         let what = match &f.deleted_uid {
             Some(_) if view.pod(&f.instance).is_none() => "to be recreated",
@@ -746,6 +762,13 @@ pub(crate) async fn step(
     let note = |warning: bool, reason: &str, text: String| {
         ctx.shared.reporter.note(&object_ref, warning, reason, text)
     };
+    // About one instance: a series of its own (the same reason for
+    // another instance is another happening).
+    let note_about = |instance: &str, reason: &str, text: String| {
+        ctx.shared
+            .reporter
+            .note_about(&object_ref, instance, EVENT_ACTION, false, reason, text)
+    };
     let instances = cluster.instance_names();
     let pods: Vec<RollPod> = ctx
         .caches
@@ -755,12 +778,30 @@ pub(crate) async fn step(
         .filter(|p| instances.contains(&p.name))
         .collect();
     let update_revision = update_revision(ctx, cluster).await;
+    let spec = &cluster.spec;
     let galera_writer;
     let primary = match model {
         ReplicationModel::MultiWriter => {
-            // The member writes go to: the HAProxy `rw` section prefers
-            // the first Synced member, as the engine's routing does.
-            galera_writer = engine.route(&seen.members).rw;
+            // The member writes go to. HAProxy pods (`spec.proxy.type:
+            // haproxy`, the default) prefer the first member while it is
+            // healthy, as the engine's routing does; without a proxy the
+            // `-rw` Service follows the writer label, which stays where it
+            // is while that member is routable (the decide step's rule).
+            let engine_rw = engine.route(&seen.members);
+            let proxy = spec.pointer("/proxy/type").and_then(|v| v.as_str());
+            galera_writer = if proxy == Some("none") {
+                super::decide::decide_routing(
+                    &name,
+                    engine_rw,
+                    &seen.members,
+                    &seen.pods,
+                    status.and_then(|s| s.current_primary.as_deref()),
+                    true,
+                )
+                .rw
+            } else {
+                engine_rw.rw
+            };
             galera_writer.as_deref()
         }
         _ => ha.and_then(HaOutcome::current_primary),
@@ -774,7 +815,6 @@ pub(crate) async fn step(
         }),
         _ => ha.and_then(HaOutcome::changing),
     };
-    let spec = &cluster.spec;
     let method = match spec.get("primaryUpdateMethod").and_then(|v| v.as_str()) {
         Some("restart") => PrimaryUpdateMethod::Restart,
         _ => PrimaryUpdateMethod::Switchover,
@@ -809,8 +849,8 @@ pub(crate) async fn step(
         && back(&view, f)
         && !view.needs_update(&f.instance)
     {
-        note(
-            false,
+        note_about(
+            &f.instance,
             "InstanceUpdated",
             format!(
                 "{} runs the current pod template and configuration ({} of {} instances updated)",
@@ -905,8 +945,8 @@ pub(crate) async fn step(
             };
             match api.delete(&instance, &params).await {
                 Ok(_) => {
-                    note(
-                        false,
+                    note_about(
+                        &instance,
                         "RollingUpdate",
                         format!(
                             "deleted pod {instance} ({role}) to recreate it from the current template ({} of {} instances updated)",
@@ -936,8 +976,8 @@ pub(crate) async fn step(
             ctx.rolling.with(&ns, &name, |m| {
                 m.in_flight = Some((instance.clone(), None, Instant::now()))
             });
-            note(
-                false,
+            note_about(
+                &instance,
                 "InstanceRestart",
                 format!(
                     "restarting {instance} ({role}) in place: its configuration needs a restart ({} of {} instances updated)",

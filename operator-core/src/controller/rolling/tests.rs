@@ -237,8 +237,8 @@ fn one_at_a_time_each_back_and_in_sync_before_the_next() {
         ..pod(PG[2], NEW)
     });
     waits_for(&run(&c), "waiting for roll-pg-2 to be back ready");
+    // Up again, not streaming yet: still not back.
     c.pods[2].ready = true;
-    c.in_flight = None;
     c.members[0] = pg(PG[0], Role::Primary, 100, &[PG[1]]);
     let p = run(&c);
     waits_for(&p, "waiting for roll-pg-2 to be streaming");
