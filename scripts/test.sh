@@ -6,7 +6,9 @@
 # run by the fake kubelet of tests/support/kubelet.rs; tests/k8s_pxc.rs: a
 # Galera cluster's full crash recovered by the controller; tests/k8s_pg_ha.rs:
 # PostgreSQL failover, switchover, refused switchover and an operator killed
-# mid-failover on Kubernetes, under writes, with the same kubelet) against a real
+# mid-failover on Kubernetes, under writes, with the same kubelet;
+# tests/k8s_rolling.rs: rolling updates of PostgreSQL and Galera pods and a
+# scale-down of the primary, under writes, with the same kubelet) against a real
 # control plane that this script starts and stops (scripts/control-plane.sh).
 # Ends with one summary line over every test binary: "tests: N passed, N failed".
 set -euo pipefail
