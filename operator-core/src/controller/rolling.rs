@@ -18,7 +18,7 @@
 //! user does (the `ha` step carries it out), unless
 //! `primaryUpdateMethod: restart` or `primaryUpdateStrategy: supervised`.
 //!
-//! IO ([`step`]): one GET of the StatefulSet when its generation changed
+//! IO (`step`): one GET of the StatefulSet when its generation changed
 //! (the watch cache holds metadata only), pod deletions (with the pod's
 //! UID as precondition, so a pod recreated meanwhile is never deleted by
 //! mistake), the instance managers' `restart` action, Events; the status
