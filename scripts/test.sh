@@ -8,7 +8,9 @@
 # PostgreSQL failover, switchover, refused switchover and an operator killed
 # mid-failover on Kubernetes, under writes, with the same kubelet;
 # tests/k8s_reconfigure.rs: changed PostgreSQL parameters and my.cnf
-# reaching running instances, live or as a pending restart) against a real
+# reaching running instances, live or as a pending restart; tests/k8s_rolling.rs:
+# rolling updates of PostgreSQL and Galera pods and a scale-down of the
+# primary, under writes, with the same kubelet) against a real
 # control plane that this script starts and stops (scripts/control-plane.sh).
 # Ends with one summary line over every test binary: "tests: N passed, N failed".
 set -euo pipefail

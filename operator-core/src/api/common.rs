@@ -274,12 +274,14 @@ impl PodManagementPolicy {
 /// How restarts are rolled out.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 pub enum UpdateStrategy {
-    /// The operator restarts instances itself: replicas first, one at a
-    /// time, each back in sync before the next, the primary/writer last
-    /// (StatefulSet `OnDelete` underneath). Done by the local runtime
-    /// today; on Kubernetes the controller does not delete outdated pods
-    /// yet, so a changed pod template reaches a pod when it is recreated
-    /// (deleted by hand, primary last, or rescheduled).
+    /// The operator replaces instances itself (StatefulSet `OnDelete`
+    /// underneath): a pod whose template is outdated is deleted and
+    /// recreated, an instance whose configuration needs a restart is
+    /// restarted in place; replicas first (highest ordinal first), one at
+    /// a time, each back ready and in sync (streaming; Galera: Synced)
+    /// before the next, never during a failover or switchover; the
+    /// primary/writer last — PostgreSQL after a switchover to an updated
+    /// replica (`primaryUpdateMethod`, `primaryUpdateStrategy`).
     #[default]
     SmartUpdate,
     /// The StatefulSet controller rolls pods in reverse ordinal order.

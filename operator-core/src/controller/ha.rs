@@ -852,6 +852,22 @@ pub(crate) struct ClusterHa {
     fenced_done: BTreeSet<String>,
     fenced: BTreeSet<String>,
     last_wait: Option<String>,
+    /// A primary restarted on purpose (the rolling update), and until
+    /// when its failover waits longer ([`HaRegistry::expect_restart`]).
+    planned_restart: Option<(String, Instant, Duration)>,
+}
+
+impl ClusterHa {
+    /// Extra failover delay for `primary` while a planned restart of it
+    /// runs.
+    fn restart_allowance(&self, primary: &str, now: Instant) -> Duration {
+        match &self.planned_restart {
+            // The whole allowance while it runs (the primary's down time
+            // counts from when it went down, about when it started).
+            Some((p, until, allowance)) if p == primary && *until > now => *allowance,
+            _ => Duration::ZERO,
+        }
+    }
 }
 
 /// One cluster's memory, locked by the reconcile that uses it.
@@ -898,6 +914,7 @@ impl HaRegistry {
                     fenced_done: BTreeSet::new(),
                     fenced: BTreeSet::new(),
                     last_wait: None,
+                    planned_restart: None,
                 }))
             })
             .clone()
@@ -908,6 +925,27 @@ impl HaRegistry {
     pub(crate) fn retain(&self, keep: impl Fn(&str, &str) -> bool) {
         let mut map = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|(ns, name), _| keep(ns, name));
+    }
+
+    /// The rolling update restarts (or recreates the pod of) `primary`
+    /// on purpose: for `allowance` its failover waits that much longer
+    /// (added to `failoverDelay`), so that the restart is not taken for a
+    /// failure. A cluster this step has not seen yet is left alone.
+    pub(crate) async fn expect_restart(
+        &self,
+        ns: &str,
+        name: &str,
+        primary: &str,
+        allowance: Duration,
+    ) {
+        let state = {
+            let map = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
+            map.get(&(ns.to_string(), name.to_string())).cloned()
+        };
+        if let Some(state) = state {
+            state.lock().await.planned_restart =
+                Some((primary.to_string(), Instant::now() + allowance, allowance));
+        }
     }
 
     /// How many clusters have a lease task (tests, metrics).
@@ -938,6 +976,30 @@ pub(crate) struct HaOutcome {
 }
 
 impl HaOutcome {
+    /// The recorded primary (`status.currentPrimary` as this step moved
+    /// it).
+    pub(crate) fn current_primary(&self) -> Option<&str> {
+        self.current_primary.as_deref()
+    }
+
+    /// Why no planned restart may start now: a failover or switchover in
+    /// progress, or one requested (`targetPrimary` not the primary).
+    pub(crate) fn changing(&self) -> Option<String> {
+        if let Some(c) = &self.primary_change {
+            let kind = match c.reason {
+                PrimaryChangeReason::Failover => "failover",
+                PrimaryChangeReason::Switchover => "switchover",
+            };
+            return Some(format!("waiting for the {kind} from {} to finish", c.from));
+        }
+        match (&self.target_primary, &self.current_primary) {
+            (Some(t), Some(c)) if t != c => {
+                Some(format!("waiting for the requested switchover to {t}"))
+            }
+            _ => None,
+        }
+    }
+
     /// The engine's routing restricted by [`restrict_routing`].
     pub(crate) fn routing(&self, engine: Routing) -> Routing {
         restrict_routing(
@@ -1295,7 +1357,12 @@ pub(crate) async fn step(
             target_primary: rec.target.as_deref(),
             change: rec.change.as_ref(),
             fenced: &mem.fenced,
-            failover_delay,
+            // A primary the rolling update restarts on purpose gets longer.
+            failover_delay: failover_delay
+                + rec
+                    .current
+                    .as_deref()
+                    .map_or(Duration::ZERO, |p| mem.restart_allowance(p, now)),
             primary_down_for: down_for,
             primary_crashed: rec.current.as_deref().is_some_and(|p| mem.lease.crashed(p)),
             lease_expired: from.as_deref().is_some_and(|f| mem.lease.expired(f, now)),

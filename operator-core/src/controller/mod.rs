@@ -70,6 +70,7 @@ pub mod observe;
 mod reconcile;
 pub mod reconfigure;
 pub mod report;
+pub mod rolling;
 pub mod status;
 
 use std::net::SocketAddr;
@@ -285,6 +286,7 @@ async fn run_kind(shared: Arc<reconcile::Shared>, engine: Arc<dyn Engine>, resou
         written: Default::default(),
         clusters: store.clone(),
         galera: Default::default(),
+        rolling: Default::default(),
         ha: ha::HaRegistry::new(wake),
         reconfigure: Default::default(),
     });

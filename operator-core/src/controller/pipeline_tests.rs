@@ -188,6 +188,7 @@ impl Harness {
             written: Default::default(),
             clusters: clusters.as_reader(),
             galera: Default::default(),
+            rolling: Default::default(),
             ha: super::ha::HaRegistry::new(futures::channel::mpsc::unbounded().0),
             reconfigure: Default::default(),
         });

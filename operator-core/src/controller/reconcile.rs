@@ -32,6 +32,7 @@ use super::metrics::{Metrics, Step};
 use super::observe;
 use super::reconfigure;
 use super::report::Reporter;
+use super::rolling;
 use super::status::{self, StatusInput};
 use crate::api::status::{ClusterStatus, Phase};
 use crate::build::{self, BuildContext, SecretAction, network_policy_enabled};
@@ -83,6 +84,8 @@ pub(crate) struct KindContext {
     pub ha: ha::HaRegistry,
     /// Failed `reconfigure` attempts per member ([`reconfigure`]).
     pub reconfigure: reconfigure::Memory,
+    /// What the rolling-update step remembers per cluster ([`rolling`]).
+    pub rolling: rolling::Memory,
 }
 
 /// A status written by this process, with the `resourceVersion` the write
@@ -162,6 +165,7 @@ impl KindContext {
         // A deleted cluster's primary is no longer renewed a lease.
         self.ha.retain(&keep);
         self.reconfigure.retain(&keep);
+        self.rolling.retain(&keep);
     }
 
     fn cached(&self, ns: &str, name: &str) -> bool {
@@ -513,13 +517,23 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
     let (mut previous, mut previous_value) = ctx.previous(obj);
 
     // validate: the API server already ran the schema and CEL rules.
-    let cluster = match ctx.validate(obj) {
+    let mut cluster = match ctx.validate(obj) {
         Ok(c) => c,
         Err(spec) => {
             reject(ctx, obj, &spec.to_string()).await?;
             return Err(ValidateError::Spec(spec).into());
         }
     };
+
+    // A PostgreSQL scale-down removing the primary's ordinal waits for
+    // the rolling step's switchover: until then the cluster keeps it.
+    let model = engine.topology(&cluster, None).model;
+    let keep = rolling::hold_scale_down(
+        &mut cluster,
+        model,
+        engine.failover().is_some(),
+        previous.as_ref(),
+    );
 
     // build: pure.
     let build_ctx = BuildContext {
@@ -629,6 +643,19 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
     // reconfigure: running managers take the engine settings of the
     // ConfigMap applied above (restarts are the rolling update's).
     let reconfigured = reconfigure::step(ctx, obj, &cluster, &manifest, &seen).await;
+    // rolling: SmartUpdate replaces outdated pods one at a time, the
+    // primary/writer last (a switchover is asked for through status).
+    let roll = rolling::step(
+        ctx,
+        obj,
+        &cluster,
+        &manifest,
+        &seen,
+        ha.as_ref(),
+        recovery.base(previous.as_ref()),
+        keep,
+    )
+    .await;
 
     // decide: routing and pod labels.
     let previous_primary = previous.as_ref().and_then(|s| s.current_primary.clone());
@@ -687,6 +714,9 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
     if let Some(ha) = &ha {
         ha.apply(previous.as_ref(), &mut new);
     }
+    if let Some(roll) = &roll {
+        roll.apply(&mut new);
+    }
     if previous.as_ref() != Some(&new) {
         write_status(ctx, obj, previous_value.as_ref(), &new).await?;
     }
@@ -699,10 +729,15 @@ async fn apply_event(obj: &DynamicObject, ctx: &KindContext) -> Result<Action, R
         REQUEUE_WAITING
     };
     Ok(Action::requeue(
-        [recovery.requeue, ha.and_then(|h| h.requeue), reconfigured]
-            .into_iter()
-            .flatten()
-            .fold(requeue, Duration::min),
+        [
+            recovery.requeue,
+            ha.and_then(|h| h.requeue),
+            reconfigured,
+            roll.and_then(|r| r.requeue),
+        ]
+        .into_iter()
+        .flatten()
+        .fold(requeue, Duration::min),
     ))
 }
 
