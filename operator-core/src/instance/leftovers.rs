@@ -27,7 +27,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 /// The record of the running server in the run directory: its pid (the
-/// leader of its process group) and its program, one per line.
+/// leader of its process group), its program and its clean-stop signal
+/// (the engine's: SIGINT, a fast shutdown, for PostgreSQL), one per line.
 pub const SERVER_RECORD: &str = "server.process";
 
 /// `(ppid, pgid, zombie)` of `pid` from `/proc/<pid>/stat`.
@@ -129,10 +130,10 @@ fn reap_adopted(pids: &BTreeSet<i32>) {
 }
 
 /// Record the server just started (see [`SERVER_RECORD`]).
-pub fn record(run_dir: &Path, pid: i32, program: &Path) -> std::io::Result<()> {
+pub fn record(run_dir: &Path, pid: i32, program: &Path, stop_signal: i32) -> std::io::Result<()> {
     std::fs::write(
         run_dir.join(SERVER_RECORD),
-        format!("{pid}\n{}\n", program.display()),
+        format!("{pid}\n{}\n{stop_signal}\n", program.display()),
     )
 }
 
@@ -141,13 +142,19 @@ pub fn forget(run_dir: &Path) {
     let _ = std::fs::remove_file(run_dir.join(SERVER_RECORD));
 }
 
-/// The recorded server's pid and program.
-fn read_record(run_dir: &Path) -> Option<(i32, PathBuf)> {
+/// The recorded server's pid, program and stop signal (SIGTERM when the
+/// record does not say).
+fn read_record(run_dir: &Path) -> Option<(i32, PathBuf, Signal)> {
     let text = std::fs::read_to_string(run_dir.join(SERVER_RECORD)).ok()?;
     let mut lines = text.lines();
     let pid = lines.next()?.trim().parse().ok()?;
     let program = PathBuf::from(lines.next()?.trim());
-    Some((pid, program))
+    let signal = lines
+        .next()
+        .and_then(|l| l.trim().parse::<i32>().ok())
+        .and_then(|n| Signal::try_from(n).ok())
+        .unwrap_or(Signal::SIGTERM);
+    Some((pid, program, signal))
 }
 
 /// Whether `pid` is alive, leads its process group and runs `program`
@@ -167,13 +174,13 @@ fn is_recorded_server(pid: i32, program: &Path) -> bool {
 }
 
 /// Stop a server recorded in `run_dir` that still runs although the
-/// manager that started it is gone: `signal` (its clean stop), up to
-/// `grace` to exit, then SIGKILL to what is left of its group and their
-/// descendants. Helpers of a recorded server that itself is gone are
-/// killed too. The record is removed. Returns what was done, `None` when
-/// nothing was left.
-pub async fn stop_recorded(run_dir: &Path, signal: Signal, grace: Duration) -> Option<String> {
-    let (pid, program) = read_record(run_dir)?;
+/// manager that started it is gone: its recorded stop signal (a clean
+/// stop), up to `grace` to exit, then SIGKILL to what is left of its group
+/// and their descendants. Helpers of a recorded server that itself is gone
+/// are killed too. The record is removed. Returns what was done, `None`
+/// when nothing was left.
+pub async fn stop_recorded(run_dir: &Path, grace: Duration) -> Option<String> {
+    let (pid, program, signal) = read_record(run_dir)?;
     let mut what = None;
     if is_recorded_server(pid, &program) {
         let _ = kill(Pid::from_raw(pid), signal);
@@ -252,18 +259,15 @@ mod tests {
         let mut child = cmd.spawn().unwrap();
         let pid = child.id().unwrap() as i32;
         // A record naming another program is a reused pid: left alone.
-        record(dir.path(), pid, Path::new("/usr/sbin/mariadbd")).unwrap();
+        record(dir.path(), pid, Path::new("/usr/sbin/mariadbd"), 15).unwrap();
         assert!(!is_recorded_server(pid, Path::new("/usr/sbin/mariadbd")));
-        record(dir.path(), pid, &sleep).unwrap();
-        let what = stop_recorded(dir.path(), Signal::SIGTERM, Duration::from_secs(5))
+        record(dir.path(), pid, &sleep, Signal::SIGINT as i32).unwrap();
+        let what = stop_recorded(dir.path(), Duration::from_secs(5))
             .await
             .unwrap();
-        assert!(what.contains("stopped with SIGTERM"), "{what}");
+        assert!(what.contains("stopped with SIGINT"), "{what}");
         child.wait().await.unwrap();
         assert!(!dir.path().join(SERVER_RECORD).exists());
-        assert_eq!(
-            stop_recorded(dir.path(), Signal::SIGTERM, Duration::ZERO).await,
-            None
-        );
+        assert_eq!(stop_recorded(dir.path(), Duration::ZERO).await, None);
     }
 }

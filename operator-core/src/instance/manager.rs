@@ -6,7 +6,11 @@
 //! Life cycle: build the context (directories, ownership) → check binaries
 //! → serve HTTP → `prepare` until done → run the server, restarting it with
 //! a backoff when it exits → on SIGTERM/SIGINT stop it with the engine's
-//! stop signal (SIGKILL after [`STOP_TIMEOUT`]) and return.
+//! stop signal (SIGKILL after [`STOP_TIMEOUT`]) and return. Whenever the
+//! server ends, what it left behind (helpers in its process group and their
+//! descendants) is killed, and the server it runs is recorded so that a
+//! server whose manager was killed outright is stopped by whoever comes
+//! next ([`super::leftovers`]).
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -97,18 +101,7 @@ where
     // A previous manager of this instance killed outright (SIGKILL) left
     // its server running unsupervised: stop it before this one starts
     // another on the same data directory and ports.
-    if let Some(what) = leftovers::stop_recorded(
-        &ctx.run_dir,
-        Signal::try_from(
-            driver
-                .server_command(&ctx)
-                .map_or(Signal::SIGTERM as i32, |c| c.stop_signal),
-        )
-        .unwrap_or(Signal::SIGTERM),
-        STOP_TIMEOUT,
-    )
-    .await
-    {
+    if let Some(what) = leftovers::stop_recorded(&ctx.run_dir, STOP_TIMEOUT).await {
         tracing::warn!(instance = %ctx.config.instance, "the server of a previous manager was still running: {what}");
     }
 
@@ -823,7 +816,12 @@ async fn spawn_server(
         .id()
         .context("the server exited before its pid was read")? as i32;
     tracing::info!(instance = %config.instance, pid, program = %command.program.display(), "server started");
-    if let Err(e) = leftovers::record(&shared.ctx.run_dir, pid, &command.program) {
+    if let Err(e) = leftovers::record(
+        &shared.ctx.run_dir,
+        pid,
+        &command.program,
+        command.stop_signal,
+    ) {
         tracing::warn!(instance = %config.instance, error = %e, "could not record the server's pid");
     }
     let log = Arc::new(tokio::sync::Mutex::new(log));

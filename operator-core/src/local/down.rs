@@ -65,8 +65,7 @@ pub(super) async fn stop_orphaned_managers(dir: &StateDir, state: &state::LocalS
     // run on unsupervised; each manager recorded the one it started.
     let servers = state.ports.instances.keys().map(|name| async move {
         let run_dir = dir.instance_paths(name, &[]).run_dir;
-        if let Some(what) =
-            crate::instance::leftovers::stop_recorded(&run_dir, Signal::SIGTERM, STOP_TIMEOUT).await
+        if let Some(what) = crate::instance::leftovers::stop_recorded(&run_dir, STOP_TIMEOUT).await
         {
             tracing::warn!(instance = %name, "stopped a server left without its manager: {what}");
         }

@@ -279,7 +279,7 @@ async fn stop_child(spec: &ManagerSpec, child: &mut Child, pid: u32) {
 /// Stop the server a manager that is gone left running (it runs in a
 /// process group of its own, so the manager's group did not take it).
 async fn stop_left_server(spec: &ManagerSpec, grace: Duration) {
-    if let Some(what) = leftovers::stop_recorded(&spec.run_dir, Signal::SIGTERM, grace).await {
+    if let Some(what) = leftovers::stop_recorded(&spec.run_dir, grace).await {
         tracing::warn!(instance = %spec.name, "the instance manager left its server running: {what}");
         log_line(spec, &format!("the server it left running: {what}"));
     }
