@@ -317,6 +317,28 @@ impl Local {
         None
     }
 
+    /// Wait until `name` runs under another manager than `old` (its `up`
+    /// started a new one) and is Synced again in a Healthy cluster: the
+    /// status from before the old manager went is not taken for it.
+    fn wait_restarted(&mut self, name: &str, old: i32) {
+        let deadline = Instant::now() + CONVERGE_TIMEOUT;
+        loop {
+            let m = self.state_json()["managers"][name].as_i64();
+            if m.is_some_and(|m| m != i64::from(old)) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}'s manager (pid {old}) was not replaced"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // The ticks since the old manager died saw the member unreachable
+        // (its `up` restarts a manager after a second at least), so a
+        // Healthy status from now on is the new manager's.
+        self.wait_healthy();
+    }
+
     fn manager_pid(&self, name: &str) -> i32 {
         self.state_json()["managers"][name].as_i64().unwrap() as i32
     }
@@ -1858,8 +1880,7 @@ async fn pxc_an_aborted_joiner_rejoins_and_no_server_outlives_its_manager() {
         "{a}'s manager SIGKILLed: its server gone after {:.1}s",
         took.as_secs_f64()
     );
-    local.wait_healthy();
-    assert_ne!(local.manager_pid(a), manager);
+    local.wait_restarted(a, manager);
     assert_ne!(local.mariadbd_pid(a), Some(server));
 
     // SIGTERM: the manager stops its server itself.
@@ -1874,17 +1895,7 @@ async fn pxc_an_aborted_joiner_rejoins_and_no_server_outlives_its_manager() {
         "{b}'s manager SIGTERMed: its server gone after {:.1}s",
         took.as_secs_f64()
     );
-    // Healthy again under a new manager (not the status from before).
-    let deadline = Instant::now() + CONVERGE_TIMEOUT;
-    while local.state_json()["managers"][b.as_str()].as_i64() == Some(manager as i64)
-        || local.state_json()["managers"][b.as_str()].is_null()
-    {
-        assert!(Instant::now() < deadline, "{b}'s manager not restarted");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    local.wait_for(&format!("{b} Synced again"), |s| {
-        instance(s, b)["wsrep"]["state"] == "Synced" && s["phase"] == "Healthy"
-    });
+    local.wait_restarted(b, manager);
 
     // `up` and a manager SIGKILLed together: nobody supervises that
     // server any more; `down` stops it with the managers `up` left.
