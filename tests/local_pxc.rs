@@ -17,8 +17,12 @@
 //! and the encrypted SST; the one-writer test uses rsync SST, tunnelled
 //! through stunnel; the quorum-loss test runs on a user's TLS Secret (RSA
 //! certificates made with openssl); a user's TLS Secret missing a key is
-//! refused before anything starts. Each test owns a temporary state directory and
-//! stops its cluster when it ends; none skips.
+//! refused before anything starts. A joiner whose server aborts during its
+//! SST rejoins (the dead server's SST script does not block it), and no
+//! server outlives its manager (SIGKILL, SIGTERM, SIGKILL with `up`).
+//! Each test owns a temporary state directory and stops its cluster when
+//! it ends; none skips. A failing test prints the tails of `up`'s log and
+//! of every member's manager, server, `--wsrep-recover` and SST logs.
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
@@ -91,6 +95,8 @@ struct Local {
     file: PathBuf,
     up: Option<Child>,
     ups: usize,
+    /// Whether a failure message carried [`Local::logs`] already.
+    logs_shown: AtomicBool,
 }
 
 impl Local {
@@ -107,6 +113,7 @@ impl Local {
             file,
             up: None,
             ups: 0,
+            logs_shown: AtomicBool::new(false),
         }
     }
 
@@ -154,9 +161,19 @@ impl Local {
         self.state.join("instances").join(name)
     }
 
+    /// The tails of every log a failure may be explained by: `up`'s, each
+    /// member's manager log, its server's error log (mariadbd writes it
+    /// to the manager's stdout/stderr, kept in `run/server.log`), the
+    /// `--wsrep-recover` log, the SST logs (mariabackup's in the data
+    /// directory: `backup` on a donor, `prepare`/`move` on a joiner; the
+    /// SST script's archive of older ones in `run/sst-log-archive/`), and
+    /// HAProxy's. Every member directory is listed, also members added by
+    /// a scaling.
     fn logs(&self) -> String {
+        self.logs_shown.store(true, Ordering::SeqCst);
         let tail = |path: &Path, n: usize| {
-            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let bytes = std::fs::read(path).unwrap_or_default();
+            let text = String::from_utf8_lossy(&bytes);
             let lines: Vec<&str> = text
                 .lines()
                 .filter(|l| {
@@ -172,11 +189,48 @@ impl Local {
             let p = self.tmp.path().join(format!("up-{n}.log"));
             out += &format!("==== up-{n}.log (tail)\n{}\n", tail(&p, 80));
         }
-        for name in instance_names() {
-            out += &format!(
-                "==== {name} manager.log (tail)\n{}\n",
-                tail(&self.instance_dir(&name).join("manager.log"), 40)
+        let mut names: Vec<String> = std::fs::read_dir(self.state.join("instances"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        for name in names {
+            let dir = self.instance_dir(&name);
+            let datadir = dir.join("data").join("mysql");
+            let mut logs = vec![
+                (dir.join("manager.log"), 40),
+                (dir.join("run").join("server.log"), 80),
+                (dir.join("run").join("wsrep-recover.log"), 10),
+            ];
+            for sst in ["backup", "prepare", "move"] {
+                logs.push((datadir.join(format!("mariabackup.{sst}.log")), 15));
+            }
+            // The SST script's archived logs, newest last.
+            let mut archived: Vec<(std::time::SystemTime, PathBuf)> =
+                std::fs::read_dir(dir.join("run").join("sst-log-archive"))
+                    .map(|d| {
+                        d.flatten()
+                            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+            archived.sort();
+            let n = archived.len();
+            logs.extend(
+                archived
+                    .into_iter()
+                    .skip(n.saturating_sub(3))
+                    .map(|(_, p)| (p, 15)),
             );
+            for (path, n) in logs {
+                if path.exists() {
+                    let shown = path.strip_prefix(&dir).unwrap_or(&path).display();
+                    out += &format!("==== {name} {shown} (tail)\n{}\n", tail(&path, n));
+                }
+            }
         }
         out += &format!(
             "==== haproxy.log (tail)\n{}\n",
@@ -263,6 +317,28 @@ impl Local {
         None
     }
 
+    /// Wait until `name` runs under another manager than `old` (its `up`
+    /// started a new one) and is Synced again in a Healthy cluster: the
+    /// status from before the old manager went is not taken for it.
+    fn wait_restarted(&mut self, name: &str, old: i32) {
+        let deadline = Instant::now() + CONVERGE_TIMEOUT;
+        loop {
+            let m = self.state_json()["managers"][name].as_i64();
+            if m.is_some_and(|m| m != i64::from(old)) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}'s manager (pid {old}) was not replaced"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // The ticks since the old manager died saw the member unreachable
+        // (its `up` restarts a manager after a second at least), so a
+        // Healthy status from now on is the new manager's.
+        self.wait_healthy();
+    }
+
     fn manager_pid(&self, name: &str) -> i32 {
         self.state_json()["managers"][name].as_i64().unwrap() as i32
     }
@@ -283,6 +359,10 @@ impl Local {
 
 impl Drop for Local {
     fn drop(&mut self) {
+        // A failed assertion anywhere in a test: the logs explain it.
+        if std::thread::panicking() && !self.logs_shown.load(Ordering::SeqCst) {
+            eprintln!("{}", self.logs());
+        }
         if self.state.exists() {
             let _ = self.run(&["down"]);
         }
@@ -1683,4 +1763,162 @@ async fn pxc_quorum_loss_refuses_writes_then_recovers() {
     eprintln!("events: {}", events(&s));
     eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
     local.down();
+}
+
+/// Pids of the processes whose command line contains every one of
+/// `needles`.
+fn pids_with(needles: &[&str]) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if !cmd.is_empty() && needles.iter().all(|n| cmd.contains(n)) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Wait until no process with `pid` is left (a zombie counts as gone).
+fn wait_gone(pid: i32, what: &str, within: Duration) -> Duration {
+    let t = Instant::now();
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let gone = stat
+            .rsplit_once(") ")
+            .is_none_or(|(_, rest)| rest.starts_with('Z'));
+        if gone {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < within,
+            "{what} (pid {pid}) still runs after {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A joiner whose server aborts in the middle of its SST — MariaDB aborts
+/// a joiner whose state transfer cannot go on — is Synced once its
+/// manager has started it again: the SST script and `socat` the dead
+/// server left behind (`timeout` puts `socat` in a process group of its
+/// own) are killed when it exits. Before, they held the joiner's SST pid
+/// file and port for `sst-initial-timeout` (300 s) and every new start
+/// aborted 2 s later on "previous SST script still running" (seen as a
+/// flake of the writer-kill test after two members joined at once).
+/// Then no server outlives its manager: a manager killed with SIGKILL
+/// (its `up` stops the server it left and starts a new manager), one
+/// stopped with SIGTERM, and one SIGKILLed together with `up` (`stratum
+/// local down` stops the server it left).
+#[tokio::test(flavor = "multi_thread")]
+async fn pxc_an_aborted_joiner_rejoins_and_no_server_outlives_its_manager() {
+    let t0 = Instant::now();
+    let mut local = Local::new();
+    local.start();
+    let instances = local.state.join("instances").display().to_string();
+    let tls = tls_dir(&local.state).display().to_string();
+    // A joiner's SST script running, its socat listening.
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    let joiner = loop {
+        let found = instance_names().into_iter().find(|n| {
+            let dir = local.instance_dir(n).display().to_string();
+            !pids_with(&["socat", "openssl-listen", &tls]).is_empty()
+                && !pids_with(&["wsrep_sst_mariabackup", "--role joiner", &dir]).is_empty()
+                && local.mariadbd_pid(n).is_some()
+        });
+        if let Some(n) = found {
+            break n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no joiner's SST seen\n{}",
+            local.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let dir = local.instance_dir(&joiner).display().to_string();
+    let pid = local.mariadbd_pid(&joiner).unwrap();
+    let helpers = pids_with(&["wsrep_sst_mariabackup", "--role joiner", &dir]);
+    kill(pid, "ABRT");
+    let t_abort = Instant::now();
+    eprintln!(
+        "{joiner}'s mariadbd (pid {pid}) aborted during its SST; its SST script: {helpers:?}"
+    );
+    let s = local.wait_healthy();
+    eprintln!(
+        "{joiner} Synced {:.1}s after the abort",
+        t_abort.elapsed().as_secs_f64()
+    );
+    let log = std::fs::read(local.instance_dir(&joiner).join("run/server.log")).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&log).contains("previous SST script still running"),
+        "a start of {joiner} found the dead server's SST script\n{}",
+        local.logs()
+    );
+    for h in helpers {
+        wait_gone(h, "the aborted server's SST script", Duration::ZERO);
+    }
+    assert_eq!(instance(&s, &joiner)["wsrep"]["lastStateTransfer"], "sst");
+
+    // SIGKILL of a manager: `up` stops the server it left, and the member
+    // comes back under a new manager.
+    let names = instance_names();
+    let (a, b, c) = (&names[0], &names[1], &names[2]);
+    let (manager, server) = (local.manager_pid(a), local.mariadbd_pid(a).unwrap());
+    kill(manager, "KILL");
+    let took = wait_gone(
+        server,
+        &format!("{a}'s server after its manager's SIGKILL"),
+        Duration::from_secs(20),
+    );
+    eprintln!(
+        "{a}'s manager SIGKILLed: its server gone after {:.1}s",
+        took.as_secs_f64()
+    );
+    local.wait_restarted(a, manager);
+    assert_ne!(local.mariadbd_pid(a), Some(server));
+
+    // SIGTERM: the manager stops its server itself.
+    let (manager, server) = (local.manager_pid(b), local.mariadbd_pid(b).unwrap());
+    kill(manager, "TERM");
+    let took = wait_gone(
+        server,
+        &format!("{b}'s server after its manager's SIGTERM"),
+        Duration::from_secs(20),
+    );
+    eprintln!(
+        "{b}'s manager SIGTERMed: its server gone after {:.1}s",
+        took.as_secs_f64()
+    );
+    local.wait_restarted(b, manager);
+
+    // `up` and a manager SIGKILLed together: nobody supervises that
+    // server any more; `down` stops it with the managers `up` left.
+    let server = local.mariadbd_pid(c).unwrap();
+    let mut up = local.up.take().unwrap();
+    up.kill().unwrap();
+    up.wait().unwrap();
+    kill(local.manager_pid(c), "KILL");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        local.mariadbd_pid(c) == Some(server),
+        "{c}'s server is expected to run on without its manager until `down`"
+    );
+    let t = Instant::now();
+    local.down();
+    eprintln!(
+        "down after `up` and a manager were SIGKILLed took {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    let left = pids_with(&[&instances]);
+    assert!(
+        left.is_empty(),
+        "processes of the cluster left after down: {left:?}"
+    );
+    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
 }

@@ -6,7 +6,11 @@
 //! Life cycle: build the context (directories, ownership) → check binaries
 //! → serve HTTP → `prepare` until done → run the server, restarting it with
 //! a backoff when it exits → on SIGTERM/SIGINT stop it with the engine's
-//! stop signal (SIGKILL after [`STOP_TIMEOUT`]) and return.
+//! stop signal (SIGKILL after [`STOP_TIMEOUT`]) and return. Whenever the
+//! server ends, what it left behind (helpers in its process group and their
+//! descendants) is killed, and the server it runs is recorded so that a
+//! server whose manager was killed outright is stopped by whoever comes
+//! next ([`super::leftovers`]).
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -22,6 +26,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::config::InstanceConfig;
+use super::leftovers;
 use super::process::{self, RunAs};
 use super::protocol::{MemberStatus, ProcessState, Role};
 use crate::engine::{InstanceContext, InstanceDriver, InstanceError, Progress, ServerCommand};
@@ -92,6 +97,13 @@ where
         "the API token file {} is empty",
         ctx.config.token_file.display()
     );
+
+    // A previous manager of this instance killed outright (SIGKILL) left
+    // its server running unsupervised: stop it before this one starts
+    // another on the same data directory and ports.
+    if let Some(what) = leftovers::stop_recorded(&ctx.run_dir, STOP_TIMEOUT).await {
+        tracing::warn!(instance = %ctx.config.instance, "the server of a previous manager was still running: {what}");
+    }
 
     let (control_tx, control_rx) = mpsc::channel(8);
     let lease = load_lease(&ctx.run_dir, &ctx.config.data_dir);
@@ -657,6 +669,9 @@ async fn supervise(
             RunEnd::Stopped => continue,
             RunEnd::Exited(exit, server) => (exit, server),
         };
+        // Its helpers (an SST script, socat) outlive it and would make every
+        // next start fail; they also hold the output pipes open.
+        server.kill_leftovers();
         server.drain_output().await;
         let delay = backoff.next_delay(started.elapsed());
         let output = shared
@@ -746,12 +761,26 @@ async fn prepare(shared: &Shared, shutdown: &mut watch::Receiver<bool>) -> anyho
 struct ServerProcess {
     child: tokio::process::Child,
     pid: i32,
+    /// Where its record ([`leftovers::SERVER_RECORD`]) is.
+    run_dir: std::path::PathBuf,
     reaped: bool,
     /// The tasks copying stdout and stderr.
     forwarders: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl ServerProcess {
+    /// Kill what is left of the server's process group and its helpers'
+    /// descendants (see [`leftovers`]) once the server itself is gone.
+    fn kill_leftovers(&self) {
+        let n = leftovers::kill_leftovers(self.pid);
+        if n > 0 {
+            tracing::warn!(
+                pid = self.pid,
+                "killed {n} process(es) the server left behind (e.g. an SST script)"
+            );
+        }
+    }
+
     /// Let the output forwarders drain what the exited server wrote (its
     /// last words explain the exit), bounded: a surviving grandchild may
     /// hold the pipes open.
@@ -766,6 +795,10 @@ impl Drop for ServerProcess {
         if !self.reaped && matches!(self.child.try_wait(), Ok(None)) {
             let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
         }
+        // However it ended (stopped, exited, a cancelled manager), nothing
+        // it started may outlive it.
+        self.kill_leftovers();
+        leftovers::forget(&self.run_dir);
     }
 }
 
@@ -788,6 +821,14 @@ async fn spawn_server(
         .id()
         .context("the server exited before its pid was read")? as i32;
     tracing::info!(instance = %config.instance, pid, program = %command.program.display(), "server started");
+    if let Err(e) = leftovers::record(
+        &shared.ctx.run_dir,
+        pid,
+        &command.program,
+        command.stop_signal,
+    ) {
+        tracing::warn!(instance = %config.instance, error = %e, "could not record the server's pid");
+    }
     let log = Arc::new(tokio::sync::Mutex::new(log));
     let mut forwarders = Vec::new();
     if let Some(out) = child.stdout.take() {
@@ -809,6 +850,7 @@ async fn spawn_server(
     Ok(ServerProcess {
         child,
         pid,
+        run_dir: shared.ctx.run_dir.clone(),
         reaped: false,
         forwarders,
     })

@@ -4,6 +4,7 @@
 pub mod client;
 pub mod config;
 pub mod identity;
+pub mod leftovers;
 pub mod manager;
 pub mod process;
 pub mod protocol;

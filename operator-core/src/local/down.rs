@@ -48,7 +48,8 @@ pub async fn run(args: DownArgs) -> anyhow::Result<()> {
 /// Stop the managers an `up` that was killed outright left running (they
 /// hold the ports and the data directories); they are recognised by their
 /// config path inside this state directory. SIGTERM stops their databases
-/// cleanly.
+/// cleanly. Then the servers whose managers are gone too (each manager
+/// records its server in its run directory).
 pub(super) async fn stop_orphaned_managers(dir: &StateDir, state: &state::LocalState) {
     super::haproxy::stop_orphaned(dir, state.haproxy).await;
     let stops = state
@@ -60,6 +61,16 @@ pub(super) async fn stop_orphaned_managers(dir: &StateDir, state: &state::LocalS
             stop_pid(*pid, STOP_TIMEOUT)
         });
     futures::future::join_all(stops).await;
+    // Servers whose managers were killed outright (SIGKILL, with `up`)
+    // run on unsupervised; each manager recorded the one it started.
+    let servers = state.ports.instances.keys().map(|name| async move {
+        let run_dir = dir.instance_paths(name, &[]).run_dir;
+        if let Some(what) = crate::instance::leftovers::stop_recorded(&run_dir, STOP_TIMEOUT).await
+        {
+            tracing::warn!(instance = %name, "stopped a server left without its manager: {what}");
+        }
+    });
+    futures::future::join_all(servers).await;
 }
 
 async fn stop_up(dir: &StateDir, pid: u32) -> anyhow::Result<()> {

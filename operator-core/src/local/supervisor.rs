@@ -16,8 +16,17 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// How long managers get to stop after SIGTERM before SIGKILL.
-pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+use crate::instance::{leftovers, manager};
+
+/// How long managers get to stop after SIGTERM before SIGKILL: longer
+/// than a manager gives its own server ([`manager::STOP_TIMEOUT`]), so
+/// that a manager is never killed while it still waits for a slow server
+/// (a Galera joiner finishing its state transfer ignores SIGTERM), which
+/// left that server running without a manager.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(manager::STOP_TIMEOUT.as_secs() + 10);
+/// How long a server left behind by a manager that had to be killed gets
+/// after SIGTERM: its manager already asked it for [`manager::STOP_TIMEOUT`].
+const LEFT_SERVER_GRACE: Duration = Duration::from_secs(2);
 
 /// First restart delay; doubled per quick exit up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
@@ -37,6 +46,9 @@ pub struct ManagerSpec {
     pub config: PathBuf,
     /// Its `manager.log`.
     pub log: PathBuf,
+    /// The instance's run directory, where the manager records the server
+    /// it runs (a manager that dies leaves it to us to stop).
+    pub run_dir: PathBuf,
 }
 
 /// Pids of the running managers, by instance.
@@ -197,6 +209,8 @@ async fn supervise(spec: ManagerSpec, mut shutdown: watch::Receiver<bool>, pids:
         if let Ok(mut p) = pids.lock() {
             p.remove(&spec.name);
         }
+        // A manager that died (SIGKILL, a crash) could not stop its server.
+        stop_left_server(&spec, manager::STOP_TIMEOUT).await;
         let ran = started.elapsed();
         let exit = exit
             .map(|s| s.to_string())
@@ -255,9 +269,19 @@ async fn stop_child(spec: &ManagerSpec, child: &mut Child, pid: u32) {
         }
     }
     // The database may have outlived a manager that crashed while stopping;
-    // anything left in the group goes with it.
+    // anything left in the group goes with it, and the server it recorded.
     if pid != 0 {
         let _ = killpg(raw, Signal::SIGKILL);
+    }
+    stop_left_server(spec, LEFT_SERVER_GRACE).await;
+}
+
+/// Stop the server a manager that is gone left running (it runs in a
+/// process group of its own, so the manager's group did not take it).
+async fn stop_left_server(spec: &ManagerSpec, grace: Duration) {
+    if let Some(what) = leftovers::stop_recorded(&spec.run_dir, grace).await {
+        tracing::warn!(instance = %spec.name, "the instance manager left its server running: {what}");
+        log_line(spec, &format!("the server it left running: {what}"));
     }
 }
 
@@ -304,6 +328,7 @@ mod tests {
             exe,
             config: tmp.path().join("instance.json"),
             log: log.clone(),
+            run_dir: tmp.path().to_path_buf(),
         }]);
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::fs::read_to_string(&log)
@@ -325,6 +350,7 @@ mod tests {
             exe: sup_exe.clone(),
             config: tmp.path().join("instance-2.json"),
             log: log2.clone(),
+            run_dir: tmp.path().to_path_buf(),
         });
         let deadline = Instant::now() + Duration::from_secs(10);
         while sup.pids().len() < 2 {

@@ -538,6 +538,7 @@ pub(super) fn manager_specs(dir: &StateDir, names: &[String]) -> Vec<ManagerSpec
             exe: exe.clone(),
             config: dir.instance_config_file(name),
             log: dir.manager_log(name),
+            run_dir: dir.instance_paths(name, &[]).run_dir,
         })
         .collect()
 }
