@@ -744,7 +744,8 @@ async fn up_killed_mid_failover_resumes_with_one_primary(version: u32) {
 /// (f) promote to a missing instance or to the primary is refused and
 /// changes nothing; (d) switchover under write load with sub-second write
 /// unavailability; the write lease: a primary cut off from the operator
-/// (`up` stopped, no lease renewals) stops taking writes by itself.
+/// (`up` stopped, no lease renewals) and from one replica (its manager
+/// frozen, so no failsafe) stops taking writes by itself.
 #[tokio::test(flavor = "multi_thread")]
 async fn ha_switchover_bad_input_and_lease() {
     switchover_bad_input_and_lease(15).await;
@@ -830,6 +831,12 @@ async fn switchover_bad_input_and_lease(version: u32) {
         .await
         .unwrap();
     let up_pid = local.up.as_ref().unwrap().id() as i32;
+    // The primary keeps its lease on failsafe while every replica
+    // acknowledges it: one replica's manager frozen too, so that one
+    // cannot (docs/failover.md, "Failsafe").
+    let replica = instance_names().into_iter().find(|n| *n != target).unwrap();
+    let replica_manager = local.manager_pid(&replica);
+    kill(replica_manager, "STOP");
     kill(up_pid, "STOP");
     let stopped_at = Instant::now();
     let mut refused_after = None;
@@ -853,6 +860,7 @@ async fn switchover_bad_input_and_lease(version: u32) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     kill(up_pid, "CONT");
+    kill(replica_manager, "CONT");
     let refused_after = refused_after.expect("the cut-off primary kept taking writes");
     eprintln!(
         "cut off from the operator, {target} stopped taking writes after {}ms (lease {LEASE_MS}ms)",

@@ -481,12 +481,22 @@ fn failover_step(
         .filter(|m| {
             m.name == from
                 || (!view.fenced.contains(&m.name)
-                    && (view.sync_standbys.is_empty() || view.sync_standbys.contains(&m.name))
-                    && view.promotable.is_none_or(|p| p.contains(&m.name)))
+                    && (view.sync_standbys.is_empty() || view.sync_standbys.contains(&m.name)))
         })
         .cloned()
         .collect();
     match elect(&members) {
+        // The most advanced replica, but it may still acknowledge the old
+        // primary's failsafe requests (not revoked: revoke again; not in
+        // every list the old primary may hold: wait). Never a less
+        // advanced one instead: it may lack acknowledged commits.
+        Election::Promote { candidate, .. }
+            if view.promotable.is_some_and(|p| !p.contains(&candidate)) =>
+        {
+            HaDecision::Revoke {
+                from: from.to_string(),
+            }
+        }
         Election::Promote { candidate, reason } => HaDecision::Promote {
             candidate,
             from: from.to_string(),
@@ -1616,7 +1626,24 @@ async fn act(
                     (n, reply)
                 })
                 .collect();
-            let outcome = RevokeOutcome::from_replies(term, &replies, now);
+            let mut outcome = RevokeOutcome::from_replies(term, &replies, now);
+            // A second revocation in the same change (the elected replica
+            // was not revoked the first time) adds to the first.
+            let before = mem
+                .revoked
+                .as_ref()
+                .filter(|(n, t, _)| {
+                    rec.change
+                        .as_ref()
+                        .is_some_and(|c| c.from == *n && c.started_at == *t)
+                })
+                .map(|(_, _, o)| o.clone());
+            let grew = before
+                .as_ref()
+                .is_none_or(|b| !outcome.revoked.is_subset(&b.revoked));
+            if let Some(b) = before {
+                outcome = b.merged(outcome);
+            }
             io.note(
                 outcome.revoked.is_empty(),
                 "FailsafeRevoked",
@@ -1645,10 +1672,15 @@ async fn act(
             if let Some(c) = &rec.change {
                 mem.revoked = Some((c.from.clone(), c.started_at, outcome));
             }
-            if !any {
+            if !any || !grew {
+                // Nobody (more) confirmed: look again later, not in a
+                // tight loop (the elected replica may not be in every
+                // list the old primary may hold until a grant naming it
+                // is confirmed).
                 wait(requeue, STEP_RETRY);
+                return Ok(false);
             }
-            Ok(any)
+            Ok(true)
         }
         HaDecision::DeletePod { instance } => {
             let api: Api<Pod> =

@@ -58,9 +58,9 @@ pub fn extended(current: Option<Instant>, sent: Instant, ttl: Duration) -> Insta
 #[serde(rename_all = "camelCase")]
 pub struct ReplicaRecord {
     /// Primaries of this term or older get no acknowledgement (revoked by
-    /// the operator).
-    #[serde(default)]
-    pub revoked_term: u64,
+    /// the operator; term 0 is a term too: the local runtime's first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_term: Option<u64>,
     /// The primary acked last.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub granted_to: Option<String>,
@@ -88,7 +88,7 @@ impl ReplicaRecord {
 
     fn unknown(now_unix_ms: i64, ttl_guard: Duration) -> Self {
         Self {
-            revoked_term: u64::MAX,
+            revoked_term: Some(u64::MAX),
             granted_to: None,
             granted_term: 0,
             granted_until_unix_ms: Some(now_unix_ms + ttl_guard.as_millis() as i64),
@@ -121,7 +121,7 @@ impl ReplicaRecord {
 
     /// Revoke `term` and older. Pure.
     pub fn revoke(&mut self, term: u64) {
-        self.revoked_term = self.revoked_term.max(term);
+        self.revoked_term = Some(self.revoked_term.map_or(term, |t| t.max(term)));
     }
 }
 
@@ -142,10 +142,10 @@ pub fn ack_refusal(
     if fenced {
         return Some(format!("{me} is fenced"));
     }
-    if req.term <= record.revoked_term && record.revoked_term > 0 {
+    if let Some(revoked) = record.revoked_term.filter(|r| req.term <= *r) {
         return Some(format!(
-            "{me} was revoked for term {} (request of {} for term {})",
-            record.revoked_term, req.primary, req.term
+            "{me} was revoked for term {revoked} (request of {} for term {})",
+            req.primary, req.term
         ));
     }
     match following {
@@ -195,6 +195,17 @@ impl RevokeOutcome {
             revoked,
             granted_until: until,
         }
+    }
+
+    /// This revocation and a later one of the same term together: every
+    /// replica revoked by either, the later end of their acks. Pure.
+    pub fn merged(mut self, later: RevokeOutcome) -> Self {
+        self.revoked.extend(later.revoked);
+        self.granted_until = match (self.granted_until, later.granted_until) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        self
     }
 
     /// Whether every failsafe ack of the revoked replicas has run out at
@@ -395,7 +406,13 @@ mod tests {
         assert_eq!(r.granted_until_unix_ms, Some(6000), "never moves back");
         r.revoke(2);
         r.revoke(1);
-        assert_eq!(r.revoked_term, 2);
+        assert_eq!(r.revoked_term, Some(2));
+        let mut zero = ReplicaRecord::default();
+        zero.revoke(0);
+        assert!(
+            ack_refusal(&req("pg-0", 0), "pg-1", Some("pg-0"), false, &zero).is_some(),
+            "term 0 revoked too"
+        );
         assert_eq!(r.granted_ms(7000), Some(-1000));
     }
 

@@ -600,7 +600,7 @@ impl Shared {
         tracing::info!(instance = %self.ctx.config.instance, term, "failsafe acknowledgements revoked");
         Ok(RevokeReply {
             replica: self.ctx.config.instance.clone(),
-            revoked_term: record.revoked_term,
+            revoked_term: record.revoked_term.unwrap_or(term),
             failsafe_granted_ms: record.granted_ms(unix_ms()),
         })
     }

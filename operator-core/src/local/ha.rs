@@ -532,6 +532,11 @@ pub struct Orchestrator {
     /// The failed primary whose replicas were revoked (failsafe), the term
     /// revoked, and what the replicas answered.
     revoked: Option<(String, u64, RevokeOutcome)>,
+    /// The failed primary (and term) that was taken as stopped only
+    /// because its lease and the revoked replicas' acknowledgements ran
+    /// out (no fence through its manager, no verified kill): only a
+    /// revoked replica may replace it.
+    failsafe_restricted: Option<(String, u64)>,
     /// The primary's WAL position once it was back from a primary-first
     /// restart: a replica restarts only after replaying past it (its
     /// control file must have seen the primary's lowered value, or it
@@ -665,6 +670,7 @@ impl Orchestrator {
             rolling_resumed: resumed.as_ref().map(|_| Instant::now()),
             killed_on_host: None,
             revoked: None,
+            failsafe_restricted: None,
             primary_back_lsn: None,
             reconfigure: None,
             desired,
@@ -1693,7 +1699,11 @@ impl Orchestrator {
             &self.quick
         };
         match client.action(from, ACTION_FENCE, json!({})).await {
-            Ok(_) => Some(format!("{from} fenced (server stopped)")),
+            Ok(_) => {
+                // Fenced: its manager extends nothing any more.
+                self.failsafe_restricted = None;
+                Some(format!("{from} fenced (server stopped)"))
+            }
             Err(e) => {
                 // Its manager may be frozen (SIGSTOP) with its server still
                 // running and writable to clients that connect to its port
@@ -1706,13 +1716,15 @@ impl Orchestrator {
                 // reaches every replica: the replicas are revoked first
                 // (no more acknowledgements for its term), and without a
                 // verified kill the wait covers their last one too.
-                let revoke = self.revoke(from).await;
+                let revoke = self.revoke(from, false).await;
                 let (killed, server_gone) = self.kill_on_host(from).await;
                 if server_gone {
+                    self.failsafe_restricted = None;
                     Some(format!("{from} unreachable ({e}); {killed}"))
                 } else if self.lease.expired(from)
                     && revoke.grants_expired(Instant::now(), LEASE_MARGIN)
                 {
+                    self.failsafe_restricted = Some((from.to_string(), self.ha.term));
                     Some(format!(
                         "{from} unreachable ({e}); its write lease and its replicas' failsafe acknowledgements have expired; {killed}"
                     ))
@@ -1833,12 +1845,16 @@ impl Orchestrator {
     /// Revoke failsafe acknowledgements for the failed primary `from`'s
     /// term on every other member (once per failover, again while none
     /// confirmed). Event `FailsafeRevoked`.
-    async fn revoke(&mut self, from: &str) -> RevokeOutcome {
+    async fn revoke(&mut self, from: &str, again: bool) -> RevokeOutcome {
         let term = self.ha.term;
-        if let Some((f, t, out)) = &self.revoked
-            && f == from
-            && *t == term
+        let before = self
+            .revoked
+            .as_ref()
+            .filter(|(f, t, _)| f == from && *t == term)
+            .map(|(_, _, out)| out.clone());
+        if let Some(out) = &before
             && !out.revoked.is_empty()
+            && !again
         {
             return out.clone();
         }
@@ -1861,7 +1877,10 @@ impl Orchestrator {
                 (n, reply)
             })
             .collect();
-        let out = RevokeOutcome::from_replies(term, &replies, now);
+        let mut out = RevokeOutcome::from_replies(term, &replies, now);
+        if let Some(b) = before {
+            out = b.merged(out);
+        }
         self.ha.event(
             "FailsafeRevoked",
             format!(
@@ -1889,8 +1908,8 @@ impl Orchestrator {
     /// not answer), only a revoked replica that was in every list `from`
     /// may hold ([`failsafe::may_promote`]).
     fn failsafe_allows(&self, from: &str, name: &str) -> bool {
-        match &self.revoked {
-            Some((f, term, out)) if f == from && *term == self.ha.term => {
+        match (&self.revoked, &self.failsafe_restricted) {
+            (Some((f, term, out)), Some((rf, rt))) if f == from && rf == from && term == rt => {
                 failsafe::may_promote(name, out, self.lease.in_every_list(from, *term).as_ref())
             }
             _ => true,
@@ -1944,12 +1963,8 @@ impl Orchestrator {
             );
         }
         let mut members = self.observe.observe_all().await;
-        // A fenced instance is not elected, nor one that may still
-        // acknowledge the old primary's failsafe requests.
-        members.retain(|m| {
-            m.name == from
-                || (!self.fenced.contains(&m.name) && self.failsafe_allows(from, &m.name))
-        });
+        // A fenced instance is not elected.
+        members.retain(|m| m.name == from || !self.fenced.contains(&m.name));
         if !self.ha.sync_standbys.is_empty() {
             // Only the synchronous standbys of the failed primary can hold
             // its acknowledged commits; the others (a member still
@@ -1960,6 +1975,20 @@ impl Orchestrator {
         let candidate = match self.ha.target_primary.clone() {
             Some(t) => t,
             None => match self.engine.elect(&self.cluster, &members) {
+                // The most advanced replica may still acknowledge the old
+                // primary's failsafe requests: revoke again; never a less
+                // advanced one instead (it may lack acknowledged commits).
+                Election::Promote { candidate, .. }
+                    if !self.failsafe_allows(from, &candidate) && {
+                        self.revoke(from, true).await;
+                        !self.failsafe_allows(from, &candidate)
+                    } =>
+                {
+                    self.wait_note(format!(
+                        "failover from {from}: {candidate} may still acknowledge its failsafe requests (not revoked, or not in every list it may hold)"
+                    ));
+                    return None;
+                }
                 Election::Promote { candidate, reason } => {
                     self.ha.target_primary = Some(candidate.clone());
                     self.ha.event(
