@@ -12,7 +12,9 @@
 //!   a new primary takes writes, the `-rw` selection moved, every
 //!   acknowledged row is there, the old primary rejoins, 3/3 ready;
 //! - the operator SIGKILLed in the middle of a failover and started
-//!   again: exactly one primary, every acknowledged row there.
+//!   again: exactly one primary, every acknowledged row there;
+//! - the operator away for 20 s: the primary keeps writes on failsafe,
+//!   the restarted operator keeps it (no failover).
 //!
 //! Uses the control plane of `STRATUM_TEST_KUBECONFIG`, or starts one for
 //! this binary (scripts/control-plane.sh); fails when it cannot, or when
@@ -1055,6 +1057,98 @@ async fn a_frozen_primary_manager_is_failed_over_and_rejoins_when_thawed() {
         candidate.contains(&format!("promoting {new_primary}"))
             && candidate.contains("timeline 2,"),
         "{candidate}"
+    );
+    assert_no_failures(client, ns).await;
+    drop(operator);
+}
+
+/// The operator away for 20 s (SIGKILLed; a new one started after 20 s,
+/// longer than its leader Lease's 15 s) under a writer through `-rw`: the
+/// primary keeps its write lease on failsafe (both replicas acknowledge
+/// it), writes go on with no pause over a second, and the restarted
+/// operator keeps the same primary (same lease term, no failover),
+/// Healthy, and reports how long writes ran on failsafe (Event
+/// `FailsafeEnded`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_away_for_20_s_the_primary_keeps_writes_on_failsafe() {
+    let (s, mut operator) = setup("pg-ha-away").await;
+    let (client, ns, api, kubelet) = (&s.client, &s.ns, &s.api, &s.kubelet);
+    let writer = Writer::start(client.clone(), ns.clone(), s.password.clone());
+    writer
+        .wait_more(20, "writes before the operator goes away")
+        .await;
+
+    let before = writer.acked();
+    operator.kill();
+    let away = std::time::Instant::now();
+    let (mut last, mut last_change, mut longest) = (writer.acked(), away, Duration::ZERO);
+    while away.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = writer.acked();
+        if now > last {
+            (last, last_change) = (now, std::time::Instant::now());
+        }
+        longest = longest.max(last_change.elapsed());
+    }
+    eprintln!(
+        "operator away 20 s: {} writes acknowledged meanwhile, longest pause {} ms",
+        writer.acked() - before,
+        longest.as_millis()
+    );
+    assert!(
+        longest < Duration::from_millis(1100),
+        "writes paused {} ms while the operator was away",
+        longest.as_millis()
+    );
+    let status = kubelet.instance_client().status("ha-pg-0").await.unwrap();
+    assert!(status.on_failsafe, "{status:?}");
+    assert!(
+        status.failsafe_kept_ms.is_some_and(|k| k > 10_000),
+        "{status:?}"
+    );
+
+    let operator = OperatorProcess::start_for_instances(client, Some(ns)).await;
+    let status = wait_status(
+        api,
+        "Healthy with the same primary",
+        WAIT,
+        healthy_with("ha-pg-0"),
+    )
+    .await;
+    assert_eq!(status["leaseTerm"], 1, "no promotion: {status}");
+    let note = eventually("a FailsafeEnded Event", WAIT, || async {
+        let events = events_about(client, ns, "ha-pg").await;
+        events
+            .iter()
+            .find(|e| e.reason.as_deref() == Some("FailsafeEnded"))
+            .and_then(|e| e.note.clone())
+            .ok_or(format!("{:?}", reasons(&events)))
+    })
+    .await;
+    assert!(
+        note.contains("primary ha-pg-0 kept writes on failsafe for"),
+        "{note}"
+    );
+    eprintln!("{note}");
+    let events = events_about(client, ns, "ha-pg").await;
+    assert!(
+        !reasons(&events).iter().any(|r| r == "FailoverStarted"),
+        "{:?}",
+        reasons(&events)
+    );
+    writer
+        .wait_more(20, "writes after the operator is back")
+        .await;
+    let acked = writer.stop().await;
+    all_acknowledged_rows_present(client, ns, &s.password, &acked).await;
+    assert_eq!(primaries(kubelet).await, ["ha-pg-0"]);
+    assert!(
+        !kubelet
+            .instance_client()
+            .status("ha-pg-0")
+            .await
+            .unwrap()
+            .on_failsafe
     );
     assert_no_failures(client, ns).await;
     drop(operator);

@@ -744,7 +744,8 @@ async fn up_killed_mid_failover_resumes_with_one_primary(version: u32) {
 /// (f) promote to a missing instance or to the primary is refused and
 /// changes nothing; (d) switchover under write load with sub-second write
 /// unavailability; the write lease: a primary cut off from the operator
-/// (`up` stopped, no lease renewals) stops taking writes by itself.
+/// (`up` stopped, no lease renewals) and from one replica (its manager
+/// frozen, so no failsafe) stops taking writes by itself.
 #[tokio::test(flavor = "multi_thread")]
 async fn ha_switchover_bad_input_and_lease() {
     switchover_bad_input_and_lease(15).await;
@@ -830,6 +831,12 @@ async fn switchover_bad_input_and_lease(version: u32) {
         .await
         .unwrap();
     let up_pid = local.up.as_ref().unwrap().id() as i32;
+    // The primary keeps its lease on failsafe while every replica
+    // acknowledges it: one replica's manager frozen too, so that one
+    // cannot (docs/failover.md, "Failsafe").
+    let replica = instance_names().into_iter().find(|n| *n != target).unwrap();
+    let replica_manager = local.manager_pid(&replica);
+    kill(replica_manager, "STOP");
     kill(up_pid, "STOP");
     let stopped_at = Instant::now();
     let mut refused_after = None;
@@ -853,6 +860,7 @@ async fn switchover_bad_input_and_lease(version: u32) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     kill(up_pid, "CONT");
+    kill(replica_manager, "CONT");
     let refused_after = refused_after.expect("the cut-off primary kept taking writes");
     eprintln!(
         "cut off from the operator, {target} stopped taking writes after {}ms (lease {LEASE_MS}ms)",
@@ -2255,6 +2263,145 @@ async fn ha_scale_down_moves_first_sync_standby_before_stopping_it() {
         "{events:#?}"
     );
     assert!(at("ScalingDown: removing simple-pg-2") < at("Resized: stopped simple-pg-2"));
+    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
+    local.down();
+}
+
+/// The operator away (the decision loop paused through
+/// `<state-dir>/pause-decisions`: no observation, no decision, no lease
+/// renewal, while `rw` keeps forwarding, as the `-rw` Service does when
+/// the operator is down on Kubernetes) for 20 s, more than six lease
+/// TTLs, under a writer in synchronous mode: the primary keeps its lease
+/// on failsafe (both replicas acknowledge it), no write waits more than a
+/// second, and when the loop is back the same primary is kept (same
+/// term, no failover) and the event says how long writes ran on failsafe.
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_failsafe_keeps_writes_while_the_decision_loop_is_away() {
+    let t0 = Instant::now();
+    let mut local = Local::new();
+    local.start();
+    let status = local.wait_converged();
+    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
+    let password = local.password();
+    create_table(&rw, &password).await;
+    let old = primary(&status);
+    let term = local.state_json()["ha"]["term"].as_u64().unwrap();
+    let writer = Writer::start(rw.clone(), password.clone(), 1000);
+    wait_acks(&writer, 0, 50, "before the pause").await;
+
+    let pause = local.state.join("pause-decisions");
+    std::fs::write(&pause, "").unwrap();
+    let paused_at = Instant::now();
+    let before = writer.acked_count();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let during = writer.acked_count() - before;
+    let gap = writer.longest_gap_after(paused_at);
+    eprintln!(
+        "operator away 20 s: {during} writes acknowledged, longest gap {} ms",
+        gap.as_millis()
+    );
+    assert!(
+        gap < Duration::from_secs(1),
+        "writes stopped for {} ms while the operator was away (lease {LEASE_MS} ms)\n{}",
+        gap.as_millis(),
+        local.logs()
+    );
+    assert!(during > 100, "only {during} writes in 20 s");
+    // The primary says it runs on failsafe (its manager's log).
+    let log = std::fs::read_to_string(local.state.join("instances").join(&old).join("manager.log"))
+        .unwrap();
+    assert!(
+        log.contains("lease extended on failsafe"),
+        "no failsafe extension in {old}'s log\n{}",
+        local.logs()
+    );
+
+    std::fs::remove_file(&pause).unwrap();
+    let s = local.wait_for("the failsafe episode reported", |s| {
+        s["events"].to_string().contains("FailsafeEnded")
+    });
+    let events = s["events"].to_string();
+    assert!(
+        events.contains(&format!("primary {old} kept writes on failsafe for")),
+        "{events}"
+    );
+    assert!(!events.contains("FailoverStarted"), "{events}");
+    let s = local.wait_converged();
+    assert_eq!(primary(&s), old, "{s}");
+    assert_eq!(local.state_json()["ha"]["term"].as_u64(), Some(term));
+    wait_acks(&writer, writer.acked_count(), 20, "after the pause").await;
+    let acked = writer.stop().await;
+    assert_all_present(&rw, &password, &acked).await;
+    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
+    local.down();
+}
+
+/// The operator away and, meanwhile, the primary's manager frozen
+/// (SIGSTOP): the primary's server runs on with the lease its manager
+/// extended last. When the decision loop is back it fails over: the
+/// replicas are revoked first (event `FailsafeRevoked`: no more
+/// acknowledgements for the old term), the frozen manager and its server
+/// are killed on the host, a revoked replica is promoted; one primary,
+/// the old one's port takes no write, no acknowledged write lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn ha_failsafe_failover_from_a_frozen_primary_after_the_operator_was_away() {
+    let t0 = Instant::now();
+    let mut local = Local::new();
+    local.start();
+    let status = local.wait_converged();
+    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
+    let password = local.password();
+    create_table(&rw, &password).await;
+    let old = primary(&status);
+    let address = Local::address(&status, &old);
+    let writer = Writer::start(rw.clone(), password.clone(), 1000);
+    wait_acks(&writer, 0, 50, "before the pause").await;
+
+    let pause = local.state.join("pause-decisions");
+    std::fs::write(&pause, "").unwrap();
+    // Past the lease: running on failsafe.
+    tokio::time::sleep(Duration::from_millis(LEASE_MS * 2)).await;
+    let manager = local.manager_pid(&old);
+    kill(manager, "STOP");
+    let frozen_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    std::fs::remove_file(&pause).unwrap();
+    let after = local.wait_for("a new primary", |s| {
+        s["currentPrimary"].is_string() && s["currentPrimary"] != old.as_str()
+    });
+    let new = primary(&after);
+    eprintln!(
+        "{new} promoted {:.1}s after {old}'s manager was frozen (loop paused for 2 s of it)",
+        frozen_at.elapsed().as_secs_f64()
+    );
+    let events = after["events"].to_string();
+    assert!(
+        events.contains("FailsafeRevoked") && events.contains(&format!("for {old} (term")),
+        "{events}"
+    );
+    let at = |needle: &str| events.find(needle).unwrap_or(usize::MAX);
+    assert!(at("FailsafeRevoked") < at("Promoted"), "{events}");
+    let r = match connect(&address, &password).await {
+        Ok(c) => c
+            .execute("INSERT INTO ha_rows (n) VALUES (-3)", &[])
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    assert!(r.is_err(), "the old primary's port took a write: {r:?}");
+    let _ = Command::new("kill")
+        .args(["-CONT", &manager.to_string()])
+        .status();
+    let s = local.wait_converged();
+    assert_eq!(primary(&s), new, "{s}");
+    assert_eq!(
+        roles(&s).iter().filter(|r| *r == "primary").count(),
+        1,
+        "{s}"
+    );
+    wait_acks(&writer, writer.acked_count(), 20, "on the new primary").await;
+    let acked = writer.stop().await;
+    assert_all_present(&rw, &password, &acked).await;
     eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
     local.down();
 }

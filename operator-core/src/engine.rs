@@ -566,8 +566,8 @@ pub trait InstanceDriver: Send + Sync {
 
     /// Engine-specific actions (`promote`, `follow`, …) posted to the
     /// manager. Unknown actions return `Ok(None)` (404). Every action is
-    /// idempotent. The manager handles `fence`, `unfence`, `lease` and
-    /// `restart` itself and never passes them here.
+    /// idempotent. The manager handles `fence`, `unfence`, `lease`,
+    /// `failsafe`, `revoke` and `restart` itself and never passes them here.
     async fn action(
         &self,
         _ctx: &InstanceContext,
@@ -595,6 +595,18 @@ pub trait InstanceDriver: Send + Sync {
     /// instance manager does not answer a fence, e.g. a frozen manager (see
     /// `docs/failover.md`). `None` (the default): no such file.
     fn server_pid_file(&self, _data_dir: &std::path::Path) -> Option<std::path::PathBuf> {
+        None
+    }
+
+    /// The primary this instance runs as a standby of, as its data and
+    /// run directories say now (PostgreSQL: `standby.signal` present, no
+    /// rewind pending, the upstream the operator last named, ordinal 0
+    /// before any failover); `None` when it is not a standby or is
+    /// detached. The manager acknowledges a primary's failsafe request
+    /// only from a standby of that primary (see `docs/failover.md`).
+    /// The default, `None`: the engine's replicas never acknowledge, so
+    /// its primaries never run on failsafe.
+    fn following(&self, _ctx: &InstanceContext) -> Option<String> {
         None
     }
 }

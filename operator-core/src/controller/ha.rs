@@ -17,8 +17,10 @@
 //! - Failover: primary down (after `failoverDelay` and a grace that
 //!   depends on how it failed) → `primaryChange` recorded, lease no longer
 //!   renewed, writes unrouted → the old primary is fenced through its
-//!   manager, or, when that does not answer, its lease is waited out and
-//!   its pod deleted → the replicas are detached from it (unreachable case)
+//!   manager, or, when that does not answer, the replicas are revoked (no
+//!   more failsafe acknowledgements for its term), its lease and their
+//!   last acknowledgements are waited out and its pod deleted → the
+//!   replicas are detached from it (unreachable case)
 //!   → the engine elects → `targetPrimary` and the new lease term recorded
 //!   → promote (the lease rides along) → `currentPrimary` → the others
 //!   follow.
@@ -54,9 +56,11 @@ use crate::engine::{
 };
 use crate::instance::client::InstanceClient;
 use crate::instance::config::PeerEndpoint;
+use crate::instance::failsafe::{self, RevokeOutcome, SentLists};
 use crate::instance::protocol::{
-    ACTION_FENCE, ACTION_FOLLOW, ACTION_LEASE, ACTION_PROMOTE, ACTION_SLOTS, ACTION_SYNC_STANDBYS,
-    ACTION_UNFENCE, BODY_LEASE, LeaseGrant, Position, ProcessState, Role, SECRET_KEY_API_TOKEN,
+    ACTION_FENCE, ACTION_FOLLOW, ACTION_LEASE, ACTION_PROMOTE, ACTION_REVOKE, ACTION_SLOTS,
+    ACTION_SYNC_STANDBYS, ACTION_UNFENCE, BODY_LEASE, LeaseGrant, Position, ProcessState,
+    RevokeReply, RevokeRequest, Role, SECRET_KEY_API_TOKEN,
 };
 use crate::local::apply::{FENCED_ANNOTATION, fenced_instances};
 use crate::local::ha::switchover_refusal;
@@ -127,8 +131,18 @@ pub struct HaView<'a> {
     pub primary_crashed: bool,
     /// The failed primary's write lease has certainly expired: last
     /// confirmed renewal (or this process's first look at the cluster)
-    /// plus [`LEASE_TTL`] plus [`LEASE_MARGIN`] is past.
+    /// plus [`LEASE_TTL`] plus [`LEASE_MARGIN`] is past, and so is the
+    /// last failsafe acknowledgement any revoked replica gave (plus the
+    /// margin).
     pub lease_expired: bool,
+    /// The replicas were revoked in this change (failsafe: they no longer
+    /// acknowledge the failed primary's term), at least one confirmed.
+    pub revoked: bool,
+    /// Who may be promoted as far as failsafe goes, once revoked: the
+    /// revoked replicas that were in every list the failed primary may
+    /// hold. `None`: no restriction (the old primary was fenced through
+    /// its manager).
+    pub promotable: Option<&'a BTreeSet<String>>,
     /// The failed primary's pod was deleted in this change (or is gone).
     pub pod_deleted: bool,
     /// The replicas were detached from the failed primary in this change.
@@ -200,6 +214,13 @@ pub enum HaDecision {
     Fence {
         /// The instance.
         instance: String,
+    },
+    /// The failed primary's manager does not answer: revoke failsafe on
+    /// every other member (they stop acknowledging its term) before
+    /// waiting its lease out.
+    Revoke {
+        /// The failed primary.
+        from: String,
     },
     /// The failed primary's manager does not answer and its lease has
     /// expired: delete its pod (a frozen manager cannot stop its server).
@@ -426,9 +447,19 @@ fn failover_step(
             };
         }
         None => {
+            // It may keep its lease on failsafe while it reaches every
+            // replica of its list: they are revoked first, then their last
+            // acknowledgements are waited out with the lease.
+            if !view.revoked {
+                return HaDecision::Revoke {
+                    from: from.to_string(),
+                };
+            }
             if !view.lease_expired {
                 return HaDecision::Wait {
-                    reason: format!("waiting for the write lease of unreachable {from} to expire"),
+                    reason: format!(
+                        "waiting for the write lease of unreachable {from} and its replicas' failsafe acknowledgements to expire"
+                    ),
                     retry_after: STEP_RETRY,
                 };
             }
@@ -458,6 +489,17 @@ fn failover_step(
         .cloned()
         .collect();
     match elect(&members) {
+        // The most advanced replica, but it may still acknowledge the old
+        // primary's failsafe requests (not revoked: revoke again; not in
+        // every list the old primary may hold: wait). Never a less
+        // advanced one instead: it may lack acknowledged commits.
+        Election::Promote { candidate, .. }
+            if view.promotable.is_some_and(|p| !p.contains(&candidate)) =>
+        {
+            HaDecision::Revoke {
+                from: from.to_string(),
+            }
+        }
         Election::Promote { candidate, reason } => HaDecision::Promote {
             candidate,
             from: from.to_string(),
@@ -676,6 +718,9 @@ struct Holder {
     name: String,
     term: u64,
     client: InstanceClient,
+    /// Its failsafe list: the other members reachable by pod IP (running
+    /// pods), not fenced by the user.
+    replicas: Vec<PeerEndpoint>,
 }
 
 /// Renews the primary's write lease every TTL/4 in a task of its own, so
@@ -689,6 +734,13 @@ pub(crate) struct LeaseTask {
     renewed: Arc<Mutex<BTreeMap<String, Instant>>>,
     /// A crash seen in a renewal answer: (instance, when).
     crashed: Arc<Mutex<Option<(String, Instant)>>>,
+    /// The failsafe lists sent to each holder (which ones it may hold).
+    lists: Arc<Mutex<SentLists>>,
+    /// A renewal's answer said the holder had kept writes on failsafe for
+    /// so many ms (reported by the step as an Event).
+    failsafe_ended: Arc<Mutex<Option<(String, u64)>>>,
+    /// User-fenced instances: not in failsafe lists.
+    fenced: Mutex<BTreeSet<String>>,
     started: Instant,
     task: tokio::task::JoinHandle<()>,
 }
@@ -698,22 +750,38 @@ impl LeaseTask {
         let (holder, mut rx) = watch::channel::<Option<Holder>>(None);
         let renewed: Arc<Mutex<BTreeMap<String, Instant>>> = Arc::default();
         let crashed: Arc<Mutex<Option<(String, Instant)>>> = Arc::default();
+        let lists: Arc<Mutex<SentLists>> = Arc::default();
+        let failsafe_ended: Arc<Mutex<Option<(String, u64)>>> = Arc::default();
         let (seen, crash) = (renewed.clone(), crashed.clone());
+        let (lists_t, ended_t) = (lists.clone(), failsafe_ended.clone());
         let task = tokio::spawn(async move {
             // The restart count of the holder's server at the last answer.
             let mut restarts: Option<(String, u64)> = None;
             loop {
                 let current = rx.borrow_and_update().clone();
                 if let Some(h) = current {
+                    if let Ok(mut l) = lists_t.lock() {
+                        l.sent(&h.name, h.term, &h.replicas);
+                    }
                     let body = json!({ BODY_LEASE: LeaseGrant {
                         holder: h.name.clone(),
                         term: h.term,
                         ttl_ms: LEASE_TTL.as_millis() as u64,
+                        replicas: Some(h.replicas.clone()),
                     }});
                     match h.client.action(&h.name, ACTION_LEASE, body).await {
                         Ok(reply) => {
                             if let Ok(mut r) = seen.lock() {
                                 r.insert(h.name.clone(), Instant::now());
+                            }
+                            if let Ok(mut l) = lists_t.lock() {
+                                l.confirmed(&h.name, h.term, &h.replicas);
+                            }
+                            if let Some(ms) = reply.get("failsafeKeptMs").and_then(|v| v.as_u64()) {
+                                if let Ok(mut e) = ended_t.lock() {
+                                    *e = Some((h.name.clone(), ms));
+                                }
+                                wake();
                             }
                             let count = reply.get("restarts").and_then(|v| v.as_u64());
                             let running = reply.get("process").and_then(|v| v.as_str());
@@ -747,13 +815,30 @@ impl LeaseTask {
             holder,
             renewed,
             crashed,
+            lists,
+            failsafe_ended,
+            fenced: Mutex::default(),
             started: Instant::now(),
             task,
         }
     }
 
     fn set(&self, holder: Option<(String, u64, InstanceClient)>) {
-        let holder = holder.map(|(name, term, client)| Holder { name, term, client });
+        let fenced = self.fenced.lock().map(|f| f.clone()).unwrap_or_default();
+        let holder = holder.map(|(name, term, client)| {
+            let replicas = client
+                .members()
+                .iter()
+                .filter(|m| m.name != name && !fenced.contains(&m.name))
+                .cloned()
+                .collect();
+            Holder {
+                name,
+                term,
+                client,
+                replicas,
+            }
+        });
         self.holder.send_if_modified(|cur| {
             let same = match (cur.as_ref(), holder.as_ref()) {
                 (Some(a), Some(b)) => a.name == b.name && a.term == b.term,
@@ -761,9 +846,11 @@ impl LeaseTask {
                 _ => false,
             };
             if same {
-                // A new client (pod IP changed) without waking the task.
+                // A new client (pod IP changed) and list without waking
+                // the task.
                 if let (Some(c), Some(h)) = (cur.as_mut(), holder) {
                     c.client = h.client;
+                    c.replicas = h.replicas;
                 }
                 false
             } else {
@@ -777,6 +864,41 @@ impl LeaseTask {
         if let Ok(mut r) = self.renewed.lock() {
             r.insert(name.to_string(), Instant::now());
         }
+    }
+
+    fn set_fenced(&self, fenced: &BTreeSet<String>) {
+        if let Ok(mut f) = self.fenced.lock() {
+            f.clone_from(fenced);
+        }
+    }
+
+    /// The failsafe list a promotion's grant carries, noted as sent.
+    fn list_for(&self, holder: &str, term: u64, client: &InstanceClient) -> Vec<PeerEndpoint> {
+        let fenced = self.fenced.lock().map(|f| f.clone()).unwrap_or_default();
+        let list: Vec<PeerEndpoint> = client
+            .members()
+            .iter()
+            .filter(|m| m.name != holder && !fenced.contains(&m.name))
+            .cloned()
+            .collect();
+        if let Ok(mut l) = self.lists.lock() {
+            l.sent(holder, term, &list);
+        }
+        list
+    }
+
+    fn confirmed(&self, holder: &str, term: u64, list: &[PeerEndpoint]) {
+        if let Ok(mut l) = self.lists.lock() {
+            l.confirmed(holder, term, list);
+        }
+    }
+
+    fn in_every_list(&self, holder: &str, term: u64) -> Option<BTreeSet<String>> {
+        self.lists.lock().ok()?.in_every_list(holder, term)
+    }
+
+    fn take_failsafe_ended(&self) -> Option<(String, u64)> {
+        self.failsafe_ended.lock().ok()?.take()
     }
 
     /// Whether `name`'s lease has certainly expired (see
@@ -833,6 +955,9 @@ pub(crate) struct ClusterHa {
     /// The failed primary whose replicas were detached, whose pod was
     /// deleted (by failover start time).
     detached: Option<(String, chrono::DateTime<Utc>)>,
+    /// The failed primary whose replicas were revoked (by failover start
+    /// time), with their answers.
+    revoked: Option<(String, chrono::DateTime<Utc>, RevokeOutcome)>,
     pod_deleted: Option<(String, chrono::DateTime<Utc>)>,
     /// A switchover's old primary and its last WAL position before it
     /// was stopped.
@@ -906,6 +1031,7 @@ impl HaRegistry {
                     last_follow: BTreeMap::new(),
                     following: Arc::default(),
                     detached: None,
+                    revoked: None,
                     pod_deleted: None,
                     switchover_lsn: None,
                     switchover_intent: None,
@@ -1277,6 +1403,7 @@ pub(crate) async fn step(
         ),
     }
     out.fenced = mem.fenced.clone();
+    mem.lease.set_fenced(&mem.fenced);
 
     let Some(token) = read_token(ctx, &ns, &name) else {
         out.current_primary = rec.current;
@@ -1349,6 +1476,26 @@ pub(crate) async fn step(
         // its primary reports a stale one).
         note_timelines(&seen.members, &mut mem.timelines);
         let members = with_known_timelines(&seen.members, &mem.timelines);
+        let revoke = mem
+            .revoked
+            .as_ref()
+            .filter(|(n, t, out)| {
+                Some(n) == from.as_ref() && Some(*t) == started && !out.revoked.is_empty()
+            })
+            .map(|(_, _, out)| out.clone());
+        let promotable: Option<BTreeSet<String>> = match (&revoke, &from) {
+            (Some(out), Some(f)) => {
+                let possible = mem.lease.in_every_list(f, out.term);
+                Some(
+                    out.revoked
+                        .iter()
+                        .filter(|n| failsafe::may_promote(n, out, possible.as_ref()))
+                        .cloned()
+                        .collect(),
+                )
+            }
+            _ => None,
+        };
         let view = HaView {
             instances: &instances,
             members: &members,
@@ -1365,7 +1512,12 @@ pub(crate) async fn step(
                     .map_or(Duration::ZERO, |p| mem.restart_allowance(p, now)),
             primary_down_for: down_for,
             primary_crashed: rec.current.as_deref().is_some_and(|p| mem.lease.crashed(p)),
-            lease_expired: from.as_deref().is_some_and(|f| mem.lease.expired(f, now)),
+            lease_expired: from.as_deref().is_some_and(|f| mem.lease.expired(f, now))
+                && revoke
+                    .as_ref()
+                    .is_none_or(|r| r.grants_expired(now, LEASE_MARGIN)),
+            revoked: revoke.is_some(),
+            promotable: promotable.as_ref(),
             pod_deleted: this_change(&mem.pod_deleted) || pod_gone,
             detached: this_change(&mem.detached),
             sync_standbys: &sync,
@@ -1490,6 +1642,16 @@ async fn act(
     match decision {
         HaDecision::Keep { primary } => {
             mem.last_wait = None;
+            if let Some((name, ms)) = mem.lease.take_failsafe_ended() {
+                io.note(
+                    false,
+                    "FailsafeEnded",
+                    format!(
+                        "primary {name} kept writes on failsafe for {:.1} s while the operator was away",
+                        ms as f64 / 1000.0
+                    ),
+                );
+            }
             let client = io.client(pods, LEASE_TTL / 4);
             mem.lease.set(Some((primary.clone(), rec.term, client)));
             converge(io, mem, rec, &primary, members, pods).await;
@@ -1674,6 +1836,89 @@ async fn act(
                 }
             }
         }
+        HaDecision::Revoke { from } => {
+            let term = rec.term;
+            let quick = io.client(pods, Duration::from_secs(3));
+            let others: Vec<String> = io
+                .cluster
+                .instance_names()
+                .into_iter()
+                .filter(|n| *n != from)
+                .collect();
+            let body = serde_json::to_value(RevokeRequest { term }).unwrap_or_default();
+            let results = futures::future::join_all(
+                others
+                    .iter()
+                    .map(|n| quick.action(n, ACTION_REVOKE, body.clone())),
+            )
+            .await;
+            let now = Instant::now();
+            let replies: Vec<(String, Result<RevokeReply, String>)> = others
+                .into_iter()
+                .zip(results)
+                .map(|(n, r)| {
+                    let reply = r.map_err(|e| e.to_string()).and_then(|v| {
+                        serde_json::from_value::<RevokeReply>(v).map_err(|e| e.to_string())
+                    });
+                    (n, reply)
+                })
+                .collect();
+            let mut outcome = RevokeOutcome::from_replies(term, &replies, now);
+            // A second revocation in the same change (the elected replica
+            // was not revoked the first time) adds to the first.
+            let before = mem
+                .revoked
+                .as_ref()
+                .filter(|(n, t, _)| {
+                    rec.change
+                        .as_ref()
+                        .is_some_and(|c| c.from == *n && c.started_at == *t)
+                })
+                .map(|(_, _, o)| o.clone());
+            let grew = before
+                .as_ref()
+                .is_none_or(|b| !outcome.revoked.is_subset(&b.revoked));
+            if let Some(b) = before {
+                outcome = b.merged(outcome);
+            }
+            io.note(
+                outcome.revoked.is_empty(),
+                "FailsafeRevoked",
+                format!(
+                    "failsafe acknowledgements for {from} (term {term}) revoked on: {}; {}",
+                    if outcome.revoked.is_empty() {
+                        "none (retrying)".to_string()
+                    } else {
+                        outcome
+                            .revoked
+                            .iter()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    },
+                    match outcome.granted_until {
+                        Some(u) => format!(
+                            "the last one they gave ends in {} ms",
+                            u.saturating_duration_since(now).as_millis()
+                        ),
+                        None => "none of them holds a valid one".into(),
+                    }
+                ),
+            );
+            let any = !outcome.revoked.is_empty();
+            if let Some(c) = &rec.change {
+                mem.revoked = Some((c.from.clone(), c.started_at, outcome));
+            }
+            if !any || !grew {
+                // Nobody (more) confirmed: look again later, not in a
+                // tight loop (the elected replica may not be in every
+                // list the old primary may hold until a grant naming it
+                // is confirmed).
+                wait(requeue, STEP_RETRY);
+                return Ok(false);
+            }
+            Ok(true)
+        }
         HaDecision::DeletePod { instance } => {
             let api: Api<Pod> =
                 Api::namespaced(io.ctx.shared.client.clone(), &io.cluster.meta.namespace);
@@ -1775,11 +2020,15 @@ async fn act(
                 .into_iter()
                 .filter(|n| *n != candidate)
                 .collect();
+            let list = mem
+                .lease
+                .list_for(&candidate, rec.term, &io.client(pods, LEASE_TTL / 4));
             let body = json!({
                 BODY_LEASE: LeaseGrant {
                     holder: candidate.clone(),
                     term: rec.term,
                     ttl_ms: LEASE_TTL.as_millis() as u64,
+                    replicas: Some(list.clone()),
                 },
                 "replicas": others,
             });
@@ -1791,6 +2040,7 @@ async fn act(
                 Ok(reply) => {
                     let promoted_in = promoting.elapsed();
                     mem.lease.note_renewed(&candidate);
+                    mem.lease.confirmed(&candidate, rec.term, &list);
                     mem.lease.set(Some((
                         candidate.clone(),
                         rec.term,

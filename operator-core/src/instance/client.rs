@@ -41,6 +41,11 @@ impl InstanceClient {
         }
     }
 
+    /// The members this client reaches.
+    pub fn members(&self) -> &[PeerEndpoint] {
+        &self.members
+    }
+
     fn endpoint(&self, instance: &str) -> Result<&PeerEndpoint, OpError> {
         self.members
             .iter()

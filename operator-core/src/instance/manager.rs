@@ -25,10 +25,15 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::config::InstanceConfig;
+use super::client::InstanceClient;
+use super::config::{InstanceConfig, PeerEndpoint};
+use super::failsafe::{self, ReplicaRecord};
 use super::leftovers;
 use super::process::{self, RunAs};
-use super::protocol::{MemberStatus, ProcessState, Role};
+use super::protocol::{
+    ACTION_FAILSAFE, FailsafeRequest, MemberStatus, ProcessState, RevokeReply, Role,
+};
+use crate::engine::InstanceOps as _;
 use crate::engine::{InstanceContext, InstanceDriver, InstanceError, Progress, ServerCommand};
 
 /// How long a stopping server may take before it is killed.
@@ -107,12 +112,14 @@ where
 
     let (control_tx, control_rx) = mpsc::channel(8);
     let lease = load_lease(&ctx.run_dir, &ctx.config.data_dir);
+    let failsafe = ReplicaRecord::load(&ctx.config.data_dir, unix_ms(), UNKNOWN_ACK_GUARD);
     let shared = Arc::new(Shared {
         ctx,
         driver,
         state: Mutex::new(SupervisorState::default()),
         control_tx,
         lease: Mutex::new(lease),
+        failsafe: Mutex::new(failsafe),
     });
 
     let listener =
@@ -148,8 +155,10 @@ where
             .await
     });
 
+    let failsafe_task = tokio::spawn(failsafe_loop(shared.clone(), token));
     let result = supervise(&shared, shutdown_rx, control_rx).await;
     shutdown_task.abort();
+    failsafe_task.abort();
     let _ = http_done_tx.send(true);
     match tokio::time::timeout(Duration::from_secs(5), &mut http).await {
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "instance API server failed"),
@@ -245,6 +254,9 @@ pub(crate) struct Shared {
     pub(crate) control_tx: mpsc::Sender<Control>,
     /// The write lease (see [`LeaseState`]).
     pub(crate) lease: Mutex<LeaseState>,
+    /// As a replica: the failsafe acknowledgements given and the terms
+    /// revoked (persisted on the data volume).
+    pub(crate) failsafe: Mutex<ReplicaRecord>,
 }
 
 /// An answer channel for a supervisor request.
@@ -274,6 +286,10 @@ pub const LEASE_FILE: &str = "lease.json";
 pub const LEASE_MARKER: &str = "stratum-write-lease.json";
 /// How often the hold-down conditions and the lease are checked.
 const WATCHDOG_PERIOD: Duration = Duration::from_millis(100);
+/// What an unreadable failsafe record counts as: an acknowledgement valid
+/// this long from the start of the manager (longer than any lease TTL the
+/// operators grant).
+const UNKNOWN_ACK_GUARD: Duration = Duration::from_secs(30);
 
 /// The write lease as the manager knows it.
 #[derive(Clone, Debug, Default)]
@@ -285,11 +301,40 @@ pub(crate) struct LeaseState {
     pub(crate) term: u64,
     /// When the lease ends; `None` when expired or never granted.
     pub(crate) expires: Option<Instant>,
+    /// The TTL of the last grant (failsafe extensions last as long).
+    pub(crate) ttl: Duration,
+    /// The replicas of the last grant's list (`None`: no failsafe).
+    pub(crate) replicas: Option<Vec<PeerEndpoint>>,
+    /// When the operator's last grant ends (without failsafe).
+    pub(crate) operator_expires: Option<Instant>,
+    /// Failsafe extensions since the operator's last grant.
+    pub(crate) extensions: u64,
+    /// Length of the last failsafe episode, ended by the operator's grant
+    /// (reported once in the `lease` reply, and in status).
+    pub(crate) last_episode_ms: Option<u64>,
 }
 
 impl LeaseState {
     fn valid(&self) -> bool {
         self.expires.is_some_and(|e| Instant::now() < e)
+    }
+
+    /// Running past the operator's grant on failsafe extensions now.
+    fn on_failsafe(&self) -> bool {
+        self.valid()
+            && self.extensions > 0
+            && self.operator_expires.is_some_and(|e| Instant::now() >= e)
+    }
+
+    /// How long writes have been kept on failsafe in the episode running
+    /// now, else in the last one.
+    fn kept_ms(&self) -> Option<u64> {
+        if self.on_failsafe() {
+            self.operator_expires
+                .map(|e| Instant::now().saturating_duration_since(e).as_millis() as u64)
+        } else {
+            self.last_episode_ms
+        }
     }
 
     fn remaining_ms(&self) -> Option<i64> {
@@ -338,7 +383,7 @@ fn load_lease(run_dir: &Path, data_dir: &Path) -> LeaseState {
             Ok(text) => LeaseState {
                 known: true,
                 term: serde_json::from_str::<LeaseMarker>(&text).map_or(0, |m| m.term),
-                expires: None,
+                ..Default::default()
             },
             Err(_) => LeaseState::default(),
         };
@@ -351,10 +396,15 @@ fn load_lease(run_dir: &Path, data_dir: &Path) -> LeaseState {
         };
     };
     let left = file.expires_at_unix_ms - unix_ms();
+    let expires = (left > 0).then(|| Instant::now() + Duration::from_millis(left as u64));
+    // The member list is not persisted: a restarted manager extends
+    // nothing until the operator grants again.
     LeaseState {
         known: true,
         term: file.term,
-        expires: (left > 0).then(|| Instant::now() + Duration::from_millis(left as u64)),
+        expires,
+        operator_expires: expires,
+        ..Default::default()
     }
 }
 
@@ -424,8 +474,12 @@ impl Shared {
     }
 
     /// Grant or renew the write lease. Refused for another holder or an
-    /// older term. Returns the milliseconds granted.
-    pub(crate) fn grant_lease(&self, grant: &super::protocol::LeaseGrant) -> Result<u64, String> {
+    /// older term. Returns the milliseconds granted and, when this grant
+    /// ends a failsafe episode, how long writes were kept on failsafe.
+    pub(crate) fn grant_lease(
+        &self,
+        grant: &super::protocol::LeaseGrant,
+    ) -> Result<(u64, Option<u64>), String> {
         let me = &self.ctx.config.instance;
         if &grant.holder != me {
             return Err(format!("the lease is for {}, this is {me}", grant.holder));
@@ -438,16 +492,7 @@ impl Shared {
             ));
         }
         let ttl = Duration::from_millis(grant.ttl_ms);
-        let file = LeaseFile {
-            holder: grant.holder.clone(),
-            term: grant.term,
-            expires_at_unix_ms: unix_ms() + grant.ttl_ms as i64,
-        };
-        let path = self.ctx.run_dir.join(LEASE_FILE);
-        let tmp = self.ctx.run_dir.join(format!(".{LEASE_FILE}.tmp"));
-        std::fs::write(&tmp, serde_json::to_vec(&file).unwrap_or_default())
-            .and_then(|_| std::fs::rename(&tmp, &path))
-            .map_err(|e| format!("failed to persist the lease in {}: {e}", path.display()))?;
+        self.persist_lease(&grant.holder, grant.term, unix_ms() + grant.ttl_ms as i64)?;
         if !lease.known || grant.term > lease.term {
             let marker = self.ctx.config.data_dir.join(LEASE_MARKER);
             let body = serde_json::to_vec(&LeaseMarker { term: grant.term }).unwrap_or_default();
@@ -455,14 +500,121 @@ impl Shared {
                 .map_err(|e| format!("failed to persist the lease in {}: {e}", marker.display()))?;
         }
         let was_valid = lease.valid();
+        let now = Instant::now();
+        let ended = if lease.on_failsafe() && grant.term == lease.term {
+            lease
+                .operator_expires
+                .map(|e| now.saturating_duration_since(e).as_millis() as u64)
+        } else {
+            None
+        };
+        if let Some(ms) = ended {
+            tracing::info!(
+                instance = %me,
+                extensions = lease.extensions,
+                "the operator renewed the lease again; writes were kept on failsafe for {ms} ms"
+            );
+            lease.last_episode_ms = Some(ms);
+        }
+        if grant.term != lease.term {
+            lease.last_episode_ms = None;
+        }
         lease.known = true;
         lease.term = grant.term;
-        lease.expires = Some(Instant::now() + ttl);
+        lease.expires = Some(now + ttl);
+        lease.operator_expires = lease.expires;
+        lease.ttl = ttl;
+        lease.replicas = grant.replicas.clone();
+        lease.extensions = 0;
         drop(lease);
         if !was_valid {
             let _ = self.control_tx.try_send(Control::Wake);
         }
-        Ok(grant.ttl_ms)
+        Ok((grant.ttl_ms, ended))
+    }
+
+    /// Write `lease.json`: the lease's end as wall-clock milliseconds.
+    fn persist_lease(
+        &self,
+        holder: &str,
+        term: u64,
+        expires_at_unix_ms: i64,
+    ) -> Result<(), String> {
+        let file = LeaseFile {
+            holder: holder.to_string(),
+            term,
+            expires_at_unix_ms,
+        };
+        let path = self.ctx.run_dir.join(LEASE_FILE);
+        let tmp = self.ctx.run_dir.join(format!(".{LEASE_FILE}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec(&file).unwrap_or_default())
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .map_err(|e| format!("failed to persist the lease in {}: {e}", path.display()))
+    }
+
+    /// Extend the lease after every replica acknowledged requests sent at
+    /// `sent` for `term` (failsafe). Nothing when the term changed or the
+    /// lease ended meanwhile (an expired lease is not revived: the server
+    /// may already be stopping). Returns the new end.
+    fn extend_lease(&self, term: u64, sent: Instant) -> Option<Instant> {
+        let mut lease = self.lease.lock().unwrap_or_else(|e| e.into_inner());
+        if lease.term != term || !lease.valid() {
+            return None;
+        }
+        let end = failsafe::extended(lease.expires, sent, lease.ttl);
+        let left = end.saturating_duration_since(Instant::now());
+        if let Err(e) = self.persist_lease(
+            &self.ctx.config.instance,
+            term,
+            unix_ms() + left.as_millis() as i64,
+        ) {
+            tracing::warn!(instance = %self.ctx.config.instance, "{e}; no failsafe extension");
+            return None;
+        }
+        lease.expires = Some(end);
+        lease.extensions += 1;
+        Some(end)
+    }
+
+    /// Answer a primary's failsafe request (see [`failsafe::ack_refusal`]):
+    /// `Ok` after the acknowledgement is on disk, `Err(why)` when refused.
+    pub(crate) fn failsafe_ack(&self, req: &FailsafeRequest) -> Result<(), String> {
+        let me = &self.ctx.config.instance;
+        // Under the record's lock: a revocation is either before (refused)
+        // or after (it reports this acknowledgement).
+        let mut record = self.failsafe.lock().unwrap_or_else(|e| e.into_inner());
+        let following = self.driver.following(&self.ctx);
+        if let Some(why) =
+            failsafe::ack_refusal(req, me, following.as_deref(), self.fenced(), &record)
+        {
+            return Err(why);
+        }
+        let mut next = record.clone();
+        next.grant(req, unix_ms());
+        next.save(&self.ctx.config.data_dir)
+            .map_err(|e| format!("failed to persist the acknowledgement: {e}"))?;
+        *record = next;
+        Ok(())
+    }
+
+    /// Revoke failsafe acknowledgements for `term` and older (persisted
+    /// first); returns the reply with the last acknowledgement's
+    /// remaining validity.
+    pub(crate) fn failsafe_revoke(&self, term: u64) -> Result<RevokeReply, String> {
+        let mut record = self.failsafe.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = record.clone();
+        next.revoke(term);
+        if next != *record {
+            next.save(&self.ctx.config.data_dir)
+                .map_err(|e| format!("failed to persist the revocation: {e}"))?;
+        }
+        *record = next;
+        tracing::info!(instance = %self.ctx.config.instance, term, "failsafe acknowledgements revoked");
+        Ok(RevokeReply {
+            replica: self.ctx.config.instance.clone(),
+            revoked_term: record.revoked_term.unwrap_or(term),
+            failsafe_granted_ms: record.granted_ms(unix_ms()),
+        })
     }
 
     /// Send a request to the supervisor and wait for its answer.
@@ -539,7 +691,88 @@ impl Shared {
         status.config_hash = Some(super::protocol::settings_hash(
             &super::reconfigured::effective_engine(config),
         ));
+        status.on_failsafe = lease.on_failsafe();
+        status.failsafe_kept_ms = lease.kept_ms();
+        status.failsafe_granted_ms = self
+            .failsafe
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .granted_ms(unix_ms());
         (status, snap)
+    }
+}
+
+/// The primary's side of failsafe: while this instance holds a lease with
+/// a member list and runs a writer, ask every listed replica for an
+/// acknowledgement once less than half the TTL is left without a renewal,
+/// and extend the lease to the sending time + TTL when all of them ack.
+/// Runs until aborted with the manager.
+async fn failsafe_loop(shared: Arc<Shared>, token: String) {
+    let name = shared.ctx.config.instance.clone();
+    let mut last_refusal: Option<String> = None;
+    let mut tick = tokio::time::interval(WATCHDOG_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let lease = shared.lease_snapshot();
+        let (Some(replicas), Some(expires)) = (lease.replicas.clone(), lease.expires) else {
+            continue;
+        };
+        let now = Instant::now();
+        if !lease.valid()
+            || !failsafe::should_ask(expires.saturating_duration_since(now), lease.ttl)
+            || shared.fenced()
+            || !shared.snapshot().running
+            || !shared.driver.needs_write_lease(&shared.ctx)
+        {
+            continue;
+        }
+        let req = FailsafeRequest {
+            primary: name.clone(),
+            term: lease.term,
+            ttl_ms: lease.ttl.as_millis() as u64,
+        };
+        // Each request gets what is left of the lease (at least one
+        // watchdog period): an answer after the lease ended is useless.
+        let timeout = expires
+            .saturating_duration_since(now)
+            .max(WATCHDOG_PERIOD)
+            .min(lease.ttl / 4);
+        let client = InstanceClient::new(
+            token.clone(),
+            shared.ctx.config.cluster_id.clone(),
+            replicas.clone(),
+            timeout,
+        );
+        let sent = Instant::now();
+        let body = serde_json::to_value(&req).unwrap_or_default();
+        let answers = futures::future::join_all(
+            replicas
+                .iter()
+                .map(|r| client.action(&r.name, ACTION_FAILSAFE, body.clone())),
+        )
+        .await;
+        let refusals: Vec<String> = answers
+            .into_iter()
+            .filter_map(|a| a.err().map(|e| e.to_string()))
+            .collect();
+        if refusals.is_empty() {
+            if let Some(end) = shared.extend_lease(req.term, sent) {
+                last_refusal = None;
+                tracing::info!(
+                    instance = %name,
+                    replicas = replicas.len(),
+                    "no lease renewal from the operator; every replica acknowledged, lease extended on failsafe by {} ms",
+                    end.saturating_duration_since(Instant::now()).as_millis()
+                );
+            }
+        } else {
+            let why = refusals.join("; ");
+            if last_refusal.as_deref() != Some(why.as_str()) {
+                tracing::warn!(instance = %name, "no failsafe extension of the lease: {why}");
+                last_refusal = Some(why);
+            }
+        }
     }
 }
 

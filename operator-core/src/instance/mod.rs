@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod config;
+pub mod failsafe;
 pub mod identity;
 pub mod leftovers;
 pub mod manager;

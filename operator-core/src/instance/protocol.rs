@@ -229,6 +229,22 @@ pub struct MemberStatus {
     /// predate it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_hash: Option<String>,
+    /// A replica: milliseconds left on the last failsafe acknowledgement
+    /// it gave a primary (negative: past), when it ever gave one
+    /// ([`ACTION_FAILSAFE`]). A primary that got it may write until then
+    /// at the latest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failsafe_granted_ms: Option<i64>,
+    /// A primary: it runs on a lease it extended itself with its
+    /// replicas' acknowledgements (failsafe), the operator's last grant
+    /// having expired.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub on_failsafe: bool,
+    /// A primary: how long (ms) it has kept writes on failsafe in the
+    /// current episode (since the operator's last grant expired), or in
+    /// the last one when it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failsafe_kept_ms: Option<u64>,
 }
 
 /// A stable hash of an engine block (`Engine::instance_settings`'s
@@ -293,6 +309,20 @@ pub const ACTION_SYNC_STANDBYS: &str = "syncStandbys";
 /// with all of it, and a `restart` action starts the server with it.
 /// Idempotent. An engine without the action is restarted instead.
 pub const ACTION_RECONFIGURE: &str = "reconfigure";
+/// Built-in action, sent by a primary's manager to each replica's manager
+/// of its lease's member list when its lease is about to run out without
+/// a renewal ([`FailsafeRequest`]): "do you still follow me?". The replica
+/// acknowledges (200, [`FailsafeAck`]) only when it runs as a standby of
+/// that primary, is not fenced and has not been revoked for that term;
+/// otherwise 409. It remembers the acknowledgement on its data volume.
+pub const ACTION_FAILSAFE: &str = "failsafe";
+/// Built-in action, sent by the operator to replicas before a failover
+/// whose old primary's manager does not answer ([`RevokeRequest`]): no
+/// more failsafe acknowledgements for primaries of that term or older
+/// (persisted on the data volume). The reply ([`RevokeReply`]) carries
+/// the last acknowledgement's remaining validity, which the operator
+/// waits out before it promotes.
+pub const ACTION_REVOKE: &str = "revoke";
 /// Key of a [`LeaseGrant`] in any action body: the manager applies it
 /// before the action (a promotion is granted its lease atomically).
 pub const BODY_LEASE: &str = "lease";
@@ -311,6 +341,60 @@ pub struct LeaseGrant {
     pub term: u64,
     /// Validity from the moment the manager receives it.
     pub ttl_ms: u64,
+    /// The replicas (name and manager endpoint) the holder must all reach
+    /// to extend its lease by itself while the operator does not renew it
+    /// (failsafe, see [`ACTION_FAILSAFE`]). `None`: no failsafe (an
+    /// operator that does not send it). `Some([])`: a single instance,
+    /// which extends on its own (nothing can be promoted in its place).
+    /// The holder keeps the list of the latest grant of its term.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<Vec<super::config::PeerEndpoint>>,
+}
+
+/// The body of [`ACTION_FAILSAFE`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailsafeRequest {
+    /// The primary asking (the lease holder).
+    pub primary: String,
+    /// Its lease term.
+    pub term: u64,
+    /// How long the acknowledgement counts (the lease TTL): the replica
+    /// remembers it until it receives the request plus this.
+    pub ttl_ms: u64,
+}
+
+/// The reply to an acknowledged [`ACTION_FAILSAFE`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailsafeAck {
+    /// Always true (a refusal is a 409).
+    pub ack: bool,
+    /// The replica that acknowledged.
+    pub replica: String,
+}
+
+/// The body of [`ACTION_REVOKE`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RevokeRequest {
+    /// The failed primary's term: primaries of this term or older get no
+    /// acknowledgement from now on.
+    pub term: u64,
+}
+
+/// The reply to [`ACTION_REVOKE`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RevokeReply {
+    /// The replica revoked.
+    pub replica: String,
+    /// The highest term revoked on it now.
+    pub revoked_term: u64,
+    /// Milliseconds left on the last acknowledgement it gave (negative:
+    /// past); `None`: it never gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failsafe_granted_ms: Option<i64>,
 }
 
 #[cfg(test)]

@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use super::manager::{Control, Shared};
 use super::protocol::{
-    ACTION_FENCE, ACTION_LEASE, ACTION_UNFENCE, BODY_LEASE, HEADER_CLUSTER_ID, LeaseGrant,
-    MemberStatus, PATH_ACTIONS, PATH_HEALTHZ, PATH_METRICS, PATH_READYZ, PATH_STATUS, Position,
-    ProcessState, Role,
+    ACTION_FAILSAFE, ACTION_FENCE, ACTION_LEASE, ACTION_REVOKE, ACTION_UNFENCE, BODY_LEASE,
+    FailsafeAck, FailsafeRequest, HEADER_CLUSTER_ID, LeaseGrant, MemberStatus, PATH_ACTIONS,
+    PATH_HEALTHZ, PATH_METRICS, PATH_READYZ, PATH_STATUS, Position, ProcessState, RevokeRequest,
+    Role,
 };
 use crate::engine::{AfterAction, InstanceError};
 use axum::Json;
@@ -147,6 +148,20 @@ pub fn render_metrics(status: &MemberStatus, running: bool, restarts: u64) -> St
         "gauge",
         &role_lines,
     );
+    gauge(
+        "on_failsafe",
+        "Whether this primary writes on a lease it extended with its replicas' acknowledgements (the operator's renewals missing).",
+        "gauge",
+        &[(String::new(), flag(status.on_failsafe))],
+    );
+    if let Some(ms) = status.failsafe_kept_ms {
+        gauge(
+            "failsafe_kept_seconds",
+            "How long this primary has kept writes on failsafe in the current (else the last) episode.",
+            "gauge",
+            &[(String::new(), ms as f64 / 1000.0)],
+        );
+    }
     gauge(
         "restarts_total",
         "Unexpected exits of the database server.",
@@ -294,6 +309,7 @@ async fn action(
     };
     // A lease in any body is applied first, so that a promotion holds its
     // lease from the moment it accepts writes.
+    let mut failsafe_ended = None;
     if let Some(grant) = body.get(BODY_LEASE).filter(|v| !v.is_null()) {
         let grant: LeaseGrant = match serde_json::from_value(grant.clone()) {
             Ok(g) => g,
@@ -301,11 +317,48 @@ async fn action(
                 return error_response(StatusCode::BAD_REQUEST, format!("invalid lease: {e}"));
             }
         };
-        if let Err(e) = shared.grant_lease(&grant) {
-            return error_response(StatusCode::CONFLICT, e);
+        match shared.grant_lease(&grant) {
+            Ok((_, ended)) => failsafe_ended = ended,
+            Err(e) => return error_response(StatusCode::CONFLICT, e),
         }
     }
     match name.as_str() {
+        ACTION_FAILSAFE => {
+            let req: FailsafeRequest = match serde_json::from_value(body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return error_response(
+                        StatusCode::BAD_REQUEST,
+                        format!(
+                            "a failsafe action needs {{\"primary\", \"term\", \"ttlMs\"}}: {e}"
+                        ),
+                    );
+                }
+            };
+            return match shared.failsafe_ack(&req) {
+                Ok(()) => Json(FailsafeAck {
+                    ack: true,
+                    replica: shared.ctx.config.instance.clone(),
+                })
+                .into_response(),
+                Err(why) => error_response(StatusCode::CONFLICT, why),
+            };
+        }
+        ACTION_REVOKE => {
+            let req: RevokeRequest = match serde_json::from_value(body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return error_response(
+                        StatusCode::BAD_REQUEST,
+                        format!("a revoke action needs {{\"term\"}}: {e}"),
+                    );
+                }
+            };
+            return match shared.failsafe_revoke(req.term) {
+                Ok(reply) => Json(reply).into_response(),
+                Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, e),
+            };
+        }
         ACTION_RESTART => return restart(&shared).await,
         ACTION_FENCE => return fence(&shared).await,
         ACTION_UNFENCE => {
@@ -322,10 +375,13 @@ async fn action(
                 // crashed or stopped primary from the answer.
                 Some(_) => {
                     let state = shared.snapshot();
+                    // `failsafeKeptMs`: this grant ended a failsafe
+                    // episode that long (the operator reports it).
                     Json(json!({
                         "lease": true,
                         "process": state.process,
                         "restarts": state.restarts,
+                        "failsafeKeptMs": failsafe_ended,
                     }))
                     .into_response()
                 }

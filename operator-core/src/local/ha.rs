@@ -37,13 +37,21 @@ use super::state::{self, StateDir};
 use crate::engine::{Election, Engine, InstanceOps, ObservedMember, ValidatedCluster};
 use crate::instance::client::InstanceClient;
 use crate::instance::config::PeerEndpoint;
+use crate::instance::failsafe::{self, RevokeOutcome, SentLists};
 use crate::instance::protocol::{
-    ACTION_FENCE, ACTION_FOLLOW, ACTION_LEASE, ACTION_PROMOTE, ACTION_RECONFIGURE, ACTION_SLOTS,
-    ACTION_SYNC_STANDBYS, ACTION_UNFENCE, BODY_LEASE, LeaseGrant, Position, ProcessState, Role,
-    format_lsn,
+    ACTION_FENCE, ACTION_FOLLOW, ACTION_LEASE, ACTION_PROMOTE, ACTION_RECONFIGURE, ACTION_REVOKE,
+    ACTION_SLOTS, ACTION_SYNC_STANDBYS, ACTION_UNFENCE, BODY_LEASE, LeaseGrant, Position,
+    ProcessState, RevokeReply, RevokeRequest, Role, format_lsn,
 };
 use crate::topology::{streaming_replicas, sync_standbys};
 
+/// A file in the state directory that pauses the decision loop while it
+/// exists: no observation, no decision, no lease renewal; `rw`/`ro` keep
+/// forwarding where they did. It stands for an operator that is away
+/// (crashed, being upgraded) while the database processes run on, as on
+/// Kubernetes, and is how the failsafe tests take the operator away
+/// without stopping the endpoints (`up` holds both).
+pub const PAUSE_FILE: &str = "pause-decisions";
 /// Environment variable overriding the lease TTL in milliseconds (tests).
 pub const LEASE_ENV: &str = "STRATUM_LOCAL_LEASE_MS";
 /// Default write-lease TTL.
@@ -255,11 +263,23 @@ pub fn switchover_refusal(
 }
 
 /// Renews the write lease of one holder in the background, so that slow
-/// actions in the decision loop never let the primary's lease lapse.
+/// actions in the decision loop never let the primary's lease lapse. Each
+/// grant carries the holder's failsafe list: every other member that is
+/// not fenced by the user (see docs/failover.md, "Failsafe").
 struct LeaseKeeper {
     holder: watch::Sender<Option<(String, u64)>>,
     /// Replaced when the members change (a scaled cluster).
     client: Arc<Mutex<InstanceClient>>,
+    /// Every member's endpoints and the user-fenced ones: the failsafe
+    /// list is taken from them at each renewal.
+    roster: Arc<Mutex<(Vec<PeerEndpoint>, BTreeSet<String>)>>,
+    /// The lists sent to each holder (which ones it may hold).
+    lists: Arc<Mutex<SentLists>>,
+    /// A renewal's answer said the holder had kept writes on failsafe for
+    /// so many ms (taken by the decision loop for its event).
+    failsafe_ended: Arc<Mutex<Option<(String, u64)>>>,
+    /// No renewals while set (the decision loop is paused).
+    paused: Arc<std::sync::atomic::AtomicBool>,
     /// When each instance last confirmed a renewal (response time).
     renewed: Arc<Mutex<BTreeMap<String, Instant>>>,
     started: Instant,
@@ -267,11 +287,34 @@ struct LeaseKeeper {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// The failsafe list of `holder`: every other member not in `fenced`.
+fn failsafe_list(
+    endpoints: &[PeerEndpoint],
+    fenced: &BTreeSet<String>,
+    holder: &str,
+) -> Vec<PeerEndpoint> {
+    endpoints
+        .iter()
+        .filter(|e| e.name != holder && !fenced.contains(&e.name))
+        .cloned()
+        .collect()
+}
+
 impl LeaseKeeper {
-    fn start(client: InstanceClient, ttl: Duration) -> Self {
+    fn start(client: InstanceClient, endpoints: Vec<PeerEndpoint>, ttl: Duration) -> Self {
         let (holder, mut rx) = watch::channel::<Option<(String, u64)>>(None);
         let renewed: Arc<Mutex<BTreeMap<String, Instant>>> = Arc::default();
-        let seen = renewed.clone();
+        let roster = Arc::new(Mutex::new((endpoints, BTreeSet::new())));
+        let lists: Arc<Mutex<SentLists>> = Arc::default();
+        let failsafe_ended: Arc<Mutex<Option<(String, u64)>>> = Arc::default();
+        let paused: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let (seen, roster_t, lists_t, ended_t, paused_t) = (
+            renewed.clone(),
+            roster.clone(),
+            lists.clone(),
+            failsafe_ended.clone(),
+            paused.clone(),
+        );
         let period = ttl / 4;
         let shared = Arc::new(Mutex::new(client));
         let clients = shared.clone();
@@ -281,14 +324,31 @@ impl LeaseKeeper {
                 let client = clients.lock().map(|c| c.clone()).ok();
                 if let Some((name, term)) = current
                     && let Some(client) = client
+                    && !paused_t.load(std::sync::atomic::Ordering::SeqCst)
                 {
+                    let replicas = roster_t
+                        .lock()
+                        .map(|r| failsafe_list(&r.0, &r.1, &name))
+                        .unwrap_or_default();
+                    if let Ok(mut l) = lists_t.lock() {
+                        l.sent(&name, term, &replicas);
+                    }
                     let body = json!({ BODY_LEASE: LeaseGrant {
                         holder: name.clone(),
                         term,
                         ttl_ms: ttl.as_millis() as u64,
+                        replicas: Some(replicas.clone()),
                     }});
                     match client.action(&name, ACTION_LEASE, body).await {
-                        Ok(_) => {
+                        Ok(reply) => {
+                            if let Ok(mut l) = lists_t.lock() {
+                                l.confirmed(&name, term, &replicas);
+                            }
+                            if let Some(ms) = reply.get("failsafeKeptMs").and_then(|v| v.as_u64())
+                                && let Ok(mut e) = ended_t.lock()
+                            {
+                                *e = Some((name.clone(), ms));
+                            }
                             if let Ok(mut r) = seen.lock() {
                                 r.insert(name, Instant::now());
                             }
@@ -305,11 +365,56 @@ impl LeaseKeeper {
         Self {
             holder,
             client: shared,
+            roster,
+            lists,
+            failsafe_ended,
+            paused,
             renewed,
             started: Instant::now(),
             ttl,
             task,
         }
+    }
+
+    fn set_roster(&self, endpoints: Vec<PeerEndpoint>, fenced: BTreeSet<String>) {
+        if let Ok(mut r) = self.roster.lock() {
+            *r = (endpoints, fenced);
+        }
+    }
+
+    /// The failsafe list a grant to `holder` carries now (the promotion's
+    /// grant), noted as sent.
+    fn list_for(&self, holder: &str, term: u64) -> Vec<PeerEndpoint> {
+        let list = self
+            .roster
+            .lock()
+            .map(|r| failsafe_list(&r.0, &r.1, holder))
+            .unwrap_or_default();
+        if let Ok(mut l) = self.lists.lock() {
+            l.sent(holder, term, &list);
+        }
+        list
+    }
+
+    fn confirmed(&self, holder: &str, term: u64, list: &[PeerEndpoint]) {
+        if let Ok(mut l) = self.lists.lock() {
+            l.confirmed(holder, term, list);
+        }
+    }
+
+    /// The replicas in every list `holder` may hold for `term` (`None`:
+    /// none sent by this `up`).
+    fn in_every_list(&self, holder: &str, term: u64) -> Option<BTreeSet<String>> {
+        self.lists.lock().ok()?.in_every_list(holder, term)
+    }
+
+    fn take_failsafe_ended(&self) -> Option<(String, u64)> {
+        self.failsafe_ended.lock().ok()?.take()
+    }
+
+    fn pause(&self, paused: bool) {
+        self.paused
+            .store(paused, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn set(&self, holder: Option<(String, u64)>) {
@@ -424,6 +529,14 @@ pub struct Orchestrator {
     /// The failed primary killed on the host, and the term then: once per
     /// failover (the next ticks may fence the manager `up` started again).
     killed_on_host: Option<(String, u64, bool)>,
+    /// The failed primary whose replicas were revoked (failsafe), the term
+    /// revoked, and what the replicas answered.
+    revoked: Option<(String, u64, RevokeOutcome)>,
+    /// The failed primary (and term) that was taken as stopped only
+    /// because its lease and the revoked replicas' acknowledgements ran
+    /// out (no fence through its manager, no verified kill): only a
+    /// revoked replica may replace it.
+    failsafe_restricted: Option<(String, u64)>,
     /// The primary's WAL position once it was back from a primary-first
     /// restart: a replica restarts only after replaying past it (its
     /// control file must have seen the primary's lowered value, or it
@@ -501,7 +614,7 @@ impl Orchestrator {
         let act = client(Duration::from_secs(90));
         let quick = client(Duration::from_secs(3));
         let unanswering = client(UNANSWERING_FENCE_TIMEOUT);
-        let lease = LeaseKeeper::start(client(ttl / 4), ttl);
+        let lease = LeaseKeeper::start(client(ttl / 4), endpoints.clone(), ttl);
         let mut ha = ha;
         ha.members = endpoints.iter().map(|e| e.name.clone()).collect();
         let resumed = ha.rolling.take().filter(|r| !r.remaining.is_empty());
@@ -556,6 +669,8 @@ impl Orchestrator {
             primary_first: resumed.as_ref().is_some_and(|r| r.primary_first),
             rolling_resumed: resumed.as_ref().map(|_| Instant::now()),
             killed_on_host: None,
+            revoked: None,
+            failsafe_restricted: None,
             primary_back_lsn: None,
             reconfigure: None,
             desired,
@@ -595,6 +710,8 @@ impl Orchestrator {
         self.quick = client(Duration::from_secs(3));
         self.unanswering = client(UNANSWERING_FENCE_TIMEOUT);
         self.lease.set_client(client(self.lease.ttl / 4));
+        self.lease
+            .set_roster(endpoints.clone(), self.fenced.clone());
         self.endpoints = endpoints;
         self.slots_done_for = None;
         self.sync_told = None;
@@ -1251,6 +1368,8 @@ impl Orchestrator {
                 ),
             );
         }
+        self.lease
+            .set_roster(self.endpoints.clone(), fenced.clone());
         self.fenced = fenced;
     }
 
@@ -1329,6 +1448,16 @@ impl Orchestrator {
         members: &[ObservedMember],
         request: Option<SwitchoverRequest>,
     ) -> Option<String> {
+        if let Some((name, ms)) = self.lease.take_failsafe_ended() {
+            self.ha.event(
+                "FailsafeEnded",
+                format!(
+                    "primary {name} kept writes on failsafe for {:.1} s while the operator was away",
+                    ms as f64 / 1000.0
+                ),
+            );
+            self.save();
+        }
         if (!self.fenced.is_empty() || !self.fenced_done.is_empty())
             && self.apply_fencing(members).await
         {
@@ -1570,7 +1699,11 @@ impl Orchestrator {
             &self.quick
         };
         match client.action(from, ACTION_FENCE, json!({})).await {
-            Ok(_) => Some(format!("{from} fenced (server stopped)")),
+            Ok(_) => {
+                // Fenced: its manager extends nothing any more.
+                self.failsafe_restricted = None;
+                Some(format!("{from} fenced (server stopped)"))
+            }
             Err(e) => {
                 // Its manager may be frozen (SIGSTOP) with its server still
                 // running and writable to clients that connect to its port
@@ -1578,16 +1711,26 @@ impl Orchestrator {
                 // before anything is promoted, and at once: once the server
                 // is seen gone (and the fence marker keeps a restarted
                 // manager from starting it), the lease need not expire.
+                //
+                // Its manager may also keep the lease on failsafe while it
+                // reaches every replica: the replicas are revoked first
+                // (no more acknowledgements for its term), and without a
+                // verified kill the wait covers their last one too.
+                let revoke = self.revoke(from, false).await;
                 let (killed, server_gone) = self.kill_on_host(from).await;
                 if server_gone {
+                    self.failsafe_restricted = None;
                     Some(format!("{from} unreachable ({e}); {killed}"))
-                } else if self.lease.expired(from) {
+                } else if self.lease.expired(from)
+                    && revoke.grants_expired(Instant::now(), LEASE_MARGIN)
+                {
+                    self.failsafe_restricted = Some((from.to_string(), self.ha.term));
                     Some(format!(
-                        "{from} unreachable ({e}); its write lease has expired; {killed}"
+                        "{from} unreachable ({e}); its write lease and its replicas' failsafe acknowledgements have expired; {killed}"
                     ))
                 } else {
                     self.wait_note(format!(
-                        "waiting for the write lease of unreachable {from} to expire"
+                        "waiting for the write lease of unreachable {from} and its replicas' failsafe acknowledgements to expire"
                     ));
                     None
                 }
@@ -1699,6 +1842,87 @@ impl Orchestrator {
         (text, gone)
     }
 
+    /// Revoke failsafe acknowledgements for the failed primary `from`'s
+    /// term on every other member (once per failover, again while none
+    /// confirmed). Event `FailsafeRevoked`.
+    async fn revoke(&mut self, from: &str, again: bool) -> RevokeOutcome {
+        let term = self.ha.term;
+        let before = self
+            .revoked
+            .as_ref()
+            .filter(|(f, t, _)| f == from && *t == term)
+            .map(|(_, _, out)| out.clone());
+        if let Some(out) = &before
+            && !out.revoked.is_empty()
+            && !again
+        {
+            return out.clone();
+        }
+        let others = self.replicas_of(from);
+        let body = serde_json::to_value(RevokeRequest { term }).unwrap_or_default();
+        let results = futures::future::join_all(
+            others
+                .iter()
+                .map(|n| self.quick.action(n, ACTION_REVOKE, body.clone())),
+        )
+        .await;
+        let now = Instant::now();
+        let replies: Vec<(String, Result<RevokeReply, String>)> = others
+            .into_iter()
+            .zip(results)
+            .map(|(n, r)| {
+                let reply = r.map_err(|e| e.to_string()).and_then(|v| {
+                    serde_json::from_value::<RevokeReply>(v).map_err(|e| e.to_string())
+                });
+                (n, reply)
+            })
+            .collect();
+        let mut out = RevokeOutcome::from_replies(term, &replies, now);
+        if let Some(b) = before {
+            out = b.merged(out);
+        }
+        self.ha.event(
+            "FailsafeRevoked",
+            format!(
+                "failsafe acknowledgements for {from} (term {term}) revoked on: {}; {}",
+                if out.revoked.is_empty() {
+                    "none".to_string()
+                } else {
+                    out.revoked.iter().cloned().collect::<Vec<_>>().join(", ")
+                },
+                match out.granted_until {
+                    Some(u) => format!(
+                        "the last one they gave ends in {} ms",
+                        u.saturating_duration_since(now).as_millis()
+                    ),
+                    None => "none of them holds a valid one".into(),
+                }
+            ),
+        );
+        self.revoked = Some((from.to_string(), term, out.clone()));
+        out
+    }
+
+    /// Whether `name` may be promoted in place of `from` as far as
+    /// failsafe goes: when `from`'s replicas were revoked (its manager did
+    /// not answer), only a revoked replica that was in every list `from`
+    /// may hold ([`failsafe::may_promote`]).
+    fn failsafe_allows(&self, from: &str, name: &str) -> bool {
+        match (&self.revoked, &self.failsafe_restricted) {
+            (Some((f, term, out)), Some((rf, rt))) if f == from && rf == from && term == rt => {
+                failsafe::may_promote(name, out, self.lease.in_every_list(from, *term).as_ref())
+            }
+            _ => true,
+        }
+    }
+
+    /// Pause or resume the decision loop's hold on the instances: while
+    /// paused, no lease renewals (the operator is away; see
+    /// [`PAUSE_FILE`]).
+    pub fn pause(&mut self, paused: bool) {
+        self.lease.pause(paused);
+    }
+
     fn wait_note(&mut self, why: String) {
         if self.last_wait.as_deref() != Some(why.as_str()) {
             self.ha.event("Waiting", why.clone());
@@ -1751,6 +1975,20 @@ impl Orchestrator {
         let candidate = match self.ha.target_primary.clone() {
             Some(t) => t,
             None => match self.engine.elect(&self.cluster, &members) {
+                // The most advanced replica may still acknowledge the old
+                // primary's failsafe requests: revoke again; never a less
+                // advanced one instead (it may lack acknowledged commits).
+                Election::Promote { candidate, .. }
+                    if !self.failsafe_allows(from, &candidate) && {
+                        self.revoke(from, true).await;
+                        !self.failsafe_allows(from, &candidate)
+                    } =>
+                {
+                    self.wait_note(format!(
+                        "failover from {from}: {candidate} may still acknowledge its failsafe requests (not revoked, or not in every list it may hold)"
+                    ));
+                    return None;
+                }
                 Election::Promote { candidate, reason } => {
                     self.ha.target_primary = Some(candidate.clone());
                     self.ha.event(
@@ -1783,17 +2021,20 @@ impl Orchestrator {
         let term = self.ha.term + 1;
         self.ha.term = term;
         self.save();
+        let list = self.lease.list_for(candidate, term);
         let body = json!({
             BODY_LEASE: LeaseGrant {
                 holder: candidate.to_string(),
                 term,
                 ttl_ms: self.lease.ttl.as_millis() as u64,
+                replicas: Some(list.clone()),
             },
             "replicas": self.replicas_of(candidate),
         });
         match self.act.action(candidate, ACTION_PROMOTE, body).await {
             Ok(reply) => {
                 self.lease.note_renewed(candidate);
+                self.lease.confirmed(candidate, term, &list);
                 self.lease.set(Some((candidate.to_string(), term)));
                 let timeline = reply
                     .get("timeline")

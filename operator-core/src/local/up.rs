@@ -624,9 +624,21 @@ async fn serve(p: Prepared, registry: &EngineRegistry) -> anyhow::Result<()> {
 
     let mut ticker = tokio::time::interval(tick());
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut decisions_paused = false;
     let signal_name = loop {
         tokio::select! {
             _ = ticker.tick() => {
+                // The operator away on purpose (ha::PAUSE_FILE): the
+                // endpoints keep forwarding, nothing else happens.
+                let paused = dir.root().join(ha::PAUSE_FILE).exists();
+                if paused != decisions_paused {
+                    tracing::warn!(paused, "decision loop {}", if paused { "paused" } else { "resumed" });
+                    orchestrator.pause(paused);
+                    decisions_paused = paused;
+                }
+                if paused {
+                    continue;
+                }
                 if let Some((new, change)) =
                     apply::take(registry, &dir, &accepted, &mut orchestrator.ha)
                 {

@@ -711,6 +711,16 @@ impl InstanceDriver for PostgresDriver {
             && !layout.standby_signal().exists()
             && !layout.follow_pending().exists()
     }
+
+    fn following(&self, ctx: &InstanceContext) -> Option<String> {
+        let settings = settings(&ctx.config).ok()?;
+        let layout = Layout::new(ctx, &settings);
+        (layout.is_initialised()
+            && layout.standby_signal().exists()
+            && !layout.follow_pending().exists())
+        .then(|| upstream_member(&ctx.config, &layout).map(|m| m.name))
+        .flatten()
+    }
 }
 
 #[cfg(test)]

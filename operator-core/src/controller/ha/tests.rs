@@ -114,6 +114,11 @@ struct Row {
     pod_deleted: bool,
     detached: bool,
     sync: &'static [&'static str],
+    /// Failsafe: the replicas were revoked (true by default, so that the
+    /// rows about the later steps need not say it).
+    revoked: bool,
+    /// Failsafe: who may be promoted (`None`: anyone).
+    promotable: Option<&'static [&'static str]>,
 }
 
 impl Default for Row {
@@ -131,6 +136,8 @@ impl Default for Row {
             pod_deleted: false,
             detached: false,
             sync: &[],
+            revoked: true,
+            promotable: None,
         }
     }
 }
@@ -155,6 +162,9 @@ fn run(row: &Row) -> HaDecision {
     let names = names();
     let fenced: BTreeSet<String> = row.fenced.iter().map(|s| s.to_string()).collect();
     let sync: Vec<String> = row.sync.iter().map(|s| s.to_string()).collect();
+    let promotable: Option<BTreeSet<String>> = row
+        .promotable
+        .map(|p| p.iter().map(|s| s.to_string()).collect());
     let view = HaView {
         instances: &names,
         members: &row.members,
@@ -170,6 +180,8 @@ fn run(row: &Row) -> HaDecision {
         pod_deleted: row.pod_deleted,
         detached: row.detached,
         sync_standbys: &sync,
+        revoked: row.revoked,
+        promotable: promotable.as_ref(),
     };
     decide(&view, &elect)
 }
@@ -892,4 +904,59 @@ fn replicas_keep_the_timeline_they_streamed_on_when_their_primary_is_gone() {
         let seen = with_known_timelines(&[m], &known);
         assert_eq!(timeline_of(&seen[0]), want, "{name}");
     }
+}
+
+#[test]
+fn an_unreachable_primary_has_its_replicas_revoked_first_and_only_a_revoked_candidate_is_promoted()
+{
+    let mut members = healthy();
+    members[0] = unreachable("simple-pg-0");
+    let row = |revoked, lease_expired, promotable| Row {
+        members: members.clone(),
+        change: failover_from("simple-pg-0"),
+        target: None,
+        revoked,
+        lease_expired,
+        pod_deleted: true,
+        detached: true,
+        promotable,
+        ..Default::default()
+    };
+    // Revoked before anything else, even with the lease long expired: the
+    // old primary may run on failsafe.
+    assert_eq!(
+        run(&row(false, true, None)),
+        HaDecision::Revoke {
+            from: "simple-pg-0".into()
+        }
+    );
+    // Revoked, the lease or an acknowledgement still valid: wait.
+    let d = run(&row(true, false, Some(&["simple-pg-1", "simple-pg-2"])));
+    assert!(is_wait(&d, "failsafe acknowledgements to expire"), "{d:?}");
+    // The most advanced replica (simple-pg-1) was not revoked, or not in
+    // every list the old primary may hold: revoke again, never promote
+    // the less advanced one (it may lack acknowledged commits).
+    assert_eq!(
+        run(&row(true, true, Some(&["simple-pg-2"]))),
+        HaDecision::Revoke {
+            from: "simple-pg-0".into()
+        }
+    );
+    assert_eq!(
+        run(&row(true, true, Some(&["simple-pg-1"]))),
+        promote("simple-pg-1", "simple-pg-0")
+    );
+    // A primary fenced through its manager: no revocation needed.
+    let d = run(&Row {
+        members: vec![
+            fenced_stopped("simple-pg-0"),
+            at("simple-pg-1", Role::Replica, 300),
+            at("simple-pg-2", Role::Replica, 290),
+        ],
+        change: failover_from("simple-pg-0"),
+        target: None,
+        revoked: false,
+        ..Default::default()
+    });
+    assert_eq!(d, promote("simple-pg-1", "simple-pg-0"));
 }
