@@ -505,6 +505,24 @@ pub fn plan(view: &RollView<'_>) -> RollPlan {
         return done(wait(why));
     }
 
+    // A pending restart that lowers a hot-standby parameter: the primary
+    // restarts first and in place (a switchover would make primary a
+    // replica still running the higher value, which the old primary could
+    // then not follow with the lower one); the replicas take the new
+    // settings only after it (controller/reconfigure.rs holds them).
+    if let Some(primary) = view.primary.filter(|p| {
+        view.pending_restart(p)
+            && view
+                .member(p)
+                .and_then(|m| m.status.as_ref())
+                .is_some_and(|s| s.restart_primary_first)
+    }) {
+        return done(RollAction::Restart {
+            instance: primary.to_string(),
+            role: view.role_of(primary),
+        });
+    }
+
     // Replicas (non-writers) first, the highest ordinal first.
     let mut others: Vec<&String> = view
         .instances

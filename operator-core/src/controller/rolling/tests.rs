@@ -344,6 +344,30 @@ fn a_pending_restart_is_a_restart_in_place_in_the_same_order() {
 }
 
 #[test]
+fn a_lowered_hot_standby_parameter_restarts_the_primary_first_in_place() {
+    let mut c = pg_case([NEW; 3]);
+    // Only the primary has the new settings (the replicas are reconfigured
+    // after it restarted) and must restart before them.
+    let primary = c.members[0].status.as_mut().unwrap();
+    primary.pending_restart = true;
+    primary.restart_primary_first = true;
+    assert_eq!(
+        run(&c).action,
+        RollAction::Restart {
+            instance: PG[0].into(),
+            role: "primary"
+        }
+    );
+    // Without the flag the primary is last, by switchover.
+    c.members[0].status.as_mut().unwrap().restart_primary_first = false;
+    assert!(
+        matches!(run(&c).action, RollAction::Switchover { .. }),
+        "{:?}",
+        run(&c).action
+    );
+}
+
+#[test]
 fn galera_members_first_writer_last_each_synced_never_below_quorum() {
     assert_eq!(
         run(&galera_case([OLD; 3])).action,
