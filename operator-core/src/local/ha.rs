@@ -1557,8 +1557,11 @@ impl Orchestrator {
                 .is_some_and(|(p, at)| *p == primary && at.elapsed() < SLOTS_EVERY)
             {
                 let replicas = self.replicas_of(&primary);
+                // Quick: a primary whose manager froze after this tick's
+                // observation must not hold the decision loop (and so its
+                // failover) up for the long timeout.
                 match self
-                    .act
+                    .quick
                     .action(&primary, ACTION_SLOTS, json!({ "replicas": replicas }))
                     .await
                 {
@@ -2189,7 +2192,8 @@ impl Orchestrator {
             .filter(|n| !removing.contains(n))
             .collect();
         let body = json!({ "available": now.1, "replicas": replicas });
-        match self.act.action(primary, ACTION_SYNC_STANDBYS, body).await {
+        // Quick, for the same reason as the slots upkeep.
+        match self.quick.action(primary, ACTION_SYNC_STANDBYS, body).await {
             Ok(reply) => {
                 if let Some(names) = reply
                     .get("synchronousStandbyNames")
