@@ -9,19 +9,18 @@
 //! - PostgresCluster, 3 instances: a changed reloadable parameter
 //!   (`work_mem`) is live on every instance (`SHOW work_mem`) with the same
 //!   postmaster (no restart), Events `InstanceReconfigured`; a changed
-//!   restart-only one (`shared_buffers`) leaves every member reporting
-//!   `pendingRestart` (manager and `status.instancesStatus`) with the old
-//!   value running; an operator-owned parameter (`max_wal_senders`) is
+//!   restart-only one (`shared_buffers`) makes every member report a
+//!   pending restart (Event), which the rolling update carries out until
+//!   every server runs the new value (every postmaster restarted, Healthy,
+//!   nothing pending); an operator-owned parameter (`max_wal_senders`) is
 //!   refused naming the field, the ConfigMap and the running instances
 //!   untouched;
 //! - PxcCluster (one member, so that the test stays short): a changed
 //!   `spec.configuration` reaches my.cnf and `SHOW VARIABLES` at once for
-//!   a writable variable (same mariadbd), and `pendingRestart` for a
-//!   read-only one; an operator-owned option (`port`) is refused naming
+//!   a writable variable (same mariadbd); a read-only one (`back_log`) is
+//!   written to my.cnf and taken by the restart the rolling update makes;
+//!   an operator-owned option (`port`) is refused naming
 //!   `spec.configuration`, the ConfigMap untouched.
-//!
-//! Restarting members with `pendingRestart` is the rolling update's work
-//! (not part of this branch), so it is not checked here.
 //!
 //! Uses the control plane of `STRATUM_TEST_KUBECONFIG`, or starts one for
 //! this binary (scripts/control-plane.sh); fails when it cannot, or when
@@ -244,42 +243,16 @@ async fn postgres_parameters_reach_running_instances() {
     .await;
     assert!(notes.iter().all(|n| n.contains("work_mem")), "{notes:?}");
 
-    // A restart-only parameter: every member reports a pending restart;
-    // the old value runs until the rolling update restarts them.
+    // A restart-only parameter: every member reports a pending restart
+    // (an Event says so) and the rolling update restarts them in update
+    // order (replicas first, the primary last) until every server runs
+    // the new value.
     patch_spec(
         &api,
         PG,
         json!({"postgresql": {"parameters": {"shared_buffers": "24MB"}}}),
     )
     .await;
-    let status = kubelet::wait_status(&api, PG, "pendingRestart on every instance", WAIT, |s| {
-        s["instancesStatus"]
-            .as_array()
-            .is_some_and(|is| is.len() == 3 && is.iter().all(|i| i["pendingRestart"] == true))
-    })
-    .await;
-    assert_eq!(status["ready"], "3/3", "{status}");
-    let now = managers(&kubelet, &PG_NAMES).await.unwrap();
-    for m in &now {
-        assert!(m.pending_restart, "{m:?}");
-        assert!(!m.restart_primary_first, "a raised parameter: {m:?}");
-        assert_eq!(
-            m.details["pendingRestartFor"]["shared_buffers"], "2048",
-            "PostgreSQL reports the running value (8 kB pages): {m:?}"
-        );
-    }
-    let pending_hash = now[0].config_hash.clone().unwrap();
-    assert!(
-        now.iter()
-            .all(|m| m.config_hash.as_ref() == Some(&pending_hash))
-    );
-    assert_eq!(
-        pg_show(&kubelet, &password, "shared_buffers")
-            .await
-            .unwrap(),
-        vec!["16MB"; 3]
-    );
-    assert_eq!(pids(&kubelet, &PG_NAMES), pids_before, "no restarts here");
     eventually("an Event saying a restart is pending", WAIT, || async {
         let notes = reasons_with(
             &events_about(&client, &ns, PG).await,
@@ -295,6 +268,38 @@ async fn postgres_parameters_reach_running_instances() {
         }
     })
     .await;
+    eventually(
+        "SHOW shared_buffers = 24MB on every instance",
+        START,
+        || async {
+            let got = pg_show(&kubelet, &password, "shared_buffers").await?;
+            if got.iter().all(|v| v == "24MB") {
+                Ok(())
+            } else {
+                Err(format!("{got:?}"))
+            }
+        },
+    )
+    .await;
+    kubelet::wait_status(&api, PG, "Healthy, no restart pending", WAIT, |s| {
+        s["phase"] == "Healthy"
+            && s["ready"] == "3/3"
+            && s["instancesStatus"]
+                .as_array()
+                .is_some_and(|is| is.len() == 3 && is.iter().all(|i| i["pendingRestart"] != true))
+    })
+    .await;
+    let restarted = pids(&kubelet, &PG_NAMES);
+    for (i, name) in PG_NAMES.iter().enumerate() {
+        assert_ne!(restarted[i], pids_before[i], "{name} was restarted");
+    }
+    let now = managers(&kubelet, &PG_NAMES).await.unwrap();
+    let pending_hash = now[0].config_hash.clone().unwrap();
+    for m in &now {
+        assert!(!m.pending_restart, "{m:?}");
+        assert_eq!(m.config_hash.as_ref(), Some(&pending_hash), "{m:?}");
+    }
+    let pids_before = restarted;
 
     // An operator-owned parameter: refused naming the field; the
     // ConfigMap and the running instances stay as they are.
@@ -415,11 +420,11 @@ async fn galera_configuration_reaches_my_cnf_and_the_server() {
     let pid = kubelet.server_pid(pod).expect("mariadbd runs");
     let my_cnf = kubelet.pod_dir(pod).join("run").join("my.cnf");
 
-    // max_connections is writable (SET GLOBAL); back_log is not.
+    // max_connections is writable (SET GLOBAL): set live.
     patch_spec(
         &api,
         PXC,
-        json!({"configuration": "[mysqld]\ninnodb_buffer_pool_size = 64M\nmax_connections = 77\nback_log = 61\n"}),
+        json!({"configuration": "[mysqld]\ninnodb_buffer_pool_size = 64M\nmax_connections = 77\n"}),
     )
     .await;
     eventually("SHOW VARIABLES max_connections = 77", WAIT, || async {
@@ -431,25 +436,41 @@ async fn galera_configuration_reaches_my_cnf_and_the_server() {
     .await;
     assert_eq!(kubelet.server_pid(pod), Some(pid), "set live, no restart");
     let cnf = std::fs::read_to_string(&my_cnf).unwrap();
-    assert!(
-        cnf.contains("max_connections=77") && cnf.contains("back_log=61"),
-        "{cnf}"
-    );
-    assert_ne!(
-        mariadb_variable(ip, &password, "back_log").await.unwrap(),
-        "61"
-    );
-    let status = kubelet::wait_status(&api, PXC, "pendingRestart for back_log", WAIT, |s| {
-        s["instancesStatus"][0]["pendingRestart"] == true
+    assert!(cnf.contains("max_connections=77"), "{cnf}");
+
+    // back_log is not writable: written to my.cnf, a pending restart, which
+    // the rolling update carries out; the server then runs it.
+    patch_spec(
+        &api,
+        PXC,
+        json!({"configuration": "[mysqld]\ninnodb_buffer_pool_size = 64M\nmax_connections = 77\nback_log = 61\n"}),
+    )
+    .await;
+    eventually(
+        "SHOW VARIABLES back_log = 61 after a restart",
+        START,
+        || async {
+            match mariadb_variable(ip, &password, "back_log").await? {
+                v if v == "61" => Ok(()),
+                v => Err(v),
+            }
+        },
+    )
+    .await;
+    let cnf = std::fs::read_to_string(&my_cnf).unwrap();
+    assert!(cnf.contains("back_log=61"), "{cnf}");
+    let status = kubelet::wait_status(&api, PXC, "Healthy, no restart pending", WAIT, |s| {
+        s["phase"] == "Healthy" && s["instancesStatus"][0]["pendingRestart"] != true
     })
     .await;
     assert_eq!(status["ready"], "1/1", "{status}");
-    let m = &managers(&kubelet, &[pod]).await.unwrap()[0];
-    assert!(
-        m.details["pendingRestartFor"]
-            .to_string()
-            .contains("back_log"),
-        "{m:?}"
+    let pid = kubelet.server_pid(pod).expect("mariadbd runs");
+    assert_eq!(
+        mariadb_variable(ip, &password, "max_connections")
+            .await
+            .unwrap(),
+        "77",
+        "the live change survived the restart"
     );
 
     // An operator-owned option: refused naming the field, ConfigMap kept.
