@@ -465,9 +465,14 @@ async fn a_primary_stops_within_a_ttl_of_the_last_ack_when_a_replica_manager_is_
     let gone = Instant::now();
     let (failed, _) = write_for(&fx, 0, 100_000, ttl * 3).await;
     let failed = failed.expect("writes stop once a listed replica does not answer");
+    // The manager answers until its stop completes (it stops its server
+    // first), so it may ack once more after `last_ack` was read: the bound
+    // is one TTL from when it was gone (no ack outlives that), not what
+    // was left on the ack read before the stop (seen once: 2.1 s after
+    // the stop with 1.0 s left on the earlier ack).
     assert!(
-        failed <= gone + Duration::from_millis(last_ack.max(0) as u64) + Duration::from_millis(800),
-        "writes went on {} ms after the manager was gone, its last ack had {last_ack} ms left",
+        failed <= gone + ttl + Duration::from_millis(800),
+        "writes went on {} ms after the manager was gone (TTL {TTL_MS} ms; its ack read before the stop had {last_ack} ms left)",
         (failed - gone).as_millis()
     );
     let s = ms[0].status().await;
