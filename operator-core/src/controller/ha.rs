@@ -826,12 +826,7 @@ impl LeaseTask {
     fn set(&self, holder: Option<(String, u64, InstanceClient)>) {
         let fenced = self.fenced.lock().map(|f| f.clone()).unwrap_or_default();
         let holder = holder.map(|(name, term, client)| {
-            let replicas = client
-                .members()
-                .iter()
-                .filter(|m| m.name != name && !fenced.contains(&m.name))
-                .cloned()
-                .collect();
+            let replicas = failsafe::list(client.members(), &fenced, &name);
             Holder {
                 name,
                 term,
@@ -875,12 +870,7 @@ impl LeaseTask {
     /// The failsafe list a promotion's grant carries, noted as sent.
     fn list_for(&self, holder: &str, term: u64, client: &InstanceClient) -> Vec<PeerEndpoint> {
         let fenced = self.fenced.lock().map(|f| f.clone()).unwrap_or_default();
-        let list: Vec<PeerEndpoint> = client
-            .members()
-            .iter()
-            .filter(|m| m.name != holder && !fenced.contains(&m.name))
-            .cloned()
-            .collect();
+        let list = failsafe::list(client.members(), &fenced, holder);
         if let Ok(mut l) = self.lists.lock() {
             l.sent(holder, term, &list);
         }

@@ -34,6 +34,21 @@ use super::protocol::{FailsafeRequest, RevokeReply};
 /// Kubernetes), as the operator relies on it after the pod is recreated.
 pub const FAILSAFE_FILE: &str = "stratum-failsafe.json";
 
+/// The failsafe list of `holder`: every other member not in `fenced` (the
+/// replicas whose acknowledgements it needs). Pure; the one rule for the
+/// controller and the local runtime.
+pub fn list(
+    endpoints: &[PeerEndpoint],
+    fenced: &BTreeSet<String>,
+    holder: &str,
+) -> Vec<PeerEndpoint> {
+    endpoints
+        .iter()
+        .filter(|e| e.name != holder && !fenced.contains(&e.name))
+        .cloned()
+        .collect()
+}
+
 /// A primary asks its replicas when its lease has less than this left
 /// (half the TTL: the operator renews every TTL/4, so a lease that low
 /// missed at least one renewal).

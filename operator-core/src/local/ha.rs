@@ -287,19 +287,6 @@ struct LeaseKeeper {
     task: tokio::task::JoinHandle<()>,
 }
 
-/// The failsafe list of `holder`: every other member not in `fenced`.
-fn failsafe_list(
-    endpoints: &[PeerEndpoint],
-    fenced: &BTreeSet<String>,
-    holder: &str,
-) -> Vec<PeerEndpoint> {
-    endpoints
-        .iter()
-        .filter(|e| e.name != holder && !fenced.contains(&e.name))
-        .cloned()
-        .collect()
-}
-
 impl LeaseKeeper {
     fn start(client: InstanceClient, endpoints: Vec<PeerEndpoint>, ttl: Duration) -> Self {
         let (holder, mut rx) = watch::channel::<Option<(String, u64)>>(None);
@@ -328,7 +315,7 @@ impl LeaseKeeper {
                 {
                     let replicas = roster_t
                         .lock()
-                        .map(|r| failsafe_list(&r.0, &r.1, &name))
+                        .map(|r| failsafe::list(&r.0, &r.1, &name))
                         .unwrap_or_default();
                     if let Ok(mut l) = lists_t.lock() {
                         l.sent(&name, term, &replicas);
@@ -388,7 +375,7 @@ impl LeaseKeeper {
         let list = self
             .roster
             .lock()
-            .map(|r| failsafe_list(&r.0, &r.1, holder))
+            .map(|r| failsafe::list(&r.0, &r.1, holder))
             .unwrap_or_default();
         if let Ok(mut l) = self.lists.lock() {
             l.sent(holder, term, &list);
