@@ -241,12 +241,20 @@ impl Local {
     /// Healthy: every instance ready, one primary (the recognised one), the
     /// others replicas.
     fn wait_converged(&mut self) -> Value {
-        self.wait_for("converged (3 ready, one primary)", |s| {
-            s["phase"] == "Healthy"
-                && s["step"] == "idle"
-                && roles(s).iter().filter(|r| *r == "primary").count() == 1
-                && roles(s).iter().filter(|r| *r == "replica").count() == 2
-                && s["primary"] == s["currentPrimary"]
+        self.wait_for("converged (3 ready, one primary)", converged)
+    }
+
+    /// [`Self::wait_converged`] on a snapshot taken at least a second after
+    /// `since`: after `up` was stopped and resumed, the status file still
+    /// holds what it saw before the stop.
+    fn wait_converged_after(&mut self, since: chrono::DateTime<chrono::Utc>) -> Value {
+        let since = since + chrono::Duration::seconds(1);
+        self.wait_for("converged in a fresh snapshot", |s| {
+            converged(s)
+                && s["observedAt"]
+                    .as_str()
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .is_some_and(|t| t >= since)
         })
     }
 
@@ -314,6 +322,15 @@ fn manager_pid_in(state: &Path, instance: &str) -> Option<i32> {
 
 fn instance_names() -> Vec<String> {
     (0..3).map(|i| format!("simple-pg-{i}")).collect()
+}
+
+/// Healthy and idle, 3 ready, one primary (the recognised one), two replicas.
+fn converged(s: &Value) -> bool {
+    s["phase"] == "Healthy"
+        && s["step"] == "idle"
+        && roles(s).iter().filter(|r| *r == "primary").count() == 1
+        && roles(s).iter().filter(|r| *r == "replica").count() == 2
+        && s["primary"] == s["currentPrimary"]
 }
 
 fn roles(s: &Value) -> Vec<String> {
@@ -861,6 +878,7 @@ async fn switchover_bad_input_and_lease(version: u32) {
     }
     kill(up_pid, "CONT");
     kill(replica_manager, "CONT");
+    let resumed = chrono::Utc::now();
     let refused_after = refused_after.expect("the cut-off primary kept taking writes");
     eprintln!(
         "cut off from the operator, {target} stopped taking writes after {}ms (lease {LEASE_MS}ms)",
@@ -871,18 +889,35 @@ async fn switchover_bad_input_and_lease(version: u32) {
     // Back in touch, the operator finds the primary stopped by its own
     // manager: it fails over (or grants the lease again); either way one
     // primary, and writes through rw work.
-    std::thread::sleep(Duration::from_millis(500));
-    let s = local.wait_converged();
+    let s = local.wait_converged_after(resumed);
     assert_eq!(
         roles(&s).iter().filter(|r| *r == "primary").count(),
         1,
         "{s}"
     );
-    let client = connect(&rw, &password).await.unwrap();
-    client
-        .execute("INSERT INTO ha_rows (n) VALUES (-100000)", &[])
-        .await
-        .unwrap();
+    let t_back = Instant::now();
+    loop {
+        let err = match connect(&rw, &password).await {
+            Ok(c) => match c
+                .execute("INSERT INTO ha_rows (n) VALUES (-100000)", &[])
+                .await
+            {
+                Ok(_) => break,
+                Err(e) => e.to_string(),
+            },
+            Err(e) => e,
+        };
+        assert!(
+            t_back.elapsed() < Duration::from_secs(20),
+            "no write through rw within 20 s of a converged status: {err}\n{}",
+            local.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "a write through rw {}ms after the converged status",
+        t_back.elapsed().as_millis()
+    );
     eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
     local.down();
 }
