@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 
-log=$(mktemp)
+logs=$(mktemp -d)
 # One Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager,
 # kube-scheduler, fake Nodes; binaries cached by setup.sh) for the
 # tests/k8s_*.rs tests, stopped on exit (and before the summary line, so
@@ -30,15 +30,54 @@ stop_control_plane() {
     cp_dir=
   fi
 }
-trap 'stop_control_plane; rm -f "$log"' EXIT
+trap 'stop_control_plane; rm -rf "$logs"' EXIT
 bash scripts/control-plane.sh start "$cp_dir"
 # shellcheck disable=SC1091
 source "$cp_dir/env"
-status=0
-cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+
+# Build every test binary once, then run them in two lanes at the same
+# time: the Kubernetes binaries (tests/k8s_*.rs) and everything else
+# (unit tests, engine tests, tests/local_*.rs, doc tests). Both lanes spend
+# most of their time waiting on real servers (failure detection, leases,
+# state transfers), so together they take about as long as the longer one
+# instead of the sum. Within a binary, tests run as cargo runs them. Each
+# output line is prefixed with its lane; each lane's output is kept for the
+# summary.
+cargo test --workspace --no-run "$@"
+run_lane() {
+  local name=$1
+  shift
+  {
+    rc=0
+    "$@" 2>&1 || rc=$?
+    echo "$rc" >"$logs/$name.rc"
+  } | tee "$logs/$name.log" | sed -u "s/^/[$name] /"
+}
+run_lane k8s cargo test -p stratum --no-fail-fast --test 'k8s_*' "$@" &
+k8s_lane=$!
+run_lane rest bash -c '
+  status=0
+  cargo test --workspace --exclude stratum --no-fail-fast "$@" || status=$?
+  cargo test -p stratum --no-fail-fast --lib --bins --test "[!k]*" "$@" || status=$?
+  cargo test --workspace --doc "$@" || status=$?
+  exit $status' rest "$@" &
+rest_lane=$!
+wait "$k8s_lane" "$rest_lane" || true
 stop_control_plane
-passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
-failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
+
+status=0
+for name in k8s rest; do
+  rc=$(cat "$logs/$name.rc" 2>/dev/null || echo 1)
+  [ "$rc" = 0 ] || status=$rc
+done
+cat "$logs/k8s.log" "$logs/rest.log" >"$logs/all.log"
+passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$logs/all.log" | awk '{s+=$4} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed;' "$logs/all.log" | awk '{s+=$1} END {print s+0}')
 echo
+if [ "$failed" != 0 ] || [ "$status" != 0 ]; then
+  echo "failed tests:"
+  grep -hE '^test .* FAILED$' "$logs/all.log" | sed 's/^/  /' || true
+  grep -hE '^error: .*(failed|could not compile)' "$logs/all.log" | sed 's/^/  /' || true
+fi
 echo "tests: ${passed} passed, ${failed} failed"
 exit "$status"
