@@ -1,9 +1,16 @@
 //! Helpers every engine's topology uses: ordinals of `<cluster>-<ordinal>`
-//! instance names, the rolling-update order, and the replicas a primary
-//! reports streaming from it (shared by the local runtime's decision loop
-//! and the controller's `ha` step). Pure.
+//! instance names, the rolling-update order, the replicas a primary
+//! reports streaming from it and when to tell it (shared by the local
+//! runtime's decision loop and the controller's `ha` step). Pure.
+
+use std::time::Duration;
 
 use crate::instance::protocol::MemberStatus;
+
+/// How long a primary this process (the controller or the local decision
+/// loop) promoted keeps the synchronous standbys it started with while
+/// none of its replicas streams yet ([`sync_standbys_due`]).
+pub const SYNC_SETTLE: Duration = Duration::from_secs(5);
 
 /// Ordinal from a `<cluster>-<ordinal>` name; names without one sort last.
 pub fn ordinal(name: &str) -> u32 {
@@ -63,6 +70,36 @@ pub fn streaming_replicas(s: &MemberStatus) -> Vec<String> {
     names.sort();
     names.dedup();
     names
+}
+
+/// Whether to tell `primary` now which replicas stream from it (the
+/// `syncStandbys` action), given what it was last told and, when this
+/// process promoted it, how long ago. Pure.
+///
+/// - Not when it was told this very set already.
+/// - Not while none streams yet, for [`SYNC_SETTLE`] after a promotion
+///   and until it was told anything: the engine would have to guess whom
+///   commits wait for (PostgreSQL: the first replicas in instance order,
+///   after a switchover often the old primary, still restarting as a
+///   standby), while a promoted primary runs with the cluster's full list
+///   (every instance), which the first replica to stream satisfies. A
+///   guess cost up to ten seconds: PostgreSQL re-checks a waiting commit
+///   only when a named standby sends its next reply, and the replica that
+///   streamed first had already confirmed the commit before it was named.
+/// - Otherwise, when the set changed (none streaming included: the
+///   engine then decides, e.g. asynchronous with `minSyncReplicas: 0`).
+pub fn sync_standbys_due(
+    told: Option<&(String, Vec<String>)>,
+    primary: &str,
+    streaming: &[String],
+    promoted_for: Option<Duration>,
+) -> bool {
+    if told.is_some_and(|(p, s)| p == primary && s == streaming) {
+        return false;
+    }
+    let told_this_primary = told.is_some_and(|(p, _)| p == primary);
+    let settling = promoted_for.is_some_and(|d| d < SYNC_SETTLE);
+    !(streaming.is_empty() && settling && !told_this_primary)
 }
 
 #[cfg(test)]

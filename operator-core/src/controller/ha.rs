@@ -64,6 +64,7 @@ use crate::instance::protocol::{
 };
 use crate::local::apply::{FENCED_ANNOTATION, fenced_instances};
 use crate::local::ha::switchover_refusal;
+use crate::topology::{SYNC_SETTLE, sync_standbys_due};
 use crate::topology::{streaming_replicas, sync_standbys};
 
 /// Write-lease TTL granted to the primary (the local runtime's default).
@@ -92,10 +93,6 @@ const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Timeout of the calls that keep a fit primary right (`slots`,
 /// `syncStandbys`).
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a primary this process promoted keeps the synchronous
-/// standbys it started with while none of its replicas streams yet
-/// ([`sync_standbys_due`]).
-const SYNC_SETTLE: Duration = Duration::from_secs(5);
 /// Requeue while a change of primary waits.
 const STEP_RETRY: Duration = Duration::from_millis(500);
 /// Requeue of a cluster that has no primary yet (a new one: its pods
@@ -689,36 +686,6 @@ pub fn followers(
         }
     }
     out
-}
-
-/// Whether to tell `primary` now which replicas stream from it (the
-/// `syncStandbys` action), given what it was last told and, when this
-/// process promoted it, how long ago. Pure.
-///
-/// - Not when it was told this very set already.
-/// - Not while none streams yet, for [`SYNC_SETTLE`] after a promotion
-///   and until it was told anything: the engine would have to guess whom
-///   commits wait for (PostgreSQL: the first replicas in instance order,
-///   after a switchover often the old primary, still restarting as a
-///   standby), while a promoted primary runs with the cluster's full list
-///   (every instance), which the first replica to stream satisfies. A
-///   guess cost up to ten seconds: PostgreSQL re-checks a waiting commit
-///   only when a named standby sends its next reply, and the replica that
-///   streamed first had already confirmed the commit before it was named.
-/// - Otherwise, when the set changed (none streaming included: the
-///   engine then decides, e.g. asynchronous with `minSyncReplicas: 0`).
-pub fn sync_standbys_due(
-    told: Option<&(String, Vec<String>)>,
-    primary: &str,
-    streaming: &[String],
-    promoted_for: Option<Duration>,
-) -> bool {
-    if told.is_some_and(|(p, s)| p == primary && s == streaming) {
-        return false;
-    }
-    let told_this_primary = told.is_some_and(|(p, _)| p == primary);
-    let settling = promoted_for.is_some_and(|d| d < SYNC_SETTLE);
-    !(streaming.is_empty() && settling && !told_this_primary)
 }
 
 /// Where writes and reads go, given the engine's routing and the recorded

@@ -489,6 +489,9 @@ pub struct Orchestrator {
     /// The primary and the streaming replicas it was last told of
     /// ([`ACTION_SYNC_STANDBYS`]).
     sync_told: Option<(String, Vec<String>)>,
+    /// The primary this `up` promoted and when (its synchronous standbys
+    /// settle first: [`crate::topology::sync_standbys_due`]).
+    promoted: Option<(String, Instant)>,
     not_streaming_since: BTreeMap<String, Instant>,
     /// When each instance was last told to follow, and whom.
     last_follow: BTreeMap<String, (Instant, String)>,
@@ -642,6 +645,7 @@ impl Orchestrator {
             primary_ready_at: None,
             slots_done_for: None,
             sync_told: None,
+            promoted: None,
             not_streaming_since: BTreeMap::new(),
             last_follow: BTreeMap::new(),
             following: Arc::default(),
@@ -2051,6 +2055,7 @@ impl Orchestrator {
                 self.primary_ready_at = Some(Instant::now());
                 self.slots_done_for = Some((candidate.to_string(), Instant::now()));
                 self.sync_told = None;
+                self.promoted = Some((candidate.to_string(), Instant::now()));
                 self.drain = None;
                 self.last_wait = None;
                 let others: Vec<String> = self
@@ -2170,7 +2175,20 @@ impl Orchestrator {
             .filter(|n| !removing.contains(n))
             .collect();
         let now = (primary.to_string(), streaming);
-        if self.sync_told.as_ref() == Some(&now) {
+        let promoted_for = self
+            .promoted
+            .as_ref()
+            .filter(|(p, _)| p == primary)
+            .map(|(_, at)| at.elapsed());
+        // Not while a primary this `up` just promoted has no streaming
+        // replica yet (the same rule as the controller's): a guess would
+        // make commits wait on a standby that may not stream for seconds.
+        if !crate::topology::sync_standbys_due(
+            self.sync_told.as_ref(),
+            primary,
+            &now.1,
+            promoted_for,
+        ) {
             return;
         }
         let replicas: Vec<String> = self
