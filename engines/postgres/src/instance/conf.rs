@@ -43,6 +43,11 @@ const DEFAULTS: &[(&str, &str)] = &[
     // A replica repointed at a new primary retries streaming this often
     // (default 5s): it bounds how long sync commits wait after a failover.
     ("wal_retrieve_retry_interval", "1s"),
+    // A standby reports its flush position at least this often (default
+    // 10s). A commit waiting for a standby that was named synchronous
+    // after it had already confirmed the commit's WAL is released only by
+    // its next report: this bounds that wait (docs/failover.md).
+    ("wal_receiver_status_interval", "1s"),
     // WAL kept for a former primary that rejoins through pg_rewind (it needs
     // the new primary's WAL from the fork point, older than its slot).
     ("wal_keep_size", "512MB"),
