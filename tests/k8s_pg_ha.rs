@@ -613,6 +613,9 @@ fn log_lines(log: &str, needle: &str) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// A step of a [`TimedWriter`]: when, towards which pod IP, what.
+type Step = (std::time::Instant, Ipv4Addr, &'static str);
+
 /// A writer through `-rw` like [`Writer`], that keeps when each commit was
 /// acknowledged and by which pod, and looks `-rw` up again 20 ms after a
 /// failure (a client retrying its connection), so that the write
@@ -620,6 +623,9 @@ fn log_lines(log: &str, needle: &str) -> Vec<(u64, String)> {
 struct TimedWriter {
     stop: Arc<AtomicBool>,
     acks: Arc<Mutex<Vec<(std::time::Instant, Ipv4Addr, i32)>>>,
+    /// When it first found each new address behind `-rw`, and when a
+    /// connection to it was up (where its own part of a gap goes).
+    steps: Arc<Mutex<Vec<Step>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -639,9 +645,11 @@ impl TimedWriter {
     ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let acks: Arc<Mutex<Vec<(std::time::Instant, Ipv4Addr, i32)>>> = Arc::default();
-        let (s, a) = (stop.clone(), acks.clone());
+        let steps: Arc<Mutex<Vec<Step>>> = Arc::default();
+        let (s, a, st) = (stop.clone(), acks.clone(), steps.clone());
         let task = tokio::spawn(async move {
             let mut next = first;
+            let mut last_seen = None;
             while !s.load(Ordering::SeqCst) {
                 let ip = match fixed {
                     Some(ip) => Ok(ip),
@@ -651,10 +659,19 @@ impl TimedWriter {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 };
+                if last_seen != Some(ip) {
+                    last_seen = Some(ip);
+                    st.lock()
+                        .unwrap()
+                        .push((std::time::Instant::now(), ip, "found behind -rw"));
+                }
                 let Ok(c) = connect(ip, &password).await else {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 };
+                st.lock()
+                    .unwrap()
+                    .push((std::time::Instant::now(), ip, "connected"));
                 while !s.load(Ordering::SeqCst) {
                     let id = next;
                     next += 1;
@@ -668,7 +685,22 @@ impl TimedWriter {
                 }
             }
         });
-        Self { stop, acks, task }
+        Self {
+            stop,
+            acks,
+            steps,
+            task,
+        }
+    }
+
+    /// Its own steps towards `ip` after `after` (ms after `after`).
+    fn steps_to(&self, ip: Ipv4Addr, after: std::time::Instant) -> Vec<(u64, &'static str)> {
+        let steps = self.steps.lock().unwrap();
+        steps
+            .iter()
+            .filter(|(t, by, _)| *t > after && *by == ip)
+            .map(|(t, _, what)| (t.duration_since(after).as_millis() as u64, *what))
+            .collect()
     }
 
     /// The first commit acknowledged by `ip` after `after`, and the one
@@ -782,11 +814,14 @@ fn median(v: &mut [u64]) -> u64 {
 /// Switchovers under a writer, timed from outside: from the status patch
 /// to the first commit the new primary acknowledged through `-rw`, and
 /// the writer's longest gap between two acknowledged commits (its write
-/// unavailability), with the milestones between (status, `-rw`, its
-/// EndpointSlice, the managers' log lines). Asserts what a user checks:
-/// each switchover lands on the target, no acknowledged row is lost, one
-/// primary. `STRATUM_SWITCHOVER_RUNS` (default 3) switchovers, round the
-/// three instances. Numbers are printed, not asserted (a shared machine).
+/// unavailability), with the milestones between (status, `-rw`, the
+/// writer's own steps, the managers' and the operator's log lines; not
+/// the EndpointSlice: it refuses the fake kubelet's loopback pod IPs).
+/// Asserts what a user checks: each switchover lands on the target, no
+/// acknowledged row is lost, one primary. `STRATUM_SWITCHOVER_RUNS`
+/// (default 3) switchovers, round the three instances; with
+/// `STRATUM_SWITCHOVER_OPERATOR_LOG=FILE` the operator's log is kept
+/// there. Numbers are printed, not asserted (a shared machine).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_under_writes_timed() {
     let runs: usize = std::env::var("STRATUM_SWITCHOVER_RUNS")
@@ -844,7 +879,8 @@ async fn switchover_under_writes_timed() {
         let first_write = first.duration_since(t0).as_millis() as u64;
         let window = before.map_or(first_write, |b| first.duration_since(b).as_millis() as u64);
         eprintln!(
-            "switchover {run} {primary} -> {target}: first write through -rw after {first_write} ms; writer saw no commit for {window} ms; milestones after the request (ms): {milestones:?}"
+            "switchover {run} {primary} -> {target}: first write through -rw after {first_write} ms; writer saw no commit for {window} ms; milestones after the request (ms): {milestones:?}; the writer's steps (ms): {:?}",
+            writer.steps_to(target_ip, t0)
         );
         // The managers' own account (their log lines, same time line).
         for (pod, needle) in [
@@ -904,6 +940,9 @@ async fn switchover_under_writes_timed() {
         median(&mut windows.clone()),
         acked.len()
     );
+    if let Some(path) = std::env::var_os("STRATUM_SWITCHOVER_OPERATOR_LOG") {
+        std::fs::write(&path, operator.log()).expect("write the operator's log");
+    }
     assert_no_failures(client, ns).await;
     drop(operator);
 }

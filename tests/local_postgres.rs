@@ -6,10 +6,14 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+#[path = "support/local.rs"]
+mod local;
+use local::{Local, Runtime};
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 const HEALTHY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -42,12 +46,19 @@ fn simple_pg(size: &str) -> String {
     fixture("simple-pg", "PostgresCluster", "1", size)
 }
 
-fn stratum() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_stratum"));
-    c.env("STRATUM_LOCAL_TICK_MS", "200")
-        .env("RUST_LOG", "info")
-        .env_remove("STRATUM_STATE_DIR");
-    c
+const RUNTIME: Runtime = Runtime {
+    tick_ms: "200",
+    lease_ms: None,
+    no_backtrace: false,
+    timeout: HEALTHY_TIMEOUT,
+    poll: Duration::from_millis(250),
+    instance_logs,
+    state_logs: &[],
+};
+
+/// Each instance's whole manager log.
+fn instance_logs(dir: &Path) -> Vec<(PathBuf, usize)> {
+    vec![(dir.join("manager.log"), usize::MAX)]
 }
 
 /// Every file and directory under `dir` with its mode and bytes.
@@ -76,66 +87,21 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u32, Vec<u8>)> {
     out
 }
 
-/// A temporary workspace with one state directory; a running `up` is
-/// stopped (and killed if need be) when it is dropped.
-struct Local {
-    tmp: tempfile::TempDir,
-    state: PathBuf,
-    up: Option<Child>,
-    ups: usize,
-}
-
 impl Local {
+    /// A workspace with `simple-pg.yaml` (1Gi), started with PostgreSQL 15.
     fn new() -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        // The database user must reach the state directory below it.
-        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let state = tmp.path().join("state");
-        Self {
-            tmp,
-            state,
-            up: None,
-            ups: 0,
-        }
-    }
-
-    fn file(&self, name: &str, text: &str) -> PathBuf {
-        let p = self.tmp.path().join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-
-    fn up_log(&self, n: usize) -> PathBuf {
-        self.tmp.path().join(format!("up-{n}.log"))
-    }
-
-    /// Start `stratum local up` in the background with PostgreSQL 15.
-    fn start(&mut self, file: &Path) {
-        self.start_with(file, &["--bin-dir", PG_BIN]);
-    }
-
-    /// Start `stratum local up` in the background with extra arguments.
-    fn start_with(&mut self, file: &Path, extra: &[&str]) {
-        assert!(self.up.is_none());
-        self.ups += 1;
-        let log = std::fs::File::create(self.up_log(self.ups)).unwrap();
-        let child = stratum()
-            .args(["local", "up", "-f"])
-            .arg(file)
-            .arg("--state-dir")
-            .arg(&self.state)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.up = Some(child);
+        Local::create(
+            RUNTIME,
+            "simple-pg.yaml",
+            &simple_pg("1Gi"),
+            &["--bin-dir", PG_BIN],
+        )
     }
 
     /// Run `stratum local up` expecting it to fail fast.
     fn up_fails(&self, file: &Path) -> String {
-        let mut child = stratum()
+        let mut child = self
+            .stratum()
             .args(["local", "up", "-f"])
             .arg(file)
             .arg("--state-dir")
@@ -151,7 +117,9 @@ impl Local {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                self.cleanup_quietly();
+                if self.state.exists() {
+                    let _ = self.run(&["down"]);
+                }
                 panic!(
                     "`local up -f {}` was expected to fail but is running",
                     file.display()
@@ -169,80 +137,13 @@ impl Local {
         stderr
     }
 
-    fn run(&self, args: &[&str]) -> Output {
-        stratum()
-            .arg("local")
-            .args(args)
-            .arg("--state-dir")
-            .arg(&self.state)
-            .output()
-            .unwrap()
-    }
-
-    fn status(&self) -> Option<Value> {
-        let out = self.run(&["status", "-o", "json"]);
-        if !out.status.success() {
-            return None;
-        }
-        Some(serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "status -o json printed something else than one JSON object ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        }))
-    }
-
-    /// Everything worth reading when something went wrong.
-    fn logs(&self) -> String {
-        let mut out = String::new();
-        for n in 1..=self.ups {
-            out += &format!(
-                "==== up-{n}.log\n{}\n",
-                std::fs::read_to_string(self.up_log(n)).unwrap_or_default()
-            );
-        }
-        if let Ok(dirs) = std::fs::read_dir(self.state.join("instances")) {
-            for d in dirs.flatten() {
-                let log = d.path().join("manager.log");
-                out += &format!(
-                    "==== {}\n{}\n",
-                    log.display(),
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-        }
-        out
-    }
-
     fn wait_healthy(&mut self) -> Value {
-        let started = Instant::now();
-        let mut last = None;
-        while started.elapsed() < HEALTHY_TIMEOUT {
-            if let Some(child) = self.up.as_mut()
-                && let Some(exit) = child.try_wait().unwrap()
-            {
-                self.up = None;
-                panic!("`local up` exited ({exit}) before Healthy\n{}", self.logs());
-            }
-            if let Some(s) = self.status() {
-                if s["phase"] == "Healthy" {
-                    eprintln!("Healthy after {:.1}s", started.elapsed().as_secs_f64());
-                    return s;
-                }
-                last = Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-        panic!(
-            "not Healthy within {}s; last status: {}\n{}",
-            HEALTHY_TIMEOUT.as_secs(),
-            last.map(|s| s.to_string()).unwrap_or_default(),
-            self.logs()
-        );
+        self.wait_for("Healthy", |s| s["phase"] == "Healthy")
     }
 
-    /// `stratum local down [--purge]`, then reap the background `up`.
-    fn down(&mut self, purge: bool) {
+    /// `stratum local down [--purge]`, timed, then reap the background
+    /// `up`, which must have exited cleanly.
+    fn down_and_reap(&mut self, purge: bool) {
         let mut args = vec!["down"];
         if purge {
             args.push("--purge");
@@ -266,26 +167,8 @@ impl Local {
         }
     }
 
-    fn cleanup_quietly(&self) {
-        if self.state.exists() {
-            let _ = self.run(&["down"]);
-        }
-    }
-
     fn password(&self) -> String {
-        std::fs::read_to_string(self.state.join("secrets/app-password")).unwrap()
-    }
-}
-
-impl Drop for Local {
-    fn drop(&mut self) {
-        if self.state.exists() {
-            let _ = self.run(&["down"]);
-        }
-        if let Some(mut child) = self.up.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.secret("app-password")
     }
 }
 
@@ -315,9 +198,9 @@ async fn local_postgres_up_write_down_up_read_purge() {
     require_postgres();
     let t0 = Instant::now();
     let mut local = Local::new();
-    let file = local.file("simple-pg.yaml", &simple_pg("1Gi"));
+    let file = local.file.clone();
 
-    local.start(&file);
+    local.start();
     let status = local.wait_healthy();
     assert_eq!(status["primary"], "simple-pg-0", "{status}");
     assert_eq!(status["instances"][0]["name"], "simple-pg-0");
@@ -336,15 +219,7 @@ async fn local_postgres_up_write_down_up_read_purge() {
 
     // A second `up` on the same state directory hands the (unchanged)
     // file to the running one instead of starting another cluster.
-    let out = stratum()
-        .args(["local", "up", "-f"])
-        .arg(&file)
-        .arg("--state-dir")
-        .arg(&local.state)
-        .args(["--bin-dir", PG_BIN])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = local.up_once(&file, &["--bin-dir", PG_BIN]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && stdout.contains("applied to the running cluster"),
@@ -373,12 +248,12 @@ async fn local_postgres_up_write_down_up_read_purge() {
     assert_eq!(n, 100);
     drop(reader);
 
-    local.down(false);
+    local.down_and_reap(false);
     let stopped = local.status().expect("status of a stopped cluster");
     assert_eq!(stopped["phase"], "Stopped", "{stopped}");
     assert!(!local.state.join("up.pid").exists());
     // Down again is a no-op.
-    local.down(false);
+    local.down_and_reap(false);
 
     // Bad input leaves the stopped state directory exactly as it is.
     let before = snapshot(&local.state);
@@ -415,7 +290,7 @@ async fn local_postgres_up_write_down_up_read_purge() {
         ),
     ];
     for (name, text, needles) in &cases {
-        let f = local.file(name, text);
+        let f = local.write_file(name, text);
         let stderr = local.up_fails(&f);
         if *name == "other-cluster.yaml" {
             for n in needles {
@@ -432,7 +307,7 @@ async fn local_postgres_up_write_down_up_read_purge() {
     }
 
     // Data survives a restart.
-    local.start(&file);
+    local.start();
     let status = local.wait_healthy();
     assert_eq!(status["endpoints"]["rw"], rw.as_str(), "ports are kept");
     let client = connect(&rw, &local.password()).await;
@@ -444,7 +319,7 @@ async fn local_postgres_up_write_down_up_read_purge() {
     assert_eq!(rows[41].get::<_, String>(1), "row 42");
     drop(client);
 
-    local.down(true);
+    local.down_and_reap(true);
     assert!(!local.state.exists(), "down --purge removes the state dir");
     eprintln!("total {:.1}s", t0.elapsed().as_secs_f64());
 }
@@ -476,7 +351,7 @@ fn local_up_rejects_bad_input_before_creating_state() {
         ),
     ];
     for (name, text, needles) in &cases {
-        let f = local.file(name, text);
+        let f = local.write_file(name, text);
         let stderr = local.up_fails(&f);
         assert_rejected(&stderr, &f, needles);
         assert!(!local.state.exists(), "{name} created the state directory");
@@ -610,5 +485,5 @@ async fn shipped_ha_example_replicates_synchronously() {
         });
         assert_eq!(link, instance.join("volumes/wal/pg_wal"), "{name}");
     }
-    local.down(true);
+    local.down_and_reap(true);
 }

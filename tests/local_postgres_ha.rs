@@ -8,14 +8,19 @@
 //! lease, straight to the old primary's port). Each test owns a temporary
 //! state directory and stops its cluster when it ends; none skips.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Output};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+#[path = "support/local.rs"]
+mod local;
+use local::{
+    Local, Runtime, address, assert_none_lost, instance, kill, manager_pid_in, rw_endpoint,
+    wait_acks,
+};
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -62,24 +67,23 @@ spec:
     )
 }
 
-fn stratum() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_stratum"));
-    c.env("STRATUM_LOCAL_TICK_MS", TICK_MS)
-        .env("STRATUM_LOCAL_LEASE_MS", LEASE_MS.to_string())
-        .env("RUST_LOG", "info")
-        .env_remove("RUST_BACKTRACE")
-        .env_remove("STRATUM_STATE_DIR");
-    c
-}
+const RUNTIME: Runtime = Runtime {
+    tick_ms: TICK_MS,
+    lease_ms: Some(LEASE_MS),
+    no_backtrace: true,
+    timeout: CONVERGE_TIMEOUT,
+    poll: Duration::from_millis(100),
+    instance_logs,
+    state_logs: &[],
+};
 
-/// A temporary state directory with a cluster; stopped when dropped.
-struct Local {
-    tmp: tempfile::TempDir,
-    state: PathBuf,
-    file: PathBuf,
-    version: u32,
-    up: Option<Child>,
-    ups: usize,
+/// The manager's log, and PostgreSQL's own words (a standby that never
+/// reaches consistency says why only there).
+fn instance_logs(dir: &Path) -> Vec<(PathBuf, usize)> {
+    vec![
+        (dir.join("manager.log"), 60),
+        (dir.join("run/server.log"), 30),
+    ]
 }
 
 impl Local {
@@ -91,151 +95,16 @@ impl Local {
         Self::with_spec(version, &simple_pg_ha(version))
     }
 
+    /// A workspace with `yaml` as `simple-pg.yaml`; PostgreSQL 15 is
+    /// Debian's (`--bin-dir`), newer majors are found by `spec.version`.
     fn with_spec(version: u32, yaml: &str) -> Self {
         require_postgres(version);
-        let tmp = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let state = tmp.path().join("state");
-        let file = tmp.path().join("simple-pg.yaml");
-        std::fs::write(&file, yaml).unwrap();
-        Self {
-            tmp,
-            state,
-            file,
-            version,
-            up: None,
-            ups: 0,
-        }
-    }
-
-    fn start(&mut self) {
-        assert!(self.up.is_none());
-        self.ups += 1;
-        let log =
-            std::fs::File::create(self.tmp.path().join(format!("up-{}.log", self.ups))).unwrap();
-        let child = stratum()
-            .args(["local", "up", "-f"])
-            .arg(&self.file)
-            .arg("--state-dir")
-            .arg(&self.state)
-            .args(if self.version == 15 {
-                &["--bin-dir", PG_BIN][..]
-            } else {
-                &[][..]
-            })
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.up = Some(child);
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        stratum()
-            .arg("local")
-            .args(args)
-            .arg("--state-dir")
-            .arg(&self.state)
-            .output()
-            .unwrap()
-    }
-
-    fn status(&self) -> Option<Value> {
-        let out = self.run(&["status", "-o", "json"]);
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).ok())
-            .flatten()
-    }
-
-    fn state_json(&self) -> Value {
-        serde_json::from_slice(&std::fs::read(self.state.join("state.json")).unwrap()).unwrap()
-    }
-
-    fn logs(&self) -> String {
-        let mut out = String::new();
-        for n in 1..=self.ups {
-            let p = self.tmp.path().join(format!("up-{n}.log"));
-            let text = std::fs::read_to_string(&p).unwrap_or_default();
-            let tail: Vec<&str> = text
-                .lines()
-                .filter(|l| !l.contains("stratum::server"))
-                .collect();
-            let from = tail.len().saturating_sub(80);
-            out += &format!("==== up-{n}.log (tail)\n{}\n", tail[from..].join("\n"));
-        }
-        // Every instance that has a directory: also those added by
-        // scaling, and removed ones whose directory was kept.
-        let mut names: Vec<String> = std::fs::read_dir(self.state.join("instances"))
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .filter(|e| e.path().is_dir())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        for name in names {
-            let log = self.state.join("instances").join(&name).join("manager.log");
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let lines: Vec<&str> = text
-                .lines()
-                .filter(|l| !l.contains("stratum::server") && !l.contains("prepare: waiting"))
-                .collect();
-            let from = lines.len().saturating_sub(60);
-            out += &format!(
-                "==== {name} manager.log (tail)\n{}\n",
-                lines[from..].join("\n")
-            );
-            // PostgreSQL's own words (a standby that never reaches
-            // consistency says why only here).
-            let log = self
-                .state
-                .join("instances")
-                .join(&name)
-                .join("run/server.log");
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            let from = lines.len().saturating_sub(30);
-            out += &format!(
-                "==== {name} server.log (tail)\n{}\n",
-                lines[from..].join("\n")
-            );
-        }
-        out
-    }
-
-    /// Wait until `f` holds on the status; returns it.
-    fn wait_for(&mut self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-        let started = Instant::now();
-        let mut last = None;
-        while started.elapsed() < CONVERGE_TIMEOUT {
-            if let Some(child) = self.up.as_mut()
-                && let Some(exit) = child.try_wait().unwrap()
-            {
-                self.up = None;
-                panic!(
-                    "`local up` exited ({exit}) waiting for {what}\n{}",
-                    self.logs()
-                );
-            }
-            if let Some(s) = self.status() {
-                if f(&s) {
-                    eprintln!("{what} after {:.1}s", started.elapsed().as_secs_f64());
-                    return s;
-                }
-                last = Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!(
-            "not {what} within {}s; last status: {}\n{}",
-            CONVERGE_TIMEOUT.as_secs(),
-            last.map(|s| serde_json::to_string_pretty(&s).unwrap())
-                .unwrap_or_default(),
-            self.logs()
-        );
+        let bin_dir: &[&str] = if version == 15 {
+            &["--bin-dir", PG_BIN]
+        } else {
+            &[]
+        };
+        Local::create(RUNTIME, "simple-pg.yaml", yaml, bin_dir)
     }
 
     /// Healthy: every instance ready, one primary (the recognised one), the
@@ -258,66 +127,103 @@ impl Local {
         })
     }
 
+    /// A currentPrimary other than `old`.
+    fn wait_new_primary(&mut self, old: &str) -> Value {
+        self.wait_for("a new primary", |s| {
+            s["currentPrimary"].is_string() && s["currentPrimary"] != old
+        })
+    }
+
+    /// `name` the primary, with writes routed to it.
+    fn wait_primary_is(&mut self, name: &str) -> Value {
+        self.wait_for(&format!("{name} the primary"), |s| {
+            s["currentPrimary"] == name && s["primary"] == name
+        })
+    }
+
     fn password(&self) -> String {
-        std::fs::read_to_string(self.state.join("secrets/app-password")).unwrap()
+        self.secret("app-password")
     }
 
     fn postmaster_pid(&self, instance: &str) -> i32 {
         let text = std::fs::read_to_string(
-            self.state
-                .join("instances")
-                .join(instance)
+            self.instance_dir(instance)
                 .join("data/pgdata/postmaster.pid"),
         )
         .unwrap();
         text.lines().next().unwrap().trim().parse().unwrap()
     }
+}
 
-    fn manager_pid(&self, instance: &str) -> i32 {
-        manager_pid_in(&self.state, instance).unwrap()
+/// What most scenarios start from: a converged cluster whose table has its
+/// first 100 rows.
+struct Started {
+    t0: Instant,
+    local: Local,
+    status: Value,
+    rw: String,
+    password: String,
+}
+
+impl Started {
+    /// `local` started and converged, the table created.
+    async fn new(local: Local) -> Self {
+        let t = Self::converged(local);
+        create_table(&t.rw, &t.password).await;
+        t
     }
 
-    fn down(&mut self) {
-        let keep = std::env::var_os("STRATUM_TEST_KEEP").is_some();
-        let out = self.run(if keep {
-            &["down"][..]
-        } else {
-            &["down", "--purge"][..]
-        });
-        assert!(
-            out.status.success(),
-            "down failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.logs()
-        );
-        if let Some(mut child) = self.up.take() {
-            let _ = child.wait();
+    /// `local` started and converged.
+    fn converged(mut local: Local) -> Self {
+        let t0 = Instant::now();
+        local.start();
+        let status = local.wait_converged();
+        let rw = rw_endpoint(&status);
+        let password = local.password();
+        Self {
+            t0,
+            local,
+            status,
+            rw,
+            password,
         }
+    }
+
+    /// A writer through `rw` (rows from 1001) that has `acks`
+    /// acknowledgements.
+    async fn writer(&self, acks: usize, what: &str) -> Writer {
+        let writer = Writer::start(self.rw.clone(), self.password.clone(), 1000);
+        wait_acks(&writer, 0, acks, what).await;
+        writer
+    }
+
+    /// 20 more acknowledgements, then the writer stopped: every
+    /// acknowledged insert is present through `rw`. Returns them.
+    async fn finish_writes(&self, writer: Writer, what: &str) -> Vec<i64> {
+        wait_acks(&writer, writer.acked_count(), 20, what).await;
+        let acked = writer.stop().await;
+        assert_all_present(&self.rw, &self.password, &acked).await;
+        acked
+    }
+
+    /// Report the test's time and stop the cluster.
+    fn done(mut self) {
+        eprintln!("test took {:.1}s", self.t0.elapsed().as_secs_f64());
+        self.local.down();
     }
 }
 
-impl Drop for Local {
-    fn drop(&mut self) {
-        if std::env::var_os("STRATUM_TEST_KEEP").is_some() {
-            // Debugging: keep the state directory and logs.
-            self.tmp.disable_cleanup(true);
-            eprintln!("kept {}", self.tmp.path().display());
-        }
-        if self.state.exists() {
-            let _ = self.run(&["down"]);
-        }
-        if let Some(mut child) = self.up.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+impl std::ops::Deref for Started {
+    type Target = Local;
+    fn deref(&self) -> &Local {
+        &self.local
     }
 }
 
-/// The pid of `instance`'s manager as `state.json` in `state` records it.
-fn manager_pid_in(state: &Path, instance: &str) -> Option<i32> {
-    let text = std::fs::read(state.join("state.json")).ok()?;
-    let v: Value = serde_json::from_slice(&text).ok()?;
-    v["managers"][instance].as_i64().map(|p| p as i32)
+impl std::ops::DerefMut for Started {
+    fn deref_mut(&mut self) -> &mut Local {
+        &mut self.local
+    }
 }
 
 fn instance_names() -> Vec<String> {
@@ -342,18 +248,40 @@ fn roles(s: &Value) -> Vec<String> {
         .collect()
 }
 
-fn primary(s: &Value) -> String {
-    s["currentPrimary"].as_str().unwrap().to_string()
+/// Exactly one instance of `s` is the primary.
+fn assert_one_primary(s: &Value) {
+    assert_eq!(
+        roles(s).iter().filter(|r| *r == "primary").count(),
+        1,
+        "{s}"
+    );
 }
 
-/// Send a signal (`KILL`, `STOP`, `CONT`) with kill(1).
-fn kill(pid: i32, signal: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{signal} {pid}");
+/// The name of the first replica of `s`.
+fn a_replica(s: &Value) -> String {
+    s["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["role"] == "replica")
+        .unwrap()["name"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The events of `s`, oldest first.
+fn event_list(s: &Value) -> Vec<String> {
+    s["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn primary(s: &Value) -> String {
+    s["currentPrimary"].as_str().unwrap().to_string()
 }
 
 async fn connect(endpoint: &str, password: &str) -> Result<tokio_postgres::Client, String> {
@@ -368,21 +296,14 @@ async fn connect(endpoint: &str, password: &str) -> Result<tokio_postgres::Clien
     Ok(client)
 }
 
-/// A client inserting numbered rows through `rw` in a loop, reconnecting
-/// after errors; it records what was acknowledged and when.
-struct Writer {
-    stop: Arc<AtomicBool>,
-    /// Row number, when, and the port of the server that acknowledged it.
-    acked: Arc<Mutex<Vec<(i64, Instant, i32)>>>,
-    task: tokio::task::JoinHandle<()>,
-}
+type Writer = local::Writer<i32>;
 
 impl Writer {
+    /// A client inserting numbered rows (from `first + 1`) through `rw` in
+    /// a loop, reconnecting after errors; each acknowledgement is recorded
+    /// with the port of the server that gave it.
     fn start(rw: String, password: String, first: i64) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked: Arc<Mutex<Vec<(i64, Instant, i32)>>> = Arc::default();
-        let (s, a) = (stop.clone(), acked.clone());
-        let task = tokio::spawn(async move {
+        Writer::spawn(CONVERGE_TIMEOUT, move |s, a| async move {
             let mut n = first;
             let mut client: Option<tokio_postgres::Client> = None;
             while !s.load(Ordering::Relaxed) {
@@ -410,53 +331,7 @@ impl Writer {
                     }
                 }
             }
-        });
-        Self { stop, acked, task }
-    }
-
-    fn acked_count(&self) -> usize {
-        self.acked.lock().unwrap().len()
-    }
-
-    /// The first acknowledgement after `t` (by another server than `not`).
-    fn first_ack_after(&self, t: Instant, not: Option<i32>) -> Option<Instant> {
-        self.acked
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|(_, at, p)| *at > t && Some(*p) != not)
-            .map(|(_, at, _)| *at)
-    }
-
-    /// The longest time without an acknowledgement after `t`.
-    fn longest_gap_after(&self, t: Instant) -> Duration {
-        let acked = self.acked.lock().unwrap();
-        let times: Vec<Instant> = acked
-            .iter()
-            .map(|(_, at, _)| *at)
-            .filter(|at| *at > t)
-            .collect();
-        times
-            .windows(2)
-            .map(|w| w[1] - w[0])
-            .max()
-            .unwrap_or_default()
-    }
-
-    async fn stop(self) -> Vec<i64> {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.task.await;
-        let acked = self.acked.lock().unwrap();
-        acked.iter().map(|(n, _, _)| *n).collect()
-    }
-}
-
-/// Wait until the writer has `more` acknowledgements beyond `base`.
-async fn wait_acks(w: &Writer, base: usize, more: usize, what: &str) {
-    let deadline = Instant::now() + CONVERGE_TIMEOUT;
-    while w.acked_count() < base + more {
-        assert!(Instant::now() < deadline, "no writes acknowledged {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        })
     }
 }
 
@@ -465,19 +340,7 @@ async fn assert_all_present(rw: &str, password: &str, acked: &[i64]) {
     let client = connect(rw, password).await.unwrap();
     let rows = client.query("SELECT n FROM ha_rows", &[]).await.unwrap();
     let present: std::collections::BTreeSet<i64> = rows.iter().map(|r| r.get(0)).collect();
-    let lost: Vec<i64> = acked
-        .iter()
-        .copied()
-        .filter(|n| !present.contains(n))
-        .collect();
-    assert!(
-        lost.is_empty(),
-        "{} of {} acknowledged inserts are missing: {:?}",
-        lost.len(),
-        acked.len(),
-        &lost[..lost.len().min(20)]
-    );
-    eprintln!("all {} acknowledged inserts are present", acked.len());
+    assert_none_lost(acked, &present, "");
 }
 
 async fn create_table(rw: &str, password: &str) {
@@ -553,9 +416,7 @@ async fn fail_primary(local: &mut Local, w: &Writer, how: &str) -> (Value, Durat
         _ => unreachable!(),
     }
     wait_acks(w, base, 1, "after the kill").await;
-    let after = local.wait_for("a new primary", |s| {
-        s["currentPrimary"].is_string() && s["currentPrimary"] != old.as_str()
-    });
+    let after = local.wait_new_primary(&old);
     wait_acks(w, w.acked_count(), 20, "on the new primary").await;
     let first = w.first_ack_after(t_kill, Some(old_port)).unwrap() - t_kill;
     eprintln!(
@@ -580,13 +441,11 @@ async fn fail_primary(local: &mut Local, w: &Writer, how: &str) -> (Value, Durat
 /// a replica (pg_rewind) and the cluster is back to 3 ready.
 #[tokio::test(flavor = "multi_thread")]
 async fn ha_replicates_then_fails_over_without_losing_acknowledged_writes() {
-    let t0 = Instant::now();
-    let mut local = Local::new();
-    local.start();
-    let status = local.wait_converged();
+    let mut local = Started::converged(Local::new());
+    let status = local.status.clone();
     eprintln!(
         "3 instances Healthy after {:.1}s",
-        t0.elapsed().as_secs_f64()
+        local.t0.elapsed().as_secs_f64()
     );
     let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
     let password = local.password();
@@ -620,8 +479,7 @@ async fn ha_replicates_then_fails_over_without_losing_acknowledged_writes() {
     }
 
     // (b) Failover under write load.
-    let writer = Writer::start(rw.clone(), password.clone(), 1000);
-    wait_acks(&writer, 0, 50, "before the kill").await;
+    let writer = local.writer(50, "before the kill").await;
     let (converged, first) = fail_primary(&mut local, &writer, "postgres").await;
     let acked = writer.stop().await;
     assert_all_present(&rw, &password, &acked).await;
@@ -633,7 +491,7 @@ async fn ha_replicates_then_fails_over_without_losing_acknowledged_writes() {
     eprintln!(
         "failover: first write {}ms after the kill; test took {:.1}s",
         first.as_millis(),
-        t0.elapsed().as_secs_f64()
+        local.t0.elapsed().as_secs_f64()
     );
     local.down();
 }
@@ -654,30 +512,16 @@ async fn ha_converges_after_repeated_failures_on_postgresql_17() {
 }
 
 async fn converges_after_repeated_failures(version: u32) {
-    let t0 = Instant::now();
-    let mut local = Local::with_version(version);
-    local.start();
-    let status = local.wait_converged();
-    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
-    let password = local.password();
-    create_table(&rw, &password).await;
-    let writer = Writer::start(rw.clone(), password.clone(), 1000);
-    wait_acks(&writer, 0, 20, "at start").await;
+    let mut local = Started::new(Local::with_version(version)).await;
+    let (rw, password) = (local.rw.clone(), local.password.clone());
+    let writer = local.writer(20, "at start").await;
 
     fail_primary(&mut local, &writer, "manager+postgres").await;
 
     // A replica's postgres killed: its manager restarts it; no failover.
     let s = local.wait_converged();
     let term = s["term"].as_u64().unwrap();
-    let replica = s["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["role"] == "replica")
-        .unwrap()["name"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let replica = a_replica(&s);
     kill(local.postmaster_pid(&replica), "KILL");
     std::thread::sleep(Duration::from_millis(500));
     let s = local.wait_converged();
@@ -694,8 +538,7 @@ async fn converges_after_repeated_failures(version: u32) {
 
     let acked = writer.stop().await;
     assert_all_present(&rw, &password, &acked).await;
-    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
-    local.down();
+    local.done();
 }
 
 /// (e) `up` killed in the middle of a failover (right after it persisted
@@ -715,47 +558,30 @@ async fn ha_up_killed_mid_failover_resumes_on_postgresql_17() {
 }
 
 async fn up_killed_mid_failover_resumes_with_one_primary(version: u32) {
-    let t0 = Instant::now();
-    let mut local = Local::with_version(version);
-    local.start();
-    let status = local.wait_converged();
-    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
-    let password = local.password();
-    create_table(&rw, &password).await;
-    let writer = Writer::start(rw.clone(), password.clone(), 1000);
-    wait_acks(&writer, 0, 50, "at start").await;
+    let mut local = Started::new(Local::with_version(version)).await;
+    let writer = local.writer(50, "at start").await;
     // Kill `up` as soon as it has persisted a failover intent.
     let s = local.wait_converged();
     let old = primary(&s);
     let term = s["term"].as_u64().unwrap();
     kill(local.postmaster_pid(&old), "KILL");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let st = local.state_json();
-        if st["ha"]["step"]["type"] == "failover" || st["ha"]["term"].as_u64() != Some(term) {
-            eprintln!("killing `up` at step {}", st["ha"]["step"]);
-            break;
-        }
-        assert!(Instant::now() < deadline, "no failover started");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let mut up = local.up.take().unwrap();
-    up.kill().unwrap();
-    up.wait().unwrap();
+    let step = local.wait_state(
+        Duration::from_secs(20),
+        |st| {
+            (st["ha"]["step"]["type"] == "failover" || st["ha"]["term"].as_u64() != Some(term))
+                .then(|| st["ha"]["step"].clone())
+        },
+        |_| "no failover started".into(),
+    );
+    eprintln!("killing `up` at step {step}");
+    local.kill_up();
     local.start();
     let s = local.wait_converged();
     assert_ne!(primary(&s), old, "{s}");
-    wait_acks(&writer, writer.acked_count(), 20, "after the restart of up").await;
-    let acked = writer.stop().await;
-    assert_all_present(&rw, &password, &acked).await;
+    local.finish_writes(writer, "after the restart of up").await;
     let s = local.wait_converged();
-    assert_eq!(
-        roles(&s).iter().filter(|r| *r == "primary").count(),
-        1,
-        "{s}"
-    );
-    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
-    local.down();
+    assert_one_primary(&s);
+    local.done();
 }
 
 /// (f) promote to a missing instance or to the primary is refused and
@@ -775,13 +601,9 @@ async fn ha_switchover_bad_input_and_lease_on_postgresql_17() {
 }
 
 async fn switchover_bad_input_and_lease(version: u32) {
-    let t0 = Instant::now();
-    let mut local = Local::with_version(version);
-    local.start();
-    let status = local.wait_converged();
-    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
-    let password = local.password();
-    create_table(&rw, &password).await;
+    let mut local = Started::new(Local::with_version(version)).await;
+    let status = local.status.clone();
+    let (rw, password) = (local.rw.clone(), local.password.clone());
     let old = primary(&status);
     let term = status["term"].as_u64().unwrap();
 
@@ -800,17 +622,8 @@ async fn switchover_bad_input_and_lease(version: u32) {
     assert_eq!(s["term"].as_u64().unwrap(), term);
 
     // (d) Switchover under load.
-    let writer = Writer::start(rw.clone(), password.clone(), 1000);
-    wait_acks(&writer, 0, 50, "before the switchover").await;
-    let target = s["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["role"] == "replica")
-        .unwrap()["name"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let writer = local.writer(50, "before the switchover").await;
+    let target = a_replica(&s);
     let t_switch = Instant::now();
     let out = local.run(&["promote", &target]);
     assert!(
@@ -890,11 +703,7 @@ async fn switchover_bad_input_and_lease(version: u32) {
     // manager: it fails over (or grants the lease again); either way one
     // primary, and writes through rw work.
     let s = local.wait_converged_after(resumed);
-    assert_eq!(
-        roles(&s).iter().filter(|r| *r == "primary").count(),
-        1,
-        "{s}"
-    );
+    assert_one_primary(&s);
     let t_back = Instant::now();
     loop {
         let err = match connect(&rw, &password).await {
@@ -918,20 +727,15 @@ async fn switchover_bad_input_and_lease(version: u32) {
         "a write through rw {}ms after the converged status",
         t_back.elapsed().as_millis()
     );
-    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
-    local.down();
+    local.done();
 }
 
 /// The failover of (b) on a newer major: PostgreSQL 17 from the PyPI wheel
 /// (its own libpq, pg_rewind of 17), found by `spec.version`.
 #[tokio::test(flavor = "multi_thread")]
 async fn ha_fails_over_on_postgresql_17() {
-    let t0 = Instant::now();
-    let mut local = Local::with_version(17);
-    local.start();
-    let status = local.wait_converged();
-    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
-    let password = local.password();
+    let mut local = Started::converged(Local::with_version(17));
+    let (rw, password) = (local.rw.clone(), local.password.clone());
     let client = connect(&rw, &password).await.unwrap();
     let version: String = client
         .query_one("SHOW server_version", &[])
@@ -940,8 +744,7 @@ async fn ha_fails_over_on_postgresql_17() {
         .get(0);
     assert!(version.starts_with("17."), "server_version {version}");
     create_table(&rw, &password).await;
-    let writer = Writer::start(rw.clone(), password.clone(), 1000);
-    wait_acks(&writer, 0, 50, "before the kill").await;
+    let writer = local.writer(50, "before the kill").await;
     let (converged, first) = fail_primary(&mut local, &writer, "postgres").await;
     let acked = writer.stop().await;
     assert_all_present(&rw, &password, &acked).await;
@@ -949,7 +752,7 @@ async fn ha_fails_over_on_postgresql_17() {
     eprintln!(
         "PostgreSQL 17 failover: first write {}ms after the kill; test took {:.1}s",
         first.as_millis(),
-        t0.elapsed().as_secs_f64()
+        local.t0.elapsed().as_secs_f64()
     );
     local.down();
 }
@@ -992,17 +795,14 @@ async fn insert_ok(rw: &str, password: &str, n: i64) {
 /// again.
 #[tokio::test(flavor = "multi_thread")]
 async fn ha_synchronous_standbys_follow_the_replicas() {
-    let t0 = Instant::now();
     let yaml = simple_pg_ha(15).replace(
         "      number: 1\n",
         "      number: 2\n      minSyncReplicas: 1\n",
     );
     assert!(yaml.contains("minSyncReplicas: 1"));
-    let mut local = Local::with_spec(15, &yaml);
-    local.start();
-    let status = local.wait_converged();
-    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
-    let password = local.password();
+    let mut local = Started::converged(Local::with_spec(15, &yaml));
+    let status = local.status.clone();
+    let (rw, password) = (local.rw.clone(), local.password.clone());
     let p = primary(&status);
     let replicas: Vec<String> = instance_names().into_iter().filter(|n| *n != p).collect();
     let both = format!("ANY 2 (\"{}\",\"{}\")", replicas[0], replicas[1]);
@@ -1026,8 +826,16 @@ async fn ha_synchronous_standbys_follow_the_replicas() {
         "{}",
         s["events"]
     );
-    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
-    local.down();
+    local.done();
+}
+
+/// `yaml` with `parameters` (YAML lines, indented by the caller after the
+/// first) in `spec.postgresql.parameters`.
+fn with_parameters(yaml: &str, parameters: &str) -> String {
+    yaml.replace(
+        "    synchronous:\n",
+        &format!("    parameters:\n      {parameters}\n    synchronous:\n"),
+    )
 }
 
 /// The cluster file with the fencing annotation set to `fenced` (a JSON
@@ -1049,25 +857,44 @@ impl Local {
     /// `stratum local up -f` with `yaml` while `up` runs: the change is
     /// handed to it. Returns the command's output.
     fn apply(&self, yaml: &str) -> Output {
-        let file = self.tmp.path().join("changed.yaml");
-        std::fs::write(&file, yaml).unwrap();
-        stratum()
-            .args(["local", "up", "-f"])
-            .arg(&file)
-            .arg("--state-dir")
-            .arg(&self.state)
-            .args(["--bin-dir", PG_BIN])
-            .output()
-            .unwrap()
+        let file = self.write_file("changed.yaml", yaml);
+        self.up_once(&file, &["--bin-dir", PG_BIN])
     }
 
-    fn instance<'a>(s: &'a Value, name: &str) -> &'a Value {
-        s["instances"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|i| i["name"] == name)
-            .unwrap()
+    /// `yaml` applied, the rolling restart it needs done, the cluster
+    /// converged again; returns that status.
+    fn roll_out(&mut self, yaml: &str) -> Value {
+        self.apply_ok(yaml);
+        self.wait_event("the rolling restart done", "RollingRestartDone");
+        self.wait_converged()
+    }
+
+    /// A rolling restart resumed (by a new `up`) and then done.
+    fn wait_resumed_roll_done(&mut self) -> Value {
+        self.wait_for("the resumed rolling restart done", |s| {
+            let events = s["events"].to_string();
+            events
+                .split("RollingRestartResumed")
+                .nth(1)
+                .is_some_and(|after| after.contains("RollingRestartDone"))
+        })
+    }
+
+    /// `up` SIGKILLed, then started again with `yaml` as its file.
+    fn restart_up_with(&mut self, yaml: &str) {
+        self.kill_up();
+        std::fs::write(&self.file, yaml).unwrap();
+        self.start();
+    }
+
+    /// [`Self::apply`], which must be taken.
+    fn apply_ok(&self, yaml: &str) {
+        let out = self.apply(yaml);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -1080,22 +907,15 @@ impl Local {
 /// every instance back.
 #[tokio::test(flavor = "multi_thread")]
 async fn ha_apply_changed_cr_and_fencing() {
-    let t0 = Instant::now();
-    let mut local = Local::new();
-    local.start();
-    let s = local.wait_converged();
-    let rw = s["endpoints"]["rw"].as_str().unwrap().to_string();
-    let password = local.password();
-    create_table(&rw, &password).await;
+    let mut local = Started::new(Local::new()).await;
+    let s = local.status.clone();
+    let (rw, password) = (local.rw.clone(), local.password.clone());
     let p = primary(&s);
     let term = s["term"].as_u64().unwrap();
     let saved = std::fs::read(local.state.join("cluster.yaml")).unwrap();
 
     // Refused: invalid, and valid but not changeable live.
-    let bad = simple_pg_ha(15).replace(
-        "    synchronous:\n",
-        "    parameters:\n      port: '6000'\n    synchronous:\n",
-    );
+    let bad = with_parameters(&simple_pg_ha(15), "port: '6000'");
     for (yaml, want) in [
         (bad, "spec.postgresql.parameters.port"),
         (
@@ -1123,56 +943,34 @@ async fn ha_apply_changed_cr_and_fencing() {
 
     // A replica fenced: stopped and kept down, no failover, writes go on.
     let replica = instance_names().into_iter().find(|n| *n != p).unwrap();
-    let out = local.apply(&with_fencing(Some(&format!(r#"["{replica}"]"#))));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    local.apply_ok(&with_fencing(Some(&format!(r#"["{replica}"]"#))));
     local.wait_for("the fenced replica down", |s| {
-        Local::instance(s, &replica)["ready"] == false
+        instance(s, &replica)["ready"] == false
     });
     std::thread::sleep(Duration::from_secs(3));
     let s = local.status().unwrap();
-    assert_eq!(Local::instance(&s, &replica)["ready"], false, "{s}");
+    assert_eq!(instance(&s, &replica)["ready"], false, "{s}");
     assert_eq!(s["term"].as_u64().unwrap(), term);
     insert_ok(&rw, &password, -2).await;
 
     // Unfenced: back as a replica.
-    let out = local.apply(&with_fencing(None));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    local.apply_ok(&with_fencing(None));
     local.wait_converged();
 
     // The primary fenced: a failover to a replica that is not fenced.
-    let out = local.apply(&with_fencing(Some(&format!(r#"["{p}"]"#))));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let s = local.wait_for("a new primary", |s| {
-        s["currentPrimary"].is_string() && s["currentPrimary"] != p.as_str()
-    });
+    local.apply_ok(&with_fencing(Some(&format!(r#"["{p}"]"#))));
+    let s = local.wait_new_primary(&p);
     let q = primary(&s);
     local.wait_for("writes routed to the new primary", |s| {
         s["primary"] == q.as_str()
     });
     insert_ok(&rw, &password, -3).await;
     let s = local.status().unwrap();
-    assert_eq!(Local::instance(&s, &p)["ready"], false, "{s}");
+    assert_eq!(instance(&s, &p)["ready"], false, "{s}");
 
     // Everything fenced: stopped, no failover, no writes.
     let term = s["term"].as_u64().unwrap();
-    let out = local.apply(&with_fencing(Some(r#"["*"]"#)));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    local.apply_ok(&with_fencing(Some(r#"["*"]"#)));
     local.wait_for("every instance down", |s| {
         s["instances"]
             .as_array()
@@ -1187,12 +985,7 @@ async fn ha_apply_changed_cr_and_fencing() {
     assert!(connect(&rw, &password).await.is_err(), "rw still connects");
 
     // Unfenced: the same primary, every instance back.
-    let out = local.apply(&with_fencing(None));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    local.apply_ok(&with_fencing(None));
     let s = local.wait_converged();
     assert_eq!(primary(&s), q);
     insert_ok(&rw, &password, -4).await;
@@ -1203,8 +996,7 @@ async fn ha_apply_changed_cr_and_fencing() {
         .unwrap()
         .get(0);
     assert_eq!(n, 4);
-    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
-    local.down();
+    local.done();
 }
 
 /// A restart-only parameter (`max_connections`, raised: a standby needs at
@@ -1215,57 +1007,23 @@ async fn ha_apply_changed_cr_and_fencing() {
 /// value and no acknowledged write is lost (synchronous mode).
 #[tokio::test(flavor = "multi_thread")]
 async fn ha_rolling_restart_for_a_changed_parameter() {
-    let t0 = Instant::now();
-    let mut local = Local::new();
-    local.start();
-    let s = local.wait_converged();
-    let rw = s["endpoints"]["rw"].as_str().unwrap().to_string();
-    let password = local.password();
-    create_table(&rw, &password).await;
+    let mut local = Started::new(Local::new()).await;
+    let s = local.status.clone();
+    let password = local.password.clone();
     let old = primary(&s);
-    let writer = Writer::start(rw.clone(), password.clone(), 1000);
-    wait_acks(&writer, 0, 50, "before the change").await;
+    let writer = local.writer(50, "before the change").await;
 
-    let changed = simple_pg_ha(15).replace(
-        "    synchronous:\n",
-        "    parameters:\n      max_connections: '150'\n    synchronous:\n",
-    );
-    let out = local.apply(&changed);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    local.wait_for("the rolling restart done", |s| {
-        s["events"].to_string().contains("RollingRestartDone")
-    });
-    let s = local.wait_converged();
+    let changed = with_parameters(&simple_pg_ha(15), "max_connections: '150'");
+    let s = local.roll_out(&changed);
     assert_ne!(primary(&s), old, "the primary was switched over: {s}");
-    wait_acks(
-        &writer,
-        writer.acked_count(),
-        20,
-        "after the rolling restart",
-    )
-    .await;
-    let acked = writer.stop().await;
-    assert_all_present(&rw, &password, &acked).await;
-    for instance in s["instances"].as_array().unwrap() {
-        let c = connect(instance["address"].as_str().unwrap(), &password)
-            .await
-            .unwrap();
-        let v: String = c
-            .query_one("SHOW max_connections", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(v, "150", "{}", instance["name"]);
-    }
+    local
+        .finish_writes(writer, "after the rolling restart")
+        .await;
+    assert_setting_everywhere(&s, &password, "max_connections", "150").await;
     let events = s["events"].to_string();
     let restarts = events.matches("runs with the new configuration").count();
     assert!(restarts >= 3, "{events}");
-    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
-    local.down();
+    local.done();
 }
 
 /// `primaryUpdateStrategy: supervised`: after a parameter change the
@@ -1273,61 +1031,32 @@ async fn ha_rolling_restart_for_a_changed_parameter() {
 /// (`stratum local promote`) lets it restart the old primary last.
 #[tokio::test(flavor = "multi_thread")]
 async fn ha_rolling_restart_supervised_waits_for_promote() {
-    let t0 = Instant::now();
     let supervised = |extra: &str| {
         simple_pg_ha(15).replace(
             "  instances: 3\n",
             &format!("  instances: 3\n  primaryUpdateStrategy: supervised\n{extra}"),
         )
     };
-    let mut local = Local::with_spec(15, &supervised(""));
-    local.start();
-    let s = local.wait_converged();
+    let mut local = Started::converged(Local::with_spec(15, &supervised("")));
+    let s = local.status.clone();
     let old = primary(&s);
-    let changed = supervised("").replace(
-        "    synchronous:\n",
-        "    parameters:\n      max_connections: '150'\n    synchronous:\n",
+    let changed = with_parameters(&supervised(""), "max_connections: '150'");
+    local.apply_ok(&changed);
+    let s = local.wait_event(
+        "waiting for a manual switchover",
+        "primaryUpdateStrategy is supervised",
     );
-    let out = local.apply(&changed);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let s = local.wait_for("waiting for a manual switchover", |s| {
-        s["events"]
-            .to_string()
-            .contains("primaryUpdateStrategy is supervised")
-    });
     assert_eq!(primary(&s), old);
     let target = instance_names().into_iter().find(|n| *n != old).unwrap();
     let s = local.wait_converged();
     assert_eq!(primary(&s), old);
-    let out = local.run(&["promote", &target]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    local.wait_for("the rolling restart done", |s| {
-        s["events"].to_string().contains("RollingRestartDone")
-    });
+    local.run_ok(&["promote", &target]);
+    local.wait_event("the rolling restart done", "RollingRestartDone");
     let s = local.wait_converged();
     assert_eq!(primary(&s), target);
     let password = local.password();
-    for instance in s["instances"].as_array().unwrap() {
-        let c = connect(instance["address"].as_str().unwrap(), &password)
-            .await
-            .unwrap();
-        let v: String = c
-            .query_one("SHOW max_connections", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(v, "150", "{}", instance["name"]);
-    }
-    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
-    local.down();
+    assert_setting_everywhere(&s, &password, "max_connections", "150").await;
+    local.done();
 }
 
 /// `primaryUpdateMethod: restart`: after the replicas, the primary is
@@ -1335,61 +1064,27 @@ async fn ha_rolling_restart_supervised_waits_for_promote() {
 /// term) and no acknowledged write is lost.
 #[tokio::test(flavor = "multi_thread")]
 async fn ha_rolling_restart_primary_in_place() {
-    let t0 = Instant::now();
     let spec = |extra: &str| {
         simple_pg_ha(15).replace(
             "  instances: 3\n",
             &format!("  instances: 3\n  primaryUpdateMethod: restart\n{extra}"),
         )
     };
-    let mut local = Local::with_spec(15, &spec(""));
-    local.start();
-    let s = local.wait_converged();
-    let rw = s["endpoints"]["rw"].as_str().unwrap().to_string();
-    let password = local.password();
-    create_table(&rw, &password).await;
+    let mut local = Started::new(Local::with_spec(15, &spec(""))).await;
+    let s = local.status.clone();
+    let password = local.password.clone();
     let old = primary(&s);
     let term = s["term"].as_u64().unwrap();
-    let writer = Writer::start(rw.clone(), password.clone(), 1000);
-    wait_acks(&writer, 0, 50, "before the change").await;
-    let changed = spec("").replace(
-        "    synchronous:\n",
-        "    parameters:\n      max_connections: '150'\n    synchronous:\n",
-    );
-    let out = local.apply(&changed);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    local.wait_for("the rolling restart done", |s| {
-        s["events"].to_string().contains("RollingRestartDone")
-    });
-    let s = local.wait_converged();
+    let writer = local.writer(50, "before the change").await;
+    let changed = with_parameters(&spec(""), "max_connections: '150'");
+    let s = local.roll_out(&changed);
     assert_eq!(primary(&s), old, "{s}");
     assert_eq!(s["term"].as_u64().unwrap(), term, "no failover: {s}");
-    wait_acks(
-        &writer,
-        writer.acked_count(),
-        20,
-        "after the rolling restart",
-    )
-    .await;
-    let acked = writer.stop().await;
-    assert_all_present(&rw, &password, &acked).await;
-    for instance in s["instances"].as_array().unwrap() {
-        let c = connect(instance["address"].as_str().unwrap(), &password)
-            .await
-            .unwrap();
-        let v: String = c
-            .query_one("SHOW max_connections", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(v, "150", "{}", instance["name"]);
-    }
-    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
-    local.down();
+    local
+        .finish_writes(writer, "after the rolling restart")
+        .await;
+    assert_setting_everywhere(&s, &password, "max_connections", "150").await;
+    local.done();
 }
 
 /// `connect` as the superuser (replication views show everything to it).
@@ -1454,20 +1149,13 @@ impl Local {
                 && s["primary"] == s["currentPrimary"]
         })
     }
-
-    fn address(s: &Value, name: &str) -> String {
-        Self::instance(s, name)["address"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    }
 }
 
 /// Wait until every replica of `s` streams from its primary, each has its
 /// slot there and no other Stratum slot is left, and each has the row `n`.
 async fn assert_replicas_streaming(local: &Local, s: &Value, n: i64) {
     let p = primary(s);
-    let primary_addr = Local::address(s, &p);
+    let primary_addr = address(s, &p);
     let mut replicas: Vec<String> = s["instances"]
         .as_array()
         .unwrap()
@@ -1496,7 +1184,7 @@ async fn assert_replicas_streaming(local: &Local, s: &Value, n: i64) {
     }
     let password = local.password();
     for r in &replicas {
-        let addr = Local::address(s, r);
+        let addr = address(s, r);
         let deadline = Instant::now() + CONVERGE_TIMEOUT;
         loop {
             let c = connect(&addr, &password).await.unwrap();
@@ -1535,24 +1223,13 @@ async fn ha_scales_up_and_down_under_writes_on_postgresql_17() {
 }
 
 async fn scales_up_and_down_under_writes(version: u32) {
-    let t0 = Instant::now();
-    let mut local = Local::with_version(version);
-    local.start();
-    let s = local.wait_converged();
-    let rw = s["endpoints"]["rw"].as_str().unwrap().to_string();
-    let password = local.password();
-    create_table(&rw, &password).await;
-    let writer = Writer::start(rw.clone(), password.clone(), 1000);
-    wait_acks(&writer, 0, 50, "before scaling").await;
+    let mut local = Started::new(Local::with_version(version)).await;
+    let (rw, password) = (local.rw.clone(), local.password.clone());
+    let writer = local.writer(50, "before scaling").await;
 
     // 3 → 5.
     let five = simple_pg_ha(version).replace("instances: 3", "instances: 5");
-    let out = local.apply(&five);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    local.apply_ok(&five);
     let all5 = [
         "simple-pg-0",
         "simple-pg-1",
@@ -1568,15 +1245,8 @@ async fn scales_up_and_down_under_writes(version: u32) {
 
     // The primary moves to a new instance, so that scaling down has to
     // move it again.
-    let out = local.run(&["promote", "simple-pg-4"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    local.wait_for("simple-pg-4 the primary", |s| {
-        s["currentPrimary"] == "simple-pg-4" && s["primary"] == "simple-pg-4"
-    });
+    local.run_ok(&["promote", "simple-pg-4"]);
+    local.wait_primary_is("simple-pg-4");
     let s = local.wait_instances(&all5);
     let term = s["term"].as_u64().unwrap();
     wait_acks(&writer, writer.acked_count(), 20, "on simple-pg-4").await;
@@ -1601,12 +1271,7 @@ async fn scales_up_and_down_under_writes(version: u32) {
 
     // 5 → 2: simple-pg-4 (the primary), -3 and -2 go.
     let two = simple_pg_ha(version).replace("instances: 3", "instances: 2");
-    let out = local.apply(&two);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    local.apply_ok(&two);
     let s = local.wait_instances(&["simple-pg-0", "simple-pg-1"]);
     let p = primary(&s);
     assert!(p == "simple-pg-0" || p == "simple-pg-1", "{s}");
@@ -1657,8 +1322,7 @@ async fn scales_up_and_down_under_writes(version: u32) {
     insert_ok(&rw, &password, -3).await;
     assert_replicas_streaming(&local, &s, -3).await;
     assert_all_present(&rw, &password, &acked).await;
-    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
-    local.down();
+    local.done();
 }
 
 /// `SHOW name` and `pg_postmaster_start_time()` on every instance of `s`.
@@ -1684,6 +1348,13 @@ async fn show_everywhere(s: &Value, password: &str, name: &str) -> Vec<(String, 
     out
 }
 
+/// Every instance of `s` runs with `name` = `want`.
+async fn assert_setting_everywhere(s: &Value, password: &str, name: &str, want: &str) {
+    for (instance, v, _) in show_everywhere(s, password, name).await {
+        assert_eq!(v, want, "{instance}");
+    }
+}
+
 /// Changed parameters on the running cluster under a writer: reloadable
 /// ones (`work_mem`, `log_min_duration_statement`) are reloaded with no
 /// postgres restarted (same `pg_postmaster_start_time` everywhere, no
@@ -1692,30 +1363,18 @@ async fn show_everywhere(s: &Value, password: &str, name: &str) -> Vec<(String, 
 /// replicas. No acknowledged write is lost.
 #[tokio::test(flavor = "multi_thread")]
 async fn ha_reloads_parameters_and_lowers_primary_first() {
-    let t0 = Instant::now();
-    let mut local = Local::new();
-    local.start();
-    let s = local.wait_converged();
-    let rw = s["endpoints"]["rw"].as_str().unwrap().to_string();
-    let password = local.password();
-    create_table(&rw, &password).await;
-    let writer = Writer::start(rw.clone(), password.clone(), 1000);
-    wait_acks(&writer, 0, 50, "before the change").await;
+    let mut local = Started::new(Local::new()).await;
+    let s = local.status.clone();
+    let password = local.password.clone();
+    let writer = local.writer(50, "before the change").await;
     let before = show_everywhere(&s, &password, "work_mem").await;
 
-    let reloadable = simple_pg_ha(15).replace(
-        "    synchronous:\n",
-        "    parameters:\n      work_mem: '8MB'\n      log_min_duration_statement: '250'\n    synchronous:\n",
+    let reloadable = with_parameters(
+        &simple_pg_ha(15),
+        "work_mem: '8MB'\n      log_min_duration_statement: '250'",
     );
-    let out = local.apply(&reloadable);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let s = local.wait_for("the new configuration reloaded", |s| {
-        s["events"].to_string().contains("Reconfigured")
-    });
+    local.apply_ok(&reloadable);
+    let s = local.wait_event("the new configuration reloaded", "Reconfigured");
     let events = s["events"].to_string();
     assert!(
         events.contains("restart needed on none") && !events.contains("RollingRestart"),
@@ -1734,9 +1393,7 @@ async fn ha_reloads_parameters_and_lowers_primary_first() {
         assert_eq!(value, "8MB", "{name}");
         assert_eq!(started, started_after, "{name} restarted");
     }
-    for (name, v, _) in show_everywhere(&s, &password, "log_min_duration_statement").await {
-        assert_eq!(v, "250ms", "{name}");
-    }
+    assert_setting_everywhere(&s, &password, "log_min_duration_statement", "250ms").await;
     wait_acks(&writer, writer.acked_count(), 20, "after the reload").await;
 
     // Lowered max_connections (default 100): the primary first, in place.
@@ -1745,22 +1402,8 @@ async fn ha_reloads_parameters_and_lowers_primary_first() {
         "      work_mem: '8MB'\n",
         "      work_mem: '8MB'\n      max_connections: '90'\n",
     );
-    let out = local.apply(&lowered);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    local.wait_for("the rolling restart done", |s| {
-        s["events"].to_string().contains("RollingRestartDone")
-    });
-    let s = local.wait_converged();
-    let events: Vec<String> = s["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e.as_str().unwrap().to_string())
-        .collect();
+    let s = local.roll_out(&lowered);
+    let events = event_list(&s);
     let restarts: Vec<&String> = events
         .iter()
         .filter(|e| e.contains(" Restarting: "))
@@ -1771,20 +1414,11 @@ async fn ha_reloads_parameters_and_lowers_primary_first() {
         "{events:#?}"
     );
     assert_eq!(primary(&s), p, "restarted in place, not switched over");
-    for (name, v, _) in show_everywhere(&s, &password, "max_connections").await {
-        assert_eq!(v, "90", "{name}");
-    }
-    wait_acks(
-        &writer,
-        writer.acked_count(),
-        20,
-        "after the rolling restart",
-    )
-    .await;
-    let acked = writer.stop().await;
-    assert_all_present(&rw, &password, &acked).await;
-    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
-    local.down();
+    assert_setting_everywhere(&s, &password, "max_connections", "90").await;
+    local
+        .finish_writes(writer, "after the rolling restart")
+        .await;
+    local.done();
 }
 
 /// `up` killed (SIGKILL) in the middle of a scale-down that removes the
@@ -1796,59 +1430,34 @@ async fn ha_reloads_parameters_and_lowers_primary_first() {
 /// Delete`) its directory and ports too.
 #[tokio::test(flavor = "multi_thread")]
 async fn ha_up_killed_mid_scale_down_resumes() {
-    let t0 = Instant::now();
-    let mut local = Local::new();
-    local.start();
-    let s = local.wait_converged();
-    let rw = s["endpoints"]["rw"].as_str().unwrap().to_string();
-    let password = local.password();
-    create_table(&rw, &password).await;
-    let out = local.run(&["promote", "simple-pg-2"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    local.wait_for("simple-pg-2 the primary", |s| {
-        s["currentPrimary"] == "simple-pg-2" && s["primary"] == "simple-pg-2"
-    });
+    let mut local = Started::new(Local::new()).await;
+    let (rw, password) = (local.rw.clone(), local.password.clone());
+    local.run_ok(&["promote", "simple-pg-2"]);
+    local.wait_primary_is("simple-pg-2");
     local.wait_converged();
-    let writer = Writer::start(rw.clone(), password.clone(), 1000);
-    wait_acks(&writer, 0, 50, "before scaling").await;
+    let writer = local.writer(50, "before scaling").await;
 
     let two = simple_pg_ha(15).replace(
         "instances: 3\n",
         "instances: 2\n  pvcRetentionPolicy:\n    whenScaled: Delete\n",
     );
-    let out = local.apply(&two);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    local.apply_ok(&two);
+    let ha = local.wait_state(
+        Duration::from_secs(20),
+        |st| {
+            let events = st["ha"]["events"].to_string();
+            (st["ha"]["step"]["type"] == "switchover" || events.contains("ScalingDown"))
+                .then(|| st["ha"].clone())
+        },
+        |_| "no scale-down started".into(),
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let st = local.state_json();
-        let events = st["ha"]["events"].to_string();
-        if st["ha"]["step"]["type"] == "switchover" || events.contains("ScalingDown") {
-            eprintln!(
-                "killing `up` at step {}, members {}",
-                st["ha"]["step"], st["ha"]["members"]
-            );
-            break;
-        }
-        assert!(Instant::now() < deadline, "no scale-down started");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let mut up = local.up.take().unwrap();
-    up.kill().unwrap();
-    up.wait().unwrap();
-    std::fs::write(&local.file, &two).unwrap();
-    local.start();
+    eprintln!(
+        "killing `up` at step {}, members {}",
+        ha["step"], ha["members"]
+    );
+    local.restart_up_with(&two);
     let s = local.wait_instances(&["simple-pg-0", "simple-pg-1"]);
-    wait_acks(&writer, writer.acked_count(), 20, "after the restart of up").await;
-    let acked = writer.stop().await;
-    assert_all_present(&rw, &password, &acked).await;
+    local.finish_writes(writer, "after the restart of up").await;
     insert_ok(&rw, &password, -1).await;
     assert_replicas_streaming(&local, &s, -1).await;
     let st = local.state_json();
@@ -1861,8 +1470,7 @@ async fn ha_up_killed_mid_scale_down_resumes() {
         "{st}"
     );
     assert!(!local.state.join("instances/simple-pg-2").exists());
-    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
-    local.down();
+    local.done();
 }
 
 /// A frozen primary instance manager (SIGSTOP) in an asynchronous cluster,
@@ -1875,23 +1483,18 @@ async fn ha_up_killed_mid_scale_down_resumes() {
 /// instance rejoins as a replica, never as a second primary.
 #[tokio::test(flavor = "multi_thread")]
 async fn ha_frozen_primary_manager_is_killed_before_failover() {
-    let t0 = Instant::now();
     let yaml = simple_pg_ha(15).replace(
         "  postgresql:\n    synchronous:\n      method: any\n      number: 1\n",
         "",
     );
     assert!(!yaml.contains("synchronous"), "{yaml}");
-    let mut local = Local::with_spec(15, &yaml);
-    local.start();
-    let status = local.wait_converged();
-    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
-    let password = local.password();
-    create_table(&rw, &password).await;
+    let mut local = Started::new(Local::with_spec(15, &yaml)).await;
+    let status = local.status.clone();
+    let (rw, password) = (local.rw.clone(), local.password.clone());
     let old = primary(&status);
-    let address = Local::address(&status, &old);
+    let address = address(&status, &old);
     let direct = connect(&address, &password).await.unwrap();
-    let writer = Writer::start(rw.clone(), password.clone(), 1000);
-    wait_acks(&writer, 0, 50, "before the freeze").await;
+    let writer = local.writer(50, "before the freeze").await;
 
     let (manager, postmaster) = (local.manager_pid(&old), local.postmaster_pid(&old));
     kill(manager, "STOP");
@@ -1901,9 +1504,7 @@ async fn ha_frozen_primary_manager_is_killed_before_failover() {
         .execute("INSERT INTO ha_rows (n) VALUES (-1)", &[])
         .await
         .expect("the server of a frozen manager still runs");
-    let after = local.wait_for("a new primary", |s| {
-        s["currentPrimary"].is_string() && s["currentPrimary"] != old.as_str()
-    });
+    let after = local.wait_new_primary(&old);
     eprintln!(
         "{} promoted {:.1}s after {old}'s manager was frozen",
         primary(&after),
@@ -1986,12 +1587,8 @@ async fn ha_frozen_primary_manager_is_killed_before_failover() {
         .status();
     let s = local.wait_converged();
     assert_ne!(primary(&s), old, "{s}");
-    assert_eq!(
-        roles(&s).iter().filter(|r| *r == "primary").count(),
-        1,
-        "{s}"
-    );
-    let rejoined = Local::instance(&s, &old);
+    assert_one_primary(&s);
+    let rejoined = instance(&s, &old);
     assert_eq!(rejoined["role"], "replica", "{s}");
     assert_ne!(local.manager_pid(&old), manager);
     let client = connect(&rw, &password).await.unwrap();
@@ -1999,8 +1596,7 @@ async fn ha_frozen_primary_manager_is_killed_before_failover() {
         .execute("INSERT INTO ha_rows (n) VALUES (-100000)", &[])
         .await
         .unwrap();
-    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
-    local.down();
+    local.done();
 }
 
 /// `up` SIGKILLed in the middle of a rolling restart (a restart-only
@@ -2012,81 +1608,35 @@ async fn ha_frozen_primary_manager_is_killed_before_failover() {
 /// acknowledged write lost.
 #[tokio::test(flavor = "multi_thread")]
 async fn ha_up_killed_mid_rolling_restart_resumes() {
-    let t0 = Instant::now();
-    let mut local = Local::new();
-    local.start();
-    let s = local.wait_converged();
-    let rw = s["endpoints"]["rw"].as_str().unwrap().to_string();
-    let password = local.password();
-    create_table(&rw, &password).await;
-    let writer = Writer::start(rw.clone(), password.clone(), 1000);
-    wait_acks(&writer, 0, 50, "before the change").await;
+    let mut local = Started::new(Local::new()).await;
+    let password = local.password.clone();
+    let writer = local.writer(50, "before the change").await;
 
-    let changed = simple_pg_ha(15).replace(
-        "    synchronous:\n",
-        "    parameters:\n      max_connections: '150'\n    synchronous:\n",
+    let changed = with_parameters(&simple_pg_ha(15), "max_connections: '150'");
+    local.apply_ok(&changed);
+    let rolling = local.wait_state(
+        Duration::from_secs(30),
+        |st| {
+            let rolling = &st["ha"]["rolling"];
+            rolling["restarting"].is_string().then(|| rolling.clone())
+        },
+        |st| format!("no rolling restart persisted: {}", st["ha"]),
     );
-    let out = local.apply(&changed);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let rolling = loop {
-        let st = local.state_json();
-        if st["ha"]["rolling"]["restarting"].is_string() {
-            break st["ha"]["rolling"].clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no rolling restart persisted: {}",
-            st["ha"]
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    };
     eprintln!("killing `up` during the rolling restart: {rolling}");
     assert_eq!(
         rolling["remaining"].as_array().unwrap().len(),
         3,
         "{rolling}"
     );
-    let mut up = local.up.take().unwrap();
-    up.kill().unwrap();
-    up.wait().unwrap();
-    std::fs::write(&local.file, &changed).unwrap();
-    local.start();
-    local.wait_for("the resumed rolling restart done", |s| {
-        let events = s["events"].to_string();
-        events
-            .split("RollingRestartResumed")
-            .nth(1)
-            .is_some_and(|after| after.contains("RollingRestartDone"))
-    });
+    local.restart_up_with(&changed);
+    local.wait_resumed_roll_done();
     let s = local.wait_converged();
-    assert_eq!(
-        roles(&s).iter().filter(|r| *r == "primary").count(),
-        1,
-        "{s}"
-    );
-    wait_acks(&writer, writer.acked_count(), 20, "after the restart of up").await;
-    let acked = writer.stop().await;
-    assert_all_present(&rw, &password, &acked).await;
-    for instance in s["instances"].as_array().unwrap() {
-        let c = connect(instance["address"].as_str().unwrap(), &password)
-            .await
-            .unwrap();
-        let v: String = c
-            .query_one("SHOW max_connections", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(v, "150", "{}", instance["name"]);
-    }
+    assert_one_primary(&s);
+    local.finish_writes(writer, "after the restart of up").await;
+    assert_setting_everywhere(&s, &password, "max_connections", "150").await;
     let st = local.state_json();
     assert!(st["ha"]["rolling"].is_null(), "{}", st["ha"]);
-    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
-    local.down();
+    local.done();
 }
 
 /// `up` SIGKILLed in the middle of a primary-first rolling restart (a
@@ -2101,54 +1651,27 @@ async fn ha_up_killed_mid_rolling_restart_resumes() {
 /// ends with the lowered value, one primary, no acknowledged write lost.
 #[tokio::test(flavor = "multi_thread")]
 async fn ha_up_killed_mid_primary_first_roll_resumes() {
-    let t0 = Instant::now();
-    let mut local = Local::new();
-    local.start();
-    let s = local.wait_converged();
-    let rw = s["endpoints"]["rw"].as_str().unwrap().to_string();
-    let password = local.password();
+    let mut local = Started::converged(Local::new());
+    let s = local.status.clone();
+    let (rw, password) = (local.rw.clone(), local.password.clone());
     let p = primary(&s);
     create_table(&rw, &password).await;
-    let writer = Writer::start(rw.clone(), password.clone(), 1000);
-    wait_acks(&writer, 0, 50, "before the change").await;
+    let writer = local.writer(50, "before the change").await;
 
-    let lowered = simple_pg_ha(15).replace(
-        "    synchronous:\n",
-        "    parameters:\n      max_connections: '90'\n    synchronous:\n",
+    let lowered = with_parameters(&simple_pg_ha(15), "max_connections: '90'");
+    local.apply_ok(&lowered);
+    let rolling = local.wait_state(
+        Duration::from_secs(30),
+        |st| {
+            let rolling = &st["ha"]["rolling"];
+            (rolling["restarting"] == p.as_str()).then(|| rolling.clone())
+        },
+        |st| format!("the primary's restart never began: {}", st["ha"]),
     );
-    let out = local.apply(&lowered);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let rolling = loop {
-        let st = local.state_json();
-        if st["ha"]["rolling"]["restarting"] == p.as_str() {
-            break st["ha"]["rolling"].clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the primary's restart never began: {}",
-            st["ha"]
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    };
     eprintln!("killing `up` as the primary restarts: {rolling}");
     assert_eq!(rolling["primaryFirst"], true, "{rolling}");
-    let mut up = local.up.take().unwrap();
-    up.kill().unwrap();
-    up.wait().unwrap();
-    std::fs::write(&local.file, &lowered).unwrap();
-    local.start();
-    local.wait_for("the resumed rolling restart done", |s| {
-        let events = s["events"].to_string();
-        events
-            .split("RollingRestartResumed")
-            .nth(1)
-            .is_some_and(|after| after.contains("RollingRestartDone"))
-    });
+    local.restart_up_with(&lowered);
+    local.wait_resumed_roll_done();
     let s = local.wait_converged();
     assert_eq!(primary(&s), p, "restarted in place, no failover: {s}");
     // The replicas ran with the control file's value until their turn.
@@ -2167,12 +1690,7 @@ async fn ha_up_killed_mid_primary_first_roll_resumes() {
             local.logs()
         );
     }
-    let events: Vec<String> = s["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e.as_str().unwrap().to_string())
-        .collect();
+    let events = event_list(&s);
     let resumed = events
         .iter()
         .position(|e| e.contains("RollingRestartResumed"))
@@ -2186,16 +1704,11 @@ async fn ha_up_killed_mid_primary_first_roll_resumes() {
         2,
         "both replicas restarted again: {events:#?}"
     );
-    wait_acks(&writer, writer.acked_count(), 20, "after the restart of up").await;
-    let acked = writer.stop().await;
-    assert_all_present(&rw, &password, &acked).await;
-    for (name, v, _) in show_everywhere(&s, &password, "max_connections").await {
-        assert_eq!(v, "90", "{name}");
-    }
+    local.finish_writes(writer, "after the restart of up").await;
+    assert_setting_everywhere(&s, &password, "max_connections", "90").await;
     let st = local.state_json();
     assert!(st["ha"]["rolling"].is_null(), "{}", st["ha"]);
-    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
-    local.down();
+    local.done();
 }
 
 /// Scaling down removes the only synchronous standby of a `method: first`
@@ -2208,20 +1721,16 @@ async fn ha_up_killed_mid_primary_first_roll_resumes() {
 /// the kept replica loses no acknowledged write.
 #[tokio::test(flavor = "multi_thread")]
 async fn ha_scale_down_moves_first_sync_standby_before_stopping_it() {
-    let t0 = Instant::now();
     let yaml = simple_pg_ha(15).replace("      method: any\n", "      method: first\n");
     assert!(yaml.contains("method: first"), "{yaml}");
-    let mut local = Local::with_spec(15, &yaml);
-    local.start();
-    let s = local.wait_converged();
-    let rw = s["endpoints"]["rw"].as_str().unwrap().to_string();
-    let password = local.password();
+    let mut local = Started::converged(Local::with_spec(15, &yaml));
+    let s = local.status.clone();
+    let (rw, password) = (local.rw.clone(), local.password.clone());
     let p = primary(&s);
     assert_eq!(p, "simple-pg-0", "a new cluster's primary is ordinal 0");
     wait_sync_names(&rw, &password, "FIRST 1 (\"simple-pg-1\",\"simple-pg-2\")").await;
     create_table(&rw, &password).await;
-    let writer = Writer::start(rw.clone(), password.clone(), 1000);
-    wait_acks(&writer, 0, 50, "before scaling").await;
+    let writer = local.writer(50, "before scaling").await;
 
     // simple-pg-2 becomes the synchronous standby.
     let manager = local.manager_pid("simple-pg-1");
@@ -2237,17 +1746,11 @@ async fn ha_scale_down_moves_first_sync_standby_before_stopping_it() {
     .await;
 
     let two = yaml.replace("instances: 3\n", "instances: 2\n");
-    let out = local.apply(&two);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    local.apply_ok(&two);
+    local.wait_event(
+        "the scale-down waiting for the kept standby",
+        "scaling down: waiting for",
     );
-    local.wait_for("the scale-down waiting for the kept standby", |s| {
-        s["events"]
-            .to_string()
-            .contains("scaling down: waiting for")
-    });
     let st = local.state_json();
     assert_eq!(
         st["ha"]["members"].as_array().unwrap().len(),
@@ -2256,36 +1759,24 @@ async fn ha_scale_down_moves_first_sync_standby_before_stopping_it() {
         st["ha"]
     );
     kill(manager, "CONT");
-    let deadline = Instant::now() + CONVERGE_TIMEOUT;
-    loop {
-        let st = local.state_json();
-        if st["ha"]["members"].as_array().is_some_and(|m| m.len() == 2) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "simple-pg-2 never removed: {}",
-            st["ha"]
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    local.wait_state(
+        CONVERGE_TIMEOUT,
+        |st| {
+            st["ha"]["members"]
+                .as_array()
+                .is_some_and(|m| m.len() == 2)
+                .then_some(())
+        },
+        |st| format!("simple-pg-2 never removed: {}", st["ha"]),
+    );
     // The primary fails right after: the kept replica must hold every
     // commit that only simple-pg-2 had confirmed.
     kill(local.postmaster_pid(&p), "KILL");
-    local.wait_for("simple-pg-1 the primary", |s| {
-        s["currentPrimary"] == "simple-pg-1" && s["primary"] == "simple-pg-1"
-    });
+    local.wait_primary_is("simple-pg-1");
     let s = local.wait_instances(&["simple-pg-0", "simple-pg-1"]);
     assert_eq!(primary(&s), "simple-pg-1", "{s}");
-    wait_acks(&writer, writer.acked_count(), 20, "after the failover").await;
-    let acked = writer.stop().await;
-    assert_all_present(&rw, &password, &acked).await;
-    let events: Vec<String> = s["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e.as_str().unwrap().to_string())
-        .collect();
+    local.finish_writes(writer, "after the failover").await;
+    let events = event_list(&s);
     let at = |what: &str| {
         events
             .iter()
@@ -2298,8 +1789,7 @@ async fn ha_scale_down_moves_first_sync_standby_before_stopping_it() {
         "{events:#?}"
     );
     assert!(at("ScalingDown: removing simple-pg-2") < at("Resized: stopped simple-pg-2"));
-    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
-    local.down();
+    local.done();
 }
 
 /// The operator away (the decision loop paused through
@@ -2312,17 +1802,11 @@ async fn ha_scale_down_moves_first_sync_standby_before_stopping_it() {
 /// term, no failover) and the event says how long writes ran on failsafe.
 #[tokio::test(flavor = "multi_thread")]
 async fn ha_failsafe_keeps_writes_while_the_decision_loop_is_away() {
-    let t0 = Instant::now();
-    let mut local = Local::new();
-    local.start();
-    let status = local.wait_converged();
-    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
-    let password = local.password();
-    create_table(&rw, &password).await;
+    let mut local = Started::new(Local::new()).await;
+    let status = local.status.clone();
     let old = primary(&status);
     let term = local.state_json()["ha"]["term"].as_u64().unwrap();
-    let writer = Writer::start(rw.clone(), password.clone(), 1000);
-    wait_acks(&writer, 0, 50, "before the pause").await;
+    let writer = local.writer(50, "before the pause").await;
 
     let pause = local.state.join("pause-decisions");
     std::fs::write(&pause, "").unwrap();
@@ -2352,9 +1836,7 @@ async fn ha_failsafe_keeps_writes_while_the_decision_loop_is_away() {
     );
 
     std::fs::remove_file(&pause).unwrap();
-    let s = local.wait_for("the failsafe episode reported", |s| {
-        s["events"].to_string().contains("FailsafeEnded")
-    });
+    let s = local.wait_event("the failsafe episode reported", "FailsafeEnded");
     let events = s["events"].to_string();
     assert!(
         events.contains(&format!("primary {old} kept writes on failsafe for")),
@@ -2364,11 +1846,8 @@ async fn ha_failsafe_keeps_writes_while_the_decision_loop_is_away() {
     let s = local.wait_converged();
     assert_eq!(primary(&s), old, "{s}");
     assert_eq!(local.state_json()["ha"]["term"].as_u64(), Some(term));
-    wait_acks(&writer, writer.acked_count(), 20, "after the pause").await;
-    let acked = writer.stop().await;
-    assert_all_present(&rw, &password, &acked).await;
-    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
-    local.down();
+    local.finish_writes(writer, "after the pause").await;
+    local.done();
 }
 
 /// The operator away and, meanwhile, the primary's manager frozen
@@ -2380,17 +1859,12 @@ async fn ha_failsafe_keeps_writes_while_the_decision_loop_is_away() {
 /// the old one's port takes no write, no acknowledged write lost.
 #[tokio::test(flavor = "multi_thread")]
 async fn ha_failsafe_failover_from_a_frozen_primary_after_the_operator_was_away() {
-    let t0 = Instant::now();
-    let mut local = Local::new();
-    local.start();
-    let status = local.wait_converged();
-    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
-    let password = local.password();
-    create_table(&rw, &password).await;
+    let mut local = Started::new(Local::new()).await;
+    let status = local.status.clone();
+    let password = local.password.clone();
     let old = primary(&status);
-    let address = Local::address(&status, &old);
-    let writer = Writer::start(rw.clone(), password.clone(), 1000);
-    wait_acks(&writer, 0, 50, "before the pause").await;
+    let address = address(&status, &old);
+    let writer = local.writer(50, "before the pause").await;
 
     let pause = local.state.join("pause-decisions");
     std::fs::write(&pause, "").unwrap();
@@ -2401,9 +1875,7 @@ async fn ha_failsafe_failover_from_a_frozen_primary_after_the_operator_was_away(
     let frozen_at = Instant::now();
     tokio::time::sleep(Duration::from_secs(2)).await;
     std::fs::remove_file(&pause).unwrap();
-    let after = local.wait_for("a new primary", |s| {
-        s["currentPrimary"].is_string() && s["currentPrimary"] != old.as_str()
-    });
+    let after = local.wait_new_primary(&old);
     let new = primary(&after);
     eprintln!(
         "{new} promoted {:.1}s after {old}'s manager was frozen (loop paused for 2 s of it)",
@@ -2429,14 +1901,7 @@ async fn ha_failsafe_failover_from_a_frozen_primary_after_the_operator_was_away(
         .status();
     let s = local.wait_converged();
     assert_eq!(primary(&s), new, "{s}");
-    assert_eq!(
-        roles(&s).iter().filter(|r| *r == "primary").count(),
-        1,
-        "{s}"
-    );
-    wait_acks(&writer, writer.acked_count(), 20, "on the new primary").await;
-    let acked = writer.stop().await;
-    assert_all_present(&rw, &password, &acked).await;
-    eprintln!("test took {:.1}s", t0.elapsed().as_secs_f64());
-    local.down();
+    assert_one_primary(&s);
+    local.finish_writes(writer, "on the new primary").await;
+    local.done();
 }

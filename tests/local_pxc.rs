@@ -25,15 +25,18 @@
 //! of every member's manager, server, `--wsrep-recover` and SST logs.
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::*;
 use serde_json::Value;
+
+#[path = "support/local.rs"]
+mod local;
+use local::{Local, Runtime, assert_none_lost, instance, kill, port_of, rw_endpoint, wait_acks};
 
 /// SST (mariabackup) of three servers on two shared cores takes a while.
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(240);
@@ -75,200 +78,60 @@ spec:
     )
 }
 
-fn stratum() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_stratum"));
-    c.env("STRATUM_LOCAL_TICK_MS", TICK_MS)
-        .env("RUST_LOG", "info")
-        .env_remove("RUST_BACKTRACE")
-        .env_remove("STRATUM_STATE_DIR");
-    c
+const RUNTIME: Runtime = Runtime {
+    tick_ms: TICK_MS,
+    lease_ms: None,
+    no_backtrace: true,
+    timeout: CONVERGE_TIMEOUT,
+    poll: Duration::from_millis(200),
+    instance_logs,
+    state_logs: &[("haproxy/haproxy.log", 30)],
+};
+
+/// A member's manager log, its server's error log (mariadbd writes it to
+/// the manager's stdout/stderr, kept in `run/server.log`), the
+/// `--wsrep-recover` log, the SST logs (mariabackup's in the data
+/// directory: `backup` on a donor, `prepare`/`move` on a joiner; the SST
+/// script's archive of older ones in `run/sst-log-archive/`).
+fn instance_logs(dir: &Path) -> Vec<(PathBuf, usize)> {
+    let datadir = dir.join("data").join("mysql");
+    let mut logs = vec![
+        (dir.join("manager.log"), 40),
+        (dir.join("run").join("server.log"), 80),
+        (dir.join("run").join("wsrep-recover.log"), 10),
+    ];
+    for sst in ["backup", "prepare", "move"] {
+        logs.push((datadir.join(format!("mariabackup.{sst}.log")), 15));
+    }
+    // The SST script's archived logs, newest last.
+    let mut archived: Vec<(std::time::SystemTime, PathBuf)> =
+        std::fs::read_dir(dir.join("run").join("sst-log-archive"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+                    .collect()
+            })
+            .unwrap_or_default();
+    archived.sort();
+    let n = archived.len();
+    logs.extend(
+        archived
+            .into_iter()
+            .skip(n.saturating_sub(3))
+            .map(|(_, p)| (p, 15)),
+    );
+    logs
 }
 
 fn instance_names() -> Vec<String> {
     (0..3).map(|i| format!("{CLUSTER}-{i}")).collect()
 }
 
-/// A temporary state directory with a cluster; stopped when dropped.
-struct Local {
-    tmp: tempfile::TempDir,
-    state: PathBuf,
-    file: PathBuf,
-    up: Option<Child>,
-    ups: usize,
-    /// Whether a failure message carried [`Local::logs`] already.
-    logs_shown: AtomicBool,
-}
-
 impl Local {
+    /// A workspace with `simple-pxc.yaml`.
     fn new() -> Self {
         require_galera();
-        let tmp = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let state = tmp.path().join("state");
-        let file = tmp.path().join("simple-pxc.yaml");
-        std::fs::write(&file, simple_pxc("")).unwrap();
-        Self {
-            tmp,
-            state,
-            file,
-            up: None,
-            ups: 0,
-            logs_shown: AtomicBool::new(false),
-        }
-    }
-
-    fn start(&mut self) {
-        assert!(self.up.is_none());
-        self.ups += 1;
-        let log =
-            std::fs::File::create(self.tmp.path().join(format!("up-{}.log", self.ups))).unwrap();
-        let child = stratum()
-            .args(["local", "up", "-f"])
-            .arg(&self.file)
-            .arg("--state-dir")
-            .arg(&self.state)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.up = Some(child);
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        stratum()
-            .arg("local")
-            .args(args)
-            .arg("--state-dir")
-            .arg(&self.state)
-            .output()
-            .unwrap()
-    }
-
-    fn status(&self) -> Option<Value> {
-        let out = self.run(&["status", "-o", "json"]);
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).ok())
-            .flatten()
-    }
-
-    fn state_json(&self) -> Value {
-        serde_json::from_slice(&std::fs::read(self.state.join("state.json")).unwrap()).unwrap()
-    }
-
-    fn instance_dir(&self, name: &str) -> PathBuf {
-        self.state.join("instances").join(name)
-    }
-
-    /// The tails of every log a failure may be explained by: `up`'s, each
-    /// member's manager log, its server's error log (mariadbd writes it
-    /// to the manager's stdout/stderr, kept in `run/server.log`), the
-    /// `--wsrep-recover` log, the SST logs (mariabackup's in the data
-    /// directory: `backup` on a donor, `prepare`/`move` on a joiner; the
-    /// SST script's archive of older ones in `run/sst-log-archive/`), and
-    /// HAProxy's. Every member directory is listed, also members added by
-    /// a scaling.
-    fn logs(&self) -> String {
-        self.logs_shown.store(true, Ordering::SeqCst);
-        let tail = |path: &Path, n: usize| {
-            let bytes = std::fs::read(path).unwrap_or_default();
-            let text = String::from_utf8_lossy(&bytes);
-            let lines: Vec<&str> = text
-                .lines()
-                .filter(|l| {
-                    !l.contains("stratum::server")
-                        && !l.contains("prepare: waiting")
-                        && !l.contains("prepare: no member")
-                })
-                .collect();
-            lines[lines.len().saturating_sub(n)..].join("\n")
-        };
-        let mut out = String::new();
-        for n in 1..=self.ups {
-            let p = self.tmp.path().join(format!("up-{n}.log"));
-            out += &format!("==== up-{n}.log (tail)\n{}\n", tail(&p, 80));
-        }
-        let mut names: Vec<String> = std::fs::read_dir(self.state.join("instances"))
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        for name in names {
-            let dir = self.instance_dir(&name);
-            let datadir = dir.join("data").join("mysql");
-            let mut logs = vec![
-                (dir.join("manager.log"), 40),
-                (dir.join("run").join("server.log"), 80),
-                (dir.join("run").join("wsrep-recover.log"), 10),
-            ];
-            for sst in ["backup", "prepare", "move"] {
-                logs.push((datadir.join(format!("mariabackup.{sst}.log")), 15));
-            }
-            // The SST script's archived logs, newest last.
-            let mut archived: Vec<(std::time::SystemTime, PathBuf)> =
-                std::fs::read_dir(dir.join("run").join("sst-log-archive"))
-                    .map(|d| {
-                        d.flatten()
-                            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-            archived.sort();
-            let n = archived.len();
-            logs.extend(
-                archived
-                    .into_iter()
-                    .skip(n.saturating_sub(3))
-                    .map(|(_, p)| (p, 15)),
-            );
-            for (path, n) in logs {
-                if path.exists() {
-                    let shown = path.strip_prefix(&dir).unwrap_or(&path).display();
-                    out += &format!("==== {name} {shown} (tail)\n{}\n", tail(&path, n));
-                }
-            }
-        }
-        out += &format!(
-            "==== haproxy.log (tail)\n{}\n",
-            tail(&self.state.join("haproxy/haproxy.log"), 30)
-        );
-        out
-    }
-
-    /// Wait until `f` holds on the status; returns it.
-    fn wait_for(&mut self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-        let started = Instant::now();
-        let mut last = None;
-        while started.elapsed() < CONVERGE_TIMEOUT {
-            if let Some(child) = self.up.as_mut()
-                && let Some(exit) = child.try_wait().unwrap()
-            {
-                self.up = None;
-                panic!(
-                    "`local up` exited ({exit}) waiting for {what}\n{}",
-                    self.logs()
-                );
-            }
-            if let Some(s) = self.status() {
-                if f(&s) {
-                    eprintln!("{what} after {:.1}s", started.elapsed().as_secs_f64());
-                    return s;
-                }
-                last = Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        panic!(
-            "not {what} within {}s; last status: {}\n{}",
-            CONVERGE_TIMEOUT.as_secs(),
-            last.map(|s| serde_json::to_string_pretty(&s).unwrap())
-                .unwrap_or_default(),
-            self.logs()
-        );
+        Local::create(RUNTIME, "simple-pxc.yaml", &simple_pxc(""), &[])
     }
 
     /// Healthy: every member Synced in one 3-member Primary component and
@@ -285,11 +148,23 @@ impl Local {
         })
     }
 
+    /// `yaml` written as `name` and handed to the running cluster with
+    /// `local up -f`, which must take it; returns the file and what `up`
+    /// printed.
+    fn apply_ok(&self, name: &str, yaml: &str) -> (PathBuf, String) {
+        let file = self.write_file(name, yaml);
+        let out = self.up_once(&file, &[]);
+        assert!(
+            out.status.success(),
+            "up -f {name} refused: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (file, String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     fn root_password(&self) -> String {
-        std::fs::read_to_string(self.state.join("secrets/root-password"))
-            .unwrap()
-            .trim()
-            .to_string()
+        self.secret("root-password").trim().to_string()
     }
 
     /// Pid of the instance's mariadbd, found by its option file (inside
@@ -338,66 +213,17 @@ impl Local {
         // Healthy status from now on is the new manager's.
         self.wait_healthy();
     }
-
-    fn manager_pid(&self, name: &str) -> i32 {
-        self.state_json()["managers"][name].as_i64().unwrap() as i32
-    }
-
-    fn down(&mut self) {
-        let out = self.run(&["down", "--purge"]);
-        assert!(
-            out.status.success(),
-            "down failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.logs()
-        );
-        if let Some(mut child) = self.up.take() {
-            let _ = child.wait();
-        }
-    }
 }
 
-impl Drop for Local {
-    fn drop(&mut self) {
-        // A failed assertion anywhere in a test: the logs explain it.
-        if std::thread::panicking() && !self.logs_shown.load(Ordering::SeqCst) {
-            eprintln!("{}", self.logs());
-        }
-        if self.state.exists() {
-            let _ = self.run(&["down"]);
-        }
-        if let Some(mut child) = self.up.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn instance<'a>(s: &'a Value, name: &str) -> &'a Value {
-    s["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["name"] == name)
-        .unwrap()
-}
-
-fn port_of(address: &str) -> u16 {
-    address.rsplit_once(':').unwrap().1.parse().unwrap()
+/// `local` started and Healthy; returns it with that status.
+fn healthy(mut local: Local) -> (Local, Value) {
+    local.start();
+    let status = local.wait_healthy();
+    (local, status)
 }
 
 fn events(s: &Value) -> String {
     s["events"].to_string()
-}
-
-/// Send a signal (`KILL`, `STOP`, `CONT`) with kill(1).
-fn kill(pid: i32, signal: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{signal} {pid}");
 }
 
 async fn connect(address: &str, password: &str) -> Result<mysql_async::Conn, String> {
@@ -462,16 +288,12 @@ async fn count_on(address: &str, password: &str) -> Result<i64, String> {
     Ok(n.unwrap_or(0))
 }
 
-/// A client inserting numbered rows through `rw` in a loop, reconnecting
-/// after errors; it records what was acknowledged, when and by whom.
-struct Writer {
-    stop: Arc<AtomicBool>,
-    /// Row number, when, and the port of the server that acknowledged it.
-    acked: Arc<Mutex<Vec<(i64, Instant, u16)>>>,
-    task: tokio::task::JoinHandle<()>,
-}
+type Writer = local::Writer<u16>;
 
 impl Writer {
+    /// A client inserting numbered rows (from `first + 1`) through `rw` in
+    /// a loop, reconnecting after errors; each acknowledgement is recorded
+    /// with the port of the server that gave it.
     fn start(rw: String, password: String, first: i64) -> Self {
         Self::paced(rw, password, first, Duration::ZERO)
     }
@@ -479,10 +301,7 @@ impl Writer {
     /// Like [`Writer::start`], with `pause` after each acknowledged insert
     /// (a light load).
     fn paced(rw: String, password: String, first: i64, pause: Duration) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked: Arc<Mutex<Vec<(i64, Instant, u16)>>> = Arc::default();
-        let (s, a) = (stop.clone(), acked.clone());
-        let task = tokio::spawn(async move {
+        Writer::spawn(CONVERGE_TIMEOUT, move |s, a| async move {
             let mut n = first;
             let mut conn: Option<(mysql_async::Conn, u16)> = None;
             while !s.load(Ordering::Relaxed) {
@@ -521,38 +340,7 @@ impl Writer {
                     }
                 }
             }
-        });
-        Self { stop, acked, task }
-    }
-
-    fn acked_count(&self) -> usize {
-        self.acked.lock().unwrap().len()
-    }
-
-    /// The first acknowledgement after `t` by another server than `port`.
-    fn first_ack_after(&self, t: Instant, port: u16) -> Option<Instant> {
-        self.acked
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|(_, at, p)| *at > t && *p != port)
-            .map(|(_, at, _)| *at)
-    }
-
-    async fn stop(self) -> Vec<i64> {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.task.await;
-        let acked = self.acked.lock().unwrap();
-        acked.iter().map(|(n, _, _)| *n).collect()
-    }
-}
-
-/// Wait until the writer has `more` acknowledgements beyond `base`.
-async fn wait_acks(w: &Writer, base: usize, more: usize, what: &str) {
-    let deadline = Instant::now() + CONVERGE_TIMEOUT;
-    while w.acked_count() < base + more {
-        assert!(Instant::now() < deadline, "no writes acknowledged {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        })
     }
 }
 
@@ -565,22 +353,7 @@ async fn assert_all_present(address: &str, password: &str, acked: &[i64]) {
         .unwrap()
         .into_iter()
         .collect();
-    let lost: Vec<i64> = acked
-        .iter()
-        .copied()
-        .filter(|n| !present.contains(n))
-        .collect();
-    assert!(
-        lost.is_empty(),
-        "{} of {} acknowledged inserts are missing at {address}: {:?}",
-        lost.len(),
-        acked.len(),
-        &lost[..lost.len().min(20)]
-    );
-    eprintln!(
-        "all {} acknowledged inserts are present at {address}",
-        acked.len()
-    );
+    assert_none_lost(acked, &present, &format!(" at {address}"));
 }
 
 /// Every node holds the same number of rows as `rw` (Galera applies
@@ -624,7 +397,7 @@ async fn pxc_three_nodes_healthy_then_bad_input_is_refused() {
     local.start();
     let status = local.wait_healthy();
     eprintln!("3 nodes Healthy after {:.1}s", t0.elapsed().as_secs_f64());
-    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
+    let rw = rw_endpoint(&status);
     let ro = status["endpoints"]["ro"].as_str().unwrap().to_string();
     let password = local.root_password();
     create_table(&rw, &password).await;
@@ -677,13 +450,7 @@ async fn pxc_three_nodes_healthy_then_bad_input_is_refused() {
     let saved = std::fs::read_to_string(local.state.join("cluster.yaml")).unwrap();
     for (yaml, field) in cases {
         std::fs::write(&bad, yaml).unwrap();
-        let out = stratum()
-            .args(["local", "up", "-f"])
-            .arg(&bad)
-            .arg("--state-dir")
-            .arg(&local.state)
-            .output()
-            .unwrap();
+        let out = local.up_once(&bad, &[]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{field}: up accepted it");
         assert!(
@@ -794,13 +561,7 @@ fn pxc_a_users_tls_secret_without_its_key_is_refused() {
     std::fs::create_dir_all(&secret).unwrap();
     std::fs::write(secret.join("ca.crt"), "-----BEGIN CERTIFICATE-----\n").unwrap();
     std::fs::write(secret.join("tls.crt"), "-----BEGIN CERTIFICATE-----\n").unwrap();
-    let out = stratum()
-        .args(["local", "up", "-f"])
-        .arg(&local.file)
-        .arg("--state-dir")
-        .arg(&local.state)
-        .output()
-        .unwrap();
+    let out = local.up_once(&local.file, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "up accepted it: {stderr}");
     assert!(
@@ -823,11 +584,8 @@ fn pxc_a_users_tls_secret_without_its_key_is_refused() {
 #[tokio::test(flavor = "multi_thread")]
 async fn pxc_writer_killed_under_load_loses_nothing_and_rejoins_by_ist() {
     let t0 = Instant::now();
-    let mut local = Local::new();
-    local.start();
-    let status = local.wait_healthy();
-    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
-    let password = local.root_password();
+    let (mut local, status) = healthy(Local::new());
+    let (rw, password) = (rw_endpoint(&status), local.root_password());
     create_table(&rw, &password).await;
 
     let writer = Writer::start(rw.clone(), password.clone(), 1000);
@@ -844,7 +602,7 @@ async fn pxc_writer_killed_under_load_loses_nothing_and_rejoins_by_ist() {
     });
     wait_acks(&writer, writer.acked_count(), 50, "on the new writer").await;
     let first = writer
-        .first_ack_after(t_kill, old_port)
+        .first_ack_after(t_kill, Some(old_port))
         .expect("an acknowledgement by another node")
         - t_kill;
     eprintln!(
@@ -971,7 +729,7 @@ async fn pxc_rw_sessions_stay_on_one_writer_after_a_kill() {
         tunnelled >= 2,
         "rsync SST did not go through stunnel with the generated CA ({tunnelled} logs say so)"
     );
-    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
+    let rw = rw_endpoint(&status);
     let password = local.root_password();
     let port = |s: &Value, name: &str| port_of(instance(s, name)["address"].as_str().unwrap());
     let old = status["galera"]["writer"].as_str().unwrap().to_string();
@@ -1070,30 +828,17 @@ fn events_of(s: &Value, reason: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn pxc_configuration_change_restarts_one_at_a_time_writer_last() {
     let t0 = Instant::now();
-    let mut local = Local::new();
-    local.start();
-    let status = local.wait_healthy();
-    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
-    let password = local.root_password();
+    let (mut local, status) = healthy(Local::new());
+    let (rw, password) = (rw_endpoint(&status), local.root_password());
     create_table(&rw, &password).await;
     let old_writer = status["galera"]["writer"].as_str().unwrap().to_string();
-    let state_dir = local.state.clone();
-    let up_f = |file: &Path| {
-        stratum()
-            .args(["local", "up", "-f"])
-            .arg(file)
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .output()
-            .unwrap()
-    };
 
     // Refused: a running cluster does not grow its storage.
     let managers = local.state_json()["managers"].clone();
     let saved = std::fs::read_to_string(local.state.join("cluster.yaml")).unwrap();
     let bad = local.tmp.path().join("grown.yaml");
     std::fs::write(&bad, simple_pxc("").replace("size: 1Gi", "size: 2Gi")).unwrap();
-    let out = up_f(&bad);
+    let out = local.up_once(&bad, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a running cluster took storage 2Gi");
     assert!(stderr.contains("spec.storage.size"), "{stderr}");
@@ -1106,21 +851,10 @@ async fn pxc_configuration_change_restarts_one_at_a_time_writer_last() {
 
     let writer = Writer::start(rw.clone(), password.clone(), 1000);
     wait_acks(&writer, 0, 100, "before the change").await;
-    let changed = local.tmp.path().join("changed.yaml");
-    std::fs::write(
-        &changed,
-        simple_pxc("").replace("max_connections = 100", "max_connections = 151"),
-    )
-    .unwrap();
+    let changed = simple_pxc("").replace("max_connections = 100", "max_connections = 151");
     let t_apply = Instant::now();
-    let out = up_f(&changed);
-    assert!(
-        out.status.success(),
-        "up -f refused the configuration change: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim());
+    let (_, stdout) = local.apply_ok("changed.yaml", &changed);
+    eprintln!("{}", stdout.trim());
     local.wait_for("the rolling restart done", |s| {
         !events_of(s, "RollingRestartDone").is_empty()
     });
@@ -1143,22 +877,7 @@ async fn pxc_configuration_change_restarts_one_at_a_time_writer_last() {
         "each member restarts once: {order:?}"
     );
     // One at a time: each Restarted before the next Restarting.
-    let seq: Vec<String> = done["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| e.as_str())
-        .filter(|e| e.contains(" Restarting: ") || e.contains(" Restarted: "))
-        .map(|e| {
-            e.split_once(": ")
-                .unwrap()
-                .1
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let seq = subjects_of(&done, &["Restarting", "Restarted"]);
     assert_eq!(seq, [0, 0, 1, 1, 2, 2].map(|i| order[i].clone()), "{seq:?}");
     // Never the writer while it restarts: follow the writer through the
     // events. `rw` moves off a member before it restarts ("before"), or
@@ -1209,6 +928,27 @@ async fn pxc_configuration_change_restarts_one_at_a_time_writer_last() {
     local.down();
 }
 
+/// The subject (the first word of the message) of every event of `s` with
+/// one of `reasons`, in order.
+fn subjects_of(s: &Value, reasons: &[&str]) -> Vec<String> {
+    s["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e.as_str())
+        .filter(|e| reasons.iter().any(|r| e.contains(&format!(" {r}: "))))
+        .map(|e| {
+            e.split_once(": ")
+                .unwrap()
+                .1
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
 /// The message of the last event of `s` with reason `reason`.
 fn last_event(s: &Value, reason: &str) -> Option<String> {
     events_of(s, reason).pop()
@@ -1231,7 +971,8 @@ fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
 
 /// `stratum local status -o json` of `state`, when it answers.
 fn status_of(state: &Path) -> Option<Value> {
-    let out = stratum()
+    let out = RUNTIME
+        .stratum()
         .args(["local", "status", "-o", "json", "--state-dir"])
         .arg(state)
         .output()
@@ -1263,22 +1004,9 @@ fn synced_group_of(s: &Value, n: usize) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn pxc_scales_3_to_5_to_3_under_load_keeping_quorum() {
     let t0 = Instant::now();
-    let mut local = Local::new();
-    local.start();
-    let status = local.wait_healthy();
-    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
-    let password = local.root_password();
+    let (mut local, status) = healthy(Local::new());
+    let (rw, password) = (rw_endpoint(&status), local.root_password());
     create_table(&rw, &password).await;
-    let state_dir = local.state.clone();
-    let up_f = |file: &Path| {
-        stratum()
-            .args(["local", "up", "-f"])
-            .arg(file)
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .output()
-            .unwrap()
-    };
 
     // Watch every member's component the whole time.
     let watching = Arc::new(AtomicBool::new(true));
@@ -1319,19 +1047,9 @@ async fn pxc_scales_3_to_5_to_3_under_load_keeping_quorum() {
     );
     wait_acks(&writer, 0, 50, "before scaling").await;
 
-    let five = local.tmp.path().join("five.yaml");
-    std::fs::write(
-        &five,
-        simple_pxc("").replace("instances: 3", "instances: 5"),
-    )
-    .unwrap();
+    let five = simple_pxc("").replace("instances: 3", "instances: 5");
     let t_up = Instant::now();
-    let out = up_f(&five);
-    assert!(
-        out.status.success(),
-        "up -f refused instances: 5: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    local.apply_ok("five.yaml", &five);
     let scaled_to = |n: usize| {
         move |s: &Value| {
             synced_group_of(s, n)
@@ -1349,21 +1067,7 @@ async fn pxc_scales_3_to_5_to_3_under_load_keeping_quorum() {
     assert!(added[0].starts_with(&format!("{CLUSTER}-3 ")), "{added:?}");
     assert!(added[1].starts_with(&format!("{CLUSTER}-4 ")), "{added:?}");
     // One at a time: the second was started after the first was in.
-    let seq: Vec<&str> = s5["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| e.as_str())
-        .filter(|e| e.contains(" AddingMember: ") || e.contains(" MemberAdded: "))
-        .map(|e| {
-            e.split_once(": ")
-                .unwrap()
-                .1
-                .split_whitespace()
-                .next()
-                .unwrap()
-        })
-        .collect();
+    let seq = subjects_of(&s5, &["AddingMember", "MemberAdded"]);
     assert_eq!(
         seq,
         [
@@ -1378,15 +1082,8 @@ async fn pxc_scales_3_to_5_to_3_under_load_keeping_quorum() {
     wait_acks(&writer, base, 20, "with 5 members").await;
 
     // 5 → 3 with the default whenScaled: Retain.
-    let three = local.tmp.path().join("three.yaml");
-    std::fs::write(&three, simple_pxc("")).unwrap();
     let t_down = Instant::now();
-    let out = up_f(&three);
-    assert!(
-        out.status.success(),
-        "up -f refused instances: 3: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    local.apply_ok("three.yaml", &simple_pxc(""));
     local.wait_for("back to 3 members", scaled_to(3));
     let s3 = local.state_json()["galera"].clone();
     let scaled_down = t_down.elapsed();
@@ -1427,26 +1124,13 @@ async fn pxc_scales_3_to_5_to_3_under_load_keeping_quorum() {
     wait_acks(&writer, base, 20, "with 3 members").await;
 
     // Up again: the retained members rejoin; then down with Delete.
-    let out = up_f(&five);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    local.apply_ok("five.yaml", &five);
     local.wait_for("5 members Synced again", scaled_to(5));
     let again = events_of(&local.state_json()["galera"], "MemberAdded");
     eprintln!("added again: {again:?}");
-    let delete = local.tmp.path().join("three-delete.yaml");
-    std::fs::write(
-        &delete,
-        simple_pxc("  pvcRetentionPolicy:\n    whenScaled: Delete\n"),
-    )
-    .unwrap();
-    let out = up_f(&delete);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    local.apply_ok(
+        "three-delete.yaml",
+        &simple_pxc("  pvcRetentionPolicy:\n    whenScaled: Delete\n"),
     );
     local.wait_for("3 members again", scaled_to(3));
     for gone in [3, 4] {
@@ -1488,11 +1172,8 @@ async fn pxc_scales_3_to_5_to_3_under_load_keeping_quorum() {
 #[tokio::test(flavor = "multi_thread")]
 async fn pxc_full_crash_recovers_from_the_most_advanced_node() {
     let t0 = Instant::now();
-    let mut local = Local::new();
-    local.start();
-    let status = local.wait_healthy();
-    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
-    let password = local.root_password();
+    let (mut local, status) = healthy(Local::new());
+    let (rw, password) = (rw_endpoint(&status), local.root_password());
     create_table(&rw, &password).await;
     let writer = Writer::start(rw.clone(), password.clone(), 1000);
     wait_acks(&writer, 0, 100, "before the crash").await;
@@ -1556,9 +1237,7 @@ async fn pxc_full_crash_recovers_from_the_most_advanced_node() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    let mut up = local.up.take().unwrap();
-    up.kill().unwrap();
-    up.wait().unwrap();
+    local.kill_up();
     let t_up = Instant::now();
     local.start();
     let s = local.wait_for("writable again", |s| s["primary"].is_string());
@@ -1678,7 +1357,7 @@ async fn pxc_quorum_loss_refuses_writes_then_recovers() {
     let own_cert = std::fs::read(own_tls.join("tls.crt")).unwrap();
     local.start();
     let status = local.wait_healthy();
-    let rw = status["endpoints"]["rw"].as_str().unwrap().to_string();
+    let rw = rw_endpoint(&status);
     let password = local.root_password();
     create_table(&rw, &password).await;
 
@@ -1900,9 +1579,7 @@ async fn pxc_an_aborted_joiner_rejoins_and_no_server_outlives_its_manager() {
     // `up` and a manager SIGKILLed together: nobody supervises that
     // server any more; `down` stops it with the managers `up` left.
     let server = local.mariadbd_pid(c).unwrap();
-    let mut up = local.up.take().unwrap();
-    up.kill().unwrap();
-    up.wait().unwrap();
+    local.kill_up();
     kill(local.manager_pid(c), "KILL");
     std::thread::sleep(Duration::from_millis(500));
     assert!(

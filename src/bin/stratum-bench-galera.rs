@@ -13,9 +13,9 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -23,8 +23,11 @@ use clap::Parser;
 use mysql_async::prelude::*;
 use serde_json::Value;
 
+#[path = "../bench/local.rs"]
+mod local;
 #[path = "../bench/report.rs"]
 mod report;
+use local::{Cluster, kill, machine, port_of, wait_ack_elsewhere};
 use report::{date, ms, stats, write_section};
 
 const START: &str = "<!-- galera-benchmark:start -->";
@@ -62,58 +65,7 @@ fn main() -> anyhow::Result<()> {
         .block_on(run(args))
 }
 
-struct Cluster {
-    tmp: PathBuf,
-    file: PathBuf,
-    state: PathBuf,
-    up: Option<Child>,
-    ups: usize,
-    stratum: PathBuf,
-}
-
 impl Cluster {
-    fn start(&mut self) -> anyhow::Result<()> {
-        self.ups += 1;
-        let log = std::fs::File::create(self.tmp.join(format!("up-{}.log", self.ups)))?;
-        let up = Command::new(&self.stratum)
-            .args(["local", "up", "-f"])
-            .arg(&self.file)
-            .arg("--state-dir")
-            .arg(&self.state)
-            .env_remove("STRATUM_LOCAL_TICK_MS")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        self.up = Some(up);
-        Ok(())
-    }
-
-    fn state_json(&self) -> Value {
-        std::fs::read(self.state.join("state.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or(Value::Null)
-    }
-
-    fn status(&self) -> Value {
-        self.state_json()["status"].clone()
-    }
-
-    async fn wait(&self, what: &str, f: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let s = self.status();
-            if f(&s) {
-                return Ok(s);
-            }
-            if Instant::now() > deadline {
-                bail!("not {what} within {}s: {s}", WAIT.as_secs());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
     /// Every member Synced in a 3-member Primary component, rw routed.
     async fn healthy(&self) -> anyhow::Result<Value> {
         self.wait("Healthy", |s| {
@@ -125,10 +77,6 @@ impl Cluster {
                 })
         })
         .await
-    }
-
-    fn instance_dir(&self, name: &str) -> PathBuf {
-        self.state.join("instances").join(name)
     }
 
     fn mariadbd_pid(&self, name: &str) -> anyhow::Result<i32> {
@@ -153,36 +101,6 @@ impl Cluster {
         }
         bail!("no mariadbd running for {name}")
     }
-
-    fn manager_pid(&self, name: &str) -> anyhow::Result<i32> {
-        self.state_json()["managers"][name]
-            .as_i64()
-            .map(|p| p as i32)
-            .with_context(|| format!("no manager pid for {name}"))
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new(&self.stratum)
-            .args(["local", "down", "--purge", "--state-dir"])
-            .arg(&self.state)
-            .output();
-        if let Some(mut up) = self.up.take() {
-            let _ = up.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.tmp);
-    }
-}
-
-fn kill(pid: i32, signal: &str) -> anyhow::Result<()> {
-    let ok = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status()?
-        .success();
-    anyhow::ensure!(ok, "kill -{signal} {pid} failed");
-    Ok(())
 }
 
 async fn connect(address: &str, password: &str) -> Option<mysql_async::Conn> {
@@ -199,8 +117,7 @@ async fn connect(address: &str, password: &str) -> Option<mysql_async::Conn> {
         .ok()
 }
 
-/// Row number, when, and the port of the server that acknowledged it.
-type Acks = Arc<Mutex<Vec<(i64, Instant, u16)>>>;
+type Acks = local::Acks<u16>;
 
 fn writer(
     rw: String,
@@ -234,18 +151,6 @@ fn writer(
     })
 }
 
-fn port_of(s: &Value, name: &str) -> u16 {
-    s["instances"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|i| i["name"] == name)
-        .and_then(|i| i["address"].as_str())
-        .and_then(|a| a.rsplit_once(':'))
-        .and_then(|(_, p)| p.parse().ok())
-        .unwrap_or(0)
-}
-
 fn names() -> Vec<String> {
     (0..3).map(|i| format!("{CLUSTER}-{i}")).collect()
 }
@@ -273,28 +178,6 @@ async fn on_writer(acks: &Acks, writer: &str, port: u16) -> anyhow::Result<()> {
     }
 }
 
-/// Wait until an acknowledgement after `t` by another server than `port`.
-async fn first_ack_elsewhere(acks: &Acks, t: Instant, port: u16) -> anyhow::Result<Duration> {
-    loop {
-        if let Some(at) = acks
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|(_, at, p)| *at > t && *p != port)
-            .map(|(_, at, _)| *at)
-        {
-            return Ok(at - t);
-        }
-        if t.elapsed() > WAIT {
-            bail!(
-                "no write acknowledged by another node within {}s",
-                WAIT.as_secs()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// Wait until `name` is Synced again after `t` (it was seen not Synced),
 /// returning the time and its last state transfer.
 async fn rejoined(c: &Cluster, name: &str, t: Instant) -> anyhow::Result<(Duration, String)> {
@@ -319,24 +202,8 @@ async fn rejoined(c: &Cluster, name: &str, t: Instant) -> anyhow::Result<(Durati
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let exe = std::env::current_exe()?;
-    let stratum = exe.with_file_name("stratum");
-    anyhow::ensure!(
-        stratum.exists(),
-        "{} not found: build the workspace first (cargo build)",
-        stratum.display()
-    );
-    let tmp = std::env::temp_dir().join(format!("stratum-bench-galera-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp)?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
-    }
-    let file = tmp.join("bench-pxc.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "apiVersion: stratum.dev/v1alpha1
+    let yaml = format!(
+        "apiVersion: stratum.dev/v1alpha1
 kind: PxcCluster
 metadata:
   name: {CLUSTER}
@@ -347,16 +214,8 @@ spec:
   storage:
     size: 1Gi
 "
-        ),
-    )?;
-    let mut cluster = Cluster {
-        tmp: tmp.clone(),
-        file,
-        state: tmp.join("state"),
-        up: None,
-        ups: 0,
-        stratum: stratum.clone(),
-    };
+    );
+    let mut cluster = Cluster::create("stratum-bench-galera", "bench-pxc.yaml", &yaml, WAIT)?;
     let created = Instant::now();
     cluster.start()?;
     let s = cluster.healthy().await?;
@@ -366,9 +225,7 @@ spec:
         .as_str()
         .unwrap_or_default()
         .to_string();
-    let password = std::fs::read_to_string(cluster.state.join("secrets/root-password"))?
-        .trim()
-        .to_string();
+    let password = cluster.secret("root-password")?;
     let mut c = connect(&rw, &password).await.context("connect to rw")?;
     c.query_drop(
         "CREATE DATABASE bench; CREATE TABLE bench.rows_acked (n BIGINT PRIMARY KEY) ENGINE=InnoDB",
@@ -396,12 +253,12 @@ spec:
             .as_str()
             .unwrap_or_default()
             .to_string();
-        let old_port = port_of(&s, &old);
+        let old_port: u16 = port_of(&s, &old);
         on_writer(&acks, &old, old_port).await?;
         let pid = cluster.mariadbd_pid(&old)?;
         let t = Instant::now();
         kill(pid, "KILL")?;
-        let gap = first_ack_elsewhere(&acks, t, old_port).await?;
+        let gap = wait_ack_elsewhere(&acks, t, old_port, "another node", WAIT).await?;
         let (rejoin, transfer) = rejoined(&cluster, &old, t).await?;
         eprintln!(
             "kill {}/{}: {old} → writes acknowledged by another node after {}, {old} Synced again after {} ({transfer})",
@@ -425,7 +282,7 @@ spec:
             .into_iter()
             .find(|n| n != writer_name)
             .context("a non-writer")?;
-        let up_pid = cluster.up.as_ref().context("up")?.id() as i32;
+        let up_pid = cluster.up_pid()?;
         let (m, p) = (
             cluster.manager_pid(&victim)?,
             cluster.mariadbd_pid(&victim)?,
@@ -472,7 +329,7 @@ spec:
             acks.lock().unwrap().push((n, Instant::now(), 0));
         }
         drop(c);
-        let mut victims = vec![cluster.up.as_ref().context("up")?.id() as i32];
+        let mut victims = vec![cluster.up_pid()?];
         for n in names() {
             victims.push(cluster.manager_pid(&n)?);
             victims.push(cluster.mariadbd_pid(&n)?);
@@ -521,8 +378,7 @@ spec:
         .await?
         .into_iter()
         .collect();
-    let acked: Vec<i64> = acks.lock().unwrap().iter().map(|(n, _, _)| *n).collect();
-    let lost = acked.iter().filter(|n| !present.contains(n)).count();
+    let (acked, lost) = local::lost(&acks, &present);
     let bootstraps = cluster.state_json()["galera"]["bootstraps"]
         .as_u64()
         .unwrap_or(0);
@@ -533,19 +389,7 @@ spec:
     let (w50, _, wmax) = stats(writable);
     let (a50, _, amax) = stats(synced);
     let ist_count = transfers.iter().filter(|t| *t == "ist").count();
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let mem_gib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0 / 1024.0)
-        .unwrap_or(0.0);
+    let (cores, mem_gib) = machine();
     let haproxy = Command::new("haproxy")
         .arg("-v")
         .output()
@@ -598,7 +442,7 @@ is SIGKILL of `up`, the three managers and the three mariadbd at once, then
         a50 = ms(a50),
         amax = ms(amax),
         create = ms(create_time),
-        acked = acked.len(),
+        acked = acked,
         expected = 1 + args.crashes,
     );
     println!("{table}");

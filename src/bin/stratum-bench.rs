@@ -10,9 +10,9 @@
 //! ```
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -20,8 +20,11 @@ use clap::Parser;
 use serde_json::Value;
 use stratum_postgres::tokio_postgres;
 
+#[path = "../bench/local.rs"]
+mod local;
 #[path = "../bench/report.rs"]
 mod report;
+use local::{Cluster, kill, machine, port_of, wait_ack_elsewhere};
 use report::{date, ms, stats, write_section};
 
 const START: &str = "<!-- postgresql-benchmark:start -->";
@@ -65,39 +68,7 @@ fn main() -> anyhow::Result<()> {
         .block_on(failover(args))
 }
 
-struct Cluster {
-    _tmp: PathBuf,
-    state: PathBuf,
-    up: Child,
-    stratum: PathBuf,
-}
-
 impl Cluster {
-    fn state_json(&self) -> Value {
-        std::fs::read(self.state.join("state.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or(Value::Null)
-    }
-
-    fn status(&self) -> Value {
-        self.state_json()["status"].clone()
-    }
-
-    async fn wait(&self, what: &str, f: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let s = self.status();
-            if f(&s) {
-                return Ok(s);
-            }
-            if Instant::now() > deadline {
-                bail!("not {what} within 120s: {s}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
     async fn converged(&self) -> anyhow::Result<Value> {
         self.wait("converged", |s| {
             s["phase"] == "Healthy" && s["step"] == "idle" && s["primary"] == s["currentPrimary"]
@@ -107,27 +78,14 @@ impl Cluster {
 
     fn postmaster_pid(&self, instance: &str) -> anyhow::Result<i32> {
         let p = self
-            .state
-            .join("instances")
-            .join(instance)
+            .instance_dir(instance)
             .join("data/pgdata/postmaster.pid");
         let text = std::fs::read_to_string(&p).with_context(|| p.display().to_string())?;
         Ok(text.lines().next().unwrap_or("").trim().parse()?)
     }
 }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new(&self.stratum)
-            .args(["local", "down", "--purge", "--state-dir"])
-            .arg(&self.state)
-            .output();
-        let _ = self.up.wait();
-        let _ = std::fs::remove_dir_all(&self._tmp);
-    }
-}
-
-type Acks = Arc<Mutex<Vec<(i64, Instant, i32)>>>;
+type Acks = local::Acks<i32>;
 
 async fn connect(endpoint: &str, password: &str) -> Option<tokio_postgres::Client> {
     let (host, port) = endpoint.rsplit_once(':')?;
@@ -211,37 +169,9 @@ async fn wait_streaming(
     }
 }
 
-fn port_of(s: &Value, instance: &str) -> i32 {
-    s["instances"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|i| i["name"] == instance)
-        .and_then(|i| i["address"].as_str())
-        .and_then(|a| a.rsplit_once(':'))
-        .and_then(|(_, p)| p.parse().ok())
-        .unwrap_or(0)
-}
-
 async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
-    let exe = std::env::current_exe()?;
-    let stratum = exe.with_file_name("stratum");
-    anyhow::ensure!(
-        stratum.exists(),
-        "{} not found: build the workspace first (cargo build)",
-        stratum.display()
-    );
-    let tmp = std::env::temp_dir().join(format!("stratum-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp)?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
-    }
-    let file = tmp.join("bench-pg.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "apiVersion: stratum.dev/v1alpha1
+    let yaml = format!(
+        "apiVersion: stratum.dev/v1alpha1
 kind: PostgresCluster
 metadata:
   name: bench-pg
@@ -255,29 +185,16 @@ spec:
       method: any
       number: 1
 ",
-            args.version
-        ),
+        args.version
+    );
+    let mut cluster = Cluster::create(
+        "stratum-bench",
+        "bench-pg.yaml",
+        &yaml,
+        Duration::from_secs(120),
     )?;
-    let state = tmp.join("state");
-    let log = std::fs::File::create(tmp.join("up.log"))?;
     let created = Instant::now();
-    let up = Command::new(&stratum)
-        .args(["local", "up", "-f"])
-        .arg(&file)
-        .arg("--state-dir")
-        .arg(&state)
-        .env_remove("STRATUM_LOCAL_TICK_MS")
-        .env_remove("STRATUM_LOCAL_LEASE_MS")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()?;
-    let cluster = Cluster {
-        _tmp: tmp.clone(),
-        state: state.clone(),
-        up,
-        stratum: stratum.clone(),
-    };
+    cluster.start()?;
     let s = cluster.converged().await?;
     let create_time = created.elapsed();
     eprintln!("3 instances ready in {}", ms(create_time));
@@ -285,7 +202,7 @@ spec:
         .as_str()
         .unwrap_or_default()
         .to_string();
-    let password = std::fs::read_to_string(state.join("secrets/app-password"))?;
+    let password = cluster.secret("app-password")?;
     let client = connect(&rw, &password).await.context("connect to rw")?;
     client
         .batch_execute("CREATE TABLE bench_rows (n bigint PRIMARY KEY)")
@@ -299,33 +216,24 @@ spec:
 
     let mut failovers = Vec::new();
     let mut rejoins = Vec::new();
-    let superuser = std::fs::read_to_string(state.join("secrets/superuser-password"))?;
+    let superuser = cluster.secret("superuser-password")?;
     for i in 0..args.kills {
         let s = cluster.converged().await?;
         // Steady state: both replicas stream from the primary.
         wait_streaming(&rw, &superuser, 2, None).await?;
         let old = s["currentPrimary"].as_str().unwrap_or_default().to_string();
-        let old_port = port_of(&s, &old);
+        let old_port: i32 = port_of(&s, &old);
         let pid = cluster.postmaster_pid(&old)?;
         let t = Instant::now();
-        Command::new("kill")
-            .args(["-9", &pid.to_string()])
-            .status()?;
-        let first = loop {
-            if let Some(at) = acks
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|(_, at, p)| *at > t && *p != old_port)
-                .map(|(_, at, _)| *at)
-            {
-                break at - t;
-            }
-            if t.elapsed() > Duration::from_secs(120) {
-                bail!("no write acknowledged by a new primary within 120s");
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        };
+        kill(pid, "KILL")?;
+        let first = wait_ack_elsewhere(
+            &acks,
+            t,
+            old_port,
+            "a new primary",
+            Duration::from_secs(120),
+        )
+        .await?;
         wait_streaming(&rw, &superuser, 2, Some(&old)).await?;
         let rejoin = t.elapsed();
         eprintln!(
@@ -352,9 +260,9 @@ spec:
             .unwrap_or_default()
             .to_string();
         let t = Instant::now();
-        let out = Command::new(&stratum)
+        let out = Command::new(&cluster.stratum)
             .args(["local", "promote", "--state-dir"])
-            .arg(&state)
+            .arg(&cluster.state)
             .arg(&target)
             .output()?;
         anyhow::ensure!(
@@ -397,25 +305,12 @@ spec:
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let acked: Vec<i64> = acks.lock().unwrap().iter().map(|(n, _, _)| *n).collect();
-    let lost = acked.iter().filter(|n| !present.contains(n)).count();
+    let (acked, lost) = local::lost(&acks, &present);
 
     let (f50, f95, fmax) = stats(failovers);
     let (s50, _, smax) = stats(switchovers.clone());
     let (r50, r95, rmax) = stats(rejoins);
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let mem_gib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0 / 1024.0)
-        .unwrap_or(0.0);
+    let (cores, mem_gib) = machine();
     let table = format!(
         "{START}
 Measured {date} with `stratum-bench failover --kills {kills} --switchovers {sw}`
@@ -439,7 +334,7 @@ kills the primary's postmaster with SIGKILL.
         f50 = ms(f50),
         f95 = ms(f95),
         fmax = ms(fmax),
-        acked = acked.len(),
+        acked = acked,
         s50 = ms(s50),
         smax = ms(smax),
         r50 = ms(r50),

@@ -92,6 +92,10 @@ const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Timeout of the calls that keep a fit primary right (`slots`,
 /// `syncStandbys`).
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a primary this process promoted keeps the synchronous
+/// standbys it started with while none of its replicas streams yet
+/// ([`sync_standbys_due`]).
+const SYNC_SETTLE: Duration = Duration::from_secs(5);
 /// Requeue while a change of primary waits.
 const STEP_RETRY: Duration = Duration::from_millis(500);
 /// Requeue of a cluster that has no primary yet (a new one: its pods
@@ -687,6 +691,36 @@ pub fn followers(
     out
 }
 
+/// Whether to tell `primary` now which replicas stream from it (the
+/// `syncStandbys` action), given what it was last told and, when this
+/// process promoted it, how long ago. Pure.
+///
+/// - Not when it was told this very set already.
+/// - Not while none streams yet, for [`SYNC_SETTLE`] after a promotion
+///   and until it was told anything: the engine would have to guess whom
+///   commits wait for (PostgreSQL: the first replicas in instance order,
+///   after a switchover often the old primary, still restarting as a
+///   standby), while a promoted primary runs with the cluster's full list
+///   (every instance), which the first replica to stream satisfies. A
+///   guess cost up to ten seconds: PostgreSQL re-checks a waiting commit
+///   only when a named standby sends its next reply, and the replica that
+///   streamed first had already confirmed the commit before it was named.
+/// - Otherwise, when the set changed (none streaming included: the
+///   engine then decides, e.g. asynchronous with `minSyncReplicas: 0`).
+pub fn sync_standbys_due(
+    told: Option<&(String, Vec<String>)>,
+    primary: &str,
+    streaming: &[String],
+    promoted_for: Option<Duration>,
+) -> bool {
+    if told.is_some_and(|(p, s)| p == primary && s == streaming) {
+        return false;
+    }
+    let told_this_primary = told.is_some_and(|(p, _)| p == primary);
+    let settling = promoted_for.is_some_and(|d| d < SYNC_SETTLE);
+    !(streaming.is_empty() && settling && !told_this_primary)
+}
+
 /// Where writes and reads go, given the engine's routing and the recorded
 /// primary: writes only to the recognised primary while no change of
 /// primary is in progress (a member that claims to be primary otherwise
@@ -939,6 +973,8 @@ pub(crate) struct ClusterHa {
     sync_standbys: Option<(String, Vec<String>)>,
     slots_done: Option<(String, Instant)>,
     sync_told: Option<(String, Vec<String>)>,
+    /// The member this process promoted last, and when.
+    promoted: Option<(String, Instant)>,
     not_streaming_since: BTreeMap<String, Instant>,
     last_follow: BTreeMap<String, (Instant, String)>,
     following: Arc<Mutex<BTreeSet<String>>>,
@@ -1017,6 +1053,7 @@ impl HaRegistry {
                     sync_standbys: None,
                     slots_done: None,
                     sync_told: None,
+                    promoted: None,
                     not_streaming_since: BTreeMap::new(),
                     last_follow: BTreeMap::new(),
                     following: Arc::default(),
@@ -1644,7 +1681,9 @@ async fn act(
             }
             let client = io.client(pods, LEASE_TTL / 4);
             mem.lease.set(Some((primary.clone(), rec.term, client)));
-            converge(io, mem, rec, &primary, members, pods).await;
+            if let Some(again) = converge(io, mem, rec, &primary, members, pods).await {
+                wait(requeue, again);
+            }
             Ok(false)
         }
         HaDecision::Adopt { primary } => {
@@ -1998,10 +2037,10 @@ async fn act(
                 rec.term += 1;
                 io.record(rec, &format!("promote {candidate}")).await?;
             }
-            let caught_up = if catch_up {
+            let (caught_up, rounds) = if catch_up {
                 catch_up_wait(io, mem, &from, &candidate, pods).await
             } else {
-                Duration::ZERO
+                (Duration::ZERO, 0)
             };
             let promoting = Instant::now();
             let others: Vec<String> = io
@@ -2029,6 +2068,10 @@ async fn act(
             {
                 Ok(reply) => {
                     let promoted_in = promoting.elapsed();
+                    // The manager's own time from its server connection
+                    // to the answer (the rest is HTTP, the lease write and
+                    // the connection).
+                    let server_ms = reply.get("tookMs").and_then(|t| t.as_u64());
                     mem.lease.note_renewed(&candidate);
                     mem.lease.confirmed(&candidate, rec.term, &list);
                     mem.lease.set(Some((
@@ -2057,9 +2100,12 @@ async fn act(
                     // the end of the reconcile.
                     let recording = Instant::now();
                     let step = format!("{candidate} promoted");
-                    let (recorded, routed, unrouted) = tokio::join!(
+                    let (recorded, (routed, routed_in), unrouted) = tokio::join!(
                         io.record(rec, &step),
-                        io.route_writes(&candidate, true),
+                        async {
+                            let routed = io.route_writes(&candidate, true).await;
+                            (routed, recording.elapsed())
+                        },
                         io.route_writes(&from, false)
                     );
                     recorded?;
@@ -2074,6 +2120,7 @@ async fn act(
                     mem.switchover_intent = None;
                     let clock = mem.switchover_clock.take();
                     mem.slots_done = Some((candidate.clone(), Instant::now()));
+                    mem.promoted = Some((candidate.clone(), Instant::now()));
                     io.note(
                         false,
                         "Promoted",
@@ -2090,12 +2137,14 @@ async fn act(
                         // of the switchover (when it started it).
                         let breakdown = clock.map(|(at, record, fenced)| {
                             format!(
-                                " in {} ms (intent recorded {} ms, old primary stopped {} ms, catch-up {} ms, promote {} ms, fact recorded and rw moved {} ms)",
+                                " in {} ms (intent recorded {} ms, old primary stopped {} ms, catch-up {} ms in {rounds} round(s), promote {} ms ({} ms of it in the server), rw moved {} ms, fact recorded {} ms)",
                                 at.elapsed().as_millis(),
                                 record.as_millis(),
                                 fenced.saturating_sub(record).as_millis(),
                                 caught_up.as_millis(),
                                 promoted_in.as_millis(),
+                                server_ms.map_or("?".to_string(), |m| m.to_string()),
+                                routed_in.as_millis(),
                                 recorded_in.as_millis()
                             )
                         });
@@ -2127,14 +2176,14 @@ async fn act(
 /// observed position and as far as any other replica (a clean shutdown
 /// sends its last WAL to connected standbys), at most
 /// [`CATCH_UP_TIMEOUT`], polling every 10 ms as the local runtime does.
-/// Returns how long it waited.
+/// Returns how long it waited and how many rounds of status calls it took.
 async fn catch_up_wait(
     io: &Io<'_>,
     mem: &ClusterHa,
     from: &str,
     to: &str,
     pods: &[PodInfo],
-) -> Duration {
+) -> (Duration, u32) {
     let client = io.client(pods, Duration::from_secs(2));
     let last = mem
         .switchover_lsn
@@ -2155,7 +2204,9 @@ async fn catch_up_wait(
     };
     let started = Instant::now();
     let deadline = started + CATCH_UP_TIMEOUT;
+    let mut rounds = 0;
     loop {
+        rounds += 1;
         let (target, others) = futures::future::join(
             client.status(to),
             futures::future::join_all(others.iter().map(|n| client.status(n))),
@@ -2167,7 +2218,7 @@ async fn catch_up_wait(
             .chain(last.map(|l| l + 1))
             .max();
         if received(target).is_some_and(|r| goal.is_none_or(|g| r >= g)) {
-            return started.elapsed();
+            return (started.elapsed(), rounds);
         }
         if Instant::now() > deadline {
             io.note(
@@ -2175,7 +2226,7 @@ async fn catch_up_wait(
                 "SwitchoverCatchUpTimeout",
                 format!("{to} did not confirm the last WAL of {from} in time; promoting anyway"),
             );
-            return started.elapsed();
+            return (started.elapsed(), rounds);
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -2183,6 +2234,8 @@ async fn catch_up_wait(
 
 /// The primary is fit: record its synchronous standbys and timeline,
 /// ensure its slots, tell it which replicas stream, repoint the others.
+/// Returns when to look again, if sooner than usual (the synchronous
+/// standbys of a just promoted primary that nothing streams from yet).
 async fn converge(
     io: &Io<'_>,
     mem: &mut ClusterHa,
@@ -2190,14 +2243,11 @@ async fn converge(
     primary: &str,
     members: &[ObservedMember],
     pods: &[PodInfo],
-) {
-    let Some(status) = members
+) -> Option<Duration> {
+    let status = members
         .iter()
         .find(|m| m.name == primary)
-        .and_then(|m| m.status.as_ref())
-    else {
-        return;
-    };
+        .and_then(|m| m.status.as_ref())?;
     let entry = mem
         .sync_standbys
         .get_or_insert_with(|| (primary.to_string(), Vec::new()));
@@ -2245,7 +2295,13 @@ async fn converge(
         .filter(|n| replicas.contains(n))
         .collect();
     let told = (primary.to_string(), streaming.clone());
-    if mem.sync_told.as_ref() != Some(&told) {
+    let promoted_for = mem
+        .promoted
+        .as_ref()
+        .filter(|(p, _)| p == primary)
+        .map(|(_, at)| at.elapsed());
+    let mut again = None;
+    if sync_standbys_due(mem.sync_told.as_ref(), primary, &streaming, promoted_for) {
         let body = json!({ "available": streaming, "replicas": replicas });
         match act.action(primary, ACTION_SYNC_STANDBYS, body).await {
             Ok(reply) => {
@@ -2271,6 +2327,9 @@ async fn converge(
             }
             Err(e) => tracing::debug!(error = %e, "synchronous standbys not set"),
         }
+    } else if mem.sync_told.as_ref() != Some(&told) {
+        // Settling after the promotion: look again when it ends.
+        again = promoted_for.map(|d| SYNC_SETTLE.saturating_sub(d) + Duration::from_millis(100));
     }
     let fenced = mem.fenced.clone();
     let due = followers(
@@ -2283,6 +2342,7 @@ async fn converge(
     for (name, rewind) in due {
         follow(io, mem, &name, primary, rewind, pods);
     }
+    again
 }
 
 /// Tell `name` to follow `primary` in the background (a rewind takes

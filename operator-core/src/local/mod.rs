@@ -90,7 +90,7 @@ mod supervisor;
 mod up;
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::registry::EngineRegistry;
 
@@ -109,9 +109,20 @@ pub const TICK_ENV: &str = "STRATUM_LOCAL_TICK_MS";
 #[derive(Clone, Debug, clap::Args)]
 pub struct UpArgs {
     /// The cluster manifest: one cluster object (e.g. a PostgresCluster), as
-    /// given to `kubectl apply -f`.
-    #[arg(short = 'f', long = "file", value_name = "PATH")]
-    pub file: PathBuf,
+    /// given to `kubectl apply -f`. Also accepted as the only argument
+    /// (`stratum local up cluster.yaml`).
+    #[arg(
+        short = 'f',
+        long = "file",
+        value_name = "PATH",
+        required_unless_present = "manifest",
+        conflicts_with = "manifest"
+    )]
+    pub file: Option<PathBuf>,
+
+    /// The cluster manifest, given without `-f`.
+    #[arg(value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
 
     /// Directory holding the cluster's data, credentials and state.
     #[arg(long, value_name = "DIR", env = "STRATUM_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
@@ -130,6 +141,17 @@ pub struct UpArgs {
     /// endpoints listen on.
     #[arg(long, value_name = "ADDRESS", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
     pub listen: IpAddr,
+}
+
+impl UpArgs {
+    /// The manifest, from `-f PATH` or the positional `FILE` (clap
+    /// requires exactly one of them).
+    pub fn manifest_path(&self) -> &Path {
+        self.file
+            .as_deref()
+            .or(self.manifest.as_deref())
+            .unwrap_or(Path::new("-"))
+    }
 }
 
 /// Output format of `stratum local status`.
@@ -237,10 +259,18 @@ mod tests {
     fn args_parse_with_defaults() {
         let cli = Cli::try_parse_from(["x", "up", "-f", "c.yaml", "--state-dir", "/s"]).unwrap();
         let Cmd::Up(up) = cli.cmd else { panic!() };
-        assert_eq!(up.file, PathBuf::from("c.yaml"));
+        assert_eq!(up.manifest_path(), Path::new("c.yaml"));
         assert_eq!(up.user, "stratum");
         assert_eq!(up.listen.to_string(), "127.0.0.1");
         assert_eq!(up.bin_dir, None);
+
+        // As in docs: the manifest as the only argument.
+        let cli = Cli::try_parse_from(["x", "up", "c.yaml"]).unwrap();
+        let Cmd::Up(up) = cli.cmd else { panic!() };
+        assert_eq!(up.manifest_path(), Path::new("c.yaml"));
+        // Neither, or both: refused by clap.
+        assert!(Cli::try_parse_from(["x", "up"]).is_err());
+        assert!(Cli::try_parse_from(["x", "up", "-f", "a.yaml", "b.yaml"]).is_err());
 
         let cli = Cli::try_parse_from(["x", "status", "--state-dir", "/s", "-o", "json"]).unwrap();
         let Cmd::Status(st) = cli.cmd else { panic!() };

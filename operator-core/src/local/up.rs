@@ -75,8 +75,8 @@ pub async fn run(registry: &EngineRegistry, args: UpArgs) -> anyhow::Result<()> 
 async fn prepare(registry: &EngineRegistry, args: &UpArgs) -> anyhow::Result<Option<Prepared>> {
     let dir = StateDir::new(&args.state_dir)
         .with_context(|| format!("invalid --state-dir {}", args.state_dir.display()))?;
-    let file_label = args.file.display().to_string();
-    let text = std::fs::read_to_string(&args.file)
+    let file_label = args.manifest_path().display().to_string();
+    let text = std::fs::read_to_string(args.manifest_path())
         .with_context(|| format!("failed to read {file_label}"))?;
 
     let saved = read_saved(&dir)?;
@@ -316,7 +316,7 @@ fn instance_configs(
             };
             instance_config(&input, name, paths).map_err(|e| {
                 input::InvalidCluster {
-                    file: args.file.display().to_string(),
+                    file: args.manifest_path().display().to_string(),
                     errors: vec![e],
                 }
                 .into()
@@ -833,7 +833,8 @@ mod tests {
 
     fn args(dir: &std::path::Path, file: &std::path::Path) -> UpArgs {
         UpArgs {
-            file: file.to_path_buf(),
+            file: Some(file.to_path_buf()),
+            manifest: None,
             state_dir: dir.to_path_buf(),
             user: "stratum-test".into(),
             bin_dir: None,

@@ -653,6 +653,59 @@ fn replicas_follow_the_primary_when_they_do_not_stream_from_it() {
     );
 }
 
+/// Last told, primary, streaming now, promoted by this process for, due.
+type SyncRow<'a> = (
+    Option<&'a (String, Vec<String>)>,
+    &'a str,
+    &'a [&'a str],
+    Option<Duration>,
+    bool,
+);
+
+#[test]
+fn synchronous_standbys_are_not_guessed_right_after_a_promotion() {
+    let told = |p: &str, s: &[&str]| (p.to_string(), s.iter().map(|n| n.to_string()).collect());
+    let list = |s: &[&str]| s.iter().map(|n| n.to_string()).collect::<Vec<String>>();
+    let just = Some(Duration::from_millis(200));
+    let settled = Some(SYNC_SETTLE);
+    let pg0 = told("simple-pg-0", &["simple-pg-2"]);
+    let pg1_none = told("simple-pg-1", &[]);
+    let pg1_two = told("simple-pg-1", &["simple-pg-2"]);
+    let rows: [SyncRow<'_>; 10] = [
+        // Just promoted, nobody streams yet: keep the full list it runs
+        // with (the old primary may be the engine's first guess).
+        (Some(&pg0), "simple-pg-1", &[], just, false),
+        (None, "simple-pg-1", &[], just, false),
+        // The first replica streams: tell it at once.
+        (Some(&pg0), "simple-pg-1", &["simple-pg-2"], just, true),
+        // Still nobody after the settling time: the engine decides
+        // (asynchronous with minSyncReplicas 0).
+        (Some(&pg0), "simple-pg-1", &[], settled, true),
+        // Not promoted by this process (adopted, a restarted operator).
+        (None, "simple-pg-1", &[], None, true),
+        // Told already: the same set is not sent again...
+        (Some(&pg1_two), "simple-pg-1", &["simple-pg-2"], just, false),
+        (Some(&pg1_none), "simple-pg-1", &[], settled, false),
+        // ... a changed one is, losing every streaming replica included.
+        (
+            Some(&pg1_two),
+            "simple-pg-1",
+            &["simple-pg-0", "simple-pg-2"],
+            settled,
+            true,
+        ),
+        (Some(&pg1_two), "simple-pg-1", &[], just, true),
+        (Some(&pg1_two), "simple-pg-1", &[], None, true),
+    ];
+    for (last, primary, streaming, promoted_for, due) in rows {
+        assert_eq!(
+            sync_standbys_due(last, primary, &list(streaming), promoted_for),
+            due,
+            "told {last:?}, primary {primary}, streaming {streaming:?}, promoted for {promoted_for:?}"
+        );
+    }
+}
+
 #[test]
 fn writes_go_only_to_the_recorded_primary_outside_a_change() {
     let engine = || Routing {
