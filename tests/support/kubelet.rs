@@ -68,11 +68,6 @@ use serde_json::json;
 
 use super::{api_message, provide_volumes};
 
-/// Moved to [`super::k8s_db`]; kept here for the tests that still name
-/// it `kubelet::wait_status`.
-#[allow(unused_imports)] // each test binary uses a part
-pub use super::k8s_db::wait_status;
-
 /// What kube-proxy would send a connection to `service` to: the IPs of
 /// the ready pods its selector picks.
 pub async fn service_ips(
