@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
 use support::*;
@@ -66,44 +67,75 @@ async fn holder(leases: &Api<Lease>, name: &str) -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
+/// Wait until `identity` holds the Lease `lease`; the last holder seen
+/// (and the log of `process`, when given) is in the panic message.
+async fn wait_holder(
+    leases: &Api<Lease>,
+    lease: &str,
+    identity: &str,
+    timeout: Duration,
+    process: Option<&OperatorProcess>,
+) {
+    eventually(&format!("{identity} holds the Lease"), timeout, || async {
+        match holder(leases, lease).await {
+            Some(h) if h == identity => Ok(()),
+            other => Err(match process {
+                Some(p) => format!("holder {other:?}; log: {}", p.log()),
+                None => format!("holder {other:?}"),
+            }),
+        }
+    })
+    .await;
+}
+
 fn cluster(name: &str) -> Value {
     let mut doc = yaml_docs(&repo_path("deploy/examples/postgres-single.yaml")).remove(0);
     doc["metadata"]["name"] = json!(name);
     doc
 }
 
-#[tokio::test]
-async fn only_the_leader_reconciles_and_the_other_takes_over() {
+/// Apply the cluster `name` into `ns` and wait for its StatefulSet (which
+/// only a leading operator creates); the log of `process`, when given, is
+/// in the panic message.
+async fn create_cluster(client: &Client, ns: &str, name: &str, process: Option<&OperatorProcess>) {
+    apply(client, &cluster(name), ns).await.unwrap();
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    eventually(&format!("the StatefulSet of {name}"), WAIT, || async {
+        sts_api
+            .get(name)
+            .await
+            .map(|_| ())
+            .map_err(|e| match process {
+                Some(p) => format!("{e}; log: {}", p.log()),
+                None => e.to_string(),
+            })
+    })
+    .await;
+}
+
+/// A namespace of one test, the name of the Lease its operators elect on
+/// (`stratum-<namespace>`), and the API of Leases in the operator's
+/// namespace.
+async fn lease_setup(prefix: &str) -> (Client, TestNamespace, String, Api<Lease>) {
     let client = admin().await;
-    let ns = TestNamespace::create(&client, "leader").await;
+    let ns = TestNamespace::create(&client, prefix).await;
     let lease = format!("stratum-{}", ns.name);
     let leases: Api<Lease> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
-    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
+    (client, ns, lease, leases)
+}
+
+#[tokio::test]
+async fn only_the_leader_reconciles_and_the_other_takes_over() {
+    let (client, ns, lease, leases) = lease_setup("leader").await;
 
     // First replica: it finds the Lease free and leads.
     let mut first =
         OperatorProcess::start_with_lease(&client, Some(&ns.name), &lease, "replica-a").await;
-    eventually("replica-a holds the Lease", WAIT, || async {
-        match holder(&leases, &lease).await.as_deref() {
-            Some("replica-a") => Ok(()),
-            other => Err(format!("holder {other:?}; log: {}", first.log())),
-        }
-    })
-    .await;
+    wait_holder(&leases, &lease, "replica-a", WAIT, Some(&first)).await;
     let second =
         OperatorProcess::start_with_lease(&client, Some(&ns.name), &lease, "replica-b").await;
 
-    apply(&client, &cluster("leader-pg-one"), &ns.name)
-        .await
-        .unwrap();
-    eventually("the StatefulSet of leader-pg-one", WAIT, || async {
-        sts_api
-            .get("leader-pg-one")
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    })
-    .await;
+    create_cluster(&client, &ns.name, "leader-pg-one", None).await;
     // Give the follower every chance to do something wrong.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
@@ -122,17 +154,7 @@ async fn only_the_leader_reconciles_and_the_other_takes_over() {
     // once it expires.
     first.kill();
     let killed = Instant::now();
-    eventually(
-        "replica-b holds the Lease",
-        LEASE_DURATION + WAIT,
-        || async {
-            match holder(&leases, &lease).await.as_deref() {
-                Some("replica-b") => Ok(()),
-                other => Err(format!("holder {other:?}")),
-            }
-        },
-    )
-    .await;
+    wait_holder(&leases, &lease, "replica-b", LEASE_DURATION + WAIT, None).await;
     let takeover = killed.elapsed();
     println!("takeover after {:.1} s", takeover.as_secs_f64());
     // The Lease duration, plus one renewal period of the follower's
@@ -143,17 +165,7 @@ async fn only_the_leader_reconciles_and_the_other_takes_over() {
         second.log()
     );
 
-    apply(&client, &cluster("leader-pg-two"), &ns.name)
-        .await
-        .unwrap();
-    eventually("the StatefulSet of leader-pg-two", WAIT, || async {
-        sts_api
-            .get("leader-pg-two")
-            .await
-            .map(|_| ())
-            .map_err(|e| format!("{e}; log: {}", second.log()))
-    })
-    .await;
+    create_cluster(&client, &ns.name, "leader-pg-two", Some(&second)).await;
     has_reconciled(second.port).await;
 
     // A stopped leader (SIGTERM, as Kubernetes stops a pod) releases the
@@ -177,13 +189,7 @@ async fn only_the_leader_reconciles_and_the_other_takes_over() {
         second.log()
     );
     let stopped = terminated.elapsed();
-    eventually("replica-c holds the Lease", WAIT, || async {
-        match holder(&leases, &lease).await.as_deref() {
-            Some("replica-c") => Ok(()),
-            other => Err(format!("holder {other:?}")),
-        }
-    })
-    .await;
+    wait_holder(&leases, &lease, "replica-c", WAIT, None).await;
     let graceful = terminated.elapsed();
     println!(
         "takeover after SIGKILL {:.1} s, after SIGTERM {:.1} s (the leader stopped in {:.1} s)",
@@ -198,17 +204,7 @@ async fn only_the_leader_reconciles_and_the_other_takes_over() {
         "replica-c took over only {graceful:?} after SIGTERM; log: {}",
         third.log()
     );
-    apply(&client, &cluster("leader-pg-three"), &ns.name)
-        .await
-        .unwrap();
-    eventually("the StatefulSet of leader-pg-three", WAIT, || async {
-        sts_api
-            .get("leader-pg-three")
-            .await
-            .map(|_| ())
-            .map_err(|e| format!("{e}; log: {}", third.log()))
-    })
-    .await;
+    create_cluster(&client, &ns.name, "leader-pg-three", Some(&third)).await;
     has_reconciled(third.port).await;
     assert_no_failures(&client, &ns.name).await;
 }
@@ -231,19 +227,10 @@ async fn exits_for_lost_lease(process: &mut OperatorProcess, limit: Duration) ->
 
 #[tokio::test]
 async fn a_leader_whose_lease_is_taken_exits() {
-    let client = admin().await;
-    let ns = TestNamespace::create(&client, "leader-taken").await;
-    let lease = format!("stratum-{}", ns.name);
-    let leases: Api<Lease> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let (client, ns, lease, leases) = lease_setup("leader-taken").await;
     let mut leader =
         OperatorProcess::start_with_lease(&client, Some(&ns.name), &lease, "replica-a").await;
-    eventually("replica-a holds the Lease", WAIT, || async {
-        match holder(&leases, &lease).await.as_deref() {
-            Some("replica-a") => Ok(()),
-            other => Err(format!("holder {other:?}; log: {}", leader.log())),
-        }
-    })
-    .await;
+    wait_holder(&leases, &lease, "replica-a", WAIT, Some(&leader)).await;
 
     // Someone else takes the valid Lease by force (an operator with
     // another identity, or an admin): replica-a must stop at once rather
@@ -320,10 +307,7 @@ impl Proxy {
 
 #[tokio::test]
 async fn a_leader_cut_off_from_the_api_server_exits_before_its_lease_expires() {
-    let client = admin().await;
-    let ns = TestNamespace::create(&client, "leader-cut").await;
-    let lease = format!("stratum-{}", ns.name);
-    let leases: Api<Lease> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let (client, ns, lease, leases) = lease_setup("leader-cut").await;
     let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig_path()).unwrap();
     let server = kubeconfig.clusters[0]
         .cluster
@@ -338,27 +322,10 @@ async fn a_leader_cut_off_from_the_api_server_exits_before_its_lease_expires() {
     let via = format!("https://{}", proxy.addr);
     let mut cut_off =
         OperatorProcess::start_via(&client, Some(&ns.name), &lease, "replica-a", Some(&via)).await;
-    eventually("replica-a holds the Lease", WAIT, || async {
-        match holder(&leases, &lease).await.as_deref() {
-            Some("replica-a") => Ok(()),
-            other => Err(format!("holder {other:?}; log: {}", cut_off.log())),
-        }
-    })
-    .await;
+    wait_holder(&leases, &lease, "replica-a", WAIT, Some(&cut_off)).await;
     let follower =
         OperatorProcess::start_with_lease(&client, Some(&ns.name), &lease, "replica-b").await;
-    apply(&client, &cluster("cut-pg-one"), &ns.name)
-        .await
-        .unwrap();
-    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
-    eventually("the StatefulSet of cut-pg-one", WAIT, || async {
-        sts_api
-            .get("cut-pg-one")
-            .await
-            .map(|_| ())
-            .map_err(|e| format!("{e}; log: {}", cut_off.log()))
-    })
-    .await;
+    create_cluster(&client, &ns.name, "cut-pg-one", Some(&cut_off)).await;
 
     proxy.cut();
     let cut = Instant::now();
@@ -385,27 +352,14 @@ async fn a_leader_cut_off_from_the_api_server_exits_before_its_lease_expires() {
     );
 
     // The follower takes the expired Lease, after replica-a stopped.
-    eventually(
-        "replica-b holds the Lease",
+    wait_holder(
+        &leases,
+        &lease,
+        "replica-b",
         LEASE_DURATION + WAIT,
-        || async {
-            match holder(&leases, &lease).await.as_deref() {
-                Some("replica-b") => Ok(()),
-                other => Err(format!("holder {other:?}; log: {}", follower.log())),
-            }
-        },
+        Some(&follower),
     )
     .await;
-    apply(&client, &cluster("cut-pg-two"), &ns.name)
-        .await
-        .unwrap();
-    eventually("the StatefulSet of cut-pg-two", WAIT, || async {
-        sts_api
-            .get("cut-pg-two")
-            .await
-            .map(|_| ())
-            .map_err(|e| format!("{e}; log: {}", follower.log()))
-    })
-    .await;
+    create_cluster(&client, &ns.name, "cut-pg-two", Some(&follower)).await;
     assert_no_failures(&client, &ns.name).await;
 }

@@ -29,6 +29,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::{Value, json};
+use support::k8s_db::{condition, patch_spec, wait_status};
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -58,6 +59,57 @@ async fn create_example(
         Api::namespaced_with(client.clone(), ns, &stratum_resource(kind)),
         doc,
     )
+}
+
+/// An example applied (see [`create_example`]) and its cluster object
+/// once the API server has it: the API, the document and the object.
+async fn created_example(
+    client: &Client,
+    ns: &str,
+    file: &str,
+    kind: &str,
+) -> (Api<DynamicObject>, Value, DynamicObject) {
+    let (api, doc) = create_example(client, ns, file, kind).await;
+    let name = doc["metadata"]["name"].as_str().unwrap().to_string();
+    let cluster = eventually("the cluster's uid", WAIT, || async {
+        api.get(&name).await.map_err(|e| e.to_string())
+    })
+    .await;
+    (api, doc, cluster)
+}
+
+/// The admin client, the in-process operator started, and a namespace
+/// of the test's own.
+async fn operator_test(prefix: &str) -> (Client, TestNamespace) {
+    let client = admin().await;
+    start_operator();
+    let ns = TestNamespace::create(&client, prefix).await;
+    (client, ns)
+}
+
+/// [`operator_test`] with the pxc example created in its namespace: the
+/// client, the namespace, the cluster's API and object.
+async fn pxc_example(prefix: &str) -> (Client, TestNamespace, Api<DynamicObject>, DynamicObject) {
+    let (client, ns) = operator_test(prefix).await;
+    let (api, _, cluster) = created_example(&client, &ns.name, "pxc.yaml", "PxcCluster").await;
+    (client, ns, api, cluster)
+}
+
+/// Wait until the Events about `name` include every reason of `wanted`.
+async fn wait_event_reasons(client: &Client, ns: &str, name: &str, what: &str, wanted: &[&str]) {
+    eventually(what, WAIT, || async {
+        let reasons: BTreeSet<_> = events_about(client, ns, name)
+            .await
+            .into_iter()
+            .filter_map(|e| e.reason)
+            .collect();
+        if wanted.iter().all(|r| reasons.contains(*r)) {
+            Ok(())
+        } else {
+            Err(format!("{reasons:?}"))
+        }
+    })
+    .await;
 }
 
 async fn get<K>(client: &Client, ns: &str, name: &str) -> Result<K, String>
@@ -208,32 +260,6 @@ async fn run_pods(client: &Client, ns: &str, cluster: &str, replicas: usize) -> 
     .await
 }
 
-/// Wait until the cluster's status satisfies `check`; returns it.
-async fn wait_status(
-    api: &Api<DynamicObject>,
-    name: &str,
-    what: &str,
-    check: impl Fn(&Value) -> bool,
-) -> Value {
-    eventually(what, WAIT, || async {
-        let obj = api.get(name).await.map_err(|e| e.to_string())?;
-        let status = obj.data.get("status").cloned().unwrap_or(Value::Null);
-        if check(&status) {
-            Ok(status)
-        } else {
-            Err(status.to_string())
-        }
-    })
-    .await
-}
-
-fn condition<'a>(status: &'a Value, type_: &str) -> Option<&'a Value> {
-    status["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-}
-
 fn secret_data(secret: &Secret) -> BTreeMap<String, Vec<u8>> {
     secret
         .data
@@ -246,9 +272,7 @@ fn secret_data(secret: &Secret) -> BTreeMap<String, Vec<u8>> {
 
 #[tokio::test]
 async fn postgres_ha_lifecycle_under_the_operator_service_account() {
-    let client = admin().await;
-    start_operator();
-    let namespace = TestNamespace::create(&client, "pg-ha").await;
+    let (client, namespace) = operator_test("pg-ha").await;
     let ns = namespace.name.clone();
     let (api, _) = create_example(&client, &ns, "postgres-ha.yaml", "PostgresCluster").await;
 
@@ -264,7 +288,7 @@ async fn postgres_ha_lifecycle_under_the_operator_service_account() {
     .await;
     let sts = assert_children(&client, &ns, &cluster).await;
     assert_eq!(sts.spec.as_ref().unwrap().replicas, Some(3));
-    let status = wait_status(&api, "pg-ha", "phase Creating", |s| {
+    let status = wait_status(&api, "pg-ha", "phase Creating", WAIT, |s| {
         s["phase"] == "Creating"
     })
     .await;
@@ -313,7 +337,10 @@ async fn postgres_ha_lifecycle_under_the_operator_service_account() {
     }
 
     // Status follows readiness: Healthy, 3/3, pg-ha-0 routed as writer.
-    let status = wait_status(&api, "pg-ha", "phase Healthy", |s| s["phase"] == "Healthy").await;
+    let status = wait_status(&api, "pg-ha", "phase Healthy", WAIT, |s| {
+        s["phase"] == "Healthy"
+    })
+    .await;
     assert_eq!(status["ready"], "3/3", "{status}");
     assert_eq!(status["currentPrimary"], "pg-ha-0", "{status}");
     assert_eq!(condition(&status, "Ready").unwrap()["status"], "True");
@@ -328,14 +355,14 @@ async fn postgres_ha_lifecycle_under_the_operator_service_account() {
 
     // A lost instance degrades the cluster.
     set_pod_ready(&client, &ns, "pg-ha-2", false).await;
-    let status = wait_status(&api, "pg-ha", "phase Degraded", |s| {
+    let status = wait_status(&api, "pg-ha", "phase Degraded", WAIT, |s| {
         s["phase"] == "Degraded"
     })
     .await;
     assert_eq!(condition(&status, "Degraded").unwrap()["status"], "True");
     assert_eq!(status["ready"], "2/3");
     set_pod_ready(&client, &ns, "pg-ha-2", true).await;
-    wait_status(&api, "pg-ha", "phase Healthy again", |s| {
+    wait_status(&api, "pg-ha", "phase Healthy again", WAIT, |s| {
         s["phase"] == "Healthy"
     })
     .await;
@@ -347,7 +374,7 @@ async fn postgres_ha_lifecycle_under_the_operator_service_account() {
         .await
         .unwrap();
     let generation = changed.metadata.generation.unwrap();
-    wait_status(&api, "pg-ha", "the new generation observed", |s| {
+    wait_status(&api, "pg-ha", "the new generation observed", WAIT, |s| {
         s["observedGeneration"] == generation
     })
     .await;
@@ -361,24 +388,18 @@ async fn postgres_ha_lifecycle_under_the_operator_service_account() {
     assert_eq!(secret_data(&again), values, "the Secret was overwritten");
 
     // Events of the state changes.
-    eventually("the Events of the state changes", WAIT, || async {
-        let reasons: BTreeSet<_> = events_about(&client, &ns, "pg-ha")
-            .await
-            .into_iter()
-            .filter_map(|e| e.reason)
-            .collect();
-        let wanted = [
+    wait_event_reasons(
+        &client,
+        &ns,
+        "pg-ha",
+        "the Events of the state changes",
+        &[
             "CredentialsCreated",
             "Healthy",
             "Degraded",
             "PrimaryChanged",
-        ];
-        if wanted.iter().all(|r| reasons.contains(*r)) {
-            Ok(())
-        } else {
-            Err(format!("{reasons:?}"))
-        }
-    })
+        ],
+    )
     .await;
     assert_no_failures(&client, &ns).await;
 
@@ -417,13 +438,9 @@ async fn example_reaches_healthy(
     prefix: &str,
 ) -> (TestNamespace, Vec<Pod>) {
     let ns = TestNamespace::create(client, prefix).await;
-    let (api, doc) = create_example(client, &ns.name, file, kind).await;
-    let name = doc["metadata"]["name"].as_str().unwrap().to_string();
+    let (api, doc, cluster) = created_example(client, &ns.name, file, kind).await;
+    let name = cluster.name_any();
     let instances = doc["spec"]["instances"].as_u64().unwrap() as usize;
-    let cluster = eventually("the cluster's uid", WAIT, || async {
-        api.get(&name).await.map_err(|e| e.to_string())
-    })
-    .await;
     let sts = assert_children(client, &ns.name, &cluster).await;
     assert_eq!(
         sts.spec.as_ref().unwrap().replicas,
@@ -432,7 +449,7 @@ async fn example_reaches_healthy(
     );
     provide_volumes(client, &sts).await;
     let pods = run_pods(client, &ns.name, &name, instances).await;
-    let status = wait_status(&api, &name, &format!("{file}: Healthy"), |s| {
+    let status = wait_status(&api, &name, &format!("{file}: Healthy"), WAIT, |s| {
         s["phase"] == "Healthy"
     })
     .await;
@@ -472,9 +489,7 @@ async fn every_example_cluster_is_reconciled() {
 
 #[tokio::test]
 async fn spec_change_updates_the_statefulset_in_place() {
-    let client = admin().await;
-    start_operator();
-    let ns = TestNamespace::create(&client, "pg-change").await;
+    let (client, ns) = operator_test("pg-change").await;
     let (api, _) =
         create_example(&client, &ns.name, "postgres-single.yaml", "PostgresCluster").await;
     let sts: StatefulSet = wait_get(&client, &ns.name, "pg-single").await;
@@ -497,13 +512,11 @@ async fn spec_change_updates_the_statefulset_in_place() {
         .await
         .unwrap();
 
-    let patch = json!({"spec": {
+    let spec = json!({
         "instances": 3,
         "resources": {"requests": {"cpu": "300m", "memory": "300Mi"}, "limits": {"memory": "600Mi"}},
-    }});
-    api.patch("pg-single", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
+    });
+    patch_spec(&api, "pg-single", &spec).await;
     let sts = eventually("3 replicas and the new resources", WAIT, || async {
         let sts = sts_api.get("pg-single").await.map_err(|e| e.to_string())?;
         let spec = sts.spec.clone().unwrap();
@@ -569,9 +582,7 @@ async fn spec_change_updates_the_statefulset_in_place() {
 
 #[tokio::test]
 async fn orphaned_network_policy_is_deleted() {
-    let client = admin().await;
-    start_operator();
-    let ns = TestNamespace::create(&client, "pg-netpol").await;
+    let (client, ns) = operator_test("pg-netpol").await;
     let mut doc = example("postgres-single.yaml", "PostgresCluster");
     doc["metadata"]["annotations"] = json!({"stratum.dev/network-policy": "true"});
     apply(&client, &doc, &ns.name).await.unwrap();
@@ -588,18 +599,13 @@ async fn orphaned_network_policy_is_deleted() {
     apply(&client, &doc, &ns.name).await.unwrap();
     wait_gone::<NetworkPolicy>(&client, &ns.name, "pg-single").await;
     // The Event follows the deletion.
-    eventually("the OrphanDeleted Event", WAIT, || async {
-        let reasons: Vec<_> = events_about(&client, &ns.name, "pg-single")
-            .await
-            .into_iter()
-            .filter_map(|e| e.reason)
-            .collect();
-        if reasons.iter().any(|r| r == "OrphanDeleted") {
-            Ok(())
-        } else {
-            Err(format!("{reasons:?}"))
-        }
-    })
+    wait_event_reasons(
+        &client,
+        &ns.name,
+        "pg-single",
+        "the OrphanDeleted Event",
+        &["OrphanDeleted"],
+    )
     .await;
     // The rest stays.
     get::<StatefulSet>(&client, &ns.name, "pg-single")
@@ -615,16 +621,9 @@ async fn orphaned_network_policy_is_deleted() {
 /// back at the members' route label.
 #[tokio::test]
 async fn pxc_haproxy_deployment_follows_spec_proxy() {
-    let client = admin().await;
-    start_operator();
-    let ns = TestNamespace::create(&client, "pxc-proxy").await;
-    let (api, doc) = create_example(&client, &ns.name, "pxc.yaml", "PxcCluster").await;
-    let name = doc["metadata"]["name"].as_str().unwrap().to_string();
+    let (client, ns, api, cluster) = pxc_example("pxc-proxy").await;
+    let name = cluster.name_any();
     let proxy = format!("{name}-haproxy");
-    let cluster = eventually("the cluster's uid", WAIT, || async {
-        api.get(&name).await.map_err(|e| e.to_string())
-    })
-    .await;
 
     let deployment: Deployment = wait_get(&client, &ns.name, &proxy).await;
     assert_owned(&deployment.metadata, &cluster, "HAProxy Deployment");
@@ -699,13 +698,11 @@ async fn pxc_haproxy_deployment_follows_spec_proxy() {
 
     // More proxies and another image: the same Deployment, updated; more
     // members: a new configuration, so the pod template changes.
-    let patch = json!({"spec": {
+    let spec = json!({
         "instances": 5,
         "proxy": {"instances": 3, "image": "example.invalid/haproxy:2.9"},
-    }});
-    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
+    });
+    patch_spec(&api, &name, &spec).await;
     let deploy_api: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     eventually("3 proxies, the new image and config", WAIT, || async {
         let d = deploy_api.get(&proxy).await.map_err(|e| e.to_string())?;
@@ -735,10 +732,7 @@ async fn pxc_haproxy_deployment_follows_spec_proxy() {
     .await;
 
     // No proxy: both go, the Services select the members again.
-    let patch = json!({"spec": {"proxy": {"type": "none"}}});
-    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
+    patch_spec(&api, &name, &json!({"proxy": {"type": "none"}})).await;
     wait_gone::<Deployment>(&client, &ns.name, &proxy).await;
     wait_gone::<ConfigMap>(&client, &ns.name, &proxy).await;
     let svc_api: Api<Service> = Api::namespaced(client.clone(), &ns.name);
@@ -782,15 +776,8 @@ async fn pxc_haproxy_deployment_follows_spec_proxy() {
 /// mount the user's Secret instead and the generated one is left alone.
 #[tokio::test]
 async fn pxc_tls_secret_is_generated_once_and_a_users_is_mounted() {
-    let client = admin().await;
-    start_operator();
-    let ns = TestNamespace::create(&client, "pxc-tls").await;
-    let (api, doc) = create_example(&client, &ns.name, "pxc.yaml", "PxcCluster").await;
-    let name = doc["metadata"]["name"].as_str().unwrap().to_string();
-    let cluster = eventually("the cluster's uid", WAIT, || async {
-        api.get(&name).await.map_err(|e| e.to_string())
-    })
-    .await;
+    let (client, ns, api, cluster) = pxc_example("pxc-tls").await;
+    let name = cluster.name_any();
     let tls_name = format!("{name}-ssl-internal");
     let secret: Secret = wait_get(&client, &ns.name, &tls_name).await;
     assert_owned(&secret.metadata, &cluster, "TLS Secret");
@@ -815,10 +802,8 @@ async fn pxc_tls_secret_is_generated_once_and_a_users_is_mounted() {
 
     // A changed spec is built again (a new random CA in the desired
     // objects) and applied: the stored Secret stays as it was.
-    let patch = json!({"spec": {"configuration": "[mysqld]\nmax_connections = 260\n"}});
-    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
+    let spec = json!({"configuration": "[mysqld]\nmax_connections = 260\n"});
+    patch_spec(&api, &name, &spec).await;
     eventually("the new configuration applied", WAIT, || async {
         let cm: ConfigMap = get(&client, &ns.name, &format!("{name}-config")).await?;
         let json = cm.data.unwrap_or_default()["instance.json"].clone();
@@ -852,10 +837,7 @@ async fn pxc_tls_secret_is_generated_once_and_a_users_is_mounted() {
 
     // The user's Secret: mounted as given; the generated one is not
     // deleted (a cluster may go back to it).
-    let patch = json!({"spec": {"tls": {"secretName": "my-certs"}}});
-    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
+    patch_spec(&api, &name, &json!({"tls": {"secretName": "my-certs"}})).await;
     eventually("the user's Secret mounted", WAIT, || async {
         let sts: StatefulSet = get(&client, &ns.name, &name).await?;
         match tls_volume(&sts) {
@@ -912,9 +894,7 @@ async fn wait_claims(client: &Client, ns: &str, want: &[&str]) {
 
 #[tokio::test]
 async fn pvc_retention_policy_on_scale_down_and_deletion() {
-    let client = admin().await;
-    start_operator();
-    let ns = TestNamespace::create(&client, "pg-pvc").await;
+    let (client, ns) = operator_test("pg-pvc").await;
     let api: Api<DynamicObject> = Api::namespaced_with(
         client.clone(),
         &ns.name,
@@ -973,13 +953,7 @@ async fn pvc_retention_policy_on_scale_down_and_deletion() {
     // Scale both down to one instance: the StatefulSet controller removes
     // pod 1, and with it the claim of pvc-drop only.
     for name in ["pvc-drop", "pvc-keep"] {
-        api.patch(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"spec": {"instances": 1}})),
-        )
-        .await
-        .unwrap();
+        patch_spec(&api, name, &json!({"instances": 1})).await;
     }
     wait_claims(
         &client,

@@ -23,49 +23,31 @@
 mod support;
 
 use std::net::Ipv4Addr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, DynamicObject};
 use operator_core::engine::InstanceOps;
-use serde_json::{Value, json};
-use support::kubelet::{self, Kubelet, service_ips};
+use serde_json::Value;
+use support::k8s_db::{
+    self, AckedWriter, DbCluster, Operator, all_rows_present, condition, pg_connect,
+    pg_cr_synchronous, pg_writer, request_switchover, require_postgres,
+};
+use support::kubelet::{Kubelet, service_ips};
 use support::*;
 
 /// First boot runs initdb and two pg_basebackups, one pod after the other.
 const START: Duration = Duration::from_secs(180);
 const WAIT: Duration = Duration::from_secs(90);
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 const NAMES: [&str; 3] = ["ha-pg-0", "ha-pg-1", "ha-pg-2"];
-
-fn require_postgres() {
-    assert!(
-        Path::new(PG_BIN).join("postgres").is_file(),
-        "PostgreSQL 15 not found in {PG_BIN}: install postgresql-15 (scripts/setup.sh; Debian: apt-get install postgresql-15)"
-    );
-}
 
 /// Three instances, synchronous (`ANY 1`): an acknowledged commit is on a
 /// replica too.
 fn ha_pg() -> Value {
-    json!({
-        "apiVersion": "stratum.dev/v1alpha1",
-        "kind": "PostgresCluster",
-        "metadata": {"name": "ha-pg"},
-        "spec": {
-            "instances": 3,
-            "version": 15,
-            "storage": {"size": "1Gi"},
-            "postgresql": {
-                "parameters": {"shared_buffers": "16MB", "max_connections": "40"},
-                "synchronous": {"method": "any", "number": 1},
-            },
-        },
-    })
+    pg_cr_synchronous("ha-pg")
 }
 
 /// The cluster's status once `check` holds.
@@ -75,124 +57,25 @@ async fn wait_status(
     timeout: Duration,
     check: impl Fn(&Value) -> bool,
 ) -> Value {
-    kubelet::wait_status(api, "ha-pg", what, timeout, check).await
+    k8s_db::wait_status(api, "ha-pg", what, timeout, check).await
 }
 
 /// The one IP behind `-rw`.
 async fn rw_ip(client: &Client, ns: &str) -> Result<Ipv4Addr, String> {
-    match service_ips(client, ns, "ha-pg-rw").await?.as_slice() {
-        [ip] => Ok(*ip),
-        other => Err(format!("-rw selects {other:?}")),
-    }
+    k8s_db::rw_ip(client, ns, "ha-pg").await
 }
 
-async fn secret_value(client: &Client, ns: &str, key: &str) -> String {
-    let secret = Api::<Secret>::namespaced(client.clone(), ns)
-        .get("ha-pg-credentials")
-        .await
-        .unwrap_or_else(|e| panic!("credentials Secret: {}", api_message(&e)));
-    let value = secret.data.unwrap_or_default().remove(key);
-    String::from_utf8(value.unwrap_or_else(|| panic!("no {key} in the Secret")).0).unwrap()
-}
-
-async fn connect(ip: Ipv4Addr, password: &str) -> Result<tokio_postgres::Client, String> {
-    let (client, conn) = tokio_postgres::Config::new()
-        .host(ip.to_string())
-        .port(5432)
-        .user("app")
-        .password(password)
-        .dbname("app")
-        .connect_timeout(Duration::from_secs(2))
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|e| format!("connect to {ip}: {e}"))?;
-    tokio::spawn(conn);
-    Ok(client)
-}
-
-/// Inserts numbered rows through `-rw` in a loop, reconnecting (to
-/// whatever `-rw` selects then) after any error; keeps the ids whose
-/// commit was acknowledged.
-struct Writer {
-    stop: Arc<AtomicBool>,
-    acked: Arc<Mutex<Vec<i32>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Writer {
-    fn start(client: Client, ns: String, password: String) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked: Arc<Mutex<Vec<i32>>> = Arc::default();
-        let (s, a) = (stop.clone(), acked.clone());
-        let task = tokio::spawn(async move {
-            let mut next = 1_000_000 + a.lock().unwrap().len() as i32;
-            while !s.load(Ordering::SeqCst) {
-                let Ok(ip) = rw_ip(&client, &ns).await else {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                };
-                let Ok(c) = connect(ip, &password).await else {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                };
-                while !s.load(Ordering::SeqCst) {
-                    let id = next;
-                    next += 1;
-                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
-                    let insert = c.execute("INSERT INTO t VALUES ($1)", &params);
-                    let result = tokio::time::timeout(Duration::from_secs(5), insert).await;
-                    match result {
-                        Ok(Ok(_)) => a.lock().unwrap().push(id),
-                        // Unknown outcome: not acknowledged; a new
-                        // connection to what -rw selects now.
-                        _ => break,
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-        });
-        Self { stop, acked, task }
-    }
-
-    fn acked(&self) -> usize {
-        self.acked.lock().unwrap().len()
-    }
-
-    /// Wait until `n` more commits were acknowledged.
-    async fn wait_more(&self, n: usize, what: &str) {
-        let from = self.acked();
-        eventually(what, WAIT, || async {
-            let now = self.acked();
-            if now >= from + n {
-                Ok(())
-            } else {
-                Err(format!("{} acknowledged since", now - from))
-            }
-        })
-        .await;
-    }
-
-    async fn stop(self) -> Vec<i32> {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = self.task.await;
-        self.acked.lock().unwrap().clone()
-    }
-}
-
-/// Every acknowledged id is in `t`, read through `-rw`.
-async fn all_acknowledged_rows_present(client: &Client, ns: &str, password: &str, acked: &[i32]) {
-    let ip = eventually("one ready pod behind ha-pg-rw", WAIT, || rw_ip(client, ns)).await;
-    let c = connect(ip, password).await.unwrap();
-    let rows = c.query("SELECT id FROM t", &[]).await.unwrap();
-    let have: std::collections::BTreeSet<i32> = rows.iter().map(|r| r.get(0)).collect();
-    let lost: Vec<&i32> = acked.iter().filter(|id| !have.contains(id)).collect();
-    assert!(
-        lost.is_empty(),
-        "{} of {} acknowledged rows lost: {:?}",
-        lost.len(),
-        acked.len(),
-        &lost[..lost.len().min(20)]
-    );
+/// Inserts ids from 1 000 000 up through `-rw` in a loop (5 ms apart),
+/// reconnecting (to whatever `-rw` selects then) after any error; keeps
+/// the ids whose commit was acknowledged.
+fn start_writer(s: &Setup) -> AckedWriter<i32> {
+    pg_writer(
+        &s.db,
+        &s.password,
+        1_000_000,
+        Duration::from_millis(5),
+        WAIT,
+    )
 }
 
 /// How many members report themselves primary (asking every manager).
@@ -207,18 +90,6 @@ async fn primaries(kubelet: &Kubelet) -> Vec<String> {
         }
     }
     out
-}
-
-/// Set `status.targetPrimary`, as `kubectl patch --subresource=status`
-/// does.
-async fn request_switchover(api: &Api<DynamicObject>, target: &str) {
-    api.patch_status(
-        "ha-pg",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": {"targetPrimary": target}})),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("patch targetPrimary: {}", api_message(&e)));
 }
 
 fn healthy_with(primary: &str) -> impl Fn(&Value) -> bool + '_ {
@@ -244,87 +115,49 @@ fn reasons(events: &[k8s_openapi::api::events::v1::Event]) -> Vec<String> {
     events.iter().filter_map(|e| e.reason.clone()).collect()
 }
 
-/// A running cluster with its operator and kubelet.
+/// A running cluster with its kubelet (the operator is returned apart:
+/// tests kill and restart it).
 struct Setup {
-    client: Client,
-    ns: String,
-    api: Api<DynamicObject>,
-    kubelet: Kubelet,
+    db: DbCluster,
     password: String,
-    _namespace: TestNamespace,
 }
 
 async fn setup(prefix: &str) -> (Setup, OperatorProcess) {
     require_postgres();
-    let client = admin().await;
-    let namespace = TestNamespace::create(&client, prefix).await;
-    let ns = namespace.name.clone();
-    let operator = OperatorProcess::start_for_instances(&client, Some(&ns)).await;
-    let kubelet = Kubelet::start(&client, &ns, "ha-pg", "PostgresCluster").await;
-    apply(&client, &ha_pg(), &ns)
-        .await
-        .unwrap_or_else(|e| panic!("ha-pg: {}", api_message(&e)));
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), &ns, &stratum_resource("PostgresCluster"));
-    let status = wait_status(&api, "phase Healthy", START, healthy_with("ha-pg-0")).await;
+    let mut db = DbCluster::create(prefix, &ha_pg(), Operator::Process).await;
+    let operator = db.operator.take().expect("the operator process");
+    let status = wait_status(&db.api, "phase Healthy", START, healthy_with("ha-pg-0")).await;
     assert_eq!(
         status["leaseTerm"], 1,
         "adopted, no promotion yet: {status}"
     );
-    let password = secret_value(&client, &ns, "app-password").await;
-    let ip = eventually("one ready pod behind ha-pg-rw", WAIT, || {
-        rw_ip(&client, &ns)
-    })
-    .await;
-    assert_eq!(ip, kubelet.pod_ip("ha-pg-0"));
-    connect(ip, &password)
-        .await
-        .unwrap()
-        .execute("CREATE TABLE t (id int PRIMARY KEY)", &[])
-        .await
-        .unwrap();
-    (
-        Setup {
-            client,
-            ns,
-            api,
-            kubelet,
-            password,
-            _namespace: namespace,
-        },
-        operator,
-    )
+    let password = db.secret("app-password").await;
+    let ip = db.pg_create_table_t(&password, WAIT).await;
+    assert_eq!(ip, db.kubelet.pod_ip("ha-pg-0"));
+    (Setup { db, password }, operator)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_refusal_switchover_and_failover_under_writes() {
     let (s, operator) = setup("pg-ha").await;
-    let (client, ns, api, kubelet) = (&s.client, &s.ns, &s.api, &s.kubelet);
+    let (client, ns, api, kubelet) = (&s.db.client, &s.db.ns, &s.db.api, &s.db.kubelet);
 
     // (3) A target that does not exist: refused, named, reset; nothing
     // else changes.
     let before = api.get("ha-pg").await.unwrap();
-    request_switchover(api, "ha-pg-9").await;
+    request_switchover(api, "ha-pg", "ha-pg-9").await;
     let status = wait_status(api, "the bad switchover refused", WAIT, |s| {
         s["targetPrimary"] == "ha-pg-0"
-            && s["conditions"].as_array().is_some_and(|cs| {
-                cs.iter()
-                    .any(|c| c["type"] == "Switchover" && c["status"] == "False")
-            })
+            && condition(s, "Switchover").is_some_and(|c| c["status"] == "False")
     })
     .await;
-    let condition = status["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Switchover")
-        .unwrap();
+    let switchover = condition(&status, "Switchover").unwrap();
     assert!(
-        condition["message"]
+        switchover["message"]
             .as_str()
             .unwrap()
             .contains("there is no instance \"ha-pg-9\""),
-        "{condition}"
+        "{switchover}"
     );
     assert_eq!(status["currentPrimary"], "ha-pg-0");
     assert_eq!(status["phase"], "Healthy");
@@ -346,18 +179,14 @@ async fn switchover_refusal_switchover_and_failover_under_writes() {
     );
 
     // (2) Switchover to ha-pg-2 under writes.
-    let writer = Writer::start(client.clone(), ns.clone(), s.password.clone());
+    let writer = start_writer(&s);
     writer.wait_more(20, "writes before the switchover").await;
-    request_switchover(api, "ha-pg-2").await;
+    request_switchover(api, "ha-pg", "ha-pg-2").await;
     // The intent patches land before the reconcile's status write: wait
     // for the condition too.
     let switched = healthy_with("ha-pg-2");
     let status = wait_status(api, "switched over to ha-pg-2", WAIT, |s| {
-        switched(s)
-            && s["conditions"].as_array().is_some_and(|cs| {
-                cs.iter()
-                    .any(|c| c["type"] == "Switchover" && c["status"] == "True")
-            })
+        switched(s) && condition(s, "Switchover").is_some_and(|c| c["status"] == "True")
     })
     .await;
     assert_eq!(status["leaseTerm"], 2, "{status}");
@@ -408,7 +237,7 @@ async fn switchover_refusal_switchover_and_failover_under_writes() {
         kubelet.pod_ip(&new_primary)
     );
     let acked = writer.stop().await;
-    all_acknowledged_rows_present(client, ns, &s.password, &acked).await;
+    all_rows_present(&s.db, &s.password, &acked, WAIT).await;
     eprintln!("{} acknowledged rows, none lost", acked.len());
     // The old primary rejoins as a replica (through pg_rewind).
     wait_status(api, "ha-pg-2 back as a ready replica", WAIT, |s| {
@@ -449,20 +278,14 @@ async fn switchover_refusal_switchover_and_failover_under_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_killed_mid_failover_leaves_exactly_one_primary() {
     let (s, mut operator) = setup("pg-ha-restart").await;
-    let (client, ns, api, kubelet) = (&s.client, &s.ns, &s.api, &s.kubelet);
-    let writer = Writer::start(client.clone(), ns.clone(), s.password.clone());
+    let (client, ns, api, kubelet) = (&s.db.client, &s.db.ns, &s.db.api, &s.db.kubelet);
+    let writer = start_writer(&s);
     writer.wait_more(20, "writes before the kill").await;
 
     kubelet.kill_server("ha-pg-0");
     // SIGKILL the operator as soon as it recorded the failover.
-    let status = eventually("the failover recorded", WAIT, || async {
-        let obj = api.get("ha-pg").await.map_err(|e| e.to_string())?;
-        let status = obj.data.get("status").cloned().unwrap_or(Value::Null);
-        if status.get("primaryChange").is_some() || status["currentPrimary"] != "ha-pg-0" {
-            Ok(status)
-        } else {
-            Err(status.to_string())
-        }
+    let status = wait_status(api, "the failover recorded", WAIT, |status| {
+        status.get("primaryChange").is_some() || status["currentPrimary"] != "ha-pg-0"
     })
     .await;
     operator.kill();
@@ -479,7 +302,7 @@ async fn operator_killed_mid_failover_leaves_exactly_one_primary() {
     let new_primary = status["currentPrimary"].as_str().unwrap().to_string();
     writer.wait_more(20, "writes after the failover").await;
     let acked = writer.stop().await;
-    all_acknowledged_rows_present(client, ns, &s.password, &acked).await;
+    all_rows_present(&s.db, &s.password, &acked, WAIT).await;
     assert_eq!(primaries(kubelet).await, [new_primary.as_str()]);
     assert_eq!(
         rw_ip(client, ns).await.unwrap(),
@@ -499,10 +322,10 @@ async fn operator_killed_mid_failover_leaves_exactly_one_primary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_whose_node_is_lost_is_replaced_once_its_lease_expired() {
     let (s, operator) = setup("pg-ha-node").await;
-    let (client, ns, api, kubelet) = (&s.client, &s.ns, &s.api, &s.kubelet);
+    let (client, ns, api, kubelet) = (&s.db.client, &s.db.ns, &s.db.api, &s.db.kubelet);
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let old_uid = pods.get("ha-pg-0").await.unwrap().metadata.uid;
-    let writer = Writer::start(client.clone(), ns.clone(), s.password.clone());
+    let writer = start_writer(&s);
     writer.wait_more(20, "writes before the node is lost").await;
 
     kubelet.crash("ha-pg-0");
@@ -547,7 +370,7 @@ async fn a_primary_whose_node_is_lost_is_replaced_once_its_lease_expired() {
     .await;
     writer.wait_more(20, "writes after the rejoin").await;
     let acked = writer.stop().await;
-    all_acknowledged_rows_present(client, ns, &s.password, &acked).await;
+    all_rows_present(&s.db, &s.password, &acked, WAIT).await;
     assert_eq!(primaries(kubelet).await, [new_primary.as_str()]);
     // The recreated pod waited for a lease rather than start as a writer.
     let log = kubelet.manager_log("ha-pg-0");
@@ -616,7 +439,7 @@ fn log_lines(log: &str, needle: &str) -> Vec<(u64, String)> {
 /// A step of a [`TimedWriter`]: when, towards which pod IP, what.
 type Step = (std::time::Instant, Ipv4Addr, &'static str);
 
-/// A writer through `-rw` like [`Writer`], that keeps when each commit was
+/// A writer through `-rw` like [`start_writer`], that keeps when each commit was
 /// acknowledged and by which pod, and looks `-rw` up again 20 ms after a
 /// failure (a client retrying its connection), so that the write
 /// unavailability it sees is the cluster's, not its own back-off.
@@ -665,7 +488,7 @@ impl TimedWriter {
                         .unwrap()
                         .push((std::time::Instant::now(), ip, "found behind -rw"));
                 }
-                let Ok(c) = connect(ip, &password).await else {
+                let Ok(c) = pg_connect(ip, &password).await else {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 };
@@ -829,7 +652,7 @@ async fn switchover_under_writes_timed() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
     let (s, operator) = setup("pg-ha-sw").await;
-    let (client, ns, api, kubelet) = (&s.client, &s.ns, &s.api, &s.kubelet);
+    let (client, ns, api, kubelet) = (&s.db.client, &s.db.ns, &s.db.api, &s.db.kubelet);
     let writer = TimedWriter::start(client.clone(), ns.clone(), s.password.clone());
     let ops = kubelet.instance_client();
     let mut primary = "ha-pg-0".to_string();
@@ -866,7 +689,7 @@ async fn switchover_under_writes_timed() {
             t0,
             stop.clone(),
         );
-        request_switchover(api, &target).await;
+        request_switchover(api, "ha-pg", &target).await;
         let (first, before) =
             eventually("a write acknowledged by the new primary", WAIT, || async {
                 writer
@@ -921,18 +744,14 @@ async fn switchover_under_writes_timed() {
         {
             let switched = healthy_with(&target);
             wait_status(api, "switched over", WAIT, |st| {
-                switched(st)
-                    && st["conditions"].as_array().is_some_and(|cs| {
-                        cs.iter()
-                            .any(|c| c["type"] == "Switchover" && c["status"] == "True")
-                    })
+                switched(st) && condition(st, "Switchover").is_some_and(|c| c["status"] == "True")
             })
             .await;
         }
         primary = target;
     }
     let acked = writer.stop().await;
-    all_acknowledged_rows_present(client, ns, &s.password, &acked).await;
+    all_rows_present(&s.db, &s.password, &acked, WAIT).await;
     assert_eq!(primaries(kubelet).await, [primary.as_str()]);
     eprintln!(
         "{runs} switchovers: first write through -rw median {} ms (all {first_writes:?}); write unavailability median {} ms (all {windows:?}); {} acknowledged rows, none lost",
@@ -976,10 +795,10 @@ fn positions(st: &Value) -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_primary_manager_is_failed_over_and_rejoins_when_thawed() {
     let (s, operator) = setup("pg-ha-frozen").await;
-    let (client, ns, api, kubelet) = (&s.client, &s.ns, &s.api, &s.kubelet);
+    let (client, ns, api, kubelet) = (&s.db.client, &s.db.ns, &s.db.api, &s.db.kubelet);
     let writer = TimedWriter::start(client.clone(), ns.clone(), s.password.clone());
     writer.wait_more(20, "writes before the switchover").await;
-    request_switchover(api, "ha-pg-1").await;
+    request_switchover(api, "ha-pg", "ha-pg-1").await;
     wait_status(
         api,
         "switched over to ha-pg-1",
@@ -1073,7 +892,7 @@ async fn a_frozen_primary_manager_is_failed_over_and_rejoins_when_thawed() {
     );
     let mut acked = writer.stop().await;
     acked.extend(direct.stop().await);
-    all_acknowledged_rows_present(client, ns, &s.password, &acked).await;
+    all_rows_present(&s.db, &s.password, &acked, WAIT).await;
     eprintln!(
         "{} acknowledged rows ({} straight to ha-pg-1), none lost",
         acked.len(),
@@ -1111,19 +930,19 @@ async fn a_frozen_primary_manager_is_failed_over_and_rejoins_when_thawed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_away_for_20_s_the_primary_keeps_writes_on_failsafe() {
     let (s, mut operator) = setup("pg-ha-away").await;
-    let (client, ns, api, kubelet) = (&s.client, &s.ns, &s.api, &s.kubelet);
-    let writer = Writer::start(client.clone(), ns.clone(), s.password.clone());
+    let (client, ns, api, kubelet) = (&s.db.client, &s.db.ns, &s.db.api, &s.db.kubelet);
+    let writer = start_writer(&s);
     writer
         .wait_more(20, "writes before the operator goes away")
         .await;
 
-    let before = writer.acked();
+    let before = writer.count();
     operator.kill();
     let away = std::time::Instant::now();
-    let (mut last, mut last_change, mut longest) = (writer.acked(), away, Duration::ZERO);
+    let (mut last, mut last_change, mut longest) = (writer.count(), away, Duration::ZERO);
     while away.elapsed() < Duration::from_secs(20) {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = writer.acked();
+        let now = writer.count();
         if now > last {
             (last, last_change) = (now, std::time::Instant::now());
         }
@@ -1131,7 +950,7 @@ async fn operator_away_for_20_s_the_primary_keeps_writes_on_failsafe() {
     }
     eprintln!(
         "operator away 20 s: {} writes acknowledged meanwhile, longest pause {} ms",
-        writer.acked() - before,
+        writer.count() - before,
         longest.as_millis()
     );
     assert!(
@@ -1179,7 +998,7 @@ async fn operator_away_for_20_s_the_primary_keeps_writes_on_failsafe() {
         .wait_more(20, "writes after the operator is back")
         .await;
     let acked = writer.stop().await;
-    all_acknowledged_rows_present(client, ns, &s.password, &acked).await;
+    all_rows_present(&s.db, &s.password, &acked, WAIT).await;
     assert_eq!(primaries(kubelet).await, ["ha-pg-0"]);
     assert!(
         !kubelet

@@ -27,20 +27,21 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use mysql_async::prelude::*;
 use serde_json::{Value, json};
-use support::kubelet::{self, Kubelet};
+use support::k8s_db::{
+    AckedWriter, DbCluster, Operator, condition, galera_cr, mariadb_connect, require_galera,
+};
+use support::kubelet::Kubelet;
 use support::*;
 
 const CLUSTER: &str = "simple-galera";
@@ -53,45 +54,12 @@ const START: Duration = Duration::from_secs(300);
 const RECOVER: Duration = Duration::from_secs(240);
 const WAIT: Duration = Duration::from_secs(60);
 
-/// Fail (never skip) with what to install when a binary is missing.
-fn require_galera() {
-    for (path, package) in [
-        ("/usr/sbin/mariadbd", "mariadb-server"),
-        ("/usr/lib/galera/libgalera_smm.so", "galera-4"),
-        ("/usr/bin/rsync", "rsync"),
-    ] {
-        assert!(
-            Path::new(path).exists(),
-            "{path} is required: install the Debian package {package} (scripts/setup.sh installs mariadb-server galera-4 mariadb-backup rsync)"
-        );
-    }
-}
-
 fn simple_galera() -> Value {
-    json!({
-        "apiVersion": "stratum.dev/v1alpha1",
-        "kind": "PxcCluster",
-        "metadata": {"name": CLUSTER},
-        "spec": {
-            "instances": 3,
-            "flavor": "MariaDB",
-            "version": "10.11",
-            "storage": {"size": "1Gi"},
-            "proxy": {"type": "none"},
-            // The fake kubelet runs every pod in this host's network
-            // namespace, each on a loopback IP of its own: mariabackup's
-            // SST listens with socat on 0.0.0.0:4444, so two members
-            // joining at once collide there (seen: the second joiner's
-            // server hung after its SST failed), which cannot happen
-            // between real pods. rsync's SST daemon binds the joiner's IP.
-            "sstMethod": "rsync",
-            // Cluster traffic is encrypted (the default); rsync's SST runs
-            // through stunnel and checks the chain, not the joiner's name
-            // (the certificate names headless DNS names, pods here are
-            // loopback IPs).
-            "configuration": "[mysqld]\ninnodb_buffer_pool_size = 64M\nmax_connections = 100\n",
-        },
-    })
+    galera_cr(
+        CLUSTER,
+        3,
+        "[mysqld]\ninnodb_buffer_pool_size = 64M\nmax_connections = 100\n",
+    )
 }
 
 fn pod_names() -> Vec<String> {
@@ -106,7 +74,7 @@ async fn wait_status(
     check: impl Fn(&Value) -> bool,
 ) -> Value {
     let started = Instant::now();
-    let status = kubelet::wait_status(api, CLUSTER, what, timeout, check).await;
+    let status = support::k8s_db::wait_status(api, CLUSTER, what, timeout, check).await;
     eprintln!("{what} after {:.1}s", started.elapsed().as_secs_f64());
     status
 }
@@ -126,13 +94,6 @@ fn healthy(s: &Value) -> bool {
                         && i["wsrep"]["clusterStatus"] == "Primary"
                 })
         })
-}
-
-fn condition<'a>(s: &'a Value, type_: &str) -> Option<&'a Value> {
-    s["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
 }
 
 /// The Events about the cluster, by when they last happened (a series
@@ -237,32 +198,9 @@ async fn writer_pod(client: &Client, ns: &str) -> Result<String, String> {
     }
 }
 
-async fn root_password(client: &Client, ns: &str) -> String {
-    let secret = Api::<Secret>::namespaced(client.clone(), ns)
-        .get(&format!("{CLUSTER}-credentials"))
-        .await
-        .unwrap_or_else(|e| panic!("credentials Secret: {}", api_message(&e)));
-    let value = secret.data.unwrap_or_default().remove("root-password");
-    String::from_utf8(value.expect("root-password in the Secret").0).unwrap()
-}
-
-async fn connect(ip: Ipv4Addr, password: &str) -> Result<mysql_async::Conn, String> {
-    let opts = mysql_async::OptsBuilder::default()
-        .ip_or_hostname(ip.to_string())
-        .tcp_port(3306)
-        .user(Some("root"))
-        .pass(Some(password.to_string()))
-        .prefer_socket(false);
-    match tokio::time::timeout(Duration::from_secs(5), mysql_async::Conn::new(opts)).await {
-        Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(format!("{ip}: {e}")),
-        Err(_) => Err(format!("connecting to {ip} timed out")),
-    }
-}
-
 /// The acknowledged rows at `ip`.
 async fn rows_at(ip: Ipv4Addr, password: &str) -> Result<BTreeSet<i64>, String> {
-    let mut c = connect(ip, password).await?;
+    let mut c = mariadb_connect(ip, password).await?;
     let rows: Vec<i64> = c
         .query("SELECT n FROM app.rows_acked")
         .await
@@ -273,7 +211,7 @@ async fn rows_at(ip: Ipv4Addr, password: &str) -> Result<BTreeSet<i64>, String> 
 
 /// One wsrep status variable at `ip`.
 async fn wsrep(ip: Ipv4Addr, password: &str, name: &str) -> Result<String, String> {
-    let mut c = connect(ip, password).await?;
+    let mut c = mariadb_connect(ip, password).await?;
     let row: Option<(String, String)> = c
         .query_first(format!("SHOW GLOBAL STATUS LIKE '{name}'"))
         .await
@@ -313,62 +251,27 @@ async fn every_node_has(kubelet: &Kubelet, password: &str, want: &BTreeSet<i64>)
     .await;
 }
 
-/// A client inserting numbered rows at one node in a loop; it records
-/// what was acknowledged. It stops at the first error (the node died).
-struct Writer {
-    stop: Arc<AtomicBool>,
-    acked: Arc<Mutex<Vec<i64>>>,
-    task: tokio::task::JoinHandle<String>,
-}
-
-impl Writer {
-    fn start(ip: Ipv4Addr, password: String, first: i64) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked: Arc<Mutex<Vec<i64>>> = Arc::default();
-        let (s, a) = (stop.clone(), acked.clone());
-        let task = tokio::spawn(async move {
-            let mut c = match connect(ip, &password).await {
-                Ok(c) => c,
-                Err(e) => return e,
-            };
-            let mut n = first;
-            while !s.load(Ordering::Relaxed) {
-                n += 1;
-                let insert = c.exec_drop("INSERT INTO app.rows_acked (n) VALUES (?)", (n,));
-                match tokio::time::timeout(Duration::from_secs(10), insert).await {
-                    Ok(Ok(())) => a.lock().unwrap().push(n),
-                    Ok(Err(e)) => return format!("insert {n}: {e}"),
-                    Err(_) => return format!("insert {n} timed out"),
-                }
+/// A client inserting numbered rows (from `first + 1` up) at one node in
+/// a loop, as fast as it is answered; it records what was acknowledged
+/// and stops at the first error (the node died), saying which.
+fn start_writer(ip: Ipv4Addr, password: String, first: i64) -> AckedWriter<i64> {
+    AckedWriter::spawn(WAIT, move |stop, acked| async move {
+        let mut c = match mariadb_connect(ip, &password).await {
+            Ok(c) => c,
+            Err(e) => return e,
+        };
+        let mut n = first;
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            let insert = c.exec_drop("INSERT INTO app.rows_acked (n) VALUES (?)", (n,));
+            match tokio::time::timeout(Duration::from_secs(10), insert).await {
+                Ok(Ok(())) => acked.lock().unwrap().push(n),
+                Ok(Err(e)) => return format!("insert {n}: {e}"),
+                Err(_) => return format!("insert {n} timed out"),
             }
-            "stopped".into()
-        });
-        Self { stop, acked, task }
-    }
-
-    fn count(&self) -> usize {
-        self.acked.lock().unwrap().len()
-    }
-
-    async fn wait_more(&self, more: usize, what: &str) {
-        let want = self.count() + more;
-        let deadline = Instant::now() + WAIT;
-        while self.count() < want {
-            assert!(
-                Instant::now() < deadline,
-                "fewer than {more} writes acknowledged {what} ({} so far)",
-                self.count()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    }
-
-    async fn stop(self) -> (Vec<i64>, String) {
-        self.stop.store(true, Ordering::Relaxed);
-        let end = self.task.await.unwrap_or_else(|e| e.to_string());
-        let acked = self.acked.lock().unwrap().clone();
-        (acked, end)
-    }
+        "stopped".into()
+    })
 }
 
 /// How many times a pod's manager started its server with
@@ -384,31 +287,15 @@ fn bootstraps_in_log(kubelet: &Kubelet, pod: &str) -> usize {
 async fn pxc_cluster_bootstraps_refuses_a_bad_force_and_recovers_a_full_crash() {
     require_galera();
     let t0 = Instant::now();
-    let client = admin().await;
-    // The production timeout: a debug-built manager asking a loaded
-    // mariadbd for its status can take longer than the tests' 500 ms.
-    start_operator_with_instance_timeout(
-        operator_core::controller::ControllerOptions::new("test").instance_timeout,
-    );
-    let namespace = TestNamespace::create(&client, "e2e-pxc").await;
-    let ns = namespace.name.clone();
-    let kubelet = Kubelet::start(&client, &ns, CLUSTER, "PxcCluster").await;
-    apply(&client, &simple_galera(), &ns)
-        .await
-        .unwrap_or_else(|e| panic!("{CLUSTER}: {}", api_message(&e)));
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), &ns, &stratum_resource("PxcCluster"));
+    // In-process, with the production timeout: a debug-built manager
+    // asking a loaded mariadbd for its status can take longer than the
+    // tests' 500 ms.
+    let db = DbCluster::create("e2e-pxc", &simple_galera(), Operator::InProcess).await;
+    let (client, ns, api, kubelet) = (&db.client, &db.ns, &db.api, &db.kubelet);
 
     // 1. A new group: bootstrapped once by the controller's order.
-    let status = wait_status(&api, "Healthy with 3 Synced members", START, healthy).await;
-    let first = wait_event(
-        &client,
-        &ns,
-        None,
-        "Bootstrapped",
-        "the new group is Primary",
-    )
-    .await;
+    let status = wait_status(api, "Healthy with 3 Synced members", START, healthy).await;
+    let first = wait_event(client, ns, None, "Bootstrapped", "the new group is Primary").await;
     let decided = with_reason(&first, "BootstrapDecided");
     assert_eq!(decided.len(), 1, "one bootstrap decision: {first:#?}");
     assert!(
@@ -417,8 +304,8 @@ async fn pxc_cluster_bootstraps_refuses_a_bad_force_and_recovers_a_full_crash() 
     );
     for pod in pod_names() {
         wait_event(
-            &client,
-            &ns,
+            client,
+            ns,
             None,
             "MemberJoined",
             &format!("{pod} is Synced"),
@@ -428,7 +315,7 @@ async fn pxc_cluster_bootstraps_refuses_a_bad_force_and_recovers_a_full_crash() 
     assert_eq!(
         pod_names()
             .iter()
-            .map(|p| bootstraps_in_log(&kubelet, p))
+            .map(|p| bootstraps_in_log(kubelet, p))
             .sum::<usize>(),
         1,
         "one member started with --wsrep-new-cluster\n{}",
@@ -442,12 +329,11 @@ async fn pxc_cluster_bootstraps_refuses_a_bad_force_and_recovers_a_full_crash() 
         assert_eq!(i["wsrep"]["clusterUuid"], uuid.as_str(), "{status}");
         assert!(i["wsrep"]["flowControlPaused"].is_number(), "{status}");
     }
-    let password = root_password(&client, &ns).await;
-    let writer = eventually("a ready writer behind -rw", WAIT, || {
-        writer_pod(&client, &ns)
-    })
-    .await;
-    let mut c = connect(kubelet.pod_ip(&writer), &password).await.unwrap();
+    let password = db.secret("root-password").await;
+    let writer = eventually("a ready writer behind -rw", WAIT, || writer_pod(client, ns)).await;
+    let mut c = mariadb_connect(kubelet.pod_ip(&writer), &password)
+        .await
+        .unwrap();
     c.query_drop(
         "CREATE DATABASE app;
          CREATE TABLE app.rows_acked (n BIGINT PRIMARY KEY) ENGINE=InnoDB;
@@ -457,7 +343,7 @@ async fn pxc_cluster_bootstraps_refuses_a_bad_force_and_recovers_a_full_crash() 
     .unwrap();
     c.disconnect().await.unwrap();
     let mut acked: BTreeSet<i64> = (1..=100).collect();
-    every_node_has(&kubelet, &password, &acked).await;
+    every_node_has(kubelet, &password, &acked).await;
     eprintln!(
         "(1) healthy, writer {writer}, {:.1}s",
         t0.elapsed().as_secs_f64()
@@ -465,9 +351,9 @@ async fn pxc_cluster_bootstraps_refuses_a_bad_force_and_recovers_a_full_crash() 
 
     // 2. forceBootstrapFrom naming a missing instance: refused, the
     // cluster untouched.
-    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
     let sts_before = sts_api.get(CLUSTER).await.unwrap();
-    let pods_api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pods_api: Api<Pod> = Api::namespaced(client.clone(), ns);
     let uids_before: Vec<Option<String>> = {
         let mut v = Vec::new();
         for p in pod_names() {
@@ -487,7 +373,7 @@ async fn pxc_cluster_bootstraps_refuses_a_bad_force_and_recovers_a_full_crash() 
     )
     .await
     .unwrap_or_else(|e| panic!("the API server accepts the field: {}", api_message(&e)));
-    let refused = wait_status(&api, "the force refused", WAIT, |s| {
+    let refused = wait_status(api, "the force refused", WAIT, |s| {
         s["phase"] == "Failed"
             && condition(s, "Degraded").is_some_and(|c| {
                 c["reason"] == "InvalidSpec"
@@ -503,8 +389,8 @@ async fn pxc_cluster_bootstraps_refuses_a_bad_force_and_recovers_a_full_crash() 
         "{message}"
     );
     wait_event(
-        &client,
-        &ns,
+        client,
+        ns,
         Some(refused_at),
         "InvalidSpec",
         "forceBootstrapFrom",
@@ -523,13 +409,15 @@ async fn pxc_cluster_bootstraps_refuses_a_bad_force_and_recovers_a_full_crash() 
         assert_eq!(&pod.metadata.uid, uid, "{p} is the same pod");
         assert!(kubelet.is_running(p), "{p} runs");
     }
-    let mut c = connect(kubelet.pod_ip(&writer), &password).await.unwrap();
+    let mut c = mariadb_connect(kubelet.pod_ip(&writer), &password)
+        .await
+        .unwrap();
     c.query_drop("INSERT INTO app.rows_acked (n) VALUES (101)")
         .await
         .unwrap();
     c.disconnect().await.unwrap();
     acked.insert(101);
-    let meanwhile = texts(&events(&client, &ns).await, Some(refused_at));
+    let meanwhile = texts(&events(client, ns).await, Some(refused_at));
     assert!(
         with_reason(&meanwhile, "BootstrapOrdered").is_empty()
             && with_reason(&meanwhile, "BootstrapDecided").is_empty(),
@@ -542,7 +430,7 @@ async fn pxc_cluster_bootstraps_refuses_a_bad_force_and_recovers_a_full_crash() 
     )
     .await
     .unwrap();
-    wait_status(&api, "Healthy again with the field removed", WAIT, healthy).await;
+    wait_status(api, "Healthy again with the field removed", WAIT, healthy).await;
     eprintln!(
         "(2) refused and untouched, {:.1}s",
         t0.elapsed().as_secs_f64()
@@ -550,7 +438,7 @@ async fn pxc_cluster_bootstraps_refuses_a_bad_force_and_recovers_a_full_crash() 
 
     // 3. A full crash. A member other than the writer dies first and
     // falls behind while writes go on at the writer.
-    let status = wait_status(&api, "Healthy before the crash", WAIT, healthy).await;
+    let status = wait_status(api, "Healthy before the crash", WAIT, healthy).await;
     let seqno_before = status["instancesStatus"]
         .as_array()
         .unwrap()
@@ -558,18 +446,19 @@ async fn pxc_cluster_bootstraps_refuses_a_bad_force_and_recovers_a_full_crash() 
         .filter_map(|i| i["wsrep"]["seqno"].as_i64())
         .max()
         .unwrap();
-    let writer = writer_pod(&client, &ns).await.unwrap();
+    let writer = writer_pod(client, ns).await.unwrap();
     let behind = pod_names().into_iter().find(|p| *p != writer).unwrap();
-    let load = Writer::start(kubelet.pod_ip(&writer), password.clone(), 1000);
-    load.wait_more(100, "before the crash").await;
+    let load = start_writer(kubelet.pod_ip(&writer), password.clone(), 1000);
+    load.wait_more(100, "writes before the crash").await;
     kubelet.crash(&behind);
-    load.wait_more(100, &format!("after {behind} died")).await;
+    load.wait_more(100, &format!("writes after {behind} died"))
+        .await;
     // Then the other two, at once, under load.
     let crash_at = Timestamp::now();
     for p in pod_names().iter().filter(|p| **p != behind) {
         kubelet.crash(p);
     }
-    let (rows, end) = load.stop().await;
+    let (rows, end) = load.stop_with_reason().await;
     eprintln!(
         "(3) crashed with {} rows acknowledged during the load (writer ended: {end})",
         rows.len()
@@ -580,7 +469,7 @@ async fn pxc_cluster_bootstraps_refuses_a_bad_force_and_recovers_a_full_crash() 
         kubelet.recover(&p);
     }
     // The decision is recorded in status before the order.
-    let pending = wait_status(&api, "a bootstrap decided", RECOVER, |s| {
+    let pending = wait_status(api, "a bootstrap decided", RECOVER, |s| {
         s.get("bootstrap").is_some()
     })
     .await;
@@ -589,14 +478,14 @@ async fn pxc_cluster_bootstraps_refuses_a_bad_force_and_recovers_a_full_crash() 
         .unwrap()
         .to_string();
     eprintln!("decided: {}", pending["bootstrap"]);
-    let after = wait_status(&api, "Healthy after the full crash", RECOVER, healthy).await;
+    let after = wait_status(api, "Healthy after the full crash", RECOVER, healthy).await;
     eprintln!(
         "(3) recovered: Healthy {:.1}s after the pods came back",
         t_crash.elapsed().as_secs_f64()
     );
     let since = wait_event(
-        &client,
-        &ns,
+        client,
+        ns,
         Some(crash_at),
         "Bootstrapped",
         &format!("the group is Primary again: bootstrapped from {member}"),
@@ -630,8 +519,8 @@ async fn pxc_cluster_bootstraps_refuses_a_bad_force_and_recovers_a_full_crash() 
     assert!(!with_reason(&since, "MemberLeft").is_empty(), "{since:#?}");
     // Sent in the background after the status write that saw it Synced.
     wait_event(
-        &client,
-        &ns,
+        client,
+        ns,
         Some(crash_at),
         "MemberJoined",
         &format!("{behind} is Synced"),
@@ -639,7 +528,7 @@ async fn pxc_cluster_bootstraps_refuses_a_bad_force_and_recovers_a_full_crash() 
     .await;
     let new_cluster_starts: Vec<usize> = pod_names()
         .iter()
-        .map(|p| bootstraps_in_log(&kubelet, p))
+        .map(|p| bootstraps_in_log(kubelet, p))
         .collect();
     assert_eq!(
         new_cluster_starts.iter().sum::<usize>(),
@@ -648,13 +537,13 @@ async fn pxc_cluster_bootstraps_refuses_a_bad_force_and_recovers_a_full_crash() 
         kubelet.logs()
     );
     assert!(
-        bootstraps_in_log(&kubelet, &member) >= 1,
+        bootstraps_in_log(kubelet, &member) >= 1,
         "{member} bootstrapped\n{}",
         kubelet.logs()
     );
 
     // Nothing acknowledged is lost; the history goes on.
-    every_node_has(&kubelet, &password, &acked).await;
+    every_node_has(kubelet, &password, &acked).await;
     for p in pod_names() {
         let ip = kubelet.pod_ip(&p);
         assert_eq!(
@@ -677,11 +566,10 @@ async fn pxc_cluster_bootstraps_refuses_a_bad_force_and_recovers_a_full_crash() 
     for i in after["instancesStatus"].as_array().unwrap() {
         assert_eq!(i["wsrep"]["clusterUuid"], uuid.as_str(), "{after}");
     }
-    assert_no_failures(&client, &ns).await;
+    assert_no_failures(client, ns).await;
     eprintln!(
         "all {} acknowledged rows on every node; test took {:.1}s",
         acked.len(),
         t0.elapsed().as_secs_f64()
     );
-    drop(kubelet);
 }

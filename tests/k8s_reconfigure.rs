@@ -32,28 +32,24 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Client;
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::api::Api;
 use operator_core::engine::InstanceOps;
 use operator_core::instance::protocol::MemberStatus;
 use serde_json::{Value, json};
-use support::kubelet::{self, Kubelet};
+use support::k8s_db::{
+    DbCluster, Operator, condition, galera_cr, mariadb_connect, patch_spec, pg_connect, pg_cr,
+    require_postgres, wait_status,
+};
+use support::kubelet::Kubelet;
 use support::*;
 
 const START: Duration = Duration::from_secs(180);
 const WAIT: Duration = Duration::from_secs(90);
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 const PG: &str = "rc-pg";
 const PG_NAMES: [&str; 3] = ["rc-pg-0", "rc-pg-1", "rc-pg-2"];
 const PXC: &str = "rc-pxc";
-
-fn require_postgres() {
-    assert!(
-        Path::new(PG_BIN).join("postgres").is_file(),
-        "PostgreSQL 15 not found in {PG_BIN}: install postgresql-15 (scripts/setup.sh; Debian: apt-get install postgresql-15)"
-    );
-}
 
 fn require_mariadb() {
     assert!(
@@ -65,43 +61,9 @@ fn require_mariadb() {
 }
 
 fn rc_pg() -> Value {
-    json!({
-        "apiVersion": "stratum.dev/v1alpha1",
-        "kind": "PostgresCluster",
-        "metadata": {"name": PG},
-        "spec": {
-            "instances": 3,
-            "version": 15,
-            "storage": {"size": "1Gi"},
-            "postgresql": {
-                "parameters": {"shared_buffers": "16MB", "max_connections": "40", "work_mem": "4MB"},
-            },
-        },
-    })
-}
-
-async fn secret_value(client: &Client, ns: &str, cluster: &str, key: &str) -> String {
-    let secret = Api::<Secret>::namespaced(client.clone(), ns)
-        .get(&format!("{cluster}-credentials"))
-        .await
-        .unwrap_or_else(|e| panic!("credentials Secret: {}", api_message(&e)));
-    let value = secret.data.unwrap_or_default().remove(key);
-    String::from_utf8(value.unwrap_or_else(|| panic!("no {key} in the Secret")).0).unwrap()
-}
-
-async fn pg_connect(ip: Ipv4Addr, password: &str) -> Result<tokio_postgres::Client, String> {
-    let (client, conn) = tokio_postgres::Config::new()
-        .host(ip.to_string())
-        .port(5432)
-        .user("app")
-        .password(password)
-        .dbname("app")
-        .connect_timeout(Duration::from_secs(2))
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|e| format!("connect to {ip}: {e}"))?;
-    tokio::spawn(conn);
-    Ok(client)
+    let mut cr = pg_cr(PG);
+    cr["spec"]["postgresql"]["parameters"]["work_mem"] = json!("4MB");
+    cr
 }
 
 /// `SHOW name` on every PostgreSQL instance, in `PG_NAMES` order.
@@ -140,13 +102,6 @@ fn reasons_with(events: &[k8s_openapi::api::events::v1::Event], reason: &str) ->
         .collect()
 }
 
-fn condition<'a>(s: &'a Value, type_: &str) -> Option<&'a Value> {
-    s["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-}
-
 async fn config_map(client: &Client, ns: &str, cluster: &str) -> ConfigMap {
     Api::<ConfigMap>::namespaced(client.clone(), ns)
         .get(&format!("{cluster}-config"))
@@ -154,35 +109,17 @@ async fn config_map(client: &Client, ns: &str, cluster: &str) -> ConfigMap {
         .unwrap_or_else(|e| panic!("ConfigMap: {}", api_message(&e)))
 }
 
-async fn patch_spec(api: &Api<DynamicObject>, name: &str, spec: Value) {
-    api.patch(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "spec": spec })),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("patch {name}: {}", api_message(&e)));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_parameters_reach_running_instances() {
     require_postgres();
-    let client = admin().await;
-    let namespace = TestNamespace::create(&client, "reconf-pg").await;
-    let ns = namespace.name.clone();
-    let _operator = OperatorProcess::start_for_instances(&client, Some(&ns)).await;
-    let kubelet = Kubelet::start(&client, &ns, PG, "PostgresCluster").await;
-    apply(&client, &rc_pg(), &ns)
-        .await
-        .unwrap_or_else(|e| panic!("{PG}: {}", api_message(&e)));
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), &ns, &stratum_resource("PostgresCluster"));
-    kubelet::wait_status(&api, PG, "phase Healthy", START, |s| {
+    let db = DbCluster::create("reconf-pg", &rc_pg(), Operator::Process).await;
+    let (client, ns, api, kubelet) = (&db.client, &db.ns, &db.api, &db.kubelet);
+    wait_status(api, PG, "phase Healthy", START, |s| {
         s["phase"] == "Healthy" && s["ready"] == "3/3" && s["currentPrimary"] == "rc-pg-0"
     })
     .await;
-    let password = secret_value(&client, &ns, PG, "app-password").await;
-    let first = managers(&kubelet, &PG_NAMES).await.unwrap();
+    let password = db.secret("app-password").await;
+    let first = managers(kubelet, &PG_NAMES).await.unwrap();
     let hash = first[0]
         .config_hash
         .clone()
@@ -191,18 +128,18 @@ async fn postgres_parameters_reach_running_instances() {
         first.iter().all(|m| m.config_hash.as_ref() == Some(&hash)),
         "{first:?}"
     );
-    let pids_before = pids(&kubelet, &PG_NAMES);
+    let pids_before = pids(kubelet, &PG_NAMES);
     assert!(pids_before.iter().all(Option::is_some), "{pids_before:?}");
 
     // A reloadable parameter: live everywhere, no restart.
     patch_spec(
-        &api,
+        api,
         PG,
-        json!({"postgresql": {"parameters": {"work_mem": "7MB"}}}),
+        &json!({"postgresql": {"parameters": {"work_mem": "7MB"}}}),
     )
     .await;
     eventually("SHOW work_mem = 7MB on every instance", WAIT, || async {
-        let got = pg_show(&kubelet, &password, "work_mem").await?;
+        let got = pg_show(kubelet, &password, "work_mem").await?;
         if got.iter().all(|v| v == "7MB") {
             Ok(())
         } else {
@@ -211,11 +148,11 @@ async fn postgres_parameters_reach_running_instances() {
     })
     .await;
     assert_eq!(
-        pids(&kubelet, &PG_NAMES),
+        pids(kubelet, &PG_NAMES),
         pids_before,
         "work_mem is reloaded, no server restarts"
     );
-    let now = managers(&kubelet, &PG_NAMES).await.unwrap();
+    let now = managers(kubelet, &PG_NAMES).await.unwrap();
     let reloaded_hash = now[0].config_hash.clone().unwrap();
     assert_ne!(reloaded_hash, hash);
     for m in &now {
@@ -226,10 +163,7 @@ async fn postgres_parameters_reach_running_instances() {
         "an InstanceReconfigured Event per instance",
         WAIT,
         || async {
-            let notes = reasons_with(
-                &events_about(&client, &ns, PG).await,
-                "InstanceReconfigured",
-            );
+            let notes = reasons_with(&events_about(client, ns, PG).await, "InstanceReconfigured");
             if PG_NAMES
                 .iter()
                 .all(|n| notes.iter().any(|t| t.starts_with(n)))
@@ -248,16 +182,13 @@ async fn postgres_parameters_reach_running_instances() {
     // order (replicas first, the primary last) until every server runs
     // the new value.
     patch_spec(
-        &api,
+        api,
         PG,
-        json!({"postgresql": {"parameters": {"shared_buffers": "24MB"}}}),
+        &json!({"postgresql": {"parameters": {"shared_buffers": "24MB"}}}),
     )
     .await;
     eventually("an Event saying a restart is pending", WAIT, || async {
-        let notes = reasons_with(
-            &events_about(&client, &ns, PG).await,
-            "InstanceReconfigured",
-        );
+        let notes = reasons_with(&events_about(client, ns, PG).await, "InstanceReconfigured");
         if notes
             .iter()
             .any(|n| n.contains("restart pending for shared_buffers"))
@@ -272,7 +203,7 @@ async fn postgres_parameters_reach_running_instances() {
         "SHOW shared_buffers = 24MB on every instance",
         START,
         || async {
-            let got = pg_show(&kubelet, &password, "shared_buffers").await?;
+            let got = pg_show(kubelet, &password, "shared_buffers").await?;
             if got.iter().all(|v| v == "24MB") {
                 Ok(())
             } else {
@@ -281,7 +212,7 @@ async fn postgres_parameters_reach_running_instances() {
         },
     )
     .await;
-    kubelet::wait_status(&api, PG, "Healthy, no restart pending", WAIT, |s| {
+    wait_status(api, PG, "Healthy, no restart pending", WAIT, |s| {
         s["phase"] == "Healthy"
             && s["ready"] == "3/3"
             && s["instancesStatus"]
@@ -289,11 +220,11 @@ async fn postgres_parameters_reach_running_instances() {
                 .is_some_and(|is| is.len() == 3 && is.iter().all(|i| i["pendingRestart"] != true))
     })
     .await;
-    let restarted = pids(&kubelet, &PG_NAMES);
+    let restarted = pids(kubelet, &PG_NAMES);
     for (i, name) in PG_NAMES.iter().enumerate() {
         assert_ne!(restarted[i], pids_before[i], "{name} was restarted");
     }
-    let now = managers(&kubelet, &PG_NAMES).await.unwrap();
+    let now = managers(kubelet, &PG_NAMES).await.unwrap();
     let pending_hash = now[0].config_hash.clone().unwrap();
     for m in &now {
         assert!(!m.pending_restart, "{m:?}");
@@ -303,14 +234,14 @@ async fn postgres_parameters_reach_running_instances() {
 
     // An operator-owned parameter: refused naming the field; the
     // ConfigMap and the running instances stay as they are.
-    let cm_before = config_map(&client, &ns, PG).await;
+    let cm_before = config_map(client, ns, PG).await;
     patch_spec(
-        &api,
+        api,
         PG,
-        json!({"postgresql": {"parameters": {"max_wal_senders": "12", "work_mem": "9MB"}}}),
+        &json!({"postgresql": {"parameters": {"max_wal_senders": "12", "work_mem": "9MB"}}}),
     )
     .await;
-    let refused = kubelet::wait_status(&api, PG, "the owned parameter refused", WAIT, |s| {
+    let refused = wait_status(api, PG, "the owned parameter refused", WAIT, |s| {
         s["phase"] == "Failed"
             && condition(s, "Degraded").is_some_and(|c| {
                 c["message"]
@@ -327,57 +258,34 @@ async fn postgres_parameters_reach_running_instances() {
         "{refused}"
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let cm_after = config_map(&client, &ns, PG).await;
+    let cm_after = config_map(client, ns, PG).await;
     assert_eq!(
         cm_after.metadata.resource_version, cm_before.metadata.resource_version,
         "the ConfigMap was not changed"
     );
     assert_eq!(
-        pg_show(&kubelet, &password, "work_mem").await.unwrap(),
+        pg_show(kubelet, &password, "work_mem").await.unwrap(),
         vec!["7MB"; 3],
         "nothing of the refused spec reached the instances"
     );
-    let now = managers(&kubelet, &PG_NAMES).await.unwrap();
+    let now = managers(kubelet, &PG_NAMES).await.unwrap();
     assert!(
         now.iter()
             .all(|m| m.config_hash.as_ref() == Some(&pending_hash))
     );
-    assert_eq!(pids(&kubelet, &PG_NAMES), pids_before);
-    drop(kubelet);
+    assert_eq!(pids(kubelet, &PG_NAMES), pids_before);
 }
 
 fn rc_pxc(configuration: &str) -> Value {
-    json!({
-        "apiVersion": "stratum.dev/v1alpha1",
-        "kind": "PxcCluster",
-        "metadata": {"name": PXC},
-        "spec": {
-            "instances": 1,
-            "flavor": "MariaDB",
-            "version": "10.11",
-            "storage": {"size": "1Gi"},
-            "configuration": configuration,
-            "sstMethod": "rsync",
-            // One member keeps the test short; Galera wants three.
-            "unsafeFlags": {"pxcSize": true},
-            // No HAProxy pods run here.
-            "proxy": {"type": "none"},
-        },
-    })
+    let mut cr = galera_cr(PXC, 1, configuration);
+    // One member keeps the test short; Galera wants three.
+    cr["spec"]["unsafeFlags"] = json!({"pxcSize": true});
+    cr
 }
 
 async fn mariadb_variable(ip: Ipv4Addr, password: &str, name: &str) -> Result<String, String> {
     use mysql_async::prelude::Queryable;
-    let opts = mysql_async::OptsBuilder::default()
-        .ip_or_hostname(ip.to_string())
-        .tcp_port(3306)
-        .user(Some("root"))
-        .pass(Some(password.to_string()))
-        .prefer_socket(false);
-    let mut c = tokio::time::timeout(Duration::from_secs(5), mysql_async::Conn::new(opts))
-        .await
-        .map_err(|_| format!("connect to {ip}: timed out"))?
-        .map_err(|e| format!("connect to {ip}: {e}"))?;
+    let mut c = mariadb_connect(ip, password).await?;
     let row: Option<(String, String)> = c
         .query_first(format!("SHOW GLOBAL VARIABLES LIKE '{name}'"))
         .await
@@ -390,27 +298,20 @@ async fn mariadb_variable(ip: Ipv4Addr, password: &str, name: &str) -> Result<St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn galera_configuration_reaches_my_cnf_and_the_server() {
     require_mariadb();
-    let client = admin().await;
-    let namespace = TestNamespace::create(&client, "reconf-pxc").await;
-    let ns = namespace.name.clone();
-    let _operator = OperatorProcess::start_for_instances(&client, Some(&ns)).await;
-    let kubelet = Kubelet::start(&client, &ns, PXC, "PxcCluster").await;
-    apply(
-        &client,
+    let db = DbCluster::create(
+        "reconf-pxc",
         &rc_pxc("[mysqld]\ninnodb_buffer_pool_size = 64M\nmax_connections = 50\n"),
-        &ns,
+        Operator::Process,
     )
-    .await
-    .unwrap_or_else(|e| panic!("{PXC}: {}", api_message(&e)));
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), &ns, &stratum_resource("PxcCluster"));
-    kubelet::wait_status(&api, PXC, "phase Healthy", START, |s| {
+    .await;
+    let (client, ns, api, kubelet) = (&db.client, &db.ns, &db.api, &db.kubelet);
+    wait_status(api, PXC, "phase Healthy", START, |s| {
         s["phase"] == "Healthy" && s["ready"] == "1/1"
     })
     .await;
     let pod = "rc-pxc-0";
     let ip = kubelet.pod_ip(pod);
-    let password = secret_value(&client, &ns, PXC, "root-password").await;
+    let password = db.secret("root-password").await;
     assert_eq!(
         mariadb_variable(ip, &password, "max_connections")
             .await
@@ -422,9 +323,9 @@ async fn galera_configuration_reaches_my_cnf_and_the_server() {
 
     // max_connections is writable (SET GLOBAL): set live.
     patch_spec(
-        &api,
+        api,
         PXC,
-        json!({"configuration": "[mysqld]\ninnodb_buffer_pool_size = 64M\nmax_connections = 77\n"}),
+        &json!({"configuration": "[mysqld]\ninnodb_buffer_pool_size = 64M\nmax_connections = 77\n"}),
     )
     .await;
     eventually("SHOW VARIABLES max_connections = 77", WAIT, || async {
@@ -441,9 +342,9 @@ async fn galera_configuration_reaches_my_cnf_and_the_server() {
     // back_log is not writable: written to my.cnf, a pending restart, which
     // the rolling update carries out; the server then runs it.
     patch_spec(
-        &api,
+        api,
         PXC,
-        json!({"configuration": "[mysqld]\ninnodb_buffer_pool_size = 64M\nmax_connections = 77\nback_log = 61\n"}),
+        &json!({"configuration": "[mysqld]\ninnodb_buffer_pool_size = 64M\nmax_connections = 77\nback_log = 61\n"}),
     )
     .await;
     eventually(
@@ -459,7 +360,7 @@ async fn galera_configuration_reaches_my_cnf_and_the_server() {
     .await;
     let cnf = std::fs::read_to_string(&my_cnf).unwrap();
     assert!(cnf.contains("back_log=61"), "{cnf}");
-    let status = kubelet::wait_status(&api, PXC, "Healthy, no restart pending", WAIT, |s| {
+    let status = wait_status(api, PXC, "Healthy, no restart pending", WAIT, |s| {
         s["phase"] == "Healthy" && s["instancesStatus"][0]["pendingRestart"] != true
     })
     .await;
@@ -474,14 +375,14 @@ async fn galera_configuration_reaches_my_cnf_and_the_server() {
     );
 
     // An operator-owned option: refused naming the field, ConfigMap kept.
-    let cm_before = config_map(&client, &ns, PXC).await;
+    let cm_before = config_map(client, ns, PXC).await;
     patch_spec(
-        &api,
+        api,
         PXC,
-        json!({"configuration": "[mysqld]\nport = 3307\nmax_connections = 99\n"}),
+        &json!({"configuration": "[mysqld]\nport = 3307\nmax_connections = 99\n"}),
     )
     .await;
-    kubelet::wait_status(&api, PXC, "the owned option refused", WAIT, |s| {
+    wait_status(api, PXC, "the owned option refused", WAIT, |s| {
         s["phase"] == "Failed"
             && condition(s, "Degraded").is_some_and(|c| {
                 c["message"]
@@ -492,10 +393,7 @@ async fn galera_configuration_reaches_my_cnf_and_the_server() {
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        config_map(&client, &ns, PXC)
-            .await
-            .metadata
-            .resource_version,
+        config_map(client, ns, PXC).await.metadata.resource_version,
         cm_before.metadata.resource_version,
         "the ConfigMap was not changed"
     );
@@ -506,5 +404,4 @@ async fn galera_configuration_reaches_my_cnf_and_the_server() {
         "77"
     );
     assert_eq!(kubelet.server_pid(pod), Some(pid));
-    drop(kubelet);
 }

@@ -28,21 +28,24 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 use mysql_async::prelude::*;
 use operator_core::engine::InstanceOps;
 use operator_core::instance::protocol::Role;
 use serde_json::{Value, json};
-use support::kubelet::{self, Kubelet, service_ips};
+use support::k8s_db::{
+    AckedWriter, DbCluster, Operator, all_rows_present, condition, galera_cr, mariadb_connect,
+    patch_spec, pg_cr_synchronous, pg_writer, request_switchover, require_galera, require_postgres,
+    rw_ip, wait_status,
+};
+use support::kubelet::Kubelet;
 use support::*;
 
 /// First boot: initdb and two pg_basebackups (or a Galera group with two
@@ -52,27 +55,8 @@ const START: Duration = Duration::from_secs(300);
 /// switchover.
 const ROLL: Duration = Duration::from_secs(300);
 const WAIT: Duration = Duration::from_secs(90);
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
-
-fn require_postgres() {
-    assert!(
-        Path::new(PG_BIN).join("postgres").is_file(),
-        "PostgreSQL 15 not found in {PG_BIN}: install postgresql-15 (scripts/setup.sh; Debian: apt-get install postgresql-15)"
-    );
-}
-
-fn require_galera() {
-    for (path, package) in [
-        ("/usr/sbin/mariadbd", "mariadb-server"),
-        ("/usr/lib/galera/libgalera_smm.so", "galera-4"),
-        ("/usr/bin/rsync", "rsync"),
-    ] {
-        assert!(
-            Path::new(path).exists(),
-            "{path} is required: install the Debian package {package} (scripts/setup.sh installs mariadb-server galera-4 mariadb-backup rsync)"
-        );
-    }
-}
+/// Between two inserts of a writer.
+const PAUSE: Duration = Duration::from_millis(10);
 
 fn names(cluster: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{cluster}-{i}")).collect()
@@ -85,44 +69,20 @@ fn roll_pg(name: &str, supervised: bool) -> Value {
 }
 
 fn roll_pg_with(name: &str, supervised: bool, method: &str) -> Value {
-    json!({
-        "apiVersion": "stratum.dev/v1alpha1",
-        "kind": "PostgresCluster",
-        "metadata": {"name": name},
-        "spec": {
-            "instances": 3,
-            "version": 15,
-            "storage": {"size": "1Gi"},
-            "primaryUpdateStrategy": if supervised { "supervised" } else { "unsupervised" },
-            "primaryUpdateMethod": method,
-            "postgresql": {
-                "parameters": {"shared_buffers": "16MB", "max_connections": "40"},
-                "synchronous": {"method": "any", "number": 1},
-            },
-        },
-    })
+    let mut cr = pg_cr_synchronous(name);
+    cr["spec"]["primaryUpdateStrategy"] = json!(if supervised {
+        "supervised"
+    } else {
+        "unsupervised"
+    });
+    cr["spec"]["primaryUpdateMethod"] = json!(method);
+    cr
 }
 
 /// The change that lands in the pod template: container resources (the
 /// fake Nodes have room; the fake kubelet does not enforce them).
 fn resources_patch() -> Value {
-    json!({"spec": {"resources": {"requests": {"cpu": "10m", "memory": "64Mi"}}}})
-}
-
-fn condition<'a>(s: &'a Value, type_: &str) -> Option<&'a Value> {
-    s["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-}
-
-async fn secret_value(client: &Client, ns: &str, cluster: &str, key: &str) -> String {
-    let secret = Api::<Secret>::namespaced(client.clone(), ns)
-        .get(&format!("{cluster}-credentials"))
-        .await
-        .unwrap_or_else(|e| panic!("credentials Secret: {}", api_message(&e)));
-    let value = secret.data.unwrap_or_default().remove(key);
-    String::from_utf8(value.unwrap_or_else(|| panic!("no {key} in the Secret")).0).unwrap()
+    json!({"resources": {"requests": {"cpu": "10m", "memory": "64Mi"}}})
 }
 
 /// The StatefulSet's update revision once its controller observed the
@@ -235,95 +195,6 @@ impl PodMonitor {
 // PostgreSQL
 // ---------------------------------------------------------------------
 
-/// The one IP behind `<cluster>-rw`.
-async fn rw_ip(client: &Client, ns: &str, cluster: &str) -> Result<Ipv4Addr, String> {
-    match service_ips(client, ns, &format!("{cluster}-rw"))
-        .await?
-        .as_slice()
-    {
-        [ip] => Ok(*ip),
-        other => Err(format!("-rw selects {other:?}")),
-    }
-}
-
-async fn pg_connect(ip: Ipv4Addr, password: &str) -> Result<tokio_postgres::Client, String> {
-    let (client, conn) = tokio_postgres::Config::new()
-        .host(ip.to_string())
-        .port(5432)
-        .user("app")
-        .password(password)
-        .dbname("app")
-        .connect_timeout(Duration::from_secs(2))
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|e| format!("connect to {ip}: {e}"))?;
-    tokio::spawn(conn);
-    Ok(client)
-}
-
-/// Inserts numbered rows through `-rw` in a loop, reconnecting (to what
-/// `-rw` selects then) after any error; keeps the acknowledged ids.
-struct PgWriter {
-    stop: Arc<AtomicBool>,
-    acked: Arc<Mutex<Vec<i32>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl PgWriter {
-    /// Ids from `first` up.
-    fn start(client: Client, ns: String, cluster: String, password: String, first: i32) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked: Arc<Mutex<Vec<i32>>> = Arc::default();
-        let (s, a) = (stop.clone(), acked.clone());
-        let task = tokio::spawn(async move {
-            let mut next = first;
-            while !s.load(Ordering::SeqCst) {
-                let Ok(ip) = rw_ip(&client, &ns, &cluster).await else {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                };
-                let Ok(c) = pg_connect(ip, &password).await else {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                };
-                while !s.load(Ordering::SeqCst) {
-                    let id = next;
-                    next += 1;
-                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
-                    let insert = c.execute("INSERT INTO t VALUES ($1)", &params);
-                    match tokio::time::timeout(Duration::from_secs(5), insert).await {
-                        Ok(Ok(_)) => a.lock().unwrap().push(id),
-                        _ => break,
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        });
-        Self { stop, acked, task }
-    }
-
-    fn acked(&self) -> usize {
-        self.acked.lock().unwrap().len()
-    }
-
-    async fn wait_more(&self, n: usize, what: &str) {
-        let from = self.acked();
-        eventually(what, WAIT, || async {
-            let now = self.acked();
-            (now >= from + n)
-                .then_some(())
-                .ok_or(format!("{} acknowledged since", now - from))
-        })
-        .await;
-    }
-
-    async fn stop(self) -> Vec<i32> {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = self.task.await;
-        self.acked.lock().unwrap().clone()
-    }
-}
-
 /// Samples every manager's role every 200 ms; records any moment when
 /// two members were ready primaries at once.
 struct PrimaryMonitor {
@@ -365,24 +236,6 @@ impl PrimaryMonitor {
     }
 }
 
-async fn all_rows_present(client: &Client, ns: &str, cluster: &str, password: &str, acked: &[i32]) {
-    let ip = eventually("one ready pod behind -rw", WAIT, || {
-        rw_ip(client, ns, cluster)
-    })
-    .await;
-    let c = pg_connect(ip, password).await.unwrap();
-    let rows = c.query("SELECT id FROM t", &[]).await.unwrap();
-    let have: BTreeSet<i32> = rows.iter().map(|r| r.get(0)).collect();
-    let lost: Vec<&i32> = acked.iter().filter(|id| !have.contains(id)).collect();
-    assert!(
-        lost.is_empty(),
-        "{} of {} acknowledged rows lost: {:?}",
-        lost.len(),
-        acked.len(),
-        &lost[..lost.len().min(20)]
-    );
-}
-
 fn reasons(events: &[k8s_openapi::api::events::v1::Event]) -> Vec<String> {
     events
         .iter()
@@ -396,6 +249,12 @@ fn reasons(events: &[k8s_openapi::api::events::v1::Event]) -> Vec<String> {
         .collect()
 }
 
+/// Whether one of `events` (as [`reasons`] gives them) starts with
+/// `prefix`.
+fn has_event(events: &[String], prefix: &str) -> bool {
+    events.iter().any(|e| e.starts_with(prefix))
+}
+
 fn healthy(s: &Value, n: usize) -> bool {
     s["phase"] == "Healthy"
         && s["ready"] == format!("{n}/{n}")
@@ -404,14 +263,44 @@ fn healthy(s: &Value, n: usize) -> bool {
         && s["currentPrimary"] == s["targetPrimary"]
 }
 
+/// What a PostgreSQL rolling update is watched with: a writer through
+/// `-rw` (20 writes acknowledged before the update), the managers' roles
+/// ([`PrimaryMonitor`]) and the pods' replacements ([`PodMonitor`]).
+struct PgRollWatch {
+    writer: AckedWriter<i32>,
+    primaries: PrimaryMonitor,
+    monitor: PodMonitor,
+}
+
+impl PgRollWatch {
+    async fn start(s: &PgSetup, pods: &[String]) -> Self {
+        let writer = pg_writer(&s.db, &s.password, 1, PAUSE, WAIT);
+        writer.wait_more(20, "writes before the update").await;
+        let primaries = PrimaryMonitor::start(&s.db.kubelet, pods.to_vec());
+        let monitor = PodMonitor::start(&s.db.client, &s.db.ns, pods.to_vec()).await;
+        Self {
+            writer,
+            primaries,
+            monitor,
+        }
+    }
+
+    /// After 20 more writes: the order pods were replaced in, the most
+    /// away at once, the moments with two ready primaries, and the
+    /// acknowledged ids.
+    async fn stop(self) -> (Vec<String>, usize, Vec<Vec<String>>, Vec<i32>) {
+        self.writer.wait_more(20, "writes after the update").await;
+        let (order, most_away) = self.monitor.stop().await;
+        let two = self.primaries.stop().await;
+        let acked = self.writer.stop().await;
+        (order, most_away, two, acked)
+    }
+}
+
+/// A Healthy 3-instance PostgreSQL cluster with the table `t`.
 struct PgSetup {
-    client: Client,
-    ns: String,
-    api: Api<DynamicObject>,
-    kubelet: Kubelet,
+    db: DbCluster,
     password: String,
-    _operator: OperatorProcess,
-    _namespace: TestNamespace,
 }
 
 async fn pg_setup(prefix: &str, cluster: &str, supervised: bool) -> PgSetup {
@@ -419,49 +308,16 @@ async fn pg_setup(prefix: &str, cluster: &str, supervised: bool) -> PgSetup {
 }
 
 async fn pg_setup_with(prefix: &str, cr: Value) -> PgSetup {
-    let cluster = cr["metadata"]["name"].as_str().unwrap().to_string();
-    let cluster = cluster.as_str();
     require_postgres();
-    let client = admin().await;
-    let namespace = TestNamespace::create(&client, prefix).await;
-    let ns = namespace.name.clone();
-    let operator = OperatorProcess::start_for_instances(&client, Some(&ns)).await;
-    let kubelet = Kubelet::start(&client, &ns, cluster, "PostgresCluster").await;
-    apply(&client, &cr, &ns)
-        .await
-        .unwrap_or_else(|e| panic!("{cluster}: {}", api_message(&e)));
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), &ns, &stratum_resource("PostgresCluster"));
-    kubelet::wait_status(&api, cluster, "phase Healthy", START, |s| {
-        healthy(s, 3) && s["currentPrimary"] == format!("{cluster}-0")
+    let db = DbCluster::create(prefix, &cr, Operator::Process).await;
+    let first = format!("{}-0", db.name);
+    db.wait_status("phase Healthy", START, |s| {
+        healthy(s, 3) && s["currentPrimary"] == first
     })
     .await;
-    let password = secret_value(&client, &ns, cluster, "app-password").await;
-    let ip = eventually("one ready pod behind -rw", WAIT, || {
-        rw_ip(&client, &ns, cluster)
-    })
-    .await;
-    pg_connect(ip, &password)
-        .await
-        .unwrap()
-        .execute("CREATE TABLE t (id int PRIMARY KEY)", &[])
-        .await
-        .unwrap();
-    PgSetup {
-        client,
-        ns,
-        api,
-        kubelet,
-        password,
-        _operator: operator,
-        _namespace: namespace,
-    }
-}
-
-async fn patch_spec(api: &Api<DynamicObject>, cluster: &str, patch: &Value) {
-    api.patch(cluster, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-        .unwrap_or_else(|e| panic!("patch {cluster}: {}", api_message(&e)));
+    let password = db.secret("app-password").await;
+    db.pg_create_table_t(&password, WAIT).await;
+    PgSetup { db, password }
 }
 
 /// Every pod runs the StatefulSet's update revision.
@@ -482,18 +338,15 @@ async fn all_pods_updated(client: &Client, ns: &str, cluster: &str, n: usize) {
 async fn postgres_rolls_replicas_first_then_the_primary_after_a_switchover() {
     const C: &str = "roll-pg";
     let s = pg_setup("pg-roll", C, false).await;
-    let (client, ns, api, kubelet) = (&s.client, &s.ns, &s.api, &s.kubelet);
+    let (client, ns, api) = (&s.db.client, &s.db.ns, &s.db.api);
     let pods = names(C, 3);
     let (before, _) = revisions(client, ns, C).await;
 
-    let writer = PgWriter::start(client.clone(), ns.clone(), C.into(), s.password.clone(), 1);
-    writer.wait_more(20, "writes before the update").await;
-    let primaries = PrimaryMonitor::start(kubelet, pods.clone());
-    let monitor = PodMonitor::start(client, ns, pods.clone()).await;
+    let watch = PgRollWatch::start(&s, &pods).await;
 
     patch_spec(api, C, &resources_patch()).await;
     // Phase Upgrading with the progress line while it rolls.
-    let upgrading = kubelet::wait_status(api, C, "phase Upgrading", WAIT, |s| {
+    let upgrading = wait_status(api, C, "phase Upgrading", WAIT, |s| {
         s["phase"] == "Upgrading"
     })
     .await;
@@ -503,17 +356,14 @@ async fn postgres_rolls_replicas_first_then_the_primary_after_a_switchover() {
     assert_eq!(progressing["status"], "True", "{upgrading}");
     assert_eq!(progressing["reason"], "RollingUpdate", "{upgrading}");
 
-    let status = kubelet::wait_status(api, C, "Healthy after the rolling update", ROLL, |s| {
+    let status = wait_status(api, C, "Healthy after the rolling update", ROLL, |s| {
         healthy(s, 3) && s["currentPrimary"] != "roll-pg-0"
     })
     .await;
     all_pods_updated(client, ns, C, 3).await;
     let (after, _) = revisions(client, ns, C).await;
     assert_ne!(before, after, "the template change made a new revision");
-    writer.wait_more(20, "writes after the update").await;
-    let (order, most_away) = monitor.stop().await;
-    let two = primaries.stop().await;
-    let acked = writer.stop().await;
+    let (order, most_away, two, acked) = watch.stop().await;
 
     let events = reasons(&events_about(client, ns, C).await);
     eprintln!("events:\n{}", events.join("\n"));
@@ -525,9 +375,9 @@ async fn postgres_rolls_replicas_first_then_the_primary_after_a_switchover() {
     );
     assert!(most_away <= 1, "{most_away} pods away at once");
     assert!(two.is_empty(), "two ready primaries at once: {two:?}");
-    all_rows_present(client, ns, C, &s.password, &acked).await;
+    all_rows_present(&s.db, &s.password, &acked, WAIT).await;
     eprintln!("{} acknowledged rows, none lost", acked.len());
-    let has = |prefix: &str| events.iter().any(|e| e.starts_with(prefix));
+    let has = |prefix: &str| has_event(&events, prefix);
     for want in [
         "RollingUpdateStarted: ",
         "SwitchoverForUpdate: every replica is updated; switching over from roll-pg-0",
@@ -550,28 +400,16 @@ async fn postgres_rolls_replicas_first_then_the_primary_after_a_switchover() {
     // over to a kept replica first, then the StatefulSet shrinks.
     let primary = status["currentPrimary"].as_str().unwrap().to_string();
     if primary != "roll-pg-2" {
-        api.patch_status(
-            C,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"targetPrimary": "roll-pg-2"}})),
-        )
-        .await
-        .unwrap();
-        kubelet::wait_status(api, C, "roll-pg-2 primary", WAIT, |s| {
+        request_switchover(api, C, "roll-pg-2").await;
+        wait_status(api, C, "roll-pg-2 primary", WAIT, |s| {
             healthy(s, 3) && s["currentPrimary"] == "roll-pg-2"
         })
         .await;
     }
-    let writer = PgWriter::start(
-        client.clone(),
-        ns.clone(),
-        C.into(),
-        s.password.clone(),
-        1_000_000,
-    );
+    let writer = pg_writer(&s.db, &s.password, 1_000_000, PAUSE, WAIT);
     writer.wait_more(20, "writes before the scale-down").await;
-    patch_spec(api, C, &json!({"spec": {"instances": 2}})).await;
-    let status = kubelet::wait_status(api, C, "Healthy with 2 instances", ROLL, |s| {
+    patch_spec(api, C, &json!({"instances": 2})).await;
+    let status = wait_status(api, C, "Healthy with 2 instances", ROLL, |s| {
         healthy(s, 2) && s["instances"] == 2
     })
     .await;
@@ -592,18 +430,16 @@ async fn postgres_rolls_replicas_first_then_the_primary_after_a_switchover() {
     .await;
     writer.wait_more(20, "writes after the scale-down").await;
     let acked = writer.stop().await;
-    all_rows_present(client, ns, C, &s.password, &acked).await;
+    all_rows_present(&s.db, &s.password, &acked, WAIT).await;
     let events = reasons(&events_about(client, ns, C).await);
     assert!(
-        events.iter().any(|e| e.starts_with(
+        has_event(
+            &events,
             "SwitchoverForScaleDown: scaling down to 2 removes the primary roll-pg-2"
-        )),
+        ),
         "{events:#?}"
     );
-    assert!(
-        !events.iter().any(|e| e.starts_with("FailoverStarted")),
-        "{events:#?}"
-    );
+    assert!(!has_event(&events, "FailoverStarted"), "{events:#?}");
     assert_no_failures(client, ns).await;
 }
 
@@ -611,12 +447,12 @@ async fn postgres_rolls_replicas_first_then_the_primary_after_a_switchover() {
 async fn supervised_primary_waits_for_the_users_switchover() {
     const C: &str = "sup-pg";
     let s = pg_setup("pg-roll-sup", C, true).await;
-    let (client, ns, api) = (&s.client, &s.ns, &s.api);
+    let (client, ns, api) = (&s.db.client, &s.db.ns, &s.db.api);
     let pods = names(C, 3);
     let monitor = PodMonitor::start(client, ns, pods.clone()).await;
     patch_spec(api, C, &resources_patch()).await;
 
-    let status = kubelet::wait_status(api, C, "waiting for the user", ROLL, |s| {
+    let status = wait_status(api, C, "waiting for the user", ROLL, |s| {
         condition(s, "Progressing").is_some_and(|c| c["reason"] == "WaitingForUser")
     })
     .await;
@@ -639,14 +475,8 @@ async fn supervised_primary_waits_for_the_users_switchover() {
     assert_eq!(still["phase"], "Upgrading", "{still}");
 
     // The user switches over: the old primary, now a replica, is updated.
-    api.patch_status(
-        C,
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": {"targetPrimary": "sup-pg-1"}})),
-    )
-    .await
-    .unwrap();
-    kubelet::wait_status(api, C, "Healthy on sup-pg-1, all updated", ROLL, |s| {
+    request_switchover(api, C, "sup-pg-1").await;
+    wait_status(api, C, "Healthy on sup-pg-1, all updated", ROLL, |s| {
         healthy(s, 3)
             && s["currentPrimary"] == "sup-pg-1"
             && condition(s, "Progressing").is_some_and(|c| c["status"] == "False")
@@ -657,14 +487,8 @@ async fn supervised_primary_waits_for_the_users_switchover() {
     assert_eq!(order, ["sup-pg-2", "sup-pg-1", "sup-pg-0"]);
     assert!(most_away <= 1, "{most_away} pods away at once");
     let events = reasons(&events_about(client, ns, C).await);
-    assert!(
-        events.iter().any(|e| e.starts_with("WaitingForUser: ")),
-        "{events:#?}"
-    );
-    assert!(
-        !events.iter().any(|e| e.starts_with("SwitchoverForUpdate")),
-        "{events:#?}"
-    );
+    assert!(has_event(&events, "WaitingForUser: "), "{events:#?}");
+    assert!(!has_event(&events, "SwitchoverForUpdate"), "{events:#?}");
     assert_no_failures(client, ns).await;
 }
 
@@ -672,18 +496,15 @@ async fn supervised_primary_waits_for_the_users_switchover() {
 async fn restart_method_recreates_the_primary_in_place_without_a_failover() {
     const C: &str = "rst-pg";
     let s = pg_setup_with("pg-roll-rst", roll_pg_with(C, false, "restart")).await;
-    let (client, ns, api, kubelet) = (&s.client, &s.ns, &s.api, &s.kubelet);
+    let (client, ns, api) = (&s.db.client, &s.db.ns, &s.db.api);
     let pods = names(C, 3);
-    let writer = PgWriter::start(client.clone(), ns.clone(), C.into(), s.password.clone(), 1);
-    writer.wait_more(20, "writes before the update").await;
-    let primaries = PrimaryMonitor::start(kubelet, pods.clone());
-    let monitor = PodMonitor::start(client, ns, pods.clone()).await;
+    let watch = PgRollWatch::start(&s, &pods).await;
     patch_spec(api, C, &resources_patch()).await;
-    kubelet::wait_status(api, C, "phase Upgrading", WAIT, |s| {
+    wait_status(api, C, "phase Upgrading", WAIT, |s| {
         s["phase"] == "Upgrading"
     })
     .await;
-    let status = kubelet::wait_status(api, C, "Healthy after the rolling update", ROLL, |s| {
+    let status = wait_status(api, C, "Healthy after the rolling update", ROLL, |s| {
         healthy(s, 3)
             && condition(s, "Progressing").is_some_and(|c| c["status"] == "False")
             && s["instancesStatus"]
@@ -692,10 +513,7 @@ async fn restart_method_recreates_the_primary_in_place_without_a_failover() {
     })
     .await;
     all_pods_updated(client, ns, C, 3).await;
-    writer.wait_more(20, "writes after the update").await;
-    let (order, most_away) = monitor.stop().await;
-    let two = primaries.stop().await;
-    let acked = writer.stop().await;
+    let (order, most_away, two, acked) = watch.stop().await;
     let events = reasons(&events_about(client, ns, C).await);
     eprintln!("events:\n{}", events.join("\n"));
     assert_eq!(order, ["rst-pg-2", "rst-pg-1", "rst-pg-0"]);
@@ -710,10 +528,7 @@ async fn restart_method_recreates_the_primary_in_place_without_a_failover() {
         "SwitchoverStarted",
         "SwitchoverForUpdate",
     ] {
-        assert!(
-            !events.iter().any(|e| e.starts_with(never)),
-            "{never}: {events:#?}"
-        );
+        assert!(!has_event(&events, never), "{never}: {events:#?}");
     }
     assert!(
         events
@@ -721,7 +536,7 @@ async fn restart_method_recreates_the_primary_in_place_without_a_failover() {
             .any(|e| e.starts_with("RollingUpdate: deleted pod rst-pg-0 (primary)")),
         "{events:#?}"
     );
-    all_rows_present(client, ns, C, &s.password, &acked).await;
+    all_rows_present(&s.db, &s.password, &acked, WAIT).await;
     eprintln!("{} acknowledged rows, none lost", acked.len());
     assert_no_failures(client, ns).await;
 }
@@ -733,21 +548,11 @@ async fn restart_method_recreates_the_primary_in_place_without_a_failover() {
 const GX: &str = "roll-galera";
 
 fn roll_galera() -> Value {
-    json!({
-        "apiVersion": "stratum.dev/v1alpha1",
-        "kind": "PxcCluster",
-        "metadata": {"name": GX},
-        "spec": {
-            "instances": 3,
-            "flavor": "MariaDB",
-            "version": "10.11",
-            "storage": {"size": "1Gi"},
-            "proxy": {"type": "none"},
-            // rsync SST: binds the joiner's IP (see tests/k8s_pxc.rs).
-            "sstMethod": "rsync",
-            "configuration": "[mysqld]\ninnodb_buffer_pool_size = 64M\nmax_connections = 100\n",
-        },
-    })
+    galera_cr(
+        GX,
+        3,
+        "[mysqld]\ninnodb_buffer_pool_size = 64M\nmax_connections = 100\n",
+    )
 }
 
 fn galera_healthy(s: &Value) -> bool {
@@ -761,118 +566,51 @@ fn galera_healthy(s: &Value) -> bool {
         })
 }
 
-async fn my_connect(ip: Ipv4Addr, password: &str) -> Result<mysql_async::Conn, String> {
-    let opts = mysql_async::OptsBuilder::default()
-        .ip_or_hostname(ip.to_string())
-        .tcp_port(3306)
-        .user(Some("root"))
-        .pass(Some(password.to_string()))
-        .prefer_socket(false);
-    match tokio::time::timeout(Duration::from_secs(5), mysql_async::Conn::new(opts)).await {
-        Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(format!("{ip}: {e}")),
-        Err(_) => Err(format!("connecting to {ip} timed out")),
-    }
-}
-
 /// Inserts numbered rows at whatever `-rw` selects, reconnecting after
 /// any error; keeps the acknowledged ones.
-struct GaleraWriter {
-    stop: Arc<AtomicBool>,
-    acked: Arc<Mutex<Vec<i64>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl GaleraWriter {
-    fn start(client: Client, ns: String, password: String) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked: Arc<Mutex<Vec<i64>>> = Arc::default();
-        let (s, a) = (stop.clone(), acked.clone());
-        let task = tokio::spawn(async move {
-            let mut n = 0i64;
-            while !s.load(Ordering::SeqCst) {
-                let ip = match service_ips(&client, &ns, &format!("{GX}-rw")).await {
-                    Ok(ips) if ips.len() == 1 => ips[0],
-                    _ => {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let Ok(mut c) = my_connect(ip, &password).await else {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                };
-                while !s.load(Ordering::SeqCst) {
-                    n += 1;
-                    let insert = c.exec_drop("INSERT INTO app.rows_acked (n) VALUES (?)", (n,));
-                    match tokio::time::timeout(Duration::from_secs(10), insert).await {
-                        Ok(Ok(())) => a.lock().unwrap().push(n),
-                        _ => break,
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+fn galera_writer(db: &DbCluster, password: &str) -> AckedWriter<i64> {
+    let (client, ns, password) = (db.client.clone(), db.ns.clone(), password.to_string());
+    AckedWriter::spawn(WAIT, move |stop, acked| async move {
+        let mut n = 0i64;
+        while !stop.load(Ordering::SeqCst) {
+            let Ok(ip) = rw_ip(&client, &ns, GX).await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let Ok(mut c) = mariadb_connect(ip, &password).await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            while !stop.load(Ordering::SeqCst) {
+                n += 1;
+                let insert = c.exec_drop("INSERT INTO app.rows_acked (n) VALUES (?)", (n,));
+                match tokio::time::timeout(Duration::from_secs(10), insert).await {
+                    Ok(Ok(())) => acked.lock().unwrap().push(n),
+                    _ => break,
                 }
+                tokio::time::sleep(PAUSE).await;
             }
-        });
-        Self { stop, acked, task }
-    }
-
-    async fn wait_more(&self, more: usize, what: &str) {
-        let from = self.acked.lock().unwrap().len();
-        eventually(what, WAIT, || async {
-            let now = self.acked.lock().unwrap().len();
-            (now >= from + more)
-                .then_some(())
-                .ok_or(format!("{} acknowledged since", now - from))
-        })
-        .await;
-    }
-
-    async fn stop(self) -> Vec<i64> {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = self.task.await;
-        self.acked.lock().unwrap().clone()
-    }
+        }
+        "stopped".into()
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn galera_rolls_one_member_at_a_time_writer_last() {
     require_galera();
-    let client = admin().await;
-    let namespace = TestNamespace::create(&client, "pxc-roll").await;
-    let ns = namespace.name.clone();
-    let operator = OperatorProcess::start_for_instances(&client, Some(&ns)).await;
-    let kubelet = Kubelet::start(&client, &ns, GX, "PxcCluster").await;
-    apply(&client, &roll_galera(), &ns)
-        .await
-        .unwrap_or_else(|e| panic!("{GX}: {}", api_message(&e)));
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), &ns, &stratum_resource("PxcCluster"));
-    kubelet::wait_status(
-        &api,
-        GX,
-        "Healthy with 3 Synced members",
-        START,
-        galera_healthy,
-    )
-    .await;
-    let password = secret_value(&client, &ns, GX, "root-password").await;
-    let ip = eventually("the -rw writer", WAIT, || async {
-        match service_ips(&client, &ns, &format!("{GX}-rw"))
-            .await?
-            .as_slice()
-        {
-            [ip] => Ok(*ip),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    let db = DbCluster::create("pxc-roll", &roll_galera(), Operator::Process).await;
+    let (client, ns, api, kubelet) = (&db.client, &db.ns, &db.api, &db.kubelet);
+    db.wait_status("Healthy with 3 Synced members", START, galera_healthy)
+        .await;
+    let password = db.secret("root-password").await;
+    let ip = db.wait_rw_ip(WAIT).await;
     // The writer: the member the bootstrap made writer (the label stays
     // where it is); it is updated last.
     let writer_pod = names(GX, 3)
         .into_iter()
         .find(|p| kubelet.pod_ip(p) == ip)
         .expect("-rw selects a member");
-    let mut c = my_connect(ip, &password).await.unwrap();
+    let mut c = mariadb_connect(ip, &password).await.unwrap();
     c.query_drop("CREATE DATABASE IF NOT EXISTS app")
         .await
         .unwrap();
@@ -881,24 +619,24 @@ async fn galera_rolls_one_member_at_a_time_writer_last() {
         .unwrap();
     drop(c);
 
-    let writer = GaleraWriter::start(client.clone(), ns.clone(), password.clone());
+    let writer = galera_writer(&db, &password);
     writer.wait_more(20, "writes before the update").await;
     let pods = names(GX, 3);
-    let monitor = PodMonitor::start(&client, &ns, pods.clone()).await;
-    patch_spec(&api, GX, &resources_patch()).await;
-    kubelet::wait_status(&api, GX, "phase Upgrading", WAIT, |s| {
+    let monitor = PodMonitor::start(client, ns, pods.clone()).await;
+    patch_spec(api, GX, &resources_patch()).await;
+    wait_status(api, GX, "phase Upgrading", WAIT, |s| {
         s["phase"] == "Upgrading"
     })
     .await;
-    kubelet::wait_status(&api, GX, "Healthy after the rolling update", ROLL, |s| {
+    wait_status(api, GX, "Healthy after the rolling update", ROLL, |s| {
         galera_healthy(s) && condition(s, "Progressing").is_some_and(|c| c["status"] == "False")
     })
     .await;
-    all_pods_updated(&client, &ns, GX, 3).await;
+    all_pods_updated(client, ns, GX, 3).await;
     writer.wait_more(20, "writes after the update").await;
     let (order, most_away) = monitor.stop().await;
     let acked: BTreeSet<i64> = writer.stop().await.into_iter().collect();
-    let events = reasons(&events_about(&client, &ns, GX).await);
+    let events = reasons(&events_about(client, ns, GX).await);
     eprintln!("events:\n{}", events.join("\n"));
     // One at a time, each a member that was not the writer then, the
     // highest ordinal first, the writer last. (The writer label may move
@@ -914,7 +652,7 @@ async fn galera_rolls_one_member_at_a_time_writer_last() {
     assert!(most_away <= 1, "{most_away} members away at once");
     let deleted = |pod: &str, role: &str| {
         let prefix = format!("RollingUpdate: deleted pod {pod} ({role})");
-        events.iter().any(|e| e.starts_with(&prefix))
+        has_event(&events, &prefix)
     };
     // The writer of the moment is never taken down before the last step
     // (which is the writer unless the label moved to an updated member).
@@ -929,10 +667,7 @@ async fn galera_rolls_one_member_at_a_time_writer_last() {
         format!("InstanceUpdated: {}", order[2]),
         "RollingUpdateDone: ".to_string(),
     ] {
-        assert!(
-            events.iter().any(|e| e.starts_with(&want)),
-            "no Event {want:?}: {events:#?}"
-        );
+        assert!(has_event(&events, &want), "no Event {want:?}: {events:#?}");
     }
     // Every acknowledged row on every node.
     eventually(
@@ -940,7 +675,7 @@ async fn galera_rolls_one_member_at_a_time_writer_last() {
         WAIT,
         || async {
             for pod in &pods {
-                let mut c = my_connect(kubelet.pod_ip(pod), &password).await?;
+                let mut c = mariadb_connect(kubelet.pod_ip(pod), &password).await?;
                 let rows: Vec<i64> = c
                     .query("SELECT n FROM app.rows_acked")
                     .await
@@ -956,6 +691,5 @@ async fn galera_rolls_one_member_at_a_time_writer_last() {
     )
     .await;
     eprintln!("{} acknowledged rows on every node", acked.len());
-    assert_no_failures(&client, &ns).await;
-    drop(operator);
+    assert_no_failures(client, ns).await;
 }

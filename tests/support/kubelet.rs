@@ -54,7 +54,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -67,27 +67,6 @@ use operator_core::plan::POD_API_PORT;
 use serde_json::json;
 
 use super::{api_message, provide_volumes};
-
-/// Wait until the cluster `name`'s status satisfies `check`; returns it
-/// (the last status seen is in the panic message if it never does).
-pub async fn wait_status(
-    api: &Api<DynamicObject>,
-    name: &str,
-    what: &str,
-    timeout: Duration,
-    check: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    super::eventually(what, timeout, || async {
-        let obj = api.get(name).await.map_err(|e| e.to_string())?;
-        let status = obj.data.get("status").cloned().unwrap_or_default();
-        if check(&status) {
-            Ok(status)
-        } else {
-            Err(status.to_string())
-        }
-    })
-    .await
-}
 
 /// What kube-proxy would send a connection to `service` to: the IPs of
 /// the ready pods its selector picks.

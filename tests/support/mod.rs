@@ -12,6 +12,7 @@
 
 #![allow(dead_code)] // each test binary uses a part
 
+pub mod k8s_db;
 pub mod kubelet;
 
 use std::collections::BTreeMap;
