@@ -40,10 +40,13 @@ pub const STUCK_GRACE: Duration = Duration::from_secs(30);
 /// `wsrep_cluster_status` Disconnected. Seen after an IST that "didn't
 /// contain all write sets … node restart required": mariadbd then stays
 /// up in that state instead of exiting, and its manager (which restarts
-/// servers that exit) never restarts it.
+/// servers that exit) never restarts it. Its manager reports such a server
+/// as `Starting` when it never was ready since it started (the IST of a
+/// member coming back after a full crash: seen stuck for 4 minutes in a
+/// test run while only `Running` counted), `Running` otherwise.
 pub fn stuck_outside_group(m: &ObservedMember) -> bool {
     let Some(s) = &m.status else { return false };
-    matches!(s.process, ProcessState::Running)
+    matches!(s.process, ProcessState::Running | ProcessState::Starting)
         && wsrep_status(s).is_some_and(|w| {
             w.state.eq_ignore_ascii_case("initialized")
                 && w.cluster_status.as_deref() == Some("Disconnected")
@@ -308,7 +311,13 @@ mod tests {
         let member = |name: &str, state: &str, cluster_status: &str| ObservedMember {
             name: name.into(),
             status: Some(MemberStatus {
-                process: ProcessState::Running,
+                // Never ready since its server started: its manager says
+                // Starting (Running counts the same).
+                process: if state == "Initialized" {
+                    ProcessState::Starting
+                } else {
+                    ProcessState::Running
+                },
                 position: Position::Galera {
                     cluster_uuid: "6f0f2b9e-1111-11ee-8000-000000000001".into(),
                     seqno: 7,
@@ -352,6 +361,13 @@ mod tests {
         ];
         assert!(watch.due(&joined, t0 + STUCK_GRACE).is_empty());
         assert!(watch.due(&stuck, t0 + STUCK_GRACE * 2).is_empty());
+        // A server that exited or is being prepared is not stuck: its
+        // manager restarts or prepares it.
+        for process in [ProcessState::Exited, ProcessState::Preparing] {
+            let mut m = member("g-1", "Initialized", "Disconnected");
+            m.status.as_mut().unwrap().process = process;
+            assert!(!stuck_outside_group(&m));
+        }
     }
 
     #[test]

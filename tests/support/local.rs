@@ -358,7 +358,17 @@ impl Drop for Local {
 
 /// The last `n` lines of `path` without the request and "waiting" chatter.
 fn tail(path: &Path, n: usize) -> String {
-    let bytes = std::fs::read(path).unwrap_or_default();
+    // The SST logs mariabackup archives are gzip files.
+    let bytes = if path.extension().is_some_and(|e| e == "gz") {
+        std::process::Command::new("gzip")
+            .arg("-dc")
+            .arg(path)
+            .output()
+            .map(|o| o.stdout)
+            .unwrap_or_default()
+    } else {
+        std::fs::read(path).unwrap_or_default()
+    };
     let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<&str> = text
         .lines()
