@@ -71,13 +71,13 @@ for name in k8s rest; do
   [ "$rc" = 0 ] || status=$rc
 done
 cat "$logs/k8s.log" "$logs/rest.log" >"$logs/all.log"
-passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$logs/all.log" | awk '{s+=$4} END {print s+0}')
-failed=$(grep -Eo '[0-9]+ failed;' "$logs/all.log" | awk '{s+=$1} END {print s+0}')
+passed=$(grep -aEo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$logs/all.log" | awk '{s+=$4} END {print s+0}')
+failed=$(grep -aEo '[0-9]+ failed;' "$logs/all.log" | awk '{s+=$1} END {print s+0}')
 echo
 if [ "$failed" != 0 ] || [ "$status" != 0 ]; then
   echo "failed tests:"
-  grep -hE '^test .* FAILED$' "$logs/all.log" | sed 's/^/  /' || true
-  grep -hE '^error: .*(failed|could not compile)' "$logs/all.log" | sed 's/^/  /' || true
+  grep -ahE '^test .* FAILED$' "$logs/all.log" | sed 's/^/  /' || true
+  grep -ahE '^error: .*(failed|could not compile)' "$logs/all.log" | sed 's/^/  /' || true
 fi
 echo "tests: ${passed} passed, ${failed} failed"
 exit "$status"
